@@ -1,0 +1,31 @@
+# `make demo` and `make test` bootstrap everything they need and are idempotent.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: demo test venv data clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt -e '.[experiments,test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+data:
+	@test -f $(FASHION_MNIST) || { \
+	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+test: venv data
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+demo: venv data
+	$(PY) -m cbn demo
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

@@ -1,0 +1,1 @@
+"""Cross-Iteration Batch Normalization for PyTorch."""

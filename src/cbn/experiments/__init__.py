@@ -1,0 +1,1 @@
+"""Experiments built on the library: data, models, training, sweeps, studies."""
