@@ -72,14 +72,16 @@ class SweepSpec:
 # 2 single-thread workers) and the ~10 minute demo.
 FULL = SweepSpec(
     out="runs/full",
-    train=TrainConfig(model="resnet20", epochs=2, train_subset=3000, test_subset=2000, eval_every=0, nproc=2),
+    train=TrainConfig(model="resnet20", epochs=1, train_subset=2400, test_subset=2000, eval_every=0, nproc=2,
+                      window_cap=8),
 )
 DEMO = SweepSpec(
     norms=("bn", "gn", "brn", "naive", "cbn", "syncbn"),
     batch_sizes=(32, 8, 2),
     seeds=(0,),
     out="runs/demo",
-    train=TrainConfig(model="resnet8", epochs=2, train_subset=2000, test_subset=2000, eval_every=0, nproc=2),
+    train=TrainConfig(model="resnet8", epochs=2, train_subset=1500, test_subset=2000, eval_every=0, nproc=2,
+                      window_cap=8),
 )
 
 
