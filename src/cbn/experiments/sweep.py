@@ -6,7 +6,8 @@ an interrupted sweep resumes where it stopped. Afterwards the sweep writes ``res
 ``results.md`` (mean +- std of the test accuracy) and ``accuracy_vs_batch.png``.
 
 Scheduling: ``workers`` slots; a syncbn run with ``nproc`` processes takes ``nproc`` slots, so
-the machine never runs more than ``workers`` training processes at once.
+the machine never runs more than ``workers`` training processes at once. Writing a number to
+``<out>/WORKERS`` changes the limit of a running sweep (it applies to runs not yet started).
 """
 
 from __future__ import annotations
@@ -111,6 +112,14 @@ def _launch(cfg: TrainConfig, sweep_dir: Path) -> subprocess.Popen:
     )
 
 
+def _current_workers(sweep_dir: Path, default: int) -> int:
+    """The slot limit: ``default``, or the integer in ``<sweep>/WORKERS`` (editable while running)."""
+    try:
+        return max(1, int((sweep_dir / "WORKERS").read_text().strip()))
+    except (OSError, ValueError):
+        return default
+
+
 def run_sweep(spec: SweepSpec, progress: bool = True) -> dict:
     """Run every missing run of the grid, then :func:`report`. Returns report's summary."""
     sweep_dir = Path(spec.out)
@@ -132,9 +141,14 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> dict:
     failures = []
     try:
         while pending or running:
-            free = spec.workers - sum(_slots(c) for _, c in running)
-            while pending and _slots(pending[0]) <= free:
-                cfg = pending.pop(0)
+            workers = _current_workers(sweep_dir, spec.workers)
+            free = workers - sum(_slots(c) for _, c in running)
+            while pending:
+                # First pending run that fits; a multi-slot run waits while the limit is lowered.
+                fits = [i for i, c in enumerate(pending) if _slots(c) <= free]
+                if not fits or (fits[0] != 0 and _slots(pending[0]) <= workers):
+                    break
+                cfg = pending.pop(fits[0])
                 running.append((_launch(cfg, sweep_dir), cfg))
                 free -= _slots(cfg)
             time.sleep(0.5)
