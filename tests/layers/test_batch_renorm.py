@@ -92,8 +92,10 @@ def test_equals_batchnorm_during_warmup_and_in_eval(cls, shape):
         torch.testing.assert_close(brn.running_var, bn.running_var)
     assert int(brn.num_batches_tracked) == 3
     assert brn.current_limits == (1.0, 0.0)
-    # after warm-up the output differs from BN (the running stats are far from the batch stats)
+    # step 3 is the ramps' start (limits still (1, 0)); from step 4 on the output differs from BN
     x = torch.randn(*shape, dtype=torch.float64) * 3 + 2
+    torch.testing.assert_close(brn(x), bn(x))
+    assert brn.current_limits[0] > 1.0
     assert not torch.allclose(brn(x), bn(x))
     brn.eval(), bn.eval()
     torch.testing.assert_close(brn(x), bn(x))
