@@ -95,3 +95,14 @@ def test_truncation_study_ratios():
     assert rows[0]["dmean_ratio"] == 1.0 and rows[0]["weight"] == "6"
     assert rows[1]["weight"] == "3" and rows[2]["weight"] == "0"
     assert all(r["dvar_norm"] > 0 for r in rows)
+
+
+def test_truncation_skips_parallel_branches():
+    from cbn.experiments.norms import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet8", "cbn", window=2, burnin=0)
+    model(torch.randn(2, 1, 28, 28))  # one training forward pairs the layers
+    rows = truncation_study(model, torch.randn(2, 1, 28, 28), ["layer2.0.bn1"], depth=1)
+    # downsample.0 runs just before layer2.0.conv1 but lies on a parallel branch
+    assert [r["weight"] for r in rows] == ["layer2.0.conv1", "layer1.0.conv2"]

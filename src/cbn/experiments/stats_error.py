@@ -178,7 +178,8 @@ def producer_order(model: nn.Module, x: Tensor) -> list[nn.Module]:
 def truncation_study(model: nn.Module, x: Tensor, layer_names: list[str], depth: int = 2) -> list[dict]:
     """Frobenius norms of d(mu_l, var_l)/d W_{l-r}, r = 0..depth, for the named CBN layers.
 
-    W_l is the layer's producer; W_{l-1}, W_{l-2} the convolutions run just before it.
+    W_l is the layer's producer; W_{l-1}, W_{l-2} the nearest convolutions run before it that the
+    statistic depends on (a parallel shortcut branch is skipped).
     """
     clone, probes = probe_copy(model)
     clone.train()
@@ -194,19 +195,26 @@ def truncation_study(model: nn.Module, x: Tensor, layer_names: list[str], depth:
             continue
         own = clone_modules[names_of[id(producer)]]
         position = next(i for i, m in enumerate(order) if m is own)
-        targets = [(r, order[position - r]) for r in range(depth + 1) if position - r >= 0]
+        # Candidates: the producer and every layer run before it; those the statistic does not
+        # depend on (parallel branches) get no gradient and are skipped, so r counts upstream layers.
+        candidates = [order[i] for i in range(position, -1, -1)]
         clone.zero_grad(set_to_none=True)
         clone(x)
         probe = probes[name]
         mean, var = probe.mean, probe.var
-        params = [m.weight for _, m in targets]
-        norms = {r: {"mean": 0.0, "var": 0.0} for r, _ in targets}
+        params = [m.weight for m in candidates]
+        squared = [{"mean": 0.0, "var": 0.0} for _ in candidates]
+        used = [False] * len(candidates)
         for stat_name, stat in (("mean", mean), ("var", var)):
             for c in range(stat.shape[0]):
                 grads = torch.autograd.grad(stat[c], params, retain_graph=True, allow_unused=True)
-                for (r, _), g in zip(targets, grads):
+                for j, g in enumerate(grads):
                     if g is not None:
-                        norms[r][stat_name] += float(g.double().square().sum())
+                        used[j] = True
+                        squared[j][stat_name] += float(g.double().square().sum())
+        upstream = [j for j in range(len(candidates)) if used[j] or j == 0][: depth + 1]
+        targets = [(r, candidates[j]) for r, j in enumerate(upstream)]
+        norms = {r: squared[j] for r, j in enumerate(upstream)}
         own_mean = math.sqrt(norms[0]["mean"])
         own_var = math.sqrt(norms[0]["var"])
         for r, module in targets:
@@ -225,7 +233,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["resnet20", "resnet8"], default="resnet20")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--window", type=int, default=8)
-    p.add_argument("--burnin", type=int, default=100, help="CBN burn-in steps")
+    p.add_argument("--burnin", type=int, default=150, help="CBN burn-in steps")
     p.add_argument("--steps", type=int, default=600, help="training steps")
     p.add_argument("--at", type=int, nargs="+", default=[200, 300, 400, 500, 600],
                    help="iterations (1-based, before their forward) at which to measure")
