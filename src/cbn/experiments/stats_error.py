@@ -248,6 +248,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default="runs/stats-error")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--report-only", action="store_true", help="re-render table and plot from OUT/stats_error.json")
 
 
 def run_study(args: argparse.Namespace) -> dict:
@@ -377,12 +378,22 @@ def markdown(result: dict) -> str:
     if layers:
         taus = sorted({t for v in layers.values() for t in v})
         show = [t for t in taus if t in (1, 2, 4) or t == taus[-1]]
-        lines += ["", "Per layer (naive / compensated relative error of the variance):", "",
-                  "| layer | " + " | ".join(f"tau {t}" for t in show) + " |", "|---|" + "---|" * len(show)]
-        for layer, cells in layers.items():
-            lines.append(f"| {layer} | " + " | ".join(
-                f"{cells[t]['var_naive']:.3f} / {cells[t]['var_compensated']:.3f}" if t in cells else "-" for t in show
-            ) + " |")
+        weight_only = "var_naive_w" in next(iter(next(iter(layers.values())).values()))
+        for key, title in (("var", "plain"), ("var_w", "weight-change-only")) if weight_only else (("var", "plain"),):
+            naive_key = key.replace("var", "var_naive")
+            comp_key = key.replace("var", "var_compensated")
+            mean_naive_key = naive_key.replace("var", "mean")
+            mean_comp_key = comp_key.replace("var", "mean")
+            lines += ["", f"Per layer, {title} errors, mean and variance (naive / compensated):", "",
+                      "| layer | " + " | ".join(f"mean tau {t}" for t in show) + " | "
+                      + " | ".join(f"var tau {t}" for t in show) + " |",
+                      "|---|" + "---|" * (2 * len(show))]
+            for layer, cells in layers.items():
+                mean_cells = [f"{cells[t][mean_naive_key]:.3f} / {cells[t][mean_comp_key]:.3f}" if t in cells else "-"
+                              for t in show]
+                var_cells = [f"{cells[t][naive_key]:.3f} / {cells[t][comp_key]:.3f}" if t in cells else "-"
+                             for t in show]
+                lines.append(f"| {layer} | " + " | ".join(mean_cells + var_cells) + " |")
     if result["truncation"]:
         lines += ["", "Truncated derivatives: ||d stat_l / d W_{l-r}||_F relative to r = 0 (the layer's own producer):",
                   "", "| layer | r | weight | d mean (ratio) | d var (ratio) |", "|---|---|---|---|---|"]
@@ -401,15 +412,21 @@ def plot(result: dict, path: Path) -> None:
     s = result["summary"]
     taus = [e["tau"] for e in s]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    weight_only = bool(s) and f"mean_naive_w" in s[0]
     for ax, stat in zip(axes, ("mean", "var")):
-        ax.plot(taus, [e[f"{stat}_naive"] for e in s], "o-", label="naive (stored)")
-        ax.plot(taus, [e[f"{stat}_compensated"] for e in s], "D-", label="compensated (Taylor)")
+        ax.plot(taus, [e[f"{stat}_naive"] for e in s], "o-", color="C0", label="naive (stored)")
+        ax.plot(taus, [e[f"{stat}_compensated"] for e in s], "D-", color="C1", label="compensated (Taylor)")
+        if weight_only:
+            ax.plot(taus, [e[f"{stat}_naive_w"] for e in s], "o--", color="C0", alpha=0.7,
+                    label="naive, weight change only")
+            ax.plot(taus, [e[f"{stat}_compensated_w"] for e in s], "D--", color="C1", alpha=0.7,
+                    label="compensated, weight change only")
         ax.set_yscale("log")
         ax.set_xlabel("offset tau (iterations back)")
-        ax.set_ylabel("relative error")
+        ax.set_ylabel("relative error (mean over layers)")
         ax.set_title("mean" if stat == "mean" else "variance")
         ax.grid(True, alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     cfg = result["config"]
     fig.suptitle(f"{cfg['model']}, batch {cfg['batch_size']}, window {cfg['window']}: error of past statistics")
     fig.tight_layout()
@@ -417,14 +434,25 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(args: argparse.Namespace) -> int:
-    result = run_study(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "stats_error.json").write_text(json.dumps(result, indent=2, default=float))
+def render(out: Path, result: dict) -> str:
+    """Write stats_error.md and stats_error.png for ``result`` into ``out``; returns the markdown."""
     text = markdown(result)
     (out / "stats_error.md").write_text(text + "\n")
     plot(result, out / "stats_error.png")
-    print(text)
+    return text
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if args.report_only:
+        result = json.loads((out / "stats_error.json").read_text())
+        print(render(out, result))
+        print(f"plot: {out / 'stats_error.png'}")
+        return 0
+    result = run_study(args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "stats_error.json").write_text(json.dumps(result, indent=2, default=float))
+    print(render(out, result))
     print(f"plot: {out / 'stats_error.png'}")
     return 0
+
