@@ -78,7 +78,7 @@ FULL = SweepSpec(
 )
 DEMO = SweepSpec(
     norms=("bn", "gn", "brn", "naive", "cbn", "syncbn"),
-    batch_sizes=(32, 8, 2),
+    batch_sizes=(32, 8, 2, 1),
     seeds=(0,),
     out="runs/demo",
     train=TrainConfig(model="resnet8", epochs=2, train_subset=1500, test_subset=2000, eval_every=0, nproc=2,
