@@ -60,9 +60,14 @@ def test_two_processes_equal_batchnorm_on_concatenated_batch(dtype, tol):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "res")
         ctx = mp.start_processes(_worker, args=(_free_port(), path, dtype), nprocs=WORLD, join=False, start_method="spawn")
-        for proc in ctx.processes:
-            proc.join(timeout=90)
-        assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+        try:
+            for proc in ctx.processes:
+                proc.join(timeout=90)
+            assert all(p.exitcode == 0 for p in ctx.processes), [p.exitcode for p in ctx.processes]
+        finally:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.terminate()
         results = [torch.load(f"{path}.{r}") for r in range(WORLD)]
     x, grad, weight, bias = _inputs(dtype)
     bn = nn.BatchNorm2d(4).to(dtype)
