@@ -1,0 +1,129 @@
+"""One-call conversion of any model between BatchNorm and Cross-Iteration BatchNorm."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from .layers.cross_iteration_batchnorm import (
+    CrossIterationBatchNorm,
+    CrossIterationBatchNorm1d,
+    CrossIterationBatchNorm2d,
+    CrossIterationBatchNorm3d,
+    _CrossIterationBatchNorm,
+)
+from .producers import ProducerRegistry, remove_hooks
+
+_CBN_FOR = {
+    nn.BatchNorm1d: CrossIterationBatchNorm1d,
+    nn.BatchNorm2d: CrossIterationBatchNorm2d,
+    nn.BatchNorm3d: CrossIterationBatchNorm3d,
+    nn.SyncBatchNorm: CrossIterationBatchNorm,
+}
+_BN_FOR = {
+    CrossIterationBatchNorm1d: nn.BatchNorm1d,
+    CrossIterationBatchNorm2d: nn.BatchNorm2d,
+    CrossIterationBatchNorm3d: nn.BatchNorm3d,
+    CrossIterationBatchNorm: nn.SyncBatchNorm,
+}
+
+
+def replace_batchnorm(
+    module: nn.Module,
+    factory: Callable[[nn.Module], nn.Module],
+    types: tuple[type, ...] = (_BatchNorm,),
+) -> nn.Module:
+    """Replace every submodule of one of ``types`` by ``factory(submodule)``, recursively.
+
+    Returns the module itself, or its replacement when ``module`` is of one of ``types``.
+    """
+    if isinstance(module, types):
+        return factory(module)
+    for name, child in module.named_children():
+        replacement = replace_batchnorm(child, factory, types)
+        if replacement is not child:
+            module.add_module(name, replacement)
+    return module
+
+
+def share_norm_state(source: _NormBase, target: _NormBase) -> _NormBase:
+    """Give ``target`` the parameters and running-statistics buffers of ``source`` (no copy)."""
+    if source.affine:
+        target.weight = source.weight
+        target.bias = source.bias
+    if source.track_running_stats and target.track_running_stats:
+        target.running_mean = source.running_mean
+        target.running_var = source.running_var
+        target.num_batches_tracked = source.num_batches_tracked
+    target.train(source.training)
+    return target
+
+
+def _norm_factory_kwargs(norm: _NormBase) -> dict:
+    reference = norm.weight if norm.affine else norm.running_mean
+    kwargs = dict(eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
+                  track_running_stats=norm.track_running_stats)
+    if reference is not None:
+        kwargs.update(device=reference.device, dtype=reference.dtype)
+    if norm.affine:
+        kwargs.update(bias=norm.bias is not None)
+    return kwargs
+
+
+def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
+    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` by CBN layers.
+
+    The new layers share the old ones' parameters and running statistics (as
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so optimizers built before the call keep
+    working. Each layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``
+    or ``nn.Linear`` whose output it receives (see :mod:`cbn.producers`); layers whose input is
+    not directly such an output average uncompensated statistics, and one warning names them.
+    CBN layers already in the model are kept and paired the same way.
+
+    Args:
+        model: any ``nn.Module``.
+        **layer_kwargs: ``window``, ``burnin``, ``compensate`` (and any other argument of
+            :class:`CrossIterationBatchNorm2d` to override the copied ones).
+
+    Returns:
+        ``model`` with its norms replaced (a new module if ``model`` itself is a BatchNorm).
+
+    Example::
+
+        >>> model = cbn.convert_model(my_resnet, window=4, burnin=500)
+    """
+
+    def make_layer(norm: _NormBase) -> nn.Module:
+        layer_class = _CBN_FOR.get(type(norm))
+        if layer_class is None:
+            return norm
+        kwargs = {**_norm_factory_kwargs(norm), **layer_kwargs}
+        return share_norm_state(norm, layer_class(norm.num_features, **kwargs))
+
+    model = replace_batchnorm(model, make_layer)
+    registry = ProducerRegistry.install(model)
+    for name, module in model.named_modules():
+        if isinstance(module, _CrossIterationBatchNorm):
+            module.attach(registry, name or type(module).__name__)
+    return model
+
+
+def revert_model(model: nn.Module) -> nn.Module:
+    """Turn every Cross-Iteration BatchNorm layer of ``model`` back into ``nn.BatchNorm``.
+
+    The BatchNorm layers carry the parameters and running statistics (shared, not copied), and
+    the producer hooks are removed, so ``torch.nn.utils.fusion.fuse_conv_bn_eval``, TorchScript
+    and ONNX export see a plain model. Layers converted from ``nn.SyncBatchNorm`` become
+    ``nn.SyncBatchNorm`` again.
+    """
+
+    def make_batchnorm(norm: _CrossIterationBatchNorm) -> nn.Module:
+        batchnorm_class = _BN_FOR[type(norm)]
+        kwargs = _norm_factory_kwargs(norm)
+        return share_norm_state(norm, batchnorm_class(norm.num_features, **kwargs))
+
+    model = replace_batchnorm(model, make_batchnorm, (_CrossIterationBatchNorm,))
+    remove_hooks(model)
+    return model

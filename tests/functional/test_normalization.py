@@ -1,0 +1,53 @@
+import torch
+from torch import nn
+
+from cbn.functional import PastStatistics, cross_iteration_batch_norm, move_to_current_weights, pool_past
+
+
+def _past(channels):
+    mean = torch.randn(3, channels, dtype=torch.float64)
+    var = torch.rand(3, channels, dtype=torch.float64) + 0.1
+    return pool_past(mean, var, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)), mean[:2], var[:2]
+
+
+def test_gradcheck_training_forward():
+    past, _, _ = _past(3)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.float64, requires_grad=True)
+
+    def forward(x, weight, bias):
+        return cross_iteration_batch_norm(x, past, weight, bias, 1e-5, torch.float64)[0]
+
+    assert torch.autograd.gradcheck(forward, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(forward, (x, weight, bias))
+
+
+def test_pooled_statistics_equal_raw_moment_definition():
+    past, mean, var = _past(5)
+    x = torch.randn(6, 5, 3, dtype=torch.float64) * 4 + 2
+    _, stats = cross_iteration_batch_norm(x, past, None, None, 0.0, torch.float64)
+    current_mean = x.mean((0, 2))
+    current_second = (x * x).mean((0, 2))
+    means = torch.cat([current_mean[None], mean])
+    seconds = torch.cat([current_second[None], var + mean * mean])
+    mean_bar = means.mean(0)
+    torch.testing.assert_close(stats.mean, mean_bar, rtol=0, atol=1e-12)
+    torch.testing.assert_close(stats.var, seconds.mean(0) - mean_bar**2, rtol=0, atol=1e-10)
+
+
+def test_empty_past_is_batchnorm():
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    zeros = torch.zeros(3, dtype=torch.float64)
+    out, _ = cross_iteration_batch_norm(x, PastStatistics(zeros, zeros, zeros.sum()), None, None, 1e-5,
+                                        torch.float64)
+    expected = nn.functional.batch_norm(x, None, None, training=True, eps=1e-5)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_move_clamps_each_entry_at_zero_variance():
+    mean, var = torch.zeros(1, 2), torch.tensor([[0.01, 1.0]])
+    zero = torch.zeros(1, 2)
+    moved_mean, moved_var = move_to_current_weights(mean, var, zero, zero, torch.tensor([[1.0, 0.1]]), zero)
+    torch.testing.assert_close(moved_mean, torch.tensor([[1.0, 0.1]]))
+    torch.testing.assert_close(moved_var, torch.tensor([[0.0, 0.99]]))

@@ -1,0 +1,294 @@
+import copy
+import io
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cbn
+from oracle import DenseJacobianCBN
+
+CASES = {
+    "conv2d_stride_pad_dilation_groups_bias": (
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, bias=True),
+        cbn.CrossIterationBatchNorm2d, (3, 4, 9, 9)),
+    "conv2d_reflect_same": (
+        lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect", bias=False),
+        cbn.CrossIterationBatchNorm2d, (2, 3, 6, 6)),
+    "conv1d": (lambda: nn.Conv1d(3, 5, 3, stride=2, padding=1), cbn.CrossIterationBatchNorm1d, (4, 3, 11)),
+    "conv3d": (lambda: nn.Conv3d(2, 3, (2, 3, 3), padding=(0, 1, 1), bias=False),
+               cbn.CrossIterationBatchNorm3d, (2, 2, 4, 5, 5)),
+    "depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True), cbn.CrossIterationBatchNorm2d,
+                  (2, 4, 6, 6)),
+    "linear": (lambda: nn.Linear(6, 5), cbn.CrossIterationBatchNorm1d, (4, 6)),
+}
+
+
+@pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_dense_jacobian_oracle(case, compensate):
+    make_producer, norm_class, input_shape = CASES[case]
+    producer = make_producer().double()
+    norm = norm_class(producer.weight.shape[0], window=4, compensate=compensate, dtype=torch.float64)
+    model = cbn.convert_model(nn.Sequential(producer, norm))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    oracle = DenseJacobianCBN(producer, window=4, compensate=compensate)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    for _ in range(7):
+        x = (torch.randn(input_shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+        projection = torch.randn(1, dtype=torch.float64)  # placeholder replaced below
+        out = model(x)
+        projection = torch.randn_like(out)
+        (out * projection).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+        x_oracle = x.detach().clone().requires_grad_()
+        gamma = norm.weight.detach().clone().requires_grad_()
+        beta = norm.bias.detach().clone().requires_grad_()
+        params = [producer.weight] + ([producer.bias] if producer.bias is not None else [])
+        expected, _, _ = oracle(x_oracle, gamma, beta)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+        expected_grads = torch.autograd.grad((expected * projection).sum(), params + [gamma, beta, x_oracle])
+        by_name = dict(zip([id(p) for p in params + [norm.weight, norm.bias]], expected_grads[:-1]))
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(g, by_name[id(p)], rtol=0, atol=1e-9)
+        torch.testing.assert_close(grads[-1], expected_grads[-1], rtol=0, atol=1e-9)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_compensation_differs_from_naive_when_weights_move():
+    # The oracle test above must be able to tell the two apart: make sure it would.
+    outputs = {}
+    for compensate in (True, False):
+        torch.manual_seed(1)
+        model = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), window=3,
+                                  compensate=compensate)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(3):
+            out = model(torch.randn(2, 3, 6, 6))
+            out.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        outputs[compensate] = out.detach()
+    assert (outputs[True] - outputs[False]).abs().max() > 1e-3
+
+
+def _train_steps(model, batches, optimizer):
+    outputs = []
+    for x in batches:
+        out = model(x)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        outputs.append(out.detach())
+    return outputs
+
+
+@pytest.mark.parametrize("setting", [dict(window=1), dict(window=4, burnin=5)], ids=["window1", "burnin"])
+def test_window_one_and_burnin_equal_batchnorm(setting):
+    # float64, so that the comparison sees the maths and not float32 summation order.
+    torch.manual_seed(2)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)).double()
+    model = cbn.convert_model(copy.deepcopy(reference), **setting)
+    opt_ref = torch.optim.SGD(reference.parameters(), lr=0.1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):
+        x = torch.randn(3, 3, 7, 7, dtype=torch.float64) * 3 + 1
+        x_ref = x.clone().requires_grad_()
+        x_cbn = x.clone().requires_grad_()
+        out_ref, out = reference(x_ref), model(x_cbn)
+        torch.testing.assert_close(out, out_ref, rtol=0, atol=1e-9)
+        weights = torch.randn_like(out)
+        (out_ref * weights).sum().backward()
+        (out * weights).sum().backward()
+        torch.testing.assert_close(x_cbn.grad, x_ref.grad, rtol=0, atol=1e-9)
+        for p, p_ref in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=0, atol=1e-9)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            torch.testing.assert_close(getattr(model[1], name), getattr(reference[1], name), rtol=0, atol=1e-9)
+        opt_ref.step()
+        opt.step()
+        opt_ref.zero_grad()
+        opt.zero_grad()
+    if setting.get("burnin"):
+        # Iteration 6 is past burn-in: the layer now pools, so it must leave BatchNorm.
+        x = torch.randn(3, 3, 7, 7, dtype=torch.float64)
+        assert (model(x) - reference(x)).abs().max() > 1e-4
+
+
+def test_momentum_none_is_cumulative_average_like_batchnorm():
+    reference = nn.BatchNorm2d(3, momentum=None)
+    layer = cbn.CrossIterationBatchNorm2d(3, momentum=None, window=1)
+    warnings.simplefilter("ignore")  # a standalone layer warns that it has no producer
+    for _ in range(4):
+        x = torch.randn(4, 3, 5, 5) * 2
+        reference(x), layer(x)
+    torch.testing.assert_close(layer.running_mean, reference.running_mean, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, reference.running_var, rtol=0, atol=1e-6)
+
+
+def test_running_stats_are_ema_of_pooled_estimate_unbiased_over_pooled_samples():
+    layer = cbn.CrossIterationBatchNorm1d(3, window=3, momentum=0.5)  # no producer: plain averaging
+    batches = [torch.randn(4, 3) * (i + 1) + i for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for x in batches:
+            layer(x)
+    expected_mean, expected_var = torch.zeros(3), torch.ones(3)
+    for i in range(3):
+        pooled = torch.cat(batches[max(0, i - 2): i + 1])
+        # Equal-size batches: the pooled estimate is the statistic of their concatenation.
+        expected_mean = 0.5 * expected_mean + 0.5 * pooled.mean(0)
+        expected_var = 0.5 * expected_var + 0.5 * pooled.var(0, unbiased=True)
+    torch.testing.assert_close(layer.running_mean, expected_mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(layer.running_var, expected_var, rtol=1e-6, atol=1e-6)
+
+
+def test_eval_mode_equals_batchnorm_with_running_stats():
+    layer = cbn.CrossIterationBatchNorm2d(3)
+    with torch.no_grad():
+        layer.running_mean.uniform_(-1, 1)
+        layer.running_var.uniform_(0.5, 2)
+        layer.weight.uniform_(0.5, 2)
+        layer.bias.uniform_(-1, 1)
+    reference = nn.BatchNorm2d(3)
+    reference.load_state_dict(layer.state_dict(), strict=False)
+    layer.eval(), reference.eval()
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(layer(x), reference(x), rtol=0, atol=0)
+
+
+def test_batchnorm_state_dict_loads_strictly():
+    reference = nn.BatchNorm2d(5)
+    reference(torch.randn(4, 5, 3, 3))
+    layer = cbn.CrossIterationBatchNorm2d(5)
+    layer.load_state_dict(reference.state_dict())
+    torch.testing.assert_close(layer.running_mean, reference.running_mean)
+    assert int(layer.num_batches_tracked) == 1
+
+
+def test_constructor_mirrors_batchnorm_and_repr():
+    layer = cbn.CrossIterationBatchNorm3d(7, eps=1e-3, momentum=0.2, affine=False, track_running_stats=False,
+                                          window=2, burnin=3, compensate=False, dtype=torch.float64)
+    assert layer.weight is None and layer.running_mean is None
+    assert "window=2, burnin=3, compensate=False" in repr(layer)
+    assert layer.window_mean.dtype == torch.float64
+    with pytest.raises(ValueError, match="window"):
+        cbn.CrossIterationBatchNorm2d(3, window=0)
+    layer = cbn.CrossIterationBatchNorm2d(3).half()
+    assert layer.window_mean.dtype == torch.float32 and layer.weight.dtype == torch.float16
+
+
+def _paired_conv_model(**kwargs):
+    return cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), **kwargs)
+
+
+def test_resume_through_state_dict_is_exact():
+    torch.manual_seed(3)
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(8)]
+    model = _paired_conv_model(window=4, burnin=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _train_steps(model, batches[:3], optimizer)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, buffer)
+    uninterrupted = _train_steps(model, batches[3:], optimizer)
+
+    torch.manual_seed(99)
+    resumed = _paired_conv_model(window=4, burnin=2)
+    resumed_optimizer = torch.optim.SGD(resumed.parameters(), lr=0.1, momentum=0.9)
+    buffer.seek(0)
+    state = torch.load(buffer)
+    resumed.load_state_dict(state["model"])
+    resumed_optimizer.load_state_dict(state["optim"])
+    for a, b in zip(_train_steps(resumed, batches[3:], resumed_optimizer), uninterrupted):
+        assert torch.equal(a, b)
+
+
+def test_wrong_rank_and_channels_raise_and_leave_state_untouched():
+    model = _paired_conv_model()
+    model(torch.randn(2, 3, 5, 5))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"expected 4D \(N, C, H, W\)"):
+        model[1](torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="4 channels|got an input with 3"):
+        model[1](torch.randn(2, 3, 5, 5))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match=r"\(N, C\) or 3D"):
+        cbn.CrossIterationBatchNorm1d(3)(torch.randn(2, 3, 4, 4))
+
+
+def test_one_value_per_channel_needs_past_entries_then_trains_at_batch_one():
+    model = cbn.convert_model(nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3)), window=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 5))
+    assert not model[1].window_valid.any()
+    _train_steps(model, [torch.randn(2, 5)], optimizer)
+    before = model[0].weight.detach().clone()
+    outputs = _train_steps(model, [torch.randn(1, 5) for _ in range(4)], optimizer)
+    assert all(torch.isfinite(o).all() for o in outputs)
+    assert not torch.equal(model[0].weight, before)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        nn.BatchNorm1d(3)(torch.randn(1, 3))  # what BatchNorm does at batch size 1
+
+
+def test_non_finite_batch_never_enters_the_window_nor_running_stats():
+    model = _paired_conv_model(window=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _train_steps(model, [torch.randn(2, 3, 5, 5) for _ in range(2)], optimizer)
+    norm = model[1]
+    running = norm.running_mean.clone(), norm.running_var.clone()
+    bad = torch.randn(2, 3, 5, 5)
+    bad[0, 0, 0, 0] = float("nan")
+    model(bad)
+    assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
+    slot = (norm._next_slot - 1) % 2
+    assert not norm.window_valid[slot]
+    for name, buffer in norm.state_dict().items():
+        assert torch.isfinite(buffer.float()).all(), name
+    out = model(torch.randn(2, 3, 5, 5))
+    assert torch.isfinite(out).all()
+
+
+def test_changing_batch_and_spatial_size_and_train_eval_switching():
+    model = _paired_conv_model(window=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for shape in [(4, 3, 8, 8), (1, 3, 5, 5), (2, 3, 11, 7)]:
+        _train_steps(model, [torch.randn(shape)], optimizer)
+        model.eval()
+        assert torch.isfinite(model(torch.randn(shape))).all()
+        model.train()
+    assert sorted(model[1].window_samples.tolist()) == [1 * 5 * 5, 2 * 11 * 7]
+
+
+def test_weights_loaded_from_outside_the_optimizer_start_a_new_iteration():
+    model = _paired_conv_model(window=3)
+    model(torch.randn(2, 3, 5, 5))
+    model(torch.randn(2, 3, 5, 5))  # same weights: gradient accumulation, same iteration
+    assert model[1]._iterations == 1
+    other = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    model[0].load_state_dict(other[0].state_dict())
+    out = model(torch.randn(2, 3, 5, 5))
+    assert model[1]._iterations == 2 and torch.isfinite(out).all()
+
+
+def test_frozen_producer_skips_gradient_work():
+    model = _paired_conv_model(window=3)
+    model[0].requires_grad_(False)
+    for _ in range(3):
+        model(torch.randn(2, 3, 5, 5))
+    assert model[1].window_var_grad.abs().sum() == 0
+    assert model[1]._iterations == 3  # no moving weights: each forward is an iteration
+
+
+def test_standalone_layer_without_producer_warns_and_averages():
+    layer = cbn.CrossIterationBatchNorm2d(3, window=2)
+    with pytest.warns(UserWarning, match="no known producer"):
+        layer(torch.randn(2, 3, 4, 4))
+    out = layer(torch.randn(2, 3, 4, 4))
+    assert torch.isfinite(out).all()

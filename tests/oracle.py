@@ -1,0 +1,87 @@
+"""An independent implementation of cbn-math.md for the tests: dense Jacobians, weight snapshots.
+
+It follows the paper's equations literally: raw moments (mu, nu), Jacobians of both with respect
+to the producer's full weight and bias from ``torch.autograd.functional.jacobian``, a copy of the
+weights per stored iteration, the per-entry clamp ``nu >= mu^2`` and ``var = nu_bar - mu_bar^2``.
+It shares no code with the library.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def produce(producer: nn.Module, x, weight, bias):
+    if isinstance(producer, nn.Linear):
+        return F.linear(x, weight, bias)
+    if producer.padding_mode != "zeros":
+        padded = F.pad(x, producer._reversed_padding_repeated_twice, mode=producer.padding_mode)
+        conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]
+        return conv(padded, weight, bias, producer.stride, 0, producer.dilation, producer.groups)
+    return producer._conv_forward(x, weight, bias)
+
+
+class DenseJacobianCBN:
+    def __init__(self, producer: nn.Module, window: int, compensate: bool, eps: float = 1e-5):
+        self.producer = producer
+        self.window = window
+        self.compensate = compensate
+        self.eps = eps
+        self.history: list[dict] = []
+
+    def __call__(self, x, gamma, beta):
+        producer = self.producer
+        weight, bias = producer.weight, producer.bias
+        y = produce(producer, x, weight, bias)
+        dims = [0, *range(2, y.dim())]
+        shape = (1, -1) + (1,) * (y.dim() - 2)
+        mu, nu = y.mean(dims), (y * y).mean(dims)
+
+        means, second = [mu], [torch.maximum(nu, mu * mu)]
+        for entry in self.history:
+            mu_old, nu_old = entry["mu"], entry["nu"]
+            if self.compensate:
+                dw = (weight.detach() - entry["weight"]).flatten()
+                mu_old = mu_old + entry["dmu_dw"] @ dw
+                nu_old = nu_old + entry["dnu_dw"] @ dw
+                if bias is not None:
+                    db = bias.detach() - entry["bias"]
+                    mu_old = mu_old + entry["dmu_db"] @ db
+                    nu_old = nu_old + entry["dnu_db"] @ db
+            means.append(mu_old)
+            second.append(torch.maximum(nu_old, mu_old * mu_old))
+        n = len(means)
+        mu_bar = sum(means) / n
+        nu_bar = sum(second) / n
+        var_bar = nu_bar - mu_bar * mu_bar
+        out = (y - mu_bar.view(shape)) / torch.sqrt(var_bar.view(shape) + self.eps)
+        out = out * gamma.view(shape) + beta.view(shape)
+
+        self._store(x.detach(), mu.detach(), nu.detach(), dims)
+        return out, mu_bar, var_bar
+
+    def _store(self, x, mu, nu, dims):
+        if self.window == 1:
+            return
+        producer = self.producer
+        weight = producer.weight.detach().clone()
+        bias = None if producer.bias is None else producer.bias.detach().clone()
+
+        def moments_of_weight(w):
+            yy = produce(producer, x, w, bias)
+            return torch.stack([yy.mean(dims), (yy * yy).mean(dims)])
+
+        jac_w = torch.autograd.functional.jacobian(moments_of_weight, weight).flatten(2)
+        entry = dict(mu=mu, nu=nu, weight=weight, bias=bias, dmu_dw=jac_w[0], dnu_dw=jac_w[1])
+        if bias is not None:
+
+            def moments_of_bias(b):
+                yy = produce(producer, x, weight, b)
+                return torch.stack([yy.mean(dims), (yy * yy).mean(dims)])
+
+            jac_b = torch.autograd.functional.jacobian(moments_of_bias, bias)
+            entry.update(dmu_db=jac_b[0], dnu_db=jac_b[1])
+        self.history.insert(0, entry)
+        del self.history[self.window - 1 :]
