@@ -48,6 +48,8 @@ from benchmarks.authors_cbn import authors_resnet20
 from benchmarks.authors_cbn import window_bytes as authors_window_bytes
 from cbn.experiments.models import resnet20
 
+# Environment variables that change CPU timings; recorded in the command line of the report.
+ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 VARIANTS = ("bn", "floor", "cbn", "naive", "authors")
 WINDOWED = ("cbn", "naive", "authors")
 LABELS = {
@@ -523,7 +525,10 @@ def run(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads_before)
     machine["load_average_end"] = os.getloadavg()
     result = {
-        "command": "PYTHONPATH=src:. python -m benchmarks.train_step " + shlex.join(argv),
+        "command": " ".join(
+            [f"{k}={os.environ[k]}" for k in ENV_VARS if k in os.environ]
+            + ["PYTHONPATH=src:. python -m benchmarks.train_step", shlex.join(argv)]
+        ).strip(),
         "machine": machine,
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "wall_s": time.perf_counter() - start,
