@@ -15,6 +15,7 @@ import argparse
 import collections
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -47,16 +48,79 @@ def annotate(model: nn.Module) -> int:
     return len(norms)
 
 
-def profile(variant: str, batch: int, window: int, steps: int, seed: int):
+PHASE = "phase:"
+
+
+def wrap_phases() -> Callable[[], None]:
+    """Wrap the CBN layer's internal steps in ``record_function`` ranges (monkeypatching the
+    imported names; the core's source is not changed). Returns a function that undoes it."""
+    from cbn.layers import cross_iteration_batchnorm as layer_module
+
+    targets = [
+        (layer_module._CrossIterationBatchNorm, "_producer_input"),
+        (layer_module._CrossIterationBatchNorm, "_advance_iteration"),
+        (layer_module._CrossIterationBatchNorm, "_past_statistics"),
+        (layer_module, "cross_iteration_batch_norm"),
+        (layer_module._CrossIterationBatchNorm, "_update_running_stats"),
+        (layer_module._CrossIterationBatchNorm, "_push"),
+        (layer_module, "producer_statistic_gradients"),
+        (layer_module, "statistic_shifts"),
+    ]
+    originals = []
+    for owner, attr in targets:
+        inner = getattr(owner, attr)
+        if getattr(inner, "_phase_wrapped", False):
+            continue
+        originals.append((owner, attr, inner))
+
+        def wrapped(*args, _inner=inner, _name=PHASE + attr, **kwargs):
+            with torch.profiler.record_function(_name):
+                return _inner(*args, **kwargs)
+
+        wrapped._phase_wrapped = True
+        setattr(owner, attr, wrapped)
+
+    def undo() -> None:
+        for owner, attr, inner in originals:
+            setattr(owner, attr, inner)
+
+    return undo
+
+
+def phase_table(events, steps: int, n_norms: int) -> dict[str, dict]:
+    """Inclusive CPU time and aten op count per phase range, per layer and step."""
+    table: dict[str, dict] = {}
+    for e in events:
+        if e.name.startswith(PHASE):
+            row = table.setdefault(e.name[len(PHASE):], {"calls": 0, "cpu_us": 0.0, "aten_ops": 0})
+            row["calls"] += 1
+            row["cpu_us"] += e.cpu_time_total
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith(PHASE):
+            parent = parent.cpu_parent
+        if parent is not None:
+            table[parent.name[len(PHASE):]]["aten_ops"] += 1
+    per = steps * n_norms
+    return {k: {kk: vv / per for kk, vv in v.items()} for k, v in table.items()}
+
+
+def profile(variant: str, batch: int, window: int, steps: int, seed: int, phases: bool = False):
     x, target = _data(batch, seed)
     model = build(variant, window, seed)
     trainer = Trainer(model, x, target)
     for _ in range(window + 3):
         trainer.step()
     n_norms = annotate(model)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            trainer.step()
+    undo = wrap_phases() if phases and variant in ("cbn", "naive") else (lambda: None)
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                trainer.step()
+    finally:
+        undo()
     events = prof.events()
     inside_count: collections.Counter = collections.Counter()
     inside_self_us: collections.Counter = collections.Counter()
@@ -101,6 +165,7 @@ def profile(variant: str, batch: int, window: int, steps: int, seed: int):
         "step_count": {k: v / steps for k, v in all_count.items()},
         "step_self_us_by_op": {k: v / steps for k, v in all_self_us.items()},
         "backward_nodes": {k: v / steps for k, v in backward_nodes.items()},
+        "phases": phase_table(events, steps, n_norms) if phases else {},
     }
 
 
@@ -110,7 +175,7 @@ def _top(d: dict, n: int) -> list[tuple[str, float]]:
 
 def report(args) -> str:
     base = profile("bn", args.batch, args.window, args.steps, args.seed)
-    var = profile(args.variant, args.batch, args.window, args.steps, args.seed)
+    var = profile(args.variant, args.batch, args.window, args.steps, args.seed, phases=args.phases)
     lines = [
         f"# Profile of {args.variant} vs BatchNorm: ResNet-20, batch {args.batch}, window "
         f"{args.window}, {args.threads} thread(s), {args.steps} profiled steps",
@@ -145,6 +210,17 @@ def report(args) -> str:
     ]
     for name, us in _top(var["per_layer_self_us"], args.top):
         lines.append(f"| {name} | {us:.1f} | {var['per_layer_count'].get(name, 0):.2f} |")
+    if var["phases"]:
+        lines += [
+            "",
+            f"## {args.variant}: time by internal step (inclusive, per layer and step; nested steps "
+            "are also counted in their caller)",
+            "",
+            "| step | calls | CPU us (inclusive) | aten ops directly inside |",
+            "|---|---|---|---|",
+        ]
+        for name, row in sorted(var["phases"].items(), key=lambda kv: -kv[1]["cpu_us"]):
+            lines.append(f"| {name} | {row['calls']:.2f} | {row['cpu_us']:.0f} | {row['aten_ops']:.1f} |")
     diff_nodes = {k: v - base["backward_nodes"].get(k, 0) for k, v in var["backward_nodes"].items()}
     lines += [
         "",
@@ -182,6 +258,8 @@ def main(argv: list[str] | None = None) -> str:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--top", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--phases", action="store_true",
+                   help="also time the CBN layer's internal steps (record_function wrappers)")
     p.add_argument("--md", type=Path, default=None, help="also write the report here")
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
