@@ -1,17 +1,17 @@
 """The maths of Cross-Iteration BatchNorm as plain functions, one concept per file."""
 
-from .normalization import cross_iteration_batch_norm, normalize, pooled_statistics
+from .normalization import CrossIterationNorm, PooledStatistics, cross_iteration_batch_norm
 from .statistic_gradients import StatisticGradients, producer_statistic_gradients, statistic_shifts
 from .window import PastStatistics, move_to_current_weights, pool_past
 
 __all__ = [
+    "CrossIterationNorm",
     "PastStatistics",
+    "PooledStatistics",
     "StatisticGradients",
     "cross_iteration_batch_norm",
     "move_to_current_weights",
-    "normalize",
     "pool_past",
-    "pooled_statistics",
     "producer_statistic_gradients",
     "statistic_shifts",
 ]
