@@ -33,7 +33,10 @@ PRODUCER_TYPES = (*_CONVOLUTIONS, nn.Linear)
 
 
 class StatisticGradients(NamedTuple):
-    """``mean``: ``(groups, fan_in)``, one mean patch per group. ``var``: ``(C, fan_in)``."""
+    """Gradients of ``k`` entries, in the window's layout.
+
+    ``mean``: ``(groups, k, fan_in)``, one mean patch per group. ``var``: ``(C, k, fan_in)``.
+    """
 
     mean: Tensor
     var: Tensor
@@ -95,8 +98,8 @@ def producer_statistic_gradients(
         mean: per-channel mean of ``output``, shape ``(C,)``.
 
     Returns:
-        :class:`StatisticGradients` with ``mean`` of shape ``(groups, fan_in)`` and ``var`` of shape
-        ``(C, fan_in)``, where ``fan_in = weight.numel() / C``.
+        :class:`StatisticGradients` of one entry: ``mean`` of shape ``(groups, 1, fan_in)`` and
+        ``var`` of shape ``(C, 1, fan_in)``, where ``fan_in = weight.numel() / C``.
 
     Example::
 
@@ -105,7 +108,7 @@ def producer_statistic_gradients(
         >>> y = conv(x).detach()
         >>> grads = producer_statistic_gradients(conv, x, y, y.mean((0, 2, 3)))
         >>> grads.mean.shape, grads.var.shape
-        (torch.Size([1, 27]), torch.Size([8, 27]))
+        (torch.Size([1, 1, 27]), torch.Size([8, 1, 27]))
     """
     channels = output.shape[1]
     samples = output.numel() // channels
@@ -113,7 +116,7 @@ def producer_statistic_gradients(
     if isinstance(producer, nn.Linear):
         mean_grad = producer_input.mean(0, keepdim=True)
         var_grad = centred.t().mm(producer_input).mul_(2.0 / samples)
-        return StatisticGradients(mean_grad, var_grad)
+        return StatisticGradients(mean_grad.unsqueeze(0), var_grad.unsqueeze(1))
 
     groups = producer.groups
     kernel_shape = list(producer.weight.shape[1:])
@@ -127,24 +130,31 @@ def producer_statistic_gradients(
     mean_grad = _convolution_weight_gradient(
         producer, uniform, batch_sum, [groups, *kernel_shape], padding, groups
     )
-    return StatisticGradients(mean_grad.reshape(groups, -1), var_grad.reshape(channels, -1))
+    return StatisticGradients(mean_grad.reshape(groups, 1, -1), var_grad.reshape(channels, 1, -1))
 
 
 def statistic_shifts(
     gradients: StatisticGradients, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """First-order terms ``(d mu/dW . W + b, d var/dW . W)`` per channel, for one or many entries.
+    """First-order terms ``(d mu/dW . W + b, d var/dW . W)`` per channel, for ``k`` entries at once.
 
-    ``gradients`` may carry a leading window dimension ``k``: ``mean (k, groups, fan_in)`` and
-    ``var (k, C, fan_in)``; the shifts then have shape ``(k, C)``. The Taylor step from weights
-    ``W_old`` to ``W_new`` is ``shift(W_new) - shift(W_old)``, which is why no weight snapshot is kept.
+    Args:
+        gradients: ``mean`` of shape ``(groups, k, fan_in)`` and ``var`` of shape ``(C, k, fan_in)``
+            (the window's layout: one batched product per statistic).
+        weight, bias: the producer's parameters.
+
+    Returns:
+        Two ``(k, C)`` tensors. The Taylor step from weights ``W_old`` to ``W_new`` is
+        ``shift(W_new) - shift(W_old)``, which is why no weight snapshot is kept.
     """
     channels = weight.shape[0]
-    groups = gradients.mean.shape[-2]
-    rows = weight.detach().reshape(channels, -1).to(gradients.var.dtype)
-    grouped_rows = rows.view(groups, channels // groups, -1)
-    mean_shift = torch.matmul(grouped_rows, gradients.mean.unsqueeze(-1)).flatten(-3)
-    var_shift = (gradients.var * rows).sum(-1)
+    groups = gradients.mean.shape[0]
+    rows = weight.detach().reshape(channels, -1)
+    if rows.dtype != gradients.var.dtype:
+        rows = rows.to(gradients.var.dtype)
+    mean_shift = torch.bmm(rows.view(groups, channels // groups, -1), gradients.mean.transpose(1, 2))
+    mean_shift = mean_shift.reshape(channels, -1).t()
+    var_shift = torch.bmm(gradients.var, rows.unsqueeze(2)).squeeze(2).t()
     if bias is not None:
-        mean_shift = mean_shift + bias.detach().to(mean_shift.dtype)
+        mean_shift = mean_shift + bias.detach()
     return mean_shift, var_shift

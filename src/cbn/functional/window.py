@@ -41,7 +41,7 @@ def move_to_current_weights(
     mean_shift_now: Tensor,
     var_shift_now: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Taylor-moved ``(mu', var')`` of stored entries, all of shape ``(k, C)`` (shifts ``(C,)`` now).
+    """Taylor-moved ``(mu', var')`` of stored entries, all arguments of shape ``(k, C)``.
 
     The variance is clamped at zero per entry: a first-order step can overshoot below it.
     """
@@ -56,12 +56,11 @@ def pool_past(mean: Tensor, var: Tensor, valid: Tensor) -> PastStatistics:
 
     Args:
         mean, var: ``(k, C)`` statistics of the past entries, already moved to the current weights.
-        valid: ``(k,)`` mask in the dtype of ``mean``; invalid rows may hold anything finite.
+        valid: ``(k,)`` mask in the dtype of ``mean``; invalid rows must hold finite values.
     """
-    weights = valid.unsqueeze(1)
     count = valid.sum()
-    center = (mean * weights).sum(0) / count.clamp_min(1)
-    spread = ((var + (mean - center).square()) * weights).sum(0)
+    center = (valid @ mean) / count.clamp_min(1)
+    spread = valid @ (var + (mean - center).square())
     return PastStatistics(center, spread, count)
 
 

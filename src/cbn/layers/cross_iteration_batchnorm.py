@@ -20,15 +20,29 @@ from ..functional.window import PastStatistics, empty_past, move_to_current_weig
 from ..producers import ProducerRegistry, ProducerTap
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
+# Rows of ``window_stats``.
+_MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class _CrossIterationBatchNorm(_NormBase):
-    r"""Base of the Cross-Iteration BatchNorm layers; see :class:`CrossIterationBatchNorm2d`."""
+    r"""Base of the Cross-Iteration BatchNorm layers; see :class:`CrossIterationBatchNorm2d`.
+
+    The window is a ring of ``window - 1`` slots in three buffers, written in place:
+
+    - ``window_stats`` ``(window - 1, 5, C)``: per slot the rows ``mean``, ``var``, ``mean_shift``,
+      ``var_shift`` (the first-order terms at the weights of the time, see
+      :func:`cbn.functional.statistic_shifts`) and ``samples`` (values per channel; 0 marks an
+      empty slot or one whose batch was not finite);
+    - ``window_mean_grad`` ``(groups, window - 1, fan_in)`` and ``window_var_grad``
+      ``(C, window - 1, fan_in)``: the statistic gradients, allocated once the producer is known
+      (for a convolution, ``window_var_grad`` holds ``window - 1`` weight-sized tensors, the only
+      large state).
+    """
 
     _version = 2
-    _window_buffers = ("window_mean", "window_var", "window_mean_shift", "window_var_shift")
-    _lazy_buffers = ("window_mean_grad", "window_var_grad")
+    _float_window_buffers = ("window_stats", "window_mean_grad", "window_var_grad")
+    _window_buffers = (*_float_window_buffers, "window_next", "num_iterations")
 
     def __init__(
         self,
@@ -54,14 +68,10 @@ class _CrossIterationBatchNorm(_NormBase):
         self.burnin = burnin
         self.compensate = compensate
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
-        past = window - 1
         factory = {"device": device, "dtype": stats_dtype}
-        for name in self._window_buffers:
-            self.register_buffer(name, torch.zeros(past, num_features, **factory))
-        self.register_buffer("window_samples", torch.zeros(past, **factory))
-        self.register_buffer("window_valid", torch.zeros(past, dtype=torch.bool, device=device))
-        for name in self._lazy_buffers:
-            self.register_buffer(name, torch.zeros(0, **factory))
+        self.register_buffer("window_stats", torch.zeros(window - 1, 5, num_features, **factory))
+        self.register_buffer("window_mean_grad", torch.zeros(0, **factory))
+        self.register_buffer("window_var_grad", torch.zeros(0, **factory))
         self.register_buffer("window_next", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long, device=device))
         # Host-side copies of the two counters, so that the step never waits on the device.
@@ -81,9 +91,11 @@ class _CrossIterationBatchNorm(_NormBase):
 
     def reset_window(self) -> None:
         """Empty the window of past statistics and restart the iteration count (and burn-in)."""
-        if not hasattr(self, "window_valid"):
+        if not hasattr(self, "window_stats"):
             return  # called from _NormBase.__init__, before the window exists
-        self.window_valid.zero_()
+        self.window_stats.zero_()
+        self.window_mean_grad.zero_()
+        self.window_var_grad.zero_()
         self.window_next.zero_()
         self.num_iterations.zero_()
         self._next_slot = 0
@@ -93,7 +105,7 @@ class _CrossIterationBatchNorm(_NormBase):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         # Statistics stay in float32 or wider when the layer is cast to half precision.
-        for name in (*self._window_buffers, "window_samples", *self._lazy_buffers):
+        for name in self._float_window_buffers:
             buffer = getattr(self, name)
             if buffer.dtype in _LOW_PRECISION:
                 setattr(self, name, buffer.float())
@@ -102,13 +114,12 @@ class _CrossIterationBatchNorm(_NormBase):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        window_keys = [*self._window_buffers, "window_samples", "window_valid", "window_next", "num_iterations"]
-        if all(prefix + key not in state_dict for key in (*window_keys, *self._lazy_buffers)):
+        if all(prefix + key not in state_dict for key in self._window_buffers):
             # A plain BatchNorm state: its weights make any stored window stale, start empty.
             self.reset_window()
-            for key in (*window_keys, *self._lazy_buffers):
+            for key in self._window_buffers:
                 state_dict[prefix + key] = getattr(self, key)
-        for key in self._lazy_buffers:
+        for key in ("window_mean_grad", "window_var_grad"):
             incoming = state_dict.get(prefix + key)
             if incoming is not None and incoming.shape != getattr(self, key).shape:
                 setattr(self, key, torch.zeros_like(incoming, dtype=getattr(self, key).dtype))
@@ -167,15 +178,14 @@ class _CrossIterationBatchNorm(_NormBase):
         past = self.window - 1
         fan_in = producer.weight[0].numel()
         shapes = {
-            "window_mean_grad": (past, producer_groups(producer), fan_in),
-            "window_var_grad": (past, self.num_features, fan_in),
+            "window_mean_grad": (producer_groups(producer), past, fan_in),
+            "window_var_grad": (self.num_features, past, fan_in),
         }
         for name, shape in shapes.items():
             buffer = getattr(self, name)
             if buffer.shape != shape:
                 setattr(self, name, buffer.new_zeros(shape))
-                self.window_mean_shift.zero_()
-                self.window_var_shift.zero_()
+                self.window_stats[:, _MEAN_SHIFT:_SAMPLES].zero_()
 
     def _producer_input(self, input: Tensor) -> Tensor | None:
         if self._producer is None:
@@ -217,82 +227,80 @@ class _CrossIterationBatchNorm(_NormBase):
         return self.window_var_grad.numel() > 0
 
     # ----------------------------------------------------------------------------- maths
-    def _current_shifts(self) -> tuple[Tensor, Tensor]:
-        producer = self._producer[0]
-        gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
-        return statistic_shifts(gradients, producer.weight, producer.bias)
-
     def _moved_window(self) -> tuple[Tensor, Tensor]:
         """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""
+        stats = self.window_stats
         if not self._compensating or self._producer is None:
-            return self.window_mean, self.window_var
-        mean_now, var_now = self._current_shifts()
+            return stats[:, _MEAN], stats[:, _VAR]
+        producer = self._producer[0]
+        gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
+        mean_now, var_now = statistic_shifts(gradients, producer.weight, producer.bias)
         return move_to_current_weights(
-            self.window_mean, self.window_var, self.window_mean_shift, self.window_var_shift, mean_now, var_now
+            stats[:, _MEAN], stats[:, _VAR], stats[:, _MEAN_SHIFT], stats[:, _VAR_SHIFT], mean_now, var_now
         )
 
     def _past_statistics(self, input: Tensor) -> PastStatistics:
-        dtype = self.window_mean.dtype
         if self.window == 1 or self._in_burnin:
-            return empty_past(self.num_features, dtype, input.device)
+            return empty_past(self.num_features, self.window_stats.dtype, input.device)
         mean, var = self._moved_window()
-        valid = self.window_valid.unsqueeze(1)
-        # where, not a product: a slot left invalid by a non-finite batch may hold NaN or inf.
-        mean = torch.where(valid, mean, 0.0)
-        var = torch.where(valid, var, 0.0)
-        return pool_past(mean, var, self.window_valid.to(dtype))
+        # Empty and invalid slots hold zeros (finite), so a 0/1 mask product excludes them.
+        valid = (self.window_stats[:, _SAMPLES, 0] > 0).to(mean.dtype)
+        return pool_past(mean, var, valid)
+
+    def _entry_gradients(self, producer_input: Tensor | None, output: Tensor, batch_mean: Tensor):
+        """Statistic gradients and shifts of the current batch, or ``None`` where not needed."""
+        wanted = (
+            producer_input is not None
+            and bool(self._trainable_producer_weights())
+            and self._iterations > self.burnin - self.window + 1
+        )
+        if not wanted:
+            # Weights that do not move (or entries evicted before burn-in ends) need no Taylor step.
+            return None
+        dtype = self.window_stats.dtype
+        producer = self._producer[0]
+        producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
+        output = output.detach() if output.dtype == dtype else output.detach().to(dtype)
+        gradients = producer_statistic_gradients(producer, producer_input, output, batch_mean)
+        return gradients, statistic_shifts(gradients, producer.weight, producer.bias)
 
     def _push(
         self, batch_mean: Tensor, batch_var: Tensor, samples: int, producer_input: Tensor | None, output: Tensor
-    ) -> None:
-        """Store the current entry in the oldest slot, marked invalid if it is not finite."""
+    ) -> Tensor:
+        """Store the current entry in the oldest slot; returns whether it is finite.
+
+        A non-finite entry is stored as zeros with ``samples = 0``: an invalid slot.
+        """
         slot = self._next_slot
-        finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-        entry = {"window_mean": batch_mean, "window_var": batch_var}
+        computed = self._entry_gradients(producer_input, output, batch_mean) if self._compensating else None
+        zeros = batch_mean.new_zeros(self.num_features)
+        mean_shift, var_shift = (computed[1][0][0], computed[1][1][0]) if computed else (zeros, zeros)
+        entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, zeros.fill_(samples)))
+        finite = torch.isfinite(entry).all()
+        self.window_stats[slot] = torch.where(finite, entry, 0.0)
         if self._compensating:
-            wants_gradients = (
-                producer_input is not None
-                and bool(self._trainable_producer_weights())
-                and self._iterations > self.burnin - self.window + 1
-            )
-            if wants_gradients:
-                dtype = self.window_mean.dtype
-                gradients = producer_statistic_gradients(
-                    self._producer[0], producer_input.detach().to(dtype), output.detach().to(dtype), batch_mean
-                )
-                mean_shift, var_shift = statistic_shifts(gradients, self._producer[0].weight, self._producer[0].bias)
-                finite &= torch.isfinite(mean_shift).all() & torch.isfinite(var_shift).all()
+            if computed is None:
+                self.window_mean_grad[:, slot] = 0.0
+                self.window_var_grad[:, slot] = 0.0
             else:
-                # Weights that do not move need no Taylor step: zero gradients, zero shifts.
-                mean_shift = var_shift = batch_mean.new_zeros(self.num_features)
-                gradients = StatisticGradients(mean_shift.new_zeros(()), var_shift.new_zeros(()))
-            entry.update(
-                window_mean_shift=mean_shift,
-                window_var_shift=var_shift,
-                window_mean_grad=gradients.mean,
-                window_var_grad=gradients.var,
-            )
-        for name, value in entry.items():
-            getattr(self, name)[slot].copy_(torch.where(finite, value, 0.0))
-        self.window_samples[slot].fill_(samples)
-        self.window_valid[slot].copy_(finite)
+                gradients = computed[0]
+                self.window_mean_grad[:, slot] = torch.where(finite, gradients.mean[:, 0], 0.0)
+                self.window_var_grad[:, slot] = torch.where(finite, gradients.var[:, 0], 0.0)
         self._next_slot = (slot + 1) % (self.window - 1)
         self.window_next.fill_(self._next_slot)
+        return finite
 
-    def _update_running_stats(self, mean: Tensor, var: Tensor, samples: int, pooled: bool) -> None:
+    def _update_running_stats(self, mean: Tensor, var: Tensor, pooled_samples, finite: Tensor) -> None:
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        pooled_samples = torch.as_tensor(float(samples), dtype=var.dtype, device=var.device)
-        if pooled:
-            pooled_samples = pooled_samples + (self.window_samples * self.window_valid).sum()
-        unbiased_var = var * pooled_samples / (pooled_samples - 1)
-        finite = torch.isfinite(mean).all() & torch.isfinite(unbiased_var).all()
-        new_mean = torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), factor)
-        new_var = torch.lerp(self.running_var, unbiased_var.to(self.running_var.dtype), factor)
-        self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(finite, new_var, self.running_var))
+        unbiased_var = var * (pooled_samples / (pooled_samples - 1))
+        running = torch.stack((self.running_mean, self.running_var))
+        estimate = torch.stack((mean, unbiased_var)).to(running.dtype)
+        updated = torch.where(finite, torch.lerp(running, estimate, factor), running)
+        self.running_mean.copy_(updated[0])
+        self.running_var.copy_(updated[1])
 
     # ----------------------------------------------------------------------------- forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -326,21 +334,26 @@ class _CrossIterationBatchNorm(_NormBase):
         samples = input.numel() // self.num_features
         self._advance_iteration()
         pooled = self.window > 1 and not self._in_burnin
-        if samples <= 1 and not (pooled and bool(self.window_valid.any())):
+        if samples <= 1 and not (pooled and bool((self.window_stats[:, _SAMPLES, 0] > 0).any())):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         with torch.no_grad():
             past = self._past_statistics(input)
         output, stats = cross_iteration_batch_norm(
-            input, past, self.weight, self.bias, self.eps, self.window_mean.dtype
+            input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
         )
         with torch.no_grad():
+            pooled_samples = samples
+            if pooled:
+                pooled_samples = self.window_stats[:, _SAMPLES, 0].sum() + samples
+            if self.window > 1:
+                finite = self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
+            else:
+                finite = torch.isfinite(stats.batch_mean).all() & torch.isfinite(stats.batch_var).all()
             if self.track_running_stats:
                 self.num_batches_tracked.add_(1)
-                self._update_running_stats(stats.mean, stats.var, samples, pooled)
-            if self.window > 1:
-                self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
+                self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
         return output
 
     @torch.no_grad()
@@ -350,16 +363,13 @@ class _CrossIterationBatchNorm(_NormBase):
         Returns a dict of ``(n_past, C)`` tensors ``mean``, ``var``, ``mean_compensated``,
         ``var_compensated`` over the valid entries (the window is not modified).
         """
-        if self.window == 1:
-            empty = self.window_mean.new_zeros(0, self.num_features)
-            return dict(mean=empty, var=empty, mean_compensated=empty, var_compensated=empty)
         past = self.window - 1
-        order = [(self._next_slot - offset) % past for offset in range(1, past + 1)]
-        order = [slot for slot in order if bool(self.window_valid[slot])]
+        order = [(self._next_slot - offset) % past for offset in range(1, past + 1)] if past else []
+        order = [slot for slot in order if float(self.window_stats[slot, _SAMPLES, 0]) > 0]
         moved_mean, moved_var = self._moved_window()
         return dict(
-            mean=self.window_mean[order],
-            var=self.window_var[order],
+            mean=self.window_stats[order, _MEAN],
+            var=self.window_stats[order, _VAR],
             mean_compensated=moved_mean[order],
             var_compensated=moved_var[order],
         )
