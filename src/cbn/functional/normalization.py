@@ -65,8 +65,10 @@ class CrossIterationNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, center, spread, count, eps, stats_dtype):
-        dims = reduction_dims(input)
-        batch_var, batch_mean = torch.var_mean(input.to(stats_dtype), dims, correction=0)
+        # BatchNorm's own statistics kernel: far faster on CPU than var_mean over (0, 2, ...).
+        batch_mean, batch_var = torch.batch_norm_update_stats(
+            input if input.dtype == stats_dtype else input.to(stats_dtype), None, None, 0.0
+        )
         past = PastStatistics(center, spread, count)
         mean, var, delta = _pool(batch_mean, batch_var, past)
         # Eval-mode BatchNorm with the pooled statistics is exactly the normalization wanted.

@@ -112,8 +112,9 @@ def producer_statistic_gradients(
     """
     channels = output.shape[1]
     samples = output.numel() // channels
-    centred = output - mean.view(1, channels, *([1] * (output.dim() - 2)))
+    channel_mean = mean.view(1, channels, *([1] * (output.dim() - 2)))
     if isinstance(producer, nn.Linear):
+        centred = output - channel_mean
         mean_grad = producer_input.mean(0, keepdim=True)
         var_grad = centred.t().mm(producer_input).mul_(2.0 / samples)
         return StatisticGradients(mean_grad.unsqueeze(0), var_grad.unsqueeze(1))
@@ -121,9 +122,18 @@ def producer_statistic_gradients(
     groups = producer.groups
     kernel_shape = list(producer.weight.shape[1:])
     padded, padding = _padded_input(producer, producer_input)
-    var_grad = _convolution_weight_gradient(
-        producer, centred.mul_(2.0 / samples), padded, [channels, *kernel_shape], padding, groups
-    )
+    if groups == 1:
+        # One weight-gradient convolution gives both: an extra output channel whose gradient is the
+        # uniform 1/m yields the mean patch next to the C variance rows.
+        grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
+        torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
+        grad_output[:, channels:].fill_(1.0 / samples)
+        both = _convolution_weight_gradient(
+            producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
+        ).reshape(channels + 1, 1, -1)
+        return StatisticGradients(both[channels:], both[:channels])
+    centred = (output - channel_mean).mul_(2.0 / samples)
+    var_grad = _convolution_weight_gradient(producer, centred, padded, [channels, *kernel_shape], padding, groups)
     # Padding is applied per sample with the same index map, so it commutes with the batch sum.
     batch_sum = padded.sum(0, keepdim=True)
     uniform = output.new_full((1, groups, *output.shape[2:]), 1.0 / samples)
