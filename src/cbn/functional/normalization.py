@@ -52,69 +52,91 @@ def reduction_dims(input: Tensor) -> list[int]:
     return [0, *range(2, input.dim())]
 
 
-def _pool(batch_mean: Tensor, batch_var: Tensor, past: PastStatistics) -> tuple[Tensor, Tensor, Tensor]:
-    entries = past.count + 1
+def _pool(batch_mean: Tensor, batch_var: Tensor, past: PastStatistics):
+    """Pooled ``(mean, var)`` and the constants the backward needs: ``1/n`` and ``d var_bar/d mu_t``."""
+    inv_entries = (past.count + 1).reciprocal()
+    past_share = past.count * inv_entries  # (n - 1) / n
     delta = batch_mean - past.center
-    mean = past.center + delta / entries
-    var = (batch_var + past.spread + past.count / entries * delta.square()) / entries
-    return mean, var, delta
+    mean = torch.addcmul(past.center, delta, inv_entries)
+    var = torch.addcmul(batch_var + past.spread, delta.square(), past_share).mul_(inv_entries)
+    var_slope = delta * (2 * past_share * inv_entries)  # d var_bar / d mu_t
+    return mean, var, inv_entries, var_slope
 
 
 class CrossIterationNorm(torch.autograd.Function):
-    """Normalization with pooled statistics and the hand-written backward above."""
+    """Normalization with pooled statistics and the hand-written backward above.
+
+    With ``past = None`` (window 1, burn-in) it is exactly BatchNorm's fused kernel, both ways.
+    """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, center, spread, count, eps, stats_dtype):
-        # BatchNorm's own statistics kernel: far faster on CPU than var_mean over (0, 2, ...).
+    def forward(ctx, input, weight, bias, past, eps, stats_dtype):
+        ctx.eps = eps
+        ctx.pooled = past is not None
+        if not ctx.pooled and input.dtype == stats_dtype:
+            output, batch_mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+            batch_var = invstd.pow(-2).sub_(eps)
+            ctx.save_for_backward(input, weight, batch_mean, invstd)
+            ctx.mark_non_differentiable(batch_mean, batch_var)
+            return output, batch_mean, batch_var, batch_mean, batch_var
+        # BatchNorm's statistics kernel: far faster on CPU than var_mean over (0, 2, ...).
         batch_mean, batch_var = torch.batch_norm_update_stats(
             input if input.dtype == stats_dtype else input.to(stats_dtype), None, None, 0.0
         )
-        past = PastStatistics(center, spread, count)
-        mean, var, delta = _pool(batch_mean, batch_var, past)
+        if ctx.pooled:
+            mean, var, inv_entries, var_slope = _pool(batch_mean, batch_var, PastStatistics(*past))
+        else:
+            mean, var = batch_mean, batch_var
+            inv_entries, var_slope = batch_mean.new_ones(()), torch.zeros_like(batch_mean)
         # Eval-mode BatchNorm with the pooled statistics is exactly the normalization wanted.
         output = torch.native_batch_norm(input, weight, bias, mean, var, False, 0.0, eps)[0]
-        ctx.save_for_backward(input, weight, batch_mean, mean, var, delta, count)
-        ctx.eps = eps
+        ctx.pooled = True
+        ctx.save_for_backward(input, weight, batch_mean, var, inv_entries, var_slope, mean)
         ctx.mark_non_differentiable(batch_mean, batch_var, mean, var)
         return output, batch_mean, batch_var, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, *unused):
-        input, weight, batch_mean, mean, var, delta, count = ctx.saved_tensors
         needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        input = ctx.saved_tensors[0]
+        grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+        if not ctx.pooled:
+            input, weight, batch_mean, invstd = ctx.saved_tensors
+            grads = torch.ops.aten.native_batch_norm_backward(
+                grad_output, input, weight, None, None, batch_mean, invstd, True, ctx.eps,
+                [needs_input, needs_weight, needs_bias],
+            )
+            return (*grads, None, None, None)
+        input, weight, batch_mean, var, inv_entries, var_slope, mean = ctx.saved_tensors
         grad_direct, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
-            grad_output.contiguous(memory_format=_memory_format(input)),
-            input,
-            weight,
-            mean,
-            var,
-            None,
-            None,
-            False,
-            ctx.eps,
+            grad_output, input, weight, mean, var, None, None, False, ctx.eps,
             [needs_input, needs_weight or needs_input, needs_bias or needs_input],
         )
         grad_input = None
         if needs_input:
-            entries = count + 1
             samples = input.numel() // input.shape[1]
             invstd = torch.rsqrt(var + ctx.eps)
             gamma_invstd = invstd if weight is None else invstd * weight
-            grad_mean_bar = -gamma_invstd * sum_g
-            grad_var_bar = -0.5 * gamma_invstd * invstd * sum_g_xhat
-            grad_batch_mean = grad_mean_bar / entries + grad_var_bar * (2 * count / entries.square()) * delta
-            grad_batch_var = grad_var_bar / entries
+            minus_grad_mean_bar = gamma_invstd * sum_g
+            minus_twice_grad_var_bar = gamma_invstd * invstd * sum_g_xhat
+            # -m dL/dmu_t and -m/2 dL/dvar_t, per channel
+            mean_coefficient = torch.addcmul(minus_grad_mean_bar * inv_entries, minus_twice_grad_var_bar, var_slope, value=0.5)
+            var_coefficient = minus_twice_grad_var_bar * inv_entries
             shape = (1, -1) + (1,) * (input.dim() - 2)
-            centred = input - batch_mean.to(input.dtype).view(shape)
-            grad_input = grad_direct.add_((grad_batch_mean / samples).to(input.dtype).view(shape))
-            grad_input.addcmul_(centred, (2 * grad_batch_var / samples).to(input.dtype).view(shape))
+            centred = input - _as(batch_mean, input).view(shape)
+            grad_input = grad_direct.sub_(_as(mean_coefficient, input).view(shape), alpha=1.0 / samples)
+            grad_input.addcmul_(centred, _as(var_coefficient, input).view(shape), value=-1.0 / samples)
         return (
             grad_input,
             sum_g_xhat if needs_weight else None,
             sum_g if needs_bias else None,
-            None, None, None, None, None,
+            None, None, None,
         )
+
+
+def _as(tensor: Tensor, like: Tensor) -> Tensor:
+    return tensor if tensor.dtype == like.dtype else tensor.to(like.dtype)
 
 
 def _memory_format(input: Tensor) -> torch.memory_format:
@@ -125,7 +147,7 @@ def _memory_format(input: Tensor) -> torch.memory_format:
 
 def cross_iteration_batch_norm(
     input: Tensor,
-    past: PastStatistics,
+    past: PastStatistics | None,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
@@ -135,7 +157,8 @@ def cross_iteration_batch_norm(
 
     Args:
         input: ``(N, C, *)`` tensor.
-        past: summary of the past entries (``window.pool_past``); ``count = 0`` gives BatchNorm.
+        past: summary of the past entries (``window.pool_past``); ``None`` (or ``count = 0``)
+            gives BatchNorm.
         weight, bias: optional affine parameters ``(C,)``.
         eps: added to the pooled variance inside the square root.
         stats_dtype: dtype of the statistics (float32 or wider).
@@ -148,7 +171,5 @@ def cross_iteration_batch_norm(
         >>> past = PastStatistics(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
         >>> out, stats = cross_iteration_batch_norm(torch.randn(4, 3, 5), past, None, None, 1e-5)
     """
-    output, *stats = CrossIterationNorm.apply(
-        input, weight, bias, past.center, past.spread, past.count, eps, stats_dtype
-    )
+    output, *stats = CrossIterationNorm.apply(input, weight, bias, past, eps, stats_dtype)
     return output, PooledStatistics(*stats)

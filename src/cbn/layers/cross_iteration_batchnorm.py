@@ -16,7 +16,7 @@ from ..functional.statistic_gradients import (
     producer_statistic_gradients,
     statistic_shifts,
 )
-from ..functional.window import PastStatistics, empty_past, move_to_current_weights, pool_past
+from ..functional.window import PastStatistics, move_to_current_weights, pool_past
 from ..producers import ProducerRegistry, ProducerTap
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
@@ -239,9 +239,10 @@ class _CrossIterationBatchNorm(_NormBase):
             stats[:, _MEAN], stats[:, _VAR], stats[:, _MEAN_SHIFT], stats[:, _VAR_SHIFT], mean_now, var_now
         )
 
-    def _past_statistics(self, input: Tensor) -> PastStatistics:
+    def _past_statistics(self) -> PastStatistics | None:
+        """Summary of the valid past entries, or ``None`` when this step is plain BatchNorm."""
         if self.window == 1 or self._in_burnin:
-            return empty_past(self.num_features, self.window_stats.dtype, input.device)
+            return None
         mean, var = self._moved_window()
         # Empty and invalid slots hold zeros (finite), so a 0/1 mask product excludes them.
         valid = (self.window_stats[:, _SAMPLES, 0] > 0).to(mean.dtype)
@@ -291,16 +292,17 @@ class _CrossIterationBatchNorm(_NormBase):
         return finite
 
     def _update_running_stats(self, mean: Tensor, var: Tensor, pooled_samples, finite: Tensor) -> None:
+        """EMA of the pooled estimate, variance unbiased over all pooled samples; skipped if not finite."""
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
+        # 0 for a non-finite batch, whose estimate is zeroed below
+        weight = finite.to(self.running_mean.dtype).mul_(factor)
         unbiased_var = var * (pooled_samples / (pooled_samples - 1))
-        running = torch.stack((self.running_mean, self.running_var))
-        estimate = torch.stack((mean, unbiased_var)).to(running.dtype)
-        updated = torch.where(finite, torch.lerp(running, estimate, factor), running)
-        self.running_mean.copy_(updated[0])
-        self.running_var.copy_(updated[1])
+        for running, estimate in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            estimate = estimate.nan_to_num(0.0, 0.0, 0.0)
+            running.lerp_(estimate if estimate.dtype == running.dtype else estimate.to(running.dtype), weight)
 
     # ----------------------------------------------------------------------------- forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -339,7 +341,7 @@ class _CrossIterationBatchNorm(_NormBase):
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         with torch.no_grad():
-            past = self._past_statistics(input)
+            past = self._past_statistics()
         output, stats = cross_iteration_batch_norm(
             input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
         )
@@ -350,7 +352,8 @@ class _CrossIterationBatchNorm(_NormBase):
             if self.window > 1:
                 finite = self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
             else:
-                finite = torch.isfinite(stats.batch_mean).all() & torch.isfinite(stats.batch_var).all()
+                # A non-finite mean makes the variance non-finite too.
+                finite = torch.isfinite(stats.batch_var).all()
             if self.track_running_stats:
                 self.num_batches_tracked.add_(1)
                 self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
