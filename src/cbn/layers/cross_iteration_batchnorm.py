@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
 from ..functional.normalization import cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     StatisticGradients,
@@ -44,6 +46,8 @@ class _CrossIterationBatchNorm(_NormBase):
         dtype=None,
         *,
         bias: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        check_shared_use: bool = True,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
@@ -53,6 +57,9 @@ class _CrossIterationBatchNorm(_NormBase):
         self.window = window
         self.burnin = burnin
         self.compensate = compensate
+        self.process_group = process_group
+        self.check_shared_use = check_shared_use
+        self._iteration_shape: torch.Size | None = None
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         past = window - 1
         factory = {"device": device, "dtype": stats_dtype}
@@ -256,10 +263,7 @@ class _CrossIterationBatchNorm(_NormBase):
                 and self._iterations > self.burnin - self.window + 1
             )
             if wants_gradients:
-                dtype = self.window_mean.dtype
-                gradients = producer_statistic_gradients(
-                    self._producer[0], producer_input.detach().to(dtype), output.detach().to(dtype), batch_mean
-                )
+                gradients = self._entry_gradients(producer_input, output, batch_mean, samples)
                 mean_shift, var_shift = statistic_shifts(gradients, self._producer[0].weight, self._producer[0].bias)
                 finite &= torch.isfinite(mean_shift).all() & torch.isfinite(var_shift).all()
             else:
@@ -284,7 +288,8 @@ class _CrossIterationBatchNorm(_NormBase):
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        pooled_samples = torch.as_tensor(float(samples), dtype=var.dtype, device=var.device)
+        # samples is an int, or a 0-dim device tensor when pooled over processes (no host sync).
+        pooled_samples = torch.as_tensor(samples, dtype=var.dtype, device=var.device)
         if pooled:
             pooled_samples = pooled_samples + (self.window_samples * self.window_valid).sum()
         unbiased_var = var * pooled_samples / (pooled_samples - 1)
@@ -317,12 +322,20 @@ class _CrossIterationBatchNorm(_NormBase):
                 0.0,
                 self.eps,
             )
+        if torch.is_autocast_enabled(input.device.type):
+            # Statistics, windows and Taylor terms stay in float32: autocast would run the
+            # matmuls of the statistic shifts in half precision.
+            with torch.autocast(input.device.type, enabled=False):
+                return self._training_forward(input)
         return self._training_forward(input)
 
     def _training_forward(self, input: Tensor) -> Tensor:
+        if self._cross_process:
+            return self._cross_process_training_forward(input)
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
         producer_input = self._producer_input(input)
+        self._check_one_input_per_iteration(input)
         samples = input.numel() // self.num_features
         self._advance_iteration()
         pooled = self.window > 1 and not self._in_burnin
@@ -342,6 +355,78 @@ class _CrossIterationBatchNorm(_NormBase):
             if self.window > 1:
                 self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
         return output
+
+    # ----------------------------------------------------------------------------- production
+    def _check_one_input_per_iteration(self, input: Tensor) -> None:
+        """Refuse a second input of another spatial size within one iteration (a shared norm).
+
+        Several training forwards with unchanged producer weights are one iteration (gradient
+        accumulation) and each stores an entry. A norm applied to several different inputs per
+        step (a detection head shared across pyramid levels) would mix their statistics in one
+        window; different spatial sizes within an iteration are the sign of it.
+        """
+        weights = self._trainable_producer_weights()
+        versions = tuple(w._version for w in weights) if weights else None
+        same_iteration = versions is not None and versions == self._weight_versions
+        shape = input.shape[2:]
+        if self.check_shared_use and same_iteration and self._iteration_shape not in (None, shape):
+            raise ValueError(
+                f"{self._layer_name} got inputs of spatial sizes {tuple(self._iteration_shape)} and "
+                f"{tuple(shape)} in one iteration (unchanged producer weights). One Cross-Iteration "
+                "BatchNorm applied to several inputs, e.g. the levels of a feature pyramid, would mix "
+                "their statistics in one window: give each input its own norm layer (the producer may "
+                "stay shared). For gradient accumulation over inputs of varying size, construct the "
+                "layer (or convert_model) with check_shared_use=False."
+            )
+        self._iteration_shape = shape
+
+    @property
+    def _cross_process(self) -> bool:
+        """Pool the batch over ``process_group``: set, initialized and with more than one rank."""
+        return (
+            self.process_group is not None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def _cross_process_training_forward(self, input: Tensor) -> Tensor:
+        """The training forward with the current batch pooled over the ranks of ``process_group``.
+
+        Every rank computes the same pooled statistics and statistic gradients, so every rank
+        stores the same entry and keeps the same window: ``P`` ranks of ``B`` examples with window
+        ``k`` estimate from ``P * B * k`` examples. With ``window=1`` this is ``nn.SyncBatchNorm``.
+        """
+        if self._pairing == _UNRESOLVED:
+            self._discover_producer(input)
+        producer_input = self._producer_input(input)
+        self._check_one_input_per_iteration(input)
+        self._advance_iteration()
+        pooled = self.window > 1 and not self._in_burnin
+        with torch.no_grad():
+            past = self._past_statistics(input)
+        output, stats, samples = cross_process_batch_norm(
+            input, past, self.weight, self.bias, self.eps, self.window_mean.dtype, self.process_group
+        )
+        with torch.no_grad():
+            if self.track_running_stats:
+                self.num_batches_tracked.add_(1)
+                self._update_running_stats(stats.mean, stats.var, samples, pooled)
+            if self.window > 1:
+                self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
+        return output
+
+    def _entry_gradients(
+        self, producer_input: Tensor, output: Tensor, batch_mean: Tensor, samples: int | Tensor
+    ) -> StatisticGradients:
+        """Statistic gradients of the current entry, pooled over ranks when the batch is."""
+        dtype = self.window_mean.dtype
+        producer_input, output = producer_input.detach().to(dtype), output.detach().to(dtype)
+        gradients = producer_statistic_gradients(self._producer[0], producer_input, output, batch_mean)
+        if isinstance(samples, Tensor):  # pooled over processes: batch_mean is the global mean
+            local_samples = output.numel() // self.num_features
+            gradients = all_reduce_statistic_gradients(gradients, local_samples, samples, self.process_group)
+        return gradients
 
     @torch.no_grad()
     def window_statistics(self) -> dict[str, Tensor]:
