@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from datetime import timedelta
 from typing import Callable
 
@@ -133,12 +134,9 @@ def launch(fn: Callable, nproc: int, *args, backend: str | None = None, timeout_
     context = mp.start_processes(
         _run, args=(fn, nproc, free_port(), backend, args), nprocs=nproc, join=False, start_method="spawn"
     )
-    deadline = None if timeout_s is None else timeout_s
-    import time
-
     start = time.monotonic()
-    while not context.join(timeout=1.0):
-        if deadline is not None and time.monotonic() - start > deadline:
+    while not context.join(timeout=1.0):  # raises if a process failed, stopping the others
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
             for process in context.processes:
                 if process.is_alive():
                     process.terminate()

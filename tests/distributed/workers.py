@@ -122,7 +122,7 @@ def ddp_keeps_rank_local_windows(rank, world_size, window=3, steps=4):
             optimizer.zero_grad()
     weights = [torch.zeros_like(conv.weight) for _ in range(world_size)]
     dist.all_gather(weights, conv.weight.detach().contiguous())
-    ignored = set(model._ddp_params_and_buffers_to_ignore)
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     return dict(
         window_vs_own_batches=window_errors,
         running_spread_across_ranks=running_spread,
