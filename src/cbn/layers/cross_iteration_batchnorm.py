@@ -330,8 +330,8 @@ class _CrossIterationBatchNorm(_NormBase):
         return self._training_forward(input)
 
     def _training_forward(self, input: Tensor) -> Tensor:
-        if self._cross_process:
-            return self._cross_process_training_forward(input)
+        if self._cross_process or torch.compiler.is_compiling():
+            return self._staged_training_forward(input)
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
         producer_input = self._producer_input(input)
@@ -390,31 +390,59 @@ class _CrossIterationBatchNorm(_NormBase):
             and dist.get_world_size(self.process_group) > 1
         )
 
-    def _cross_process_training_forward(self, input: Tensor) -> Tensor:
-        """The training forward with the current batch pooled over the ranks of ``process_group``.
+    def _staged_training_forward(self, input: Tensor) -> Tensor:
+        """The training forward in three stages: bookkeeping, normalization, recording.
 
-        Every rank computes the same pooled statistics and statistic gradients, so every rank
-        stores the same entry and keeps the same window: ``P`` ranks of ``B`` examples with window
-        ``k`` estimate from ``P * B * k`` examples. With ``window=1`` this is ``nn.SyncBatchNorm``.
+        Used when the batch is pooled over the ranks of ``process_group`` and under
+        ``torch.compile``. The bookkeeping and recording stages read and write Python state
+        (producer taps, host counters, weight versions) and run eagerly
+        (``torch.compiler.disable``); the normalization between them is compiled.
+
+        With a process group, every rank computes the same pooled statistics and statistic
+        gradients, so every rank stores the same entry and keeps the same window: ``P`` ranks of
+        ``B`` examples with window ``k`` estimate from ``P * B * k`` examples. With ``window=1``
+        this is ``nn.SyncBatchNorm``.
         """
+        past, producer_input, pooled = self._prepare_step(input)
+        if self._cross_process:
+            output, stats, samples = cross_process_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_mean.dtype, self.process_group
+            )
+        else:
+            output, stats = cross_iteration_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_mean.dtype
+            )
+            samples = input.numel() // self.num_features
+        self._record_step(stats, samples, pooled, producer_input, input)
+        return output
+
+    @torch.compiler.disable
+    def _prepare_step(self, input: Tensor) -> tuple[PastStatistics, Tensor | None, bool]:
+        """Producer pairing, iteration count and the past entries moved to the current weights."""
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
         producer_input = self._producer_input(input)
         self._check_one_input_per_iteration(input)
         self._advance_iteration()
         pooled = self.window > 1 and not self._in_burnin
+        samples = input.numel() // self.num_features
+        if not self._cross_process and samples <= 1 and not (pooled and bool(self.window_valid.any())):
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {input.size()}"
+            )
         with torch.no_grad():
             past = self._past_statistics(input)
-        output, stats, samples = cross_process_batch_norm(
-            input, past, self.weight, self.bias, self.eps, self.window_mean.dtype, self.process_group
-        )
-        with torch.no_grad():
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                self._update_running_stats(stats.mean, stats.var, samples, pooled)
-            if self.window > 1:
-                self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
-        return output
+        return past, producer_input, pooled
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _record_step(self, stats, samples: int | Tensor, pooled: bool, producer_input, input: Tensor) -> None:
+        """Running statistics and the push of the current entry into the window."""
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            self._update_running_stats(stats.mean, stats.var, samples, pooled)
+        if self.window > 1:
+            self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
 
     def _entry_gradients(
         self, producer_input: Tensor, output: Tensor, batch_mean: Tensor, samples: int | Tensor
