@@ -146,3 +146,43 @@ def run_all(rank, world_size, out_dir):
     }
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+# ----------------------------------------------------------------------------- exact resume
+RESUME = dict(window=3, burnin=4, lr=0.1, momentum=0.9)
+
+
+def resume_model(seed):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5))
+    model = cbn.convert_model(model, window=RESUME["window"], burnin=RESUME["burnin"])
+    optimizer = torch.optim.SGD(model.parameters(), lr=RESUME["lr"], momentum=RESUME["momentum"])
+    return model, optimizer
+
+
+def resume_train(model, optimizer, steps):
+    """Train on the batches of the given step indices; the data depend on the index only."""
+    losses = []
+    for step in steps:
+        generator = torch.Generator().manual_seed(step)
+        x = torch.randn(2, 3, 6, 6, generator=generator)
+        y = torch.randint(0, 5, (2,), generator=generator)
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def resume_in_fresh_process(rank, world_size, checkpoint, steps, out_path):
+    """Entry point for ``cbn.distributed.launch``: load a checkpoint in a fresh model, continue."""
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    model, optimizer = resume_model(seed=1234)  # other initial weights: all must come from the file
+    state = torch.load(checkpoint)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.save(resume_train(model, optimizer, steps), out_path)
