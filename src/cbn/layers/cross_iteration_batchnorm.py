@@ -521,6 +521,16 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             trainable producer, each training forward is one. Default: 0
         compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
             Default: ``True``
+        process_group: pool each batch's statistics (and their weight gradients) over the ranks
+            of this ``torch.distributed`` group before the window step (keyword only), so that
+            ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;
+            with ``window=1`` this is ``nn.SyncBatchNorm``. ``None``: each rank uses its own
+            batches, like ``nn.BatchNorm`` under DDP. Default: ``None``
+        check_shared_use: raise ``ValueError`` when one iteration's training forwards get inputs
+            of different spatial sizes, the sign of one norm applied to several inputs (e.g. the
+            levels of a feature pyramid), whose statistics would be mixed in one window
+            (keyword only). ``False`` for gradient accumulation over variable-size inputs.
+            Default: ``True``
 
     Shape:
         - Input: {shape}
@@ -538,6 +548,17 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         - Batch and spatial sizes may change between iterations; each entry keeps its own count.
         - Weights changed outside an optimizer (e.g. ``load_state_dict``) are handled by the same
           Taylor step, and start a new iteration. Loading a plain BatchNorm state empties the window.
+
+    Production training (see ``docs/multi-gpu.md``):
+        - DDP: :func:`cbn.convert_model` registers the window buffers and ``num_iterations`` as
+          buffers DDP ignores, so ``broadcast_buffers=True`` keeps each rank's window while the
+          running statistics are broadcast from rank 0 like BatchNorm's.
+        - AMP: under ``torch.autocast`` the statistics, window and Taylor terms are computed in
+          float32 (autocast is disabled inside the layer); the output has the input's dtype.
+        - ``torch.compile``: the bookkeeping (producer taps, counters, window push) runs eagerly
+          via ``torch.compiler.disable``; the normalization is compiled. Two graph breaks per layer.
+        - Several inputs per iteration: see ``check_shared_use``; gradient accumulation with
+          unchanged weights pools the micro-batches (one entry each) as one iteration.
 
     Example::
 
