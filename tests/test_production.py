@@ -139,8 +139,10 @@ def test_reverted_model_exports_to_onnx_and_onnxruntime_matches_eval():
 def test_compiled_model_trains_like_eager():
     # aot_eager: dynamo and AOTAutograd without inductor's C++ compilation (slow here); inductor
     # was checked by hand (docs/multi-gpu.md). The bookkeeping runs eagerly, the maths compiled.
-    batches = _batches(4, shape=(2, 3, 6, 6))
-    eager = _conv_model()
+    batches = _batches(3, shape=(2, 3, 6, 6))
+    torch.manual_seed(0)
+    eager = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                            nn.Flatten(), nn.Linear(4 * 36, 5)), window=3)
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, backend="aot_eager")
     torch._dynamo.reset()
@@ -149,8 +151,9 @@ def test_compiled_model_trains_like_eager():
     torch.testing.assert_close(losses_c, losses, rtol=0, atol=1e-6)
     for a, b in zip(outputs_c, outputs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert compiled_model[1].producer is compiled_model[0] and compiled_model[4].producer is compiled_model[3]
-    assert int(compiled_model[1].num_iterations) == 4
+    assert compiled_model[1].producer is compiled_model[0]
+    assert compiled_model[1].window_var_grad.abs().sum() > 0  # compensating, not naive
+    assert int(compiled_model[1].num_iterations) == 3
     for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
