@@ -14,6 +14,7 @@ from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm3d,
     _CrossIterationBatchNorm,
 )
+from .distributed import ignore_windows_in_ddp
 from .producers import ProducerRegistry, remove_hooks
 
 _CBN_FOR = {
@@ -84,8 +85,18 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     Args:
         model: any ``nn.Module``.
-        **layer_kwargs: ``window``, ``burnin``, ``compensate`` (and any other argument of
-            :class:`CrossIterationBatchNorm2d` to override the copied ones).
+        **layer_kwargs: ``window``, ``burnin``, ``compensate``, ``process_group``,
+            ``check_shared_use`` (and any other argument of :class:`CrossIterationBatchNorm2d` to
+            override the copied ones). ``process_group`` (e.g. ``torch.distributed.group.WORLD``,
+            after ``init_process_group``) pools each batch over its ranks before the window step;
+            without it each rank normalizes with its own batches, like ``nn.BatchNorm`` under DDP.
+
+    Distributed training: the window buffers and iteration counters of every CBN layer are
+    registered as buffers ``DistributedDataParallel`` ignores (see
+    :func:`cbn.distributed.ignore_windows_in_ddp`), so that ``broadcast_buffers=True`` does not
+    overwrite each rank's window with rank 0's; running statistics are still broadcast from rank 0
+    like BatchNorm's, and all parameters are synchronized. Wrap ``model`` itself in DDP, or call
+    ``ignore_windows_in_ddp`` on the module you wrap.
 
     Returns:
         ``model`` with its norms replaced (a new module if ``model`` itself is a BatchNorm).
@@ -107,6 +118,8 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, _CrossIterationBatchNorm):
             module.attach(registry, name or type(module).__name__)
+    # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
+    ignore_windows_in_ddp(model)
     return model
 
 

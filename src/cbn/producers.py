@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
+import torch
 from torch import Tensor, nn
 
 from .functional.statistic_gradients import PRODUCER_TYPES
@@ -29,6 +30,9 @@ class ProducerTap:
         self._output: weakref.ref | None = None
         self._input: Tensor | None = None
 
+    # Run eagerly under torch.compile: the tap keeps a weak reference to the very tensor object
+    # the norm will receive, which only exists outside a graph.
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._output = weakref.ref(output) if isinstance(output, Tensor) else None
         self._input = args[0] if self.keep_input and module.training else None

@@ -1,6 +1,7 @@
 """The maths of Cross-Iteration BatchNorm as plain functions, one concept per file."""
 
-from .normalization import CrossIterationNorm, PooledStatistics, cross_iteration_batch_norm
+from .cross_process import cross_process_batch_norm, cross_process_batch_statistics
+from .normalization import CrossIterationNorm, PooledStatistics, cross_iteration_batch_norm, pool_with_past
 from .statistic_gradients import StatisticGradients, producer_statistic_gradients, statistic_shifts
 from .window import PastStatistics, move_to_current_weights, pool_past
 
@@ -10,7 +11,10 @@ __all__ = [
     "PooledStatistics",
     "StatisticGradients",
     "cross_iteration_batch_norm",
+    "cross_process_batch_norm",
+    "cross_process_batch_statistics",
     "move_to_current_weights",
+    "pool_with_past",
     "pool_past",
     "producer_statistic_gradients",
     "statistic_shifts",

@@ -52,15 +52,36 @@ def reduction_dims(input: Tensor) -> list[int]:
     return [0, *range(2, input.dim())]
 
 
-def _pool(batch_mean: Tensor, batch_var: Tensor, past: PastStatistics):
-    """Pooled ``(mean, var)`` and the constants the backward needs: ``1/n`` and ``d var_bar/d mu_t``."""
+def pool_with_past(batch_mean: Tensor, batch_var: Tensor, past: PastStatistics) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Pooled ``(mean, var)`` of the module formula, and what its backward needs.
+
+    Returns ``(mean, var, 1/n, d var_bar / d mu_t)``; differentiable in ``batch_mean`` and
+    ``batch_var`` when called under autograd (the cross-process path does).
+    """
     inv_entries = (past.count + 1).reciprocal()
     past_share = past.count * inv_entries  # (n - 1) / n
     delta = batch_mean - past.center
     mean = torch.addcmul(past.center, delta, inv_entries)
-    var = torch.addcmul(batch_var + past.spread, delta.square(), past_share).mul_(inv_entries)
-    var_slope = delta * (2 * past_share * inv_entries)  # d var_bar / d mu_t
+    var = torch.addcmul(batch_var + past.spread, delta.square(), past_share) * inv_entries
+    var_slope = delta * (2 * past_share * inv_entries)
     return mean, var, inv_entries, var_slope
+
+
+def normalize(
+    input: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """``(input - mean) / sqrt(var + eps) * weight + bias`` per channel with plain autograd ops.
+
+    Used where ``mean`` and ``var`` carry gradients from elsewhere (the cross-process path).
+    """
+    shape = (1, -1) + (1,) * (input.dim() - 2)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    out = (input - _as(mean, input).view(shape)) * _as(scale, input).view(shape)
+    if bias is not None:
+        out = out + _as(bias, input).view(shape)
+    return out
 
 
 class CrossIterationNorm(torch.autograd.Function):
@@ -84,7 +105,7 @@ class CrossIterationNorm(torch.autograd.Function):
             input if input.dtype == stats_dtype else input.to(stats_dtype), None, None, 0.0
         )
         if ctx.pooled:
-            mean, var, inv_entries, var_slope = _pool(batch_mean, batch_var, PastStatistics(*past))
+            mean, var, inv_entries, var_slope = pool_with_past(batch_mean, batch_var, PastStatistics(*past))
         else:
             mean, var = batch_mean, batch_var
             inv_entries, var_slope = batch_mean.new_ones(()), torch.zeros_like(batch_mean)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
 from ..functional.normalization import cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     StatisticGradients,
@@ -58,6 +60,8 @@ class _CrossIterationBatchNorm(_NormBase):
         dtype=None,
         *,
         bias: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        check_shared_use: bool = True,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
@@ -67,6 +71,9 @@ class _CrossIterationBatchNorm(_NormBase):
         self.window = window
         self.burnin = burnin
         self.compensate = compensate
+        self.process_group = process_group
+        self.check_shared_use = check_shared_use
+        self._iteration_shape: torch.Size | None = None
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         factory = {"device": device, "dtype": stats_dtype}
         self.register_buffer("window_stats", torch.zeros(window - 1, 5, num_features, **factory))
@@ -206,14 +213,29 @@ class _CrossIterationBatchNorm(_NormBase):
         producer = self._producer[0]
         return [p for p in (producer.weight, producer.bias) if p is not None and p.requires_grad]
 
-    def _advance_iteration(self) -> None:
+    def _advance_iteration(self, input: Tensor) -> None:
         """Count an iteration when the producer's weights changed since the last training forward.
 
-        A frozen or unknown producer counts every training forward as an iteration.
+        A frozen or unknown producer counts every training forward as an iteration. Within one
+        iteration (gradient accumulation), an input of another spatial size is refused: it is the
+        sign of one norm applied to several inputs, e.g. the levels of a feature pyramid, whose
+        statistics would be mixed in one window (see ``check_shared_use``).
         """
         weights = self._trainable_producer_weights()
         versions = tuple(w._version for w in weights) if weights else None
-        if versions is None or versions != self._weight_versions:
+        new_iteration = versions is None or versions != self._weight_versions
+        shape = input.shape[2:]
+        if not new_iteration and self.check_shared_use and self._iteration_shape not in (None, shape):
+            raise ValueError(
+                f"{self._layer_name} got inputs of spatial sizes {tuple(self._iteration_shape)} and "
+                f"{tuple(shape)} in one iteration (unchanged producer weights). One Cross-Iteration "
+                "BatchNorm applied to several inputs, e.g. the levels of a feature pyramid, would mix "
+                "their statistics in one window: give each input its own norm layer (the producer may "
+                "stay shared). For gradient accumulation over inputs of varying size, construct the "
+                "layer (or convert_model) with check_shared_use=False."
+            )
+        self._iteration_shape = shape
+        if new_iteration:
             self._iterations += 1
             self.num_iterations.fill_(self._iterations)
         self._weight_versions = versions
@@ -248,8 +270,12 @@ class _CrossIterationBatchNorm(_NormBase):
         valid = (self.window_stats[:, _SAMPLES, 0] > 0).to(mean.dtype)
         return pool_past(mean, var, valid)
 
-    def _entry_gradients(self, producer_input: Tensor | None, output: Tensor, batch_mean: Tensor):
-        """Statistic gradients and shifts of the current batch, or ``None`` where not needed."""
+    def _entry_gradients(self, producer_input: Tensor | None, output: Tensor, batch_mean: Tensor, samples):
+        """Statistic gradients and shifts of the current batch, or ``None`` where not needed.
+
+        With a process group, ``batch_mean`` is the global mean and ``samples`` the global count
+        (a tensor): each rank's gradients, centred on the global mean, are pooled over the ranks.
+        """
         wanted = (
             producer_input is not None
             and bool(self._trainable_producer_weights())
@@ -263,17 +289,20 @@ class _CrossIterationBatchNorm(_NormBase):
         producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
         output = output.detach() if output.dtype == dtype else output.detach().to(dtype)
         gradients = producer_statistic_gradients(producer, producer_input, output, batch_mean)
+        if isinstance(samples, Tensor):
+            local_samples = output.numel() // self.num_features
+            gradients = all_reduce_statistic_gradients(gradients, local_samples, samples, self.process_group)
         return gradients, statistic_shifts(gradients, producer.weight, producer.bias)
 
     def _push(
-        self, batch_mean: Tensor, batch_var: Tensor, samples: int, producer_input: Tensor | None, output: Tensor
+        self, batch_mean: Tensor, batch_var: Tensor, samples, producer_input: Tensor | None, output: Tensor
     ) -> Tensor:
         """Store the current entry in the oldest slot; returns whether it is finite.
 
         A non-finite entry is stored as zeros with ``samples = 0``: an invalid slot.
         """
         slot = self._next_slot
-        computed = self._entry_gradients(producer_input, output, batch_mean) if self._compensating else None
+        computed = self._entry_gradients(producer_input, output, batch_mean, samples) if self._compensating else None
         zeros = batch_mean.new_zeros(self.num_features)
         mean_shift, var_shift = (computed[1][0][0], computed[1][1][0]) if computed else (zeros, zeros)
         entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, zeros.fill_(samples)))
@@ -304,6 +333,17 @@ class _CrossIterationBatchNorm(_NormBase):
             estimate = estimate.nan_to_num(0.0, 0.0, 0.0)
             running.lerp_(estimate if estimate.dtype == running.dtype else estimate.to(running.dtype), weight)
 
+    # ----------------------------------------------------------------------------- production
+    @property
+    def _cross_process(self) -> bool:
+        """Pool the batch over ``process_group``: set, initialized and with more than one rank."""
+        return (
+            self.process_group is not None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
     # ----------------------------------------------------------------------------- forward
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
@@ -327,37 +367,77 @@ class _CrossIterationBatchNorm(_NormBase):
                 0.0,
                 self.eps,
             )
+        if torch.is_autocast_enabled(input.device.type):
+            # Statistics, windows and Taylor terms stay in float32: autocast would run the
+            # matmuls of the statistic shifts in half precision.
+            with torch.autocast(input.device.type, enabled=False):
+                return self._training_forward(input)
         return self._training_forward(input)
 
     def _training_forward(self, input: Tensor) -> Tensor:
+        """The training forward in three stages: bookkeeping, normalization, recording.
+
+        The bookkeeping and recording stages read and write Python state (producer taps, host
+        counters, weight versions) and run eagerly under ``torch.compile``
+        (``torch.compiler.disable``); the normalization between them is compiled.
+
+        With a process group, every rank computes the same pooled statistics and statistic
+        gradients, so every rank stores the same entry and keeps the same window: ``P`` ranks of
+        ``B`` examples with window ``k`` estimate from ``P * B * k`` examples. With ``window=1``
+        this is ``nn.SyncBatchNorm``.
+        """
+        past, producer_input, pooled = self._prepare_step(input)
+        if self._cross_process:
+            output, stats, samples = cross_process_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
+            )
+        else:
+            output, stats = cross_iteration_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
+            )
+            samples = input.numel() // self.num_features
+        self._record_step(stats, samples, pooled, producer_input, input)
+        return output
+
+    @torch.compiler.disable
+    def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None, bool]:
+        """Producer pairing, iteration count and the past entries moved to the current weights."""
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
         producer_input = self._producer_input(input)
-        samples = input.numel() // self.num_features
-        self._advance_iteration()
+        self._advance_iteration(input)
         pooled = self.window > 1 and not self._in_burnin
-        if samples <= 1 and not (pooled and bool((self.window_stats[:, _SAMPLES, 0] > 0).any())):
+        samples = input.numel() // self.num_features
+        if (
+            samples <= 1
+            and not self._cross_process
+            and not (pooled and bool((self.window_stats[:, _SAMPLES, 0] > 0).any()))
+        ):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         with torch.no_grad():
             past = self._past_statistics()
-        output, stats = cross_iteration_batch_norm(
-            input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
-        )
-        with torch.no_grad():
-            pooled_samples = samples
-            if pooled:
-                pooled_samples = self.window_stats[:, _SAMPLES, 0].sum() + samples
-            if self.window > 1:
-                finite = self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
-            else:
-                # A non-finite mean makes the variance non-finite too.
-                finite = torch.isfinite(stats.batch_var).all()
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
-        return output
+        return past, producer_input, pooled
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _record_step(self, stats, samples: int | Tensor, pooled: bool, producer_input, input: Tensor) -> None:
+        """Push the current entry into the window and update the running statistics.
+
+        ``samples`` is an int, or a 0-dim tensor when pooled over processes (no host sync).
+        """
+        pooled_samples = samples
+        if pooled:
+            pooled_samples = self.window_stats[:, _SAMPLES, 0].sum() + samples
+        if self.window > 1:
+            finite = self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
+        else:
+            # A non-finite mean makes the variance non-finite too.
+            finite = torch.isfinite(stats.batch_var).all()
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
 
     @torch.no_grad()
     def window_statistics(self) -> dict[str, Tensor]:
@@ -421,6 +501,16 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             trainable producer, each training forward is one. Default: 0
         compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
             Default: ``True``
+        process_group: pool each batch's statistics (and their weight gradients) over the ranks
+            of this ``torch.distributed`` group before the window step (keyword only), so that
+            ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;
+            with ``window=1`` this is ``nn.SyncBatchNorm``. ``None``: each rank uses its own
+            batches, like ``nn.BatchNorm`` under DDP. Default: ``None``
+        check_shared_use: raise ``ValueError`` when one iteration's training forwards get inputs
+            of different spatial sizes, the sign of one norm applied to several inputs (e.g. the
+            levels of a feature pyramid), whose statistics would be mixed in one window
+            (keyword only). ``False`` for gradient accumulation over variable-size inputs.
+            Default: ``True``
 
     Shape:
         - Input: {shape}
@@ -438,6 +528,17 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         - Batch and spatial sizes may change between iterations; each entry keeps its own count.
         - Weights changed outside an optimizer (e.g. ``load_state_dict``) are handled by the same
           Taylor step, and start a new iteration. Loading a plain BatchNorm state empties the window.
+
+    Production training (see ``docs/multi-gpu.md``):
+        - DDP: :func:`cbn.convert_model` registers the window buffers and ``num_iterations`` as
+          buffers DDP ignores, so ``broadcast_buffers=True`` keeps each rank's window while the
+          running statistics are broadcast from rank 0 like BatchNorm's.
+        - AMP: under ``torch.autocast`` the statistics, window and Taylor terms are computed in
+          float32 (autocast is disabled inside the layer); the output has the input's dtype.
+        - ``torch.compile``: the bookkeeping (producer taps, counters, window push) runs eagerly
+          via ``torch.compiler.disable``; the normalization is compiled. Two graph breaks per layer.
+        - Several inputs per iteration: see ``check_shared_use``; gradient accumulation with
+          unchanged weights pools the micro-batches (one entry each) as one iteration.
 
     Example::
 
