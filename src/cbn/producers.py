@@ -30,12 +30,18 @@ class ProducerTap:
         self._output: weakref.ref | None = None
         self._input: Tensor | None = None
 
-    # Run eagerly under torch.compile: the tap keeps a weak reference to the very tensor object
-    # the norm will receive, which only exists outside a graph.
-    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return self._record_outside_graph(module, args, output)
+        return self._record(module, args, output)
+
+    def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._output = weakref.ref(output) if isinstance(output, Tensor) else None
         self._input = args[0] if self.keep_input and module.training else None
+
+    # Under torch.compile the tap runs eagerly: it keeps a weak reference to the very tensor object
+    # the norm will receive, which only exists outside a graph.
+    _record_outside_graph = torch.compiler.disable(_record)
 
     def produced(self, tensor: Tensor) -> bool:
         return self._output is not None and self._output() is tensor

@@ -386,7 +386,9 @@ class _CrossIterationBatchNorm(_NormBase):
         ``B`` examples with window ``k`` estimate from ``P * B * k`` examples. With ``window=1``
         this is ``nn.SyncBatchNorm``.
         """
-        past, producer_input, pooled = self._prepare_step(input)
+        compiling = torch.compiler.is_compiling()
+        prepare = self._prepare_step_outside_graph if compiling else self._prepare_step
+        past, producer_input, pooled = prepare(input)
         if self._cross_process:
             output, stats, samples = cross_process_batch_norm(
                 input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
@@ -396,10 +398,10 @@ class _CrossIterationBatchNorm(_NormBase):
                 input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
             )
             samples = input.numel() // self.num_features
-        self._record_step(stats, samples, pooled, producer_input, input)
+        record = self._record_step_outside_graph if compiling else self._record_step
+        record(stats, samples, pooled, producer_input, input)
         return output
 
-    @torch.compiler.disable
     def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None, bool]:
         """Producer pairing, iteration count and the past entries moved to the current weights."""
         if self._pairing == _UNRESOLVED:
@@ -420,7 +422,6 @@ class _CrossIterationBatchNorm(_NormBase):
             past = self._past_statistics()
         return past, producer_input, pooled
 
-    @torch.compiler.disable
     @torch.no_grad()
     def _record_step(self, stats, samples: int | Tensor, pooled: bool, producer_input, input: Tensor) -> None:
         """Push the current entry into the window and update the running statistics.
@@ -438,6 +439,10 @@ class _CrossIterationBatchNorm(_NormBase):
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
+
+    # Outside a compiled graph only (the wrapper costs microseconds per call in eager mode).
+    _prepare_step_outside_graph = torch.compiler.disable(_prepare_step)
+    _record_step_outside_graph = torch.compiler.disable(_record_step)
 
     @torch.no_grad()
     def window_statistics(self) -> dict[str, Tensor]:
