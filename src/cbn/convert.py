@@ -12,6 +12,7 @@ from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
     CrossIterationBatchNorm3d,
+    PreparePastStatistics,
     _CrossIterationBatchNorm,
 )
 from .distributed import ignore_windows_in_ddp
@@ -115,9 +116,15 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     model = replace_batchnorm(model, make_layer)
     registry = ProducerRegistry.install(model)
+    layers = []
     for name, module in model.named_modules():
         if isinstance(module, _CrossIterationBatchNorm):
             module.attach(registry, name or type(module).__name__)
+            layers.append(module)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, PreparePastStatistics):
+            del model._forward_pre_hooks[key]
+    model.register_forward_pre_hook(PreparePastStatistics(layers))
     # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
     ignore_windows_in_ddp(model)
     return model
@@ -139,4 +146,7 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     model = replace_batchnorm(model, make_batchnorm, (_CrossIterationBatchNorm,))
     remove_hooks(model)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, PreparePastStatistics):
+            del model._forward_pre_hooks[key]
     return model

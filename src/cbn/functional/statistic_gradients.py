@@ -155,11 +155,12 @@ def statistic_shifts(
 
     Returns:
         Two ``(k, C)`` tensors. The Taylor step from weights ``W_old`` to ``W_new`` is
-        ``shift(W_new) - shift(W_old)``, which is why no weight snapshot is kept.
+        ``shift(W_new) - shift(W_old)``, which is why no weight snapshot is kept. Call it under
+        ``torch.no_grad()``: the terms are constants of the step.
     """
     channels = weight.shape[0]
     groups = gradients.mean.shape[0]
-    rows = weight.detach().reshape(channels, -1)
+    rows = weight.reshape(channels, -1)
     if rows.dtype != gradients.var.dtype:
         rows = rows.to(gradients.var.dtype)
     # Element-wise products and sums: batched small matmuls are several times slower on CPU.
@@ -170,5 +171,5 @@ def statistic_shifts(
         mean_shift = (gradients.mean.unsqueeze(2) * grouped_rows).sum(-1).transpose(0, 1).flatten(1)
     var_shift = (gradients.var * rows.unsqueeze(1)).sum(-1).t()
     if bias is not None:
-        mean_shift = mean_shift + bias.detach()
+        mean_shift = mean_shift + bias
     return mean_shift, var_shift

@@ -18,7 +18,7 @@ from ..functional.statistic_gradients import (
     producer_statistic_gradients,
     statistic_shifts,
 )
-from ..functional.window import PastStatistics, move_to_current_weights, pool_past
+from ..functional.window import PastStatistics, move_to_current_weights, pool_window
 from ..producers import ProducerRegistry, ProducerTap
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
@@ -90,6 +90,7 @@ class _CrossIterationBatchNorm(_NormBase):
         self._pairing = _UNRESOLVED
         self._layer_name = type(self).__name__
         self._warned_mismatch = False
+        self._prepared_past: PastStatistics | None = None
 
     # ----------------------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
@@ -249,26 +250,37 @@ class _CrossIterationBatchNorm(_NormBase):
         return self.window_var_grad.numel() > 0
 
     # ----------------------------------------------------------------------------- maths
+    def _current_shifts(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """First-order terms of the stored gradients at the current weights, ``(k-1, C)`` each."""
+        if not self._compensating or self._producer is None:
+            return None, None
+        producer = self._producer[0]
+        gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
+        return statistic_shifts(gradients, producer.weight, producer.bias)
+
     def _moved_window(self) -> tuple[Tensor, Tensor]:
         """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""
         stats = self.window_stats
-        if not self._compensating or self._producer is None:
+        mean_now, var_now = self._current_shifts()
+        if mean_now is None:
             return stats[:, _MEAN], stats[:, _VAR]
-        producer = self._producer[0]
-        gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
-        mean_now, var_now = statistic_shifts(gradients, producer.weight, producer.bias)
         return move_to_current_weights(
             stats[:, _MEAN], stats[:, _VAR], stats[:, _MEAN_SHIFT], stats[:, _VAR_SHIFT], mean_now, var_now
         )
 
     def _past_statistics(self) -> PastStatistics | None:
         """Summary of the valid past entries, or ``None`` when this step is plain BatchNorm."""
+        prepared, self._prepared_past = self._prepared_past, None
         if self.window == 1 or self._in_burnin:
             return None
-        mean, var = self._moved_window()
-        # Empty and invalid slots hold zeros (finite), so a 0/1 mask product excludes them.
-        valid = (self.window_stats[:, _SAMPLES, 0] > 0).to(mean.dtype)
-        return pool_past(mean, var, valid)
+        if prepared is not None:
+            return prepared
+        return pool_window(self.window_stats, *self._current_shifts())
+
+    @property
+    def _will_pool(self) -> bool:
+        """Whether the next training forward pools past entries (burn-in will be over)."""
+        return self.training and self.window > 1 and self._iterations >= self.burnin
 
     def _entry_gradients(self, producer_input: Tensor | None, output: Tensor, batch_mean: Tensor, samples):
         """Statistic gradients and shifts of the current batch, or ``None`` where not needed.
@@ -287,7 +299,7 @@ class _CrossIterationBatchNorm(_NormBase):
         dtype = self.window_stats.dtype
         producer = self._producer[0]
         producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
-        output = output.detach() if output.dtype == dtype else output.detach().to(dtype)
+        output = output if output.dtype == dtype else output.to(dtype)  # under no_grad
         gradients = producer_statistic_gradients(producer, producer_input, output, batch_mean)
         if isinstance(samples, Tensor):
             local_samples = output.numel() // self.num_features
@@ -461,6 +473,51 @@ class _CrossIterationBatchNorm(_NormBase):
             mean_compensated=moved_mean[order],
             var_compensated=moved_var[order],
         )
+
+
+@torch.no_grad()
+def prepare_past_statistics(layers: list[_CrossIterationBatchNorm]) -> None:
+    """Summarize the windows of many layers at once, before a training forward.
+
+    The past entries are constants of the step, known as soon as the optimizer has moved the
+    weights. Concatenating the windows of all layers along channels turns the per-layer chain of
+    small operations (Taylor step, clamp, masking, pooling) into one chain for the whole model;
+    only the products with each producer's weights remain per layer. Each layer takes its
+    summary at its forward; a layer called again in the same forward computes its own.
+    """
+    groups: dict[tuple, list[_CrossIterationBatchNorm]] = {}
+    for layer in layers:
+        layer._prepared_past = None
+        if layer._will_pool:
+            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
+            groups.setdefault(key, []).append(layer)
+    for (_, _, _, compensating), members in groups.items():
+        if len(members) == 1:
+            continue  # nothing to batch: the layer computes its own summary
+        stats = torch.cat([layer.window_stats for layer in members], dim=2)
+        shifts = [layer._current_shifts() for layer in members] if compensating else []
+        if compensating and all(mean is not None for mean, _ in shifts):
+            mean_now = torch.cat([mean for mean, _ in shifts], dim=1)
+            var_now = torch.cat([var for _, var in shifts], dim=1)
+            past = pool_window(stats, mean_now, var_now)
+        elif compensating:
+            continue  # an unpaired layer among them: each computes its own
+        else:
+            past = pool_window(stats, None, None)
+        sizes = [layer.num_features for layer in members]
+        for layer, *summary in zip(members, *(part.split(sizes) for part in past)):
+            layer._prepared_past = PastStatistics(*summary)
+
+
+class PreparePastStatistics:
+    """Forward pre-hook on a converted model: :func:`prepare_past_statistics` for its layers."""
+
+    def __init__(self, layers: list[_CrossIterationBatchNorm]) -> None:
+        self.layers = layers
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not torch.compiler.is_compiling():  # compiled layers summarize their own window
+            prepare_past_statistics(self.layers)
 
 
 _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao et al., CVPR 2021).
