@@ -74,6 +74,12 @@ def _norm_factory_kwargs(norm: _NormBase) -> dict:
     return kwargs
 
 
+def _remove_window_preparation(model: nn.Module) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, PreparePastStatistics):
+            del model._forward_pre_hooks[key]
+
+
 def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` by CBN layers.
 
@@ -82,7 +88,10 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     working. Each layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``
     or ``nn.Linear`` whose output it receives (see :mod:`cbn.producers`); layers whose input is
     not directly such an output average uncompensated statistics, and one warning names them.
-    CBN layers already in the model are kept and paired the same way.
+    CBN layers already in the model are kept and paired the same way. A forward pre-hook on
+    ``model`` summarizes all windows at once before each training forward
+    (:func:`cbn.layers.cross_iteration_batchnorm.prepare_past_statistics`), which saves most of
+    the small per-layer operations; layers called outside ``model.forward`` summarize their own.
 
     Args:
         model: any ``nn.Module``.
@@ -121,9 +130,7 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
         if isinstance(module, _CrossIterationBatchNorm):
             module.attach(registry, name or type(module).__name__)
             layers.append(module)
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, PreparePastStatistics):
-            del model._forward_pre_hooks[key]
+    _remove_window_preparation(model)
     model.register_forward_pre_hook(PreparePastStatistics(layers))
     # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
     ignore_windows_in_ddp(model)
@@ -146,7 +153,5 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     model = replace_batchnorm(model, make_batchnorm, (_CrossIterationBatchNorm,))
     remove_hooks(model)
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, PreparePastStatistics):
-            del model._forward_pre_hooks[key]
+    _remove_window_preparation(model)
     return model
