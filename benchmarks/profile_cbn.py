@@ -57,6 +57,9 @@ def wrap_phases() -> Callable[[], None]:
     from cbn.layers import cross_iteration_batchnorm as layer_module
 
     targets = [
+        (layer_module, "prepare_past_statistics"),  # model pre-hook: outside the norm forwards
+        (layer_module._CrossIterationBatchNorm, "_prepare_step"),
+        (layer_module._CrossIterationBatchNorm, "_record_step"),
         (layer_module._CrossIterationBatchNorm, "_producer_input"),
         (layer_module._CrossIterationBatchNorm, "_advance_iteration"),
         (layer_module._CrossIterationBatchNorm, "_past_statistics"),
@@ -68,8 +71,8 @@ def wrap_phases() -> Callable[[], None]:
     ]
     originals = []
     for owner, attr in targets:
-        inner = getattr(owner, attr)
-        if getattr(inner, "_phase_wrapped", False):
+        inner = getattr(owner, attr, None)
+        if inner is None or getattr(inner, "_phase_wrapped", False):
             continue
         originals.append((owner, attr, inner))
 
