@@ -311,7 +311,9 @@ class _CrossIterationBatchNorm(_NormBase):
     ) -> Tensor:
         """Store the current entry in the oldest slot; returns whether it is finite.
 
-        A non-finite entry is stored as zeros with ``samples = 0``: an invalid slot.
+        A non-finite entry is stored as zeros with ``samples = 0``: an invalid slot, which the
+        pooling masks out. Its gradients are written with non-finite values zeroed, so no buffer
+        ever holds a NaN or an infinity.
         """
         slot = self._next_slot
         computed = self._entry_gradients(producer_input, output, batch_mean, samples) if self._compensating else None
@@ -319,15 +321,15 @@ class _CrossIterationBatchNorm(_NormBase):
         mean_shift, var_shift = (computed[1][0][0], computed[1][1][0]) if computed else (zeros, zeros)
         entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, zeros.fill_(samples)))
         finite = torch.isfinite(entry).all()
-        self.window_stats[slot] = torch.where(finite, entry, 0.0)
+        torch.where(finite, entry, zeros.new_zeros(()), out=self.window_stats[slot])
         if self._compensating:
             if computed is None:
                 self.window_mean_grad[:, slot] = 0.0
                 self.window_var_grad[:, slot] = 0.0
             else:
                 gradients = computed[0]
-                self.window_mean_grad[:, slot] = torch.where(finite, gradients.mean[:, 0], 0.0)
-                self.window_var_grad[:, slot] = torch.where(finite, gradients.var[:, 0], 0.0)
+                torch.nan_to_num(gradients.mean[:, 0], 0.0, 0.0, 0.0, out=self.window_mean_grad[:, slot])
+                torch.nan_to_num(gradients.var[:, 0], 0.0, 0.0, 0.0, out=self.window_var_grad[:, slot])
         self._next_slot = (slot + 1) % (self.window - 1)
         self.window_next.fill_(self._next_slot)
         return finite
