@@ -87,3 +87,29 @@ def test_deepcopy_of_converted_model_pairs_with_its_own_convs():
     clone = copy.deepcopy(model)
     clone(torch.randn(2, 1, 5, 5))
     assert clone[1].producer is clone[0]
+
+
+def test_batched_window_summary_equals_per_layer_summary():
+    # convert_model summarizes all windows at once before the forward (a pre-hook); without the
+    # hook each layer summarizes its own window: both must give the same training run.
+    torch.manual_seed(5)
+    batched = cbn.convert_model(resnet20(), window=3)
+    per_layer = copy.deepcopy(batched)
+    per_layer._forward_pre_hooks.clear()
+    for model in (batched, per_layer):
+        torch.manual_seed(6)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        outputs = []
+        for _ in range(5):
+            out = model(torch.randn(2, 1, 28, 28))
+            out.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(out.detach())
+        model.outputs = outputs
+    norms = [m for m in batched.modules() if isinstance(m, cbn.CrossIterationBatchNorm2d)]
+    for hook in batched._forward_pre_hooks.values():
+        hook(batched, ())
+    assert all(norm._prepared_past is not None for norm in norms)  # the batched path was taken
+    for a, b in zip(batched.outputs, per_layer.outputs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

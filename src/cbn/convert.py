@@ -12,8 +12,10 @@ from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
     CrossIterationBatchNorm3d,
+    PreparePastStatistics,
     _CrossIterationBatchNorm,
 )
+from .distributed import ignore_windows_in_ddp
 from .producers import ProducerRegistry, remove_hooks
 
 _CBN_FOR = {
@@ -72,6 +74,12 @@ def _norm_factory_kwargs(norm: _NormBase) -> dict:
     return kwargs
 
 
+def _remove_window_preparation(model: nn.Module) -> None:
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, PreparePastStatistics):
+            del model._forward_pre_hooks[key]
+
+
 def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` by CBN layers.
 
@@ -80,12 +88,25 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     working. Each layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``
     or ``nn.Linear`` whose output it receives (see :mod:`cbn.producers`); layers whose input is
     not directly such an output average uncompensated statistics, and one warning names them.
-    CBN layers already in the model are kept and paired the same way.
+    CBN layers already in the model are kept and paired the same way. A forward pre-hook on
+    ``model`` summarizes all windows at once before each training forward
+    (:func:`cbn.layers.cross_iteration_batchnorm.prepare_past_statistics`), which saves most of
+    the small per-layer operations; layers called outside ``model.forward`` summarize their own.
 
     Args:
         model: any ``nn.Module``.
-        **layer_kwargs: ``window``, ``burnin``, ``compensate`` (and any other argument of
-            :class:`CrossIterationBatchNorm2d` to override the copied ones).
+        **layer_kwargs: ``window``, ``burnin``, ``compensate``, ``process_group``,
+            ``check_shared_use`` (and any other argument of :class:`CrossIterationBatchNorm2d` to
+            override the copied ones). ``process_group`` (e.g. ``torch.distributed.group.WORLD``,
+            after ``init_process_group``) pools each batch over its ranks before the window step;
+            without it each rank normalizes with its own batches, like ``nn.BatchNorm`` under DDP.
+
+    Distributed training: the window buffers and iteration counters of every CBN layer are
+    registered as buffers ``DistributedDataParallel`` ignores (see
+    :func:`cbn.distributed.ignore_windows_in_ddp`), so that ``broadcast_buffers=True`` does not
+    overwrite each rank's window with rank 0's; running statistics are still broadcast from rank 0
+    like BatchNorm's, and all parameters are synchronized. Wrap ``model`` itself in DDP, or call
+    ``ignore_windows_in_ddp`` on the module you wrap.
 
     Returns:
         ``model`` with its norms replaced (a new module if ``model`` itself is a BatchNorm).
@@ -104,9 +125,15 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     model = replace_batchnorm(model, make_layer)
     registry = ProducerRegistry.install(model)
+    layers = []
     for name, module in model.named_modules():
         if isinstance(module, _CrossIterationBatchNorm):
             module.attach(registry, name or type(module).__name__)
+            layers.append(module)
+    _remove_window_preparation(model)
+    model.register_forward_pre_hook(PreparePastStatistics(layers))
+    # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
+    ignore_windows_in_ddp(model)
     return model
 
 
@@ -126,4 +153,5 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     model = replace_batchnorm(model, make_batchnorm, (_CrossIterationBatchNorm,))
     remove_hooks(model)
+    _remove_window_preparation(model)
     return model

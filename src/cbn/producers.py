@@ -15,6 +15,7 @@ from __future__ import annotations
 import warnings
 import weakref
 
+import torch
 from torch import Tensor, nn
 
 from .functional.statistic_gradients import PRODUCER_TYPES
@@ -30,8 +31,17 @@ class ProducerTap:
         self._input: Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            return self._record_outside_graph(module, args, output)
+        return self._record(module, args, output)
+
+    def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         self._output = weakref.ref(output) if isinstance(output, Tensor) else None
         self._input = args[0] if self.keep_input and module.training else None
+
+    # Under torch.compile the tap runs eagerly: it keeps a weak reference to the very tensor object
+    # the norm will receive, which only exists outside a graph.
+    _record_outside_graph = torch.compiler.disable(_record)
 
     def produced(self, tensor: Tensor) -> bool:
         return self._output is not None and self._output() is tensor

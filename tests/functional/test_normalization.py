@@ -7,7 +7,7 @@ from cbn.functional import PastStatistics, cross_iteration_batch_norm, move_to_c
 def _past(channels):
     mean = torch.randn(3, channels, dtype=torch.float64)
     var = torch.rand(3, channels, dtype=torch.float64) + 0.1
-    return pool_past(mean, var, torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)), mean[:2], var[:2]
+    return pool_past(mean, var, torch.tensor([[1.0], [1.0], [0.0]], dtype=torch.float64)), mean[:2], var[:2]
 
 
 def test_gradcheck_training_forward():
@@ -20,7 +20,8 @@ def test_gradcheck_training_forward():
         return cross_iteration_batch_norm(x, past, weight, bias, 1e-5, torch.float64)[0]
 
     assert torch.autograd.gradcheck(forward, (x, weight, bias))
-    assert torch.autograd.gradgradcheck(forward, (x, weight, bias))
+    assert torch.autograd.gradcheck(forward, (x, weight.detach(), None))
+    assert torch.autograd.gradcheck(forward, (x, None, bias))
 
 
 def test_pooled_statistics_equal_raw_moment_definition():

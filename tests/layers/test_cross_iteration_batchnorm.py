@@ -176,11 +176,11 @@ def test_constructor_mirrors_batchnorm_and_repr():
                                           window=2, burnin=3, compensate=False, dtype=torch.float64)
     assert layer.weight is None and layer.running_mean is None
     assert "window=2, burnin=3, compensate=False" in repr(layer)
-    assert layer.window_mean.dtype == torch.float64
+    assert layer.window_stats.dtype == torch.float64
     with pytest.raises(ValueError, match="window"):
         cbn.CrossIterationBatchNorm2d(3, window=0)
     layer = cbn.CrossIterationBatchNorm2d(3).half()
-    assert layer.window_mean.dtype == torch.float32 and layer.weight.dtype == torch.float16
+    assert layer.window_stats.dtype == torch.float32 and layer.weight.dtype == torch.float16
 
 
 def _paired_conv_model(**kwargs):
@@ -227,7 +227,7 @@ def test_one_value_per_channel_needs_past_entries_then_trains_at_batch_one():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model(torch.randn(1, 5))
-    assert not model[1].window_valid.any()
+    assert not model[1].window_stats[:, 4].any()  # no sample stored
     _train_steps(model, [torch.randn(2, 5)], optimizer)
     before = model[0].weight.detach().clone()
     outputs = _train_steps(model, [torch.randn(1, 5) for _ in range(4)], optimizer)
@@ -248,7 +248,7 @@ def test_non_finite_batch_never_enters_the_window_nor_running_stats():
     model(bad)
     assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
     slot = (norm._next_slot - 1) % 2
-    assert not norm.window_valid[slot]
+    assert not norm.window_stats[slot].any()  # stored as an empty slot, samples = 0
     for name, buffer in norm.state_dict().items():
         assert torch.isfinite(buffer.float()).all(), name
     out = model(torch.randn(2, 3, 5, 5))
@@ -263,7 +263,7 @@ def test_changing_batch_and_spatial_size_and_train_eval_switching():
         model.eval()
         assert torch.isfinite(model(torch.randn(shape))).all()
         model.train()
-    assert sorted(model[1].window_samples.tolist()) == [1 * 5 * 5, 2 * 11 * 7]
+    assert sorted(model[1].window_stats[:, 4, 0].tolist()) == [1 * 5 * 5, 2 * 11 * 7]
 
 
 def test_weights_loaded_from_outside_the_optimizer_start_a_new_iteration():

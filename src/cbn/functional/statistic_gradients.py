@@ -30,10 +30,16 @@ from torch import Tensor, nn
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 PRODUCER_TYPES = (*_CONVOLUTIONS, nn.Linear)
+# From this batch size on, a separate batch-summed convolution for the mean patch is cheaper than
+# an extra output channel in the variance's weight-gradient convolution (measured on CPU).
+_SPLIT_BATCH = 8
 
 
 class StatisticGradients(NamedTuple):
-    """``mean``: ``(groups, fan_in)``, one mean patch per group. ``var``: ``(C, fan_in)``."""
+    """Gradients of ``k`` entries, in the window's layout.
+
+    ``mean``: ``(groups, k, fan_in)``, one mean patch per group. ``var``: ``(C, k, fan_in)``.
+    """
 
     mean: Tensor
     var: Tensor
@@ -95,8 +101,8 @@ def producer_statistic_gradients(
         mean: per-channel mean of ``output``, shape ``(C,)``.
 
     Returns:
-        :class:`StatisticGradients` with ``mean`` of shape ``(groups, fan_in)`` and ``var`` of shape
-        ``(C, fan_in)``, where ``fan_in = weight.numel() / C``.
+        :class:`StatisticGradients` of one entry: ``mean`` of shape ``(groups, 1, fan_in)`` and
+        ``var`` of shape ``(C, 1, fan_in)``, where ``fan_in = weight.numel() / C``.
 
     Example::
 
@@ -105,46 +111,68 @@ def producer_statistic_gradients(
         >>> y = conv(x).detach()
         >>> grads = producer_statistic_gradients(conv, x, y, y.mean((0, 2, 3)))
         >>> grads.mean.shape, grads.var.shape
-        (torch.Size([1, 27]), torch.Size([8, 27]))
+        (torch.Size([1, 1, 27]), torch.Size([8, 1, 27]))
     """
     channels = output.shape[1]
     samples = output.numel() // channels
-    centred = output - mean.view(1, channels, *([1] * (output.dim() - 2)))
+    channel_mean = mean.view(1, channels, *([1] * (output.dim() - 2)))
     if isinstance(producer, nn.Linear):
+        centred = output - channel_mean
         mean_grad = producer_input.mean(0, keepdim=True)
         var_grad = centred.t().mm(producer_input).mul_(2.0 / samples)
-        return StatisticGradients(mean_grad, var_grad)
+        return StatisticGradients(mean_grad.unsqueeze(0), var_grad.unsqueeze(1))
 
     groups = producer.groups
     kernel_shape = list(producer.weight.shape[1:])
     padded, padding = _padded_input(producer, producer_input)
-    var_grad = _convolution_weight_gradient(
-        producer, centred.mul_(2.0 / samples), padded, [channels, *kernel_shape], padding, groups
-    )
+    if groups == 1 and output.shape[0] < _SPLIT_BATCH:
+        # One weight-gradient convolution gives both: an extra output channel whose gradient is the
+        # uniform 1/m yields the mean patch next to the C variance rows.
+        grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
+        torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
+        grad_output[:, channels:].fill_(1.0 / samples)
+        both = _convolution_weight_gradient(
+            producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
+        ).reshape(channels + 1, 1, -1)
+        return StatisticGradients(both[channels:], both[:channels])
+    centred = (output - channel_mean).mul_(2.0 / samples)
+    var_grad = _convolution_weight_gradient(producer, centred, padded, [channels, *kernel_shape], padding, groups)
     # Padding is applied per sample with the same index map, so it commutes with the batch sum.
     batch_sum = padded.sum(0, keepdim=True)
     uniform = output.new_full((1, groups, *output.shape[2:]), 1.0 / samples)
     mean_grad = _convolution_weight_gradient(
         producer, uniform, batch_sum, [groups, *kernel_shape], padding, groups
     )
-    return StatisticGradients(mean_grad.reshape(groups, -1), var_grad.reshape(channels, -1))
+    return StatisticGradients(mean_grad.reshape(groups, 1, -1), var_grad.reshape(channels, 1, -1))
 
 
 def statistic_shifts(
     gradients: StatisticGradients, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:
-    """First-order terms ``(d mu/dW . W + b, d var/dW . W)`` per channel, for one or many entries.
+    """First-order terms ``(d mu/dW . W + b, d var/dW . W)`` per channel, for ``k`` entries at once.
 
-    ``gradients`` may carry a leading window dimension ``k``: ``mean (k, groups, fan_in)`` and
-    ``var (k, C, fan_in)``; the shifts then have shape ``(k, C)``. The Taylor step from weights
-    ``W_old`` to ``W_new`` is ``shift(W_new) - shift(W_old)``, which is why no weight snapshot is kept.
+    Args:
+        gradients: ``mean`` of shape ``(groups, k, fan_in)`` and ``var`` of shape ``(C, k, fan_in)``
+            (the window's layout: one batched product per statistic).
+        weight, bias: the producer's parameters.
+
+    Returns:
+        Two ``(k, C)`` tensors. The Taylor step from weights ``W_old`` to ``W_new`` is
+        ``shift(W_new) - shift(W_old)``, which is why no weight snapshot is kept. Call it under
+        ``torch.no_grad()``: the terms are constants of the step.
     """
     channels = weight.shape[0]
-    groups = gradients.mean.shape[-2]
-    rows = weight.detach().reshape(channels, -1).to(gradients.var.dtype)
-    grouped_rows = rows.view(groups, channels // groups, -1)
-    mean_shift = torch.matmul(grouped_rows, gradients.mean.unsqueeze(-1)).flatten(-3)
-    var_shift = (gradients.var * rows).sum(-1)
+    groups = gradients.mean.shape[0]
+    rows = weight.reshape(channels, -1)
+    if rows.dtype != gradients.var.dtype:
+        rows = rows.to(gradients.var.dtype)
+    # Element-wise products and sums: batched small matmuls are several times slower on CPU.
+    if groups == 1:
+        mean_shift = torch.mm(gradients.mean[0], rows.t())
+    else:
+        grouped_rows = rows.view(groups, 1, channels // groups, -1)
+        mean_shift = (gradients.mean.unsqueeze(2) * grouped_rows).sum(-1).transpose(0, 1).flatten(1)
+    var_shift = (gradients.var * rows.unsqueeze(1)).sum(-1).t()
     if bias is not None:
-        mean_shift = mean_shift + bias.detach().to(mean_shift.dtype)
+        mean_shift = mean_shift + bias
     return mean_shift, var_shift

@@ -25,7 +25,7 @@ from torch import Tensor
 class PastStatistics(NamedTuple):
     """Constants that summarize the valid past entries of a window, per channel.
 
-    ``center`` and ``spread`` have shape ``(C,)``; ``count`` is a 0-dim tensor (entries pooled).
+    ``center``, ``spread`` and ``count`` (entries pooled) have shape ``(C,)``.
     """
 
     center: Tensor
@@ -41,7 +41,7 @@ def move_to_current_weights(
     mean_shift_now: Tensor,
     var_shift_now: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Taylor-moved ``(mu', var')`` of stored entries, all of shape ``(k, C)`` (shifts ``(C,)`` now).
+    """Taylor-moved ``(mu', var')`` of stored entries, all arguments of shape ``(k, C)``.
 
     The variance is clamped at zero per entry: a first-order step can overshoot below it.
     """
@@ -52,19 +52,32 @@ def move_to_current_weights(
 
 
 def pool_past(mean: Tensor, var: Tensor, valid: Tensor) -> PastStatistics:
-    """Summarize the entries whose ``valid`` flag (``(k,)`` of 0/1) is set.
+    """Summarize the entries whose ``valid`` flag (0/1, ``(k, C)`` or ``(k, 1)``) is set.
 
     Args:
         mean, var: ``(k, C)`` statistics of the past entries, already moved to the current weights.
-        valid: ``(k,)`` mask in the dtype of ``mean``; invalid rows may hold anything finite.
+        valid: mask in the dtype of ``mean``; invalid rows must hold finite values.
+
+    Returns:
+        :class:`PastStatistics` with per-channel ``center``, ``spread`` and ``count``.
     """
-    weights = valid.unsqueeze(1)
-    count = valid.sum()
-    center = (mean * weights).sum(0) / count.clamp_min(1)
-    spread = ((var + (mean - center).square()) * weights).sum(0)
-    return PastStatistics(center, spread, count)
+    count = valid.sum(0)
+    center = (valid * mean).sum(0) / count.clamp_min(1)
+    spread = (valid * (var + (mean - center).square())).sum(0)
+    return PastStatistics(center, spread, count.expand_as(center))
 
 
-def empty_past(channels: int, dtype: torch.dtype, device: torch.device) -> PastStatistics:
-    zeros = torch.zeros(channels, dtype=dtype, device=device)
-    return PastStatistics(zeros, zeros, torch.zeros((), dtype=dtype, device=device))
+def pool_window(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Tensor | None) -> PastStatistics:
+    """Move a window to the current weights (if shifts are given) and summarize it.
+
+    Args:
+        stats: ``(k, 5, C)`` window with rows ``mean, var, mean_shift, var_shift, samples``;
+            ``samples = 0`` marks an empty or invalid slot (whose other rows are zero). The
+            windows of several layers concatenated along ``C`` are summarized in one call.
+        mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at the current weights, or
+            ``None`` for uncompensated (naive) averaging.
+    """
+    mean, var, mean_shift, var_shift, samples = stats.unbind(1)
+    if mean_shift_now is not None:
+        mean, var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
+    return pool_past(mean, var, (samples > 0).to(mean.dtype))

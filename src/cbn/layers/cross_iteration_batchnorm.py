@@ -5,10 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
+from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
 from ..functional.normalization import cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     StatisticGradients,
@@ -16,19 +18,33 @@ from ..functional.statistic_gradients import (
     producer_statistic_gradients,
     statistic_shifts,
 )
-from ..functional.window import PastStatistics, empty_past, move_to_current_weights, pool_past
+from ..functional.window import PastStatistics, move_to_current_weights, pool_window
 from ..producers import ProducerRegistry, ProducerTap
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
+# Rows of ``window_stats``.
+_MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class _CrossIterationBatchNorm(_NormBase):
-    r"""Base of the Cross-Iteration BatchNorm layers; see :class:`CrossIterationBatchNorm2d`."""
+    r"""Base of the Cross-Iteration BatchNorm layers; see :class:`CrossIterationBatchNorm2d`.
+
+    The window is a ring of ``window - 1`` slots in three buffers, written in place:
+
+    - ``window_stats`` ``(window - 1, 5, C)``: per slot the rows ``mean``, ``var``, ``mean_shift``,
+      ``var_shift`` (the first-order terms at the weights of the time, see
+      :func:`cbn.functional.statistic_shifts`) and ``samples`` (values per channel; 0 marks an
+      empty slot or one whose batch was not finite);
+    - ``window_mean_grad`` ``(groups, window - 1, fan_in)`` and ``window_var_grad``
+      ``(C, window - 1, fan_in)``: the statistic gradients, allocated once the producer is known
+      (for a convolution, ``window_var_grad`` holds ``window - 1`` weight-sized tensors, the only
+      large state).
+    """
 
     _version = 2
-    _window_buffers = ("window_mean", "window_var", "window_mean_shift", "window_var_shift")
-    _lazy_buffers = ("window_mean_grad", "window_var_grad")
+    _float_window_buffers = ("window_stats", "window_mean_grad", "window_var_grad")
+    _window_buffers = (*_float_window_buffers, "window_next", "num_iterations")
 
     def __init__(
         self,
@@ -44,6 +60,8 @@ class _CrossIterationBatchNorm(_NormBase):
         dtype=None,
         *,
         bias: bool = True,
+        process_group: dist.ProcessGroup | None = None,
+        check_shared_use: bool = True,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
@@ -53,15 +71,14 @@ class _CrossIterationBatchNorm(_NormBase):
         self.window = window
         self.burnin = burnin
         self.compensate = compensate
+        self.process_group = process_group
+        self.check_shared_use = check_shared_use
+        self._iteration_shape: torch.Size | None = None
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
-        past = window - 1
         factory = {"device": device, "dtype": stats_dtype}
-        for name in self._window_buffers:
-            self.register_buffer(name, torch.zeros(past, num_features, **factory))
-        self.register_buffer("window_samples", torch.zeros(past, **factory))
-        self.register_buffer("window_valid", torch.zeros(past, dtype=torch.bool, device=device))
-        for name in self._lazy_buffers:
-            self.register_buffer(name, torch.zeros(0, **factory))
+        self.register_buffer("window_stats", torch.zeros(window - 1, 5, num_features, **factory))
+        self.register_buffer("window_mean_grad", torch.zeros(0, **factory))
+        self.register_buffer("window_var_grad", torch.zeros(0, **factory))
         self.register_buffer("window_next", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long, device=device))
         # Host-side copies of the two counters, so that the step never waits on the device.
@@ -73,6 +90,7 @@ class _CrossIterationBatchNorm(_NormBase):
         self._pairing = _UNRESOLVED
         self._layer_name = type(self).__name__
         self._warned_mismatch = False
+        self._prepared_past: PastStatistics | None = None
 
     # ----------------------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
@@ -81,9 +99,11 @@ class _CrossIterationBatchNorm(_NormBase):
 
     def reset_window(self) -> None:
         """Empty the window of past statistics and restart the iteration count (and burn-in)."""
-        if not hasattr(self, "window_valid"):
+        if not hasattr(self, "window_stats"):
             return  # called from _NormBase.__init__, before the window exists
-        self.window_valid.zero_()
+        self.window_stats.zero_()
+        self.window_mean_grad.zero_()
+        self.window_var_grad.zero_()
         self.window_next.zero_()
         self.num_iterations.zero_()
         self._next_slot = 0
@@ -93,7 +113,7 @@ class _CrossIterationBatchNorm(_NormBase):
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         # Statistics stay in float32 or wider when the layer is cast to half precision.
-        for name in (*self._window_buffers, "window_samples", *self._lazy_buffers):
+        for name in self._float_window_buffers:
             buffer = getattr(self, name)
             if buffer.dtype in _LOW_PRECISION:
                 setattr(self, name, buffer.float())
@@ -102,13 +122,12 @@ class _CrossIterationBatchNorm(_NormBase):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        window_keys = [*self._window_buffers, "window_samples", "window_valid", "window_next", "num_iterations"]
-        if all(prefix + key not in state_dict for key in (*window_keys, *self._lazy_buffers)):
+        if all(prefix + key not in state_dict for key in self._window_buffers):
             # A plain BatchNorm state: its weights make any stored window stale, start empty.
             self.reset_window()
-            for key in (*window_keys, *self._lazy_buffers):
+            for key in self._window_buffers:
                 state_dict[prefix + key] = getattr(self, key)
-        for key in self._lazy_buffers:
+        for key in ("window_mean_grad", "window_var_grad"):
             incoming = state_dict.get(prefix + key)
             if incoming is not None and incoming.shape != getattr(self, key).shape:
                 setattr(self, key, torch.zeros_like(incoming, dtype=getattr(self, key).dtype))
@@ -167,15 +186,14 @@ class _CrossIterationBatchNorm(_NormBase):
         past = self.window - 1
         fan_in = producer.weight[0].numel()
         shapes = {
-            "window_mean_grad": (past, producer_groups(producer), fan_in),
-            "window_var_grad": (past, self.num_features, fan_in),
+            "window_mean_grad": (producer_groups(producer), past, fan_in),
+            "window_var_grad": (self.num_features, past, fan_in),
         }
         for name, shape in shapes.items():
             buffer = getattr(self, name)
             if buffer.shape != shape:
                 setattr(self, name, buffer.new_zeros(shape))
-                self.window_mean_shift.zero_()
-                self.window_var_shift.zero_()
+                self.window_stats[:, _MEAN_SHIFT:_SAMPLES].zero_()
 
     def _producer_input(self, input: Tensor) -> Tensor | None:
         if self._producer is None:
@@ -196,14 +214,29 @@ class _CrossIterationBatchNorm(_NormBase):
         producer = self._producer[0]
         return [p for p in (producer.weight, producer.bias) if p is not None and p.requires_grad]
 
-    def _advance_iteration(self) -> None:
+    def _advance_iteration(self, input: Tensor) -> None:
         """Count an iteration when the producer's weights changed since the last training forward.
 
-        A frozen or unknown producer counts every training forward as an iteration.
+        A frozen or unknown producer counts every training forward as an iteration. Within one
+        iteration (gradient accumulation), an input of another spatial size is refused: it is the
+        sign of one norm applied to several inputs, e.g. the levels of a feature pyramid, whose
+        statistics would be mixed in one window (see ``check_shared_use``).
         """
         weights = self._trainable_producer_weights()
         versions = tuple(w._version for w in weights) if weights else None
-        if versions is None or versions != self._weight_versions:
+        new_iteration = versions is None or versions != self._weight_versions
+        shape = input.shape[2:]
+        if not new_iteration and self.check_shared_use and self._iteration_shape not in (None, shape):
+            raise ValueError(
+                f"{self._layer_name} got inputs of spatial sizes {tuple(self._iteration_shape)} and "
+                f"{tuple(shape)} in one iteration (unchanged producer weights). One Cross-Iteration "
+                "BatchNorm applied to several inputs, e.g. the levels of a feature pyramid, would mix "
+                "their statistics in one window: give each input its own norm layer (the producer may "
+                "stay shared). For gradient accumulation over inputs of varying size, construct the "
+                "layer (or convert_model) with check_shared_use=False."
+            )
+        self._iteration_shape = shape
+        if new_iteration:
             self._iterations += 1
             self.num_iterations.fill_(self._iterations)
         self._weight_versions = versions
@@ -217,82 +250,113 @@ class _CrossIterationBatchNorm(_NormBase):
         return self.window_var_grad.numel() > 0
 
     # ----------------------------------------------------------------------------- maths
-    def _current_shifts(self) -> tuple[Tensor, Tensor]:
+    def _current_shifts(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """First-order terms of the stored gradients at the current weights, ``(k-1, C)`` each."""
+        if not self._compensating or self._producer is None:
+            return None, None
         producer = self._producer[0]
         gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
         return statistic_shifts(gradients, producer.weight, producer.bias)
 
     def _moved_window(self) -> tuple[Tensor, Tensor]:
         """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""
-        if not self._compensating or self._producer is None:
-            return self.window_mean, self.window_var
+        stats = self.window_stats
         mean_now, var_now = self._current_shifts()
+        if mean_now is None:
+            return stats[:, _MEAN], stats[:, _VAR]
         return move_to_current_weights(
-            self.window_mean, self.window_var, self.window_mean_shift, self.window_var_shift, mean_now, var_now
+            stats[:, _MEAN], stats[:, _VAR], stats[:, _MEAN_SHIFT], stats[:, _VAR_SHIFT], mean_now, var_now
         )
 
-    def _past_statistics(self, input: Tensor) -> PastStatistics:
-        dtype = self.window_mean.dtype
+    def _past_statistics(self) -> PastStatistics | None:
+        """Summary of the valid past entries, or ``None`` when this step is plain BatchNorm."""
+        prepared, self._prepared_past = self._prepared_past, None
         if self.window == 1 or self._in_burnin:
-            return empty_past(self.num_features, dtype, input.device)
-        mean, var = self._moved_window()
-        valid = self.window_valid.unsqueeze(1)
-        # where, not a product: a slot left invalid by a non-finite batch may hold NaN or inf.
-        mean = torch.where(valid, mean, 0.0)
-        var = torch.where(valid, var, 0.0)
-        return pool_past(mean, var, self.window_valid.to(dtype))
+            return None
+        if prepared is not None:
+            return prepared
+        return pool_window(self.window_stats, *self._current_shifts())
+
+    @property
+    def _will_pool(self) -> bool:
+        """Whether the next training forward pools past entries (burn-in will be over)."""
+        return self.training and self.window > 1 and self._iterations >= self.burnin
+
+    def _entry_gradients(self, producer_input: Tensor | None, output: Tensor, batch_mean: Tensor, samples):
+        """Statistic gradients and shifts of the current batch, or ``None`` where not needed.
+
+        With a process group, ``batch_mean`` is the global mean and ``samples`` the global count
+        (a tensor): each rank's gradients, centred on the global mean, are pooled over the ranks.
+        """
+        wanted = (
+            producer_input is not None
+            and bool(self._trainable_producer_weights())
+            and self._iterations > self.burnin - self.window + 1
+        )
+        if not wanted:
+            # Weights that do not move (or entries evicted before burn-in ends) need no Taylor step.
+            return None
+        dtype = self.window_stats.dtype
+        producer = self._producer[0]
+        producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
+        output = output if output.dtype == dtype else output.to(dtype)  # under no_grad
+        gradients = producer_statistic_gradients(producer, producer_input, output, batch_mean)
+        if isinstance(samples, Tensor):
+            local_samples = output.numel() // self.num_features
+            gradients = all_reduce_statistic_gradients(gradients, local_samples, samples, self.process_group)
+        return gradients, statistic_shifts(gradients, producer.weight, producer.bias)
 
     def _push(
-        self, batch_mean: Tensor, batch_var: Tensor, samples: int, producer_input: Tensor | None, output: Tensor
-    ) -> None:
-        """Store the current entry in the oldest slot, marked invalid if it is not finite."""
+        self, batch_mean: Tensor, batch_var: Tensor, samples, producer_input: Tensor | None, output: Tensor
+    ) -> Tensor:
+        """Store the current entry in the oldest slot; returns whether it is finite.
+
+        A non-finite entry is stored as zeros with ``samples = 0``: an invalid slot, which the
+        pooling masks out. Its gradients are written with non-finite values zeroed, so no buffer
+        ever holds a NaN or an infinity.
+        """
         slot = self._next_slot
-        finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
-        entry = {"window_mean": batch_mean, "window_var": batch_var}
+        computed = self._entry_gradients(producer_input, output, batch_mean, samples) if self._compensating else None
+        zeros = batch_mean.new_zeros(self.num_features)
+        mean_shift, var_shift = (computed[1][0][0], computed[1][1][0]) if computed else (zeros, zeros)
+        entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, zeros.fill_(samples)))
+        finite = torch.isfinite(entry).all()
+        torch.where(finite, entry, zeros.new_zeros(()), out=self.window_stats[slot])
         if self._compensating:
-            wants_gradients = (
-                producer_input is not None
-                and bool(self._trainable_producer_weights())
-                and self._iterations > self.burnin - self.window + 1
-            )
-            if wants_gradients:
-                dtype = self.window_mean.dtype
-                gradients = producer_statistic_gradients(
-                    self._producer[0], producer_input.detach().to(dtype), output.detach().to(dtype), batch_mean
-                )
-                mean_shift, var_shift = statistic_shifts(gradients, self._producer[0].weight, self._producer[0].bias)
-                finite &= torch.isfinite(mean_shift).all() & torch.isfinite(var_shift).all()
+            if computed is None:
+                self.window_mean_grad[:, slot] = 0.0
+                self.window_var_grad[:, slot] = 0.0
             else:
-                # Weights that do not move need no Taylor step: zero gradients, zero shifts.
-                mean_shift = var_shift = batch_mean.new_zeros(self.num_features)
-                gradients = StatisticGradients(mean_shift.new_zeros(()), var_shift.new_zeros(()))
-            entry.update(
-                window_mean_shift=mean_shift,
-                window_var_shift=var_shift,
-                window_mean_grad=gradients.mean,
-                window_var_grad=gradients.var,
-            )
-        for name, value in entry.items():
-            getattr(self, name)[slot].copy_(torch.where(finite, value, 0.0))
-        self.window_samples[slot].fill_(samples)
-        self.window_valid[slot].copy_(finite)
+                gradients = computed[0]
+                torch.nan_to_num(gradients.mean[:, 0], 0.0, 0.0, 0.0, out=self.window_mean_grad[:, slot])
+                torch.nan_to_num(gradients.var[:, 0], 0.0, 0.0, 0.0, out=self.window_var_grad[:, slot])
         self._next_slot = (slot + 1) % (self.window - 1)
         self.window_next.fill_(self._next_slot)
+        return finite
 
-    def _update_running_stats(self, mean: Tensor, var: Tensor, samples: int, pooled: bool) -> None:
+    def _update_running_stats(self, mean: Tensor, var: Tensor, pooled_samples, finite: Tensor) -> None:
+        """EMA of the pooled estimate, variance unbiased over all pooled samples; skipped if not finite."""
         if self.momentum is None:
             factor = 1.0 / float(self.num_batches_tracked)
         else:
             factor = self.momentum
-        pooled_samples = torch.as_tensor(float(samples), dtype=var.dtype, device=var.device)
-        if pooled:
-            pooled_samples = pooled_samples + (self.window_samples * self.window_valid).sum()
-        unbiased_var = var * pooled_samples / (pooled_samples - 1)
-        finite = torch.isfinite(mean).all() & torch.isfinite(unbiased_var).all()
-        new_mean = torch.lerp(self.running_mean, mean.to(self.running_mean.dtype), factor)
-        new_var = torch.lerp(self.running_var, unbiased_var.to(self.running_var.dtype), factor)
-        self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(finite, new_var, self.running_var))
+        # 0 for a non-finite batch, whose estimate is zeroed below
+        weight = finite.to(self.running_mean.dtype).mul_(factor)
+        unbiased_var = var * (pooled_samples / (pooled_samples - 1))
+        for running, estimate in ((self.running_mean, mean), (self.running_var, unbiased_var)):
+            estimate = estimate.nan_to_num(0.0, 0.0, 0.0)
+            running.lerp_(estimate if estimate.dtype == running.dtype else estimate.to(running.dtype), weight)
+
+    # ----------------------------------------------------------------------------- production
+    @property
+    def _cross_process(self) -> bool:
+        """Pool the batch over ``process_group``: set, initialized and with more than one rank."""
+        return (
+            self.process_group is not None
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
 
     # ----------------------------------------------------------------------------- forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -317,31 +381,82 @@ class _CrossIterationBatchNorm(_NormBase):
                 0.0,
                 self.eps,
             )
+        if torch.is_autocast_enabled(input.device.type):
+            # Statistics, windows and Taylor terms stay in float32: autocast would run the
+            # matmuls of the statistic shifts in half precision.
+            with torch.autocast(input.device.type, enabled=False):
+                return self._training_forward(input)
         return self._training_forward(input)
 
     def _training_forward(self, input: Tensor) -> Tensor:
+        """The training forward in three stages: bookkeeping, normalization, recording.
+
+        The bookkeeping and recording stages read and write Python state (producer taps, host
+        counters, weight versions) and run eagerly under ``torch.compile``
+        (``torch.compiler.disable``); the normalization between them is compiled.
+
+        With a process group, every rank computes the same pooled statistics and statistic
+        gradients, so every rank stores the same entry and keeps the same window: ``P`` ranks of
+        ``B`` examples with window ``k`` estimate from ``P * B * k`` examples. With ``window=1``
+        this is ``nn.SyncBatchNorm``.
+        """
+        compiling = torch.compiler.is_compiling()
+        prepare = self._prepare_step_outside_graph if compiling else self._prepare_step
+        past, producer_input, pooled = prepare(input)
+        if self._cross_process:
+            output, stats, samples = cross_process_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
+            )
+        else:
+            output, stats = cross_iteration_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
+            )
+            samples = input.numel() // self.num_features
+        record = self._record_step_outside_graph if compiling else self._record_step
+        record(stats, samples, pooled, producer_input, input)
+        return output
+
+    def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None, bool]:
+        """Producer pairing, iteration count and the past entries moved to the current weights."""
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
         producer_input = self._producer_input(input)
-        samples = input.numel() // self.num_features
-        self._advance_iteration()
+        self._advance_iteration(input)
         pooled = self.window > 1 and not self._in_burnin
-        if samples <= 1 and not (pooled and bool(self.window_valid.any())):
+        samples = input.numel() // self.num_features
+        if (
+            samples <= 1
+            and not self._cross_process
+            and not (pooled and bool((self.window_stats[:, _SAMPLES, 0] > 0).any()))
+        ):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
         with torch.no_grad():
-            past = self._past_statistics(input)
-        output, stats = cross_iteration_batch_norm(
-            input, past, self.weight, self.bias, self.eps, self.window_mean.dtype
-        )
-        with torch.no_grad():
-            if self.track_running_stats:
-                self.num_batches_tracked.add_(1)
-                self._update_running_stats(stats.mean, stats.var, samples, pooled)
-            if self.window > 1:
-                self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
-        return output
+            past = self._past_statistics()
+        return past, producer_input, pooled
+
+    @torch.no_grad()
+    def _record_step(self, stats, samples: int | Tensor, pooled: bool, producer_input, input: Tensor) -> None:
+        """Push the current entry into the window and update the running statistics.
+
+        ``samples`` is an int, or a 0-dim tensor when pooled over processes (no host sync).
+        """
+        pooled_samples = samples
+        if pooled:
+            pooled_samples = self.window_stats[:, _SAMPLES, 0].sum() + samples
+        if self.window > 1:
+            finite = self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
+        else:
+            # A non-finite mean makes the variance non-finite too.
+            finite = torch.isfinite(stats.batch_var).all()
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
+
+    # Outside a compiled graph only (the wrapper costs microseconds per call in eager mode).
+    _prepare_step_outside_graph = torch.compiler.disable(_prepare_step)
+    _record_step_outside_graph = torch.compiler.disable(_record_step)
 
     @torch.no_grad()
     def window_statistics(self) -> dict[str, Tensor]:
@@ -350,19 +465,61 @@ class _CrossIterationBatchNorm(_NormBase):
         Returns a dict of ``(n_past, C)`` tensors ``mean``, ``var``, ``mean_compensated``,
         ``var_compensated`` over the valid entries (the window is not modified).
         """
-        if self.window == 1:
-            empty = self.window_mean.new_zeros(0, self.num_features)
-            return dict(mean=empty, var=empty, mean_compensated=empty, var_compensated=empty)
         past = self.window - 1
-        order = [(self._next_slot - offset) % past for offset in range(1, past + 1)]
-        order = [slot for slot in order if bool(self.window_valid[slot])]
+        order = [(self._next_slot - offset) % past for offset in range(1, past + 1)] if past else []
+        order = [slot for slot in order if float(self.window_stats[slot, _SAMPLES, 0]) > 0]
         moved_mean, moved_var = self._moved_window()
         return dict(
-            mean=self.window_mean[order],
-            var=self.window_var[order],
+            mean=self.window_stats[order, _MEAN],
+            var=self.window_stats[order, _VAR],
             mean_compensated=moved_mean[order],
             var_compensated=moved_var[order],
         )
+
+
+@torch.no_grad()
+def prepare_past_statistics(layers: list[_CrossIterationBatchNorm]) -> None:
+    """Summarize the windows of many layers at once, before a training forward.
+
+    The past entries are constants of the step, known as soon as the optimizer has moved the
+    weights. Concatenating the windows of all layers along channels turns the per-layer chain of
+    small operations (Taylor step, clamp, masking, pooling) into one chain for the whole model;
+    only the products with each producer's weights remain per layer. Each layer takes its
+    summary at its forward; a layer called again in the same forward computes its own.
+    """
+    groups: dict[tuple, list[_CrossIterationBatchNorm]] = {}
+    for layer in layers:
+        layer._prepared_past = None
+        if layer._will_pool:
+            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
+            groups.setdefault(key, []).append(layer)
+    for (_, _, _, compensating), members in groups.items():
+        if len(members) == 1:
+            continue  # nothing to batch: the layer computes its own summary
+        stats = torch.cat([layer.window_stats for layer in members], dim=2)
+        shifts = [layer._current_shifts() for layer in members] if compensating else []
+        if compensating and all(mean is not None for mean, _ in shifts):
+            mean_now = torch.cat([mean for mean, _ in shifts], dim=1)
+            var_now = torch.cat([var for _, var in shifts], dim=1)
+            past = pool_window(stats, mean_now, var_now)
+        elif compensating:
+            continue  # an unpaired layer among them: each computes its own
+        else:
+            past = pool_window(stats, None, None)
+        sizes = [layer.num_features for layer in members]
+        for layer, *summary in zip(members, *(part.split(sizes) for part in past)):
+            layer._prepared_past = PastStatistics(*summary)
+
+
+class PreparePastStatistics:
+    """Forward pre-hook on a converted model: :func:`prepare_past_statistics` for its layers."""
+
+    def __init__(self, layers: list[_CrossIterationBatchNorm]) -> None:
+        self.layers = layers
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not torch.compiler.is_compiling():  # compiled layers summarize their own window
+            prepare_past_statistics(self.layers)
 
 
 _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao et al., CVPR 2021).
@@ -408,6 +565,16 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             trainable producer, each training forward is one. Default: 0
         compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
             Default: ``True``
+        process_group: pool each batch's statistics (and their weight gradients) over the ranks
+            of this ``torch.distributed`` group before the window step (keyword only), so that
+            ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;
+            with ``window=1`` this is ``nn.SyncBatchNorm``. ``None``: each rank uses its own
+            batches, like ``nn.BatchNorm`` under DDP. Default: ``None``
+        check_shared_use: raise ``ValueError`` when one iteration's training forwards get inputs
+            of different spatial sizes, the sign of one norm applied to several inputs (e.g. the
+            levels of a feature pyramid), whose statistics would be mixed in one window
+            (keyword only). ``False`` for gradient accumulation over variable-size inputs.
+            Default: ``True``
 
     Shape:
         - Input: {shape}
@@ -425,6 +592,17 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         - Batch and spatial sizes may change between iterations; each entry keeps its own count.
         - Weights changed outside an optimizer (e.g. ``load_state_dict``) are handled by the same
           Taylor step, and start a new iteration. Loading a plain BatchNorm state empties the window.
+
+    Production training (see ``docs/multi-gpu.md``):
+        - DDP: :func:`cbn.convert_model` registers the window buffers and ``num_iterations`` as
+          buffers DDP ignores, so ``broadcast_buffers=True`` keeps each rank's window while the
+          running statistics are broadcast from rank 0 like BatchNorm's.
+        - AMP: under ``torch.autocast`` the statistics, window and Taylor terms are computed in
+          float32 (autocast is disabled inside the layer); the output has the input's dtype.
+        - ``torch.compile``: the bookkeeping (producer taps, counters, window push) runs eagerly
+          via ``torch.compiler.disable``; the normalization is compiled. Two graph breaks per layer.
+        - Several inputs per iteration: see ``check_shared_use``; gradient accumulation with
+          unchanged weights pools the micro-batches (one entry each) as one iteration.
 
     Example::
 

@@ -1,0 +1,145 @@
+"""Multi-process training helpers: a local launcher, process-group setup, and DDP buffer rules.
+
+Under ``DistributedDataParallel`` each rank's Cross-Iteration BatchNorm window must hold that
+rank's own statistics (or, with ``process_group``, the statistics pooled over the ranks, which
+are the same everywhere). DDP's default ``broadcast_buffers=True`` would copy rank 0's window over
+every other rank's at each forward, so :func:`ignore_windows_in_ddp` (called by
+:func:`cbn.convert_model`) tells DDP to leave the window and its counters alone. The running
+statistics are not excluded: DDP keeps broadcasting them from rank 0, exactly as it does for
+``nn.BatchNorm``, so the eval-mode model is the same on every rank.
+
+Local runs (CPU, gloo)::
+
+    from cbn.distributed import launch
+
+    def main(rank, world_size, steps):          # runs in each process, group already set up
+        ...
+
+    launch(main, 2, 100)                        # 2 processes on this machine
+
+Multi-GPU runs use ``torchrun``, which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and the
+rendezvous variables; :func:`init_process_group` reads them::
+
+    torchrun --standalone --nproc-per-node=P train.py ...
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+# Buffers of a Cross-Iteration BatchNorm layer that DDP must not broadcast from rank 0.
+_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def rank_local_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of the window buffers and iteration counters of ``model``'s CBN layers.
+
+    These are every buffer of a Cross-Iteration BatchNorm layer except its running statistics.
+    """
+    from .layers.cross_iteration_batchnorm import _CrossIterationBatchNorm
+
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, _CrossIterationBatchNorm):
+            prefix = f"{module_name}." if module_name else ""
+            names += [prefix + name for name, _ in module.named_buffers(recurse=False)
+                      if name not in _RUNNING_STATISTICS]
+    return names
+
+
+def ignore_windows_in_ddp(model: nn.Module) -> nn.Module:
+    """Keep DDP from broadcasting the CBN windows and counters of ``model`` (the module to wrap).
+
+    Adds their names to those ``DistributedDataParallel`` ignores (keeping any already set).
+    Only the named buffers are ignored: every parameter is still synchronized, and the running
+    statistics are still broadcast from rank 0 like BatchNorm's. Call it on the module you wrap
+    in DDP if you converted only a submodule of it.
+    """
+    names = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(rank_local_buffer_names(model))
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
+    return model
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a local rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+
+
+def init_process_group(
+    rank: int | None = None,
+    world_size: int | None = None,
+    backend: str | None = None,
+    timeout_s: float = 60.0,
+) -> torch.device:
+    """Join the default process group and return this rank's device.
+
+    ``rank`` and ``world_size`` default to the ``RANK``/``WORLD_SIZE`` environment variables
+    (set by ``torchrun``); ``MASTER_ADDR``/``MASTER_PORT`` must be set (``launch`` and
+    ``torchrun`` do). With NCCL, the device is ``cuda:LOCAL_RANK`` and becomes the current one.
+    """
+    rank = int(os.environ["RANK"]) if rank is None else rank
+    world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
+    backend = backend or default_backend()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def cleanup() -> None:
+    """Leave the default process group, if any."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(rank: int, fn: Callable, world_size: int, port: int, backend: str | None, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    init_process_group(rank, world_size, backend)
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        cleanup()
+
+
+def launch(fn: Callable, nproc: int, *args, backend: str | None = None, timeout_s: float | None = None) -> None:
+    """Run ``fn(rank, nproc, *args)`` in ``nproc`` fresh processes joined in one process group.
+
+    The processes are spawned (``torch.multiprocessing``, start method ``spawn``) on this machine
+    and rendezvous on a free localhost port; the backend defaults to NCCL when CUDA is available,
+    else gloo. ``fn`` must be importable (a module-level function). An exception in any process
+    stops the others and is raised here; so is exceeding ``timeout_s`` (``TimeoutError``).
+
+    Example::
+
+        >>> launch(train_worker, 2, config)   # like: torchrun --nproc-per-node=2 ...
+    """
+    context = mp.start_processes(
+        _run, args=(fn, nproc, free_port(), backend, args), nprocs=nproc, join=False, start_method="spawn"
+    )
+    start = time.monotonic()
+    while not context.join(timeout=1.0):  # raises if a process failed, stopping the others
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+            for process in context.processes:
+                process.join(5)
+            raise TimeoutError(f"launch: {nproc} processes did not finish within {timeout_s} s")

@@ -1,0 +1,47 @@
+"""The training-step benchmark runs end to end at tiny sizes and writes what it promises."""
+
+import json
+
+from benchmarks.train_step import VARIANTS, run
+
+
+def test_smoke_run_writes_json_and_markdown(tmp_path):
+    json_path, md_path = tmp_path / "perf.json", tmp_path / "perf.md"
+    result = run(["--smoke", "--quiet", "--json", str(json_path), "--md", str(md_path)])
+    data = json.loads(json_path.read_text())
+    assert data == json.loads(json.dumps(result))
+    for key in ("command", "machine", "args", "train", "memory", "eval", "ops", "wall_s"):
+        assert key in data, key
+    assert data["machine"]["threads"] == 1
+
+    train = {(r["variant"], r["window"]): r for r in data["train"]}
+    assert set(train) == {("bn", None), ("floor", None), ("cbn", 2), ("naive", 2), ("authors", 2)}
+    for row in train.values():
+        assert row["batch"] == 2 and row["n"] == 3
+        assert 0 < row["min_ms"] <= row["median_ms"]
+        assert row["ratio_to_bn"] > 0
+    assert train[("bn", None)]["ratio_to_bn"] == 1.0
+
+    memory = {r["variant"]: r for r in data["memory"]}
+    assert set(memory) == {"cbn", "naive", "authors"}
+    ref = data["paired_conv_weight_bytes"]
+    assert memory["cbn"]["reference_bytes"] == ref > 0
+    # The authors' port keeps three weight-sized tensors per past iteration (plus two vectors).
+    assert memory["authors"]["bytes"] > 3 * ref
+    assert 0 < memory["cbn"]["bytes"] < memory["authors"]["bytes"]
+
+    evals = {r["variant"]: r for r in data["eval"]}
+    for key in ("bn_folded", "cbn_folded", "cbn_unfolded"):
+        assert evals[key]["median_ms"] > 0
+    assert evals["cbn_folded_vs_cbn_eval_max_abs_diff"]["value"] < 1e-3
+
+    ops = {r["variant"]: r for r in data["ops"]}
+    assert set(ops) == set(VARIANTS)
+    assert ops["bn"]["aten_ops"] > 0
+    assert ops["authors"]["aten_ops"] > ops["bn"]["aten_ops"]
+
+    text = md_path.read_text()
+    for heading in ("Training step time", "Window-state memory", "Eval-mode forward time",
+                    "Aten ops per training step"):
+        assert heading in text
+    assert "--smoke" in text
