@@ -20,7 +20,7 @@ Measures, on the project's ResNet-20 (1x28x28 input, 10 classes, SGD):
    ``torch.nn.utils.fusion.fuse_conv_bn_eval``, against a folded BatchNorm model (interleaved);
 4. aten ops dispatched per training step (``torch.profiler``), BN vs floor vs CBN vs authors.
 
-Writes a JSON with every figure and a markdown report (``docs/performance.md`` by default).
+Writes a JSON with every figure and a markdown report (``docs/performance-<threads>.md`` by default).
 """
 
 from __future__ import annotations
@@ -492,8 +492,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-eval", action="store_true")
     p.add_argument("--no-ops", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", type=Path, default=Path("docs/performance.json"))
-    p.add_argument("--md", type=Path, default=Path("docs/performance.md"))
+    # Defaults: docs/performance-1thread.{json,md} or docs/performance-2threads.{json,md}; the
+    # hand-written summary docs/performance.md quotes them.
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--md", type=Path, default=None)
     p.add_argument("--smoke", action="store_true",
                    help="tiny sizes for a test: batch 2, window 2, 3 steps, 1 thread")
     p.add_argument("--quiet", action="store_true")
@@ -538,6 +540,9 @@ def run(argv: list[str] | None = None) -> dict:
         "eval": evals,
         "ops": ops,
     }
+    stem = Path("docs") / (f"performance-{args.threads}thread" + ("s" if args.threads > 1 else ""))
+    args.json = args.json or stem.with_suffix(".json")
+    args.md = args.md or stem.with_suffix(".md")
     for path, text in ((args.json, json.dumps(result, indent=1)), (args.md, markdown(result))):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -69,9 +69,32 @@ def _norm_factory_kwargs(norm: _NormBase) -> dict:
                   track_running_stats=norm.track_running_stats)
     if reference is not None:
         kwargs.update(device=reference.device, dtype=reference.dtype)
-    if norm.affine:
-        kwargs.update(bias=norm.bias is not None)
+    if norm.affine and norm.bias is None:
+        kwargs.update(bias=False)
     return kwargs
+
+
+def convert_norms(
+    model: nn.Module,
+    classes: dict[type, type],
+    types: tuple[type, ...] = (_BatchNorm,),
+    **layer_kwargs,
+) -> nn.Module:
+    """Replace each norm whose exact type is a key of ``classes`` by an instance of its value.
+
+    The new layer gets the old one's ``num_features, eps, momentum, affine,
+    track_running_stats, device, dtype`` (overridden by ``layer_kwargs``) and shares its
+    parameters and running statistics. Returns the root (a new module if ``model`` is a norm).
+    """
+
+    def make_layer(norm: _NormBase) -> nn.Module:
+        layer_class = classes.get(type(norm))
+        if layer_class is None:
+            return norm
+        kwargs = {**_norm_factory_kwargs(norm), **layer_kwargs}
+        return share_norm_state(norm, layer_class(norm.num_features, **kwargs))
+
+    return replace_batchnorm(model, make_layer, types)
 
 
 def _remove_window_preparation(model: nn.Module) -> None:
@@ -116,14 +139,7 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
         >>> model = cbn.convert_model(my_resnet, window=4, burnin=500)
     """
 
-    def make_layer(norm: _NormBase) -> nn.Module:
-        layer_class = _CBN_FOR.get(type(norm))
-        if layer_class is None:
-            return norm
-        kwargs = {**_norm_factory_kwargs(norm), **layer_kwargs}
-        return share_norm_state(norm, layer_class(norm.num_features, **kwargs))
-
-    model = replace_batchnorm(model, make_layer)
+    model = convert_norms(model, _CBN_FOR, **layer_kwargs)
     registry = ProducerRegistry.install(model)
     layers = []
     for name, module in model.named_modules():
@@ -146,12 +162,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     ``nn.SyncBatchNorm`` again.
     """
 
-    def make_batchnorm(norm: _CrossIterationBatchNorm) -> nn.Module:
-        batchnorm_class = _BN_FOR[type(norm)]
-        kwargs = _norm_factory_kwargs(norm)
-        return share_norm_state(norm, batchnorm_class(norm.num_features, **kwargs))
-
-    model = replace_batchnorm(model, make_batchnorm, (_CrossIterationBatchNorm,))
+    model = convert_norms(model, _BN_FOR, (_CrossIterationBatchNorm,))
     remove_hooks(model)
     _remove_window_preparation(model)
     return model

@@ -144,49 +144,9 @@ class BatchRenorm3d(_BatchRenorm):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
-_MATCHING = ((nn.BatchNorm1d, BatchRenorm1d), (nn.BatchNorm2d, BatchRenorm2d), (nn.BatchNorm3d, BatchRenorm3d))
-
-
-def matching_class(bn: nn.Module, table=_MATCHING) -> type:
-    for base, cls in table:
-        if isinstance(bn, base):
-            return cls
-    raise TypeError(f"no replacement for {type(bn).__name__}")
-
-
-def _share_state(source: nn.Module, target: nn.Module) -> nn.Module:
-    """Make ``target`` use ``source``'s parameters and buffers (the same tensors)."""
-    for name, param in source.named_parameters(recurse=False):
-        setattr(target, name, param)
-    for name, buf in source.named_buffers(recurse=False):
-        target._buffers[name] = buf
-    target.train(source.training)
-    return target
-
-
 def convert_batchrenorm(model: nn.Module, **kwargs) -> nn.Module:
-    """Replace each nn.BatchNorm1d/2d/3d by BatchRenorm1d/2d/3d; returns the root."""
-    from cbn.convert import replace_batchnorm
+    """Replace each nn.BatchNorm1d/2d/3d by BatchRenorm1d/2d/3d sharing its state; returns the root."""
+    from cbn.convert import convert_norms
 
-    def factory(bn: nn.Module) -> nn.Module:
-        cls = matching_class(bn)
-        new = cls(
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, **kwargs,
-            device=_device_of(bn), dtype=_dtype_of(bn),
-        )
-        return _share_state(bn, new)
-
-    return replace_batchnorm(model, factory)
-
-
-def _device_of(module: nn.Module):
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return None
-
-
-def _dtype_of(module: nn.Module):
-    for t in list(module.parameters()) + list(module.buffers()):
-        if t.is_floating_point():
-            return t.dtype
-    return None
+    classes = {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}
+    return convert_norms(model, classes, **kwargs)

@@ -188,20 +188,9 @@ class SyncBatchNorm3d(_SyncBatchNorm):
             raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
-_MATCHING = ((nn.BatchNorm1d, SyncBatchNorm1d), (nn.BatchNorm2d, SyncBatchNorm2d), (nn.BatchNorm3d, SyncBatchNorm3d))
-
-
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
     """Replace each nn.BatchNorm1d/2d/3d by SyncBatchNorm1d/2d/3d sharing its state; returns the root."""
-    from cbn.convert import replace_batchnorm
-    from cbn.layers.batch_renorm import _device_of, _dtype_of, _share_state, matching_class
+    from cbn.convert import convert_norms
 
-    def factory(bn: nn.Module) -> nn.Module:
-        cls = matching_class(bn, _MATCHING)
-        new = cls(
-            bn.num_features, bn.eps, bn.momentum, bn.affine, bn.track_running_stats, process_group,
-            device=_device_of(bn), dtype=_dtype_of(bn),
-        )
-        return _share_state(bn, new)
-
-    return replace_batchnorm(model, factory)
+    classes = {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d, nn.BatchNorm3d: SyncBatchNorm3d}
+    return convert_norms(model, classes, process_group=process_group)
