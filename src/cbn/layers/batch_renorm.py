@@ -6,6 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .input_rank import Input1d, Input2d, Input3d
+
 from cbn.functional.batch_renorm import batch_renorm, renorm_limits
 
 
@@ -120,28 +122,19 @@ class _BatchRenorm(_BatchNorm):
         return convert_batchrenorm(model, **kwargs)
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(Input1d, _BatchRenorm):
     __doc__ = _BatchRenorm.__doc__
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(Input2d, _BatchRenorm):
     __doc__ = _BatchRenorm.__doc__
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(Input3d, _BatchRenorm):
     __doc__ = _BatchRenorm.__doc__
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
 def convert_batchrenorm(model: nn.Module, **kwargs) -> nn.Module:

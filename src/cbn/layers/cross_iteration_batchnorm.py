@@ -20,6 +20,7 @@ from ..functional.statistic_gradients import (
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
 from ..producers import ProducerRegistry, ProducerTap
+from .input_rank import Input1d, Input2d, Input3d
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
 # Rows of ``window_stats``.
@@ -360,7 +361,7 @@ class _CrossIterationBatchNorm(_NormBase):
 
     # ----------------------------------------------------------------------------- forward
     def _check_input_dim(self, input: Tensor) -> None:
-        raise NotImplementedError
+        raise NotImplementedError  # given by the Input1d/2d/3d mixins of the public classes
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
@@ -611,7 +612,7 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
 """
 
 
-class CrossIterationBatchNorm1d(_CrossIterationBatchNorm):
+class CrossIterationBatchNorm1d(Input1d, _CrossIterationBatchNorm):
     __doc__ = _DOC_TEMPLATE.format(
         rank="2D or 3D",
         batchnorm="BatchNorm1d",
@@ -621,12 +622,8 @@ class CrossIterationBatchNorm1d(_CrossIterationBatchNorm):
         example="2, 8",
     )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D (N, C) or 3D (N, C, L) input, got {input.dim()}D input")
 
-
-class CrossIterationBatchNorm2d(_CrossIterationBatchNorm):
+class CrossIterationBatchNorm2d(Input2d, _CrossIterationBatchNorm):
     __doc__ = _DOC_TEMPLATE.format(
         rank="4D",
         batchnorm="BatchNorm2d",
@@ -636,12 +633,8 @@ class CrossIterationBatchNorm2d(_CrossIterationBatchNorm):
         example="2, 3, 8, 8",
     )
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D (N, C, H, W) input, got {input.dim()}D input")
 
-
-class CrossIterationBatchNorm3d(_CrossIterationBatchNorm):
+class CrossIterationBatchNorm3d(Input3d, _CrossIterationBatchNorm):
     __doc__ = _DOC_TEMPLATE.format(
         rank="5D",
         batchnorm="BatchNorm3d",
@@ -650,10 +643,6 @@ class CrossIterationBatchNorm3d(_CrossIterationBatchNorm):
         producer="nn.Conv3d(3, 16, 3), cbn.CrossIterationBatchNorm3d(16)",
         example="2, 3, 6, 8, 8",
     )
-
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D (N, C, D, H, W) input, got {input.dim()}D input")
 
 
 class CrossIterationBatchNorm(_CrossIterationBatchNorm):

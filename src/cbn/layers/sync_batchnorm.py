@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .input_rank import Input1d, Input2d, Input3d
+
 
 def _world(group) -> int:
     if not (dist.is_available() and dist.is_initialized()):
@@ -164,28 +166,19 @@ class _SyncBatchNorm(_BatchNorm):
         return convert_sync_batchnorm(model, process_group)
 
 
-class SyncBatchNorm1d(_SyncBatchNorm):
+class SyncBatchNorm1d(Input1d, _SyncBatchNorm):
     __doc__ = _SyncBatchNorm.__doc__
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(f"expected 2D or 3D input (got {input.dim()}D input)")
 
 
-class SyncBatchNorm2d(_SyncBatchNorm):
+class SyncBatchNorm2d(Input2d, _SyncBatchNorm):
     __doc__ = _SyncBatchNorm.__doc__
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(f"expected 4D input (got {input.dim()}D input)")
 
 
-class SyncBatchNorm3d(_SyncBatchNorm):
+class SyncBatchNorm3d(Input3d, _SyncBatchNorm):
     __doc__ = _SyncBatchNorm.__doc__
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(f"expected 5D input (got {input.dim()}D input)")
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
