@@ -292,3 +292,25 @@ def test_standalone_layer_without_producer_warns_and_averages():
         layer(torch.randn(2, 3, 4, 4))
     out = layer(torch.randn(2, 3, 4, 4))
     assert torch.isfinite(out).all()
+
+
+def test_window_one_trains_bitwise_like_batchnorm_in_float32():
+    # Window 1 and burn-in steps run BatchNorm's own kernels: a whole network trains identically.
+    from cbn.experiments.models import resnet8
+
+    torch.manual_seed(7)
+    reference = resnet8()
+    model = cbn.convert_model(copy.deepcopy(reference), window=1)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, model)]
+    for _ in range(3):
+        x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+        losses = []
+        for net, optimizer in zip((reference, model), optimizers):
+            loss = nn.functional.cross_entropy(net(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.detach())
+        assert torch.equal(losses[0], losses[1])
+    for p, q in zip(reference.parameters(), model.parameters()):
+        assert torch.equal(p, q)
