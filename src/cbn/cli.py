@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"name": record["name"], "test_acc": record["test_acc"], "diverged": record["diverged"]}))
         return 0
     if args.command in ("sweep", "demo"):
-        from cbn.experiments.data import DataNotFoundError, resolve_data_dir, load_split
+        from cbn.experiments.data import DataNotFoundError, load_split
         from cbn.experiments import sweep
 
         try:

@@ -7,7 +7,6 @@ so a wrong result cannot leave the other rank waiting in a collective.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import warnings

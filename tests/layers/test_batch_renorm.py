@@ -12,7 +12,7 @@ from cbn.layers.batch_renorm import BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
 
 def oracle(x, running_mean, running_var, gamma, beta, eps, momentum, rmax, dmax):
     """Per-channel loops over plain Python floats: the paper's algorithm 1, literally."""
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     values = x.transpose(0, 1).reshape(c, -1).tolist()
     out = torch.empty_like(x)
     new_mean, new_var = [], []

@@ -412,7 +412,7 @@ def plot(result: dict, path: Path) -> None:
     s = result["summary"]
     taus = [e["tau"] for e in s]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
-    weight_only = bool(s) and f"mean_naive_w" in s[0]
+    weight_only = bool(s) and "mean_naive_w" in s[0]
     for ax, stat in zip(axes, ("mean", "var")):
         ax.plot(taus, [e[f"{stat}_naive"] for e in s], "o-", color="C0", label="naive (stored)")
         ax.plot(taus, [e[f"{stat}_compensated"] for e in s], "D-", color="C1", label="compensated (Taylor)")
