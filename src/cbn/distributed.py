@@ -36,14 +36,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-# Buffers of a Cross-Iteration BatchNorm layer that DDP must not broadcast from rank 0.
-_RUNNING_STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
-
-
 def rank_local_buffer_names(model: nn.Module) -> list[str]:
     """Fully qualified names of the window buffers and iteration counters of ``model``'s CBN layers.
 
-    These are every buffer of a Cross-Iteration BatchNorm layer except its running statistics.
+    These are every buffer of a Cross-Iteration BatchNorm layer except its running statistics:
+    the layer's own ``_window_buffers``.
     """
     from .layers.cross_iteration_batchnorm import _CrossIterationBatchNorm
 
@@ -51,8 +48,7 @@ def rank_local_buffer_names(model: nn.Module) -> list[str]:
     for module_name, module in model.named_modules():
         if isinstance(module, _CrossIterationBatchNorm):
             prefix = f"{module_name}." if module_name else ""
-            names += [prefix + name for name, _ in module.named_buffers(recurse=False)
-                      if name not in _RUNNING_STATISTICS]
+            names += [prefix + name for name in module._window_buffers]
     return names
 
 
