@@ -13,9 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+_TRANSPOSED = {nn.ConvTranspose1d: F.conv_transpose1d, nn.ConvTranspose2d: F.conv_transpose2d,
+               nn.ConvTranspose3d: F.conv_transpose3d}
+
+
 def produce(producer: nn.Module, x, weight, bias):
     if isinstance(producer, nn.Linear):
         return F.linear(x, weight, bias)
+    if type(producer) in _TRANSPOSED:
+        # What the module computes when called without output_size.
+        return _TRANSPOSED[type(producer)](x, weight, bias, producer.stride, producer.padding,
+                                           producer.output_padding, producer.groups, producer.dilation)
     if producer.padding_mode != "zeros":
         padded = F.pad(x, producer._reversed_padding_repeated_twice, mode=producer.padding_mode)
         conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[x.dim()]

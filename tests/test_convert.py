@@ -35,6 +35,25 @@ def test_converter_pairs_every_norm_of_a_resnet_with_shortcuts():
         assert norm.window_var_grad.abs().sum() > 0
 
 
+def test_converter_pairs_a_transposed_convolution_without_warning():
+    model = nn.Sequential(
+        nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), nn.BatchNorm2d(6)
+    )
+    model = cbn.convert_model(model, window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        for _ in range(3):
+            model(torch.randn(2, 4, 5, 5)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    layer = model[1]
+    assert isinstance(layer, cbn.CrossIterationBatchNorm2d) and layer.producer is model[0]
+    # One row per output channel: C_in / groups x kernel = 2 x 3 x 3 weights.
+    assert layer.window_mean_grad.shape == (2, 2, 18) and layer.window_var_grad.shape == (6, 2, 18)
+    assert layer.window_var_grad.abs().sum() > 0
+
+
 def test_converter_shares_parameters_and_buffers():
     model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     weight, running_mean = model[1].weight, model[1].running_mean

@@ -6,6 +6,8 @@ Drop-in layers (:class:`CrossIterationBatchNorm1d/2d/3d`), a one-call converter
 """
 
 from .convert import convert_model, convert_norms, replace_batchnorm, revert_model
+from .iterations import install_optimizer_step_hook, mark_step
+from .pairing import Pairing, format_pairing_report, pairing_report, pairing_summary
 from .layers import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -23,7 +25,10 @@ from .layers import (
 
 __version__ = "0.1.0"
 
+install_optimizer_step_hook()
+
 __all__ = [
+    "Pairing",
     "BatchRenorm1d",
     "BatchRenorm2d",
     "BatchRenorm3d",
@@ -38,6 +43,10 @@ __all__ = [
     "convert_model",
     "convert_norms",
     "convert_sync_batchnorm",
+    "format_pairing_report",
+    "mark_step",
+    "pairing_report",
+    "pairing_summary",
     "replace_batchnorm",
     "revert_model",
 ]

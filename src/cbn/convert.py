@@ -108,9 +108,10 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     The new layers share the old ones' parameters and running statistics (as
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so optimizers built before the call keep
-    working. Each layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``
-    or ``nn.Linear`` whose output it receives (see :mod:`cbn.producers`); layers whose input is
-    not directly such an output average uncompensated statistics, and one warning names them.
+    working. Each layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``,
+    ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output it receives (see
+    :mod:`cbn.producers`); layers whose input is not directly such an output average
+    uncompensated statistics, and one warning names them.
     CBN layers already in the model are kept and paired the same way. A forward pre-hook on
     ``model`` summarizes all windows at once before each training forward
     (:func:`cbn.layers.cross_iteration_batchnorm.prepare_past_statistics`), which saves most of

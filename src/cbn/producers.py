@@ -1,8 +1,9 @@
 """Finding, at run time, the convolution or linear layer that directly produces a norm's input.
 
-``convert_model`` puts a :class:`ProducerTap` forward hook on every ``nn.Conv1d/2d/3d`` and
-``nn.Linear`` of a model. A tap remembers its latest output (weakly) and, while it may be needed,
-its latest input. At its first training forward a Cross-Iteration BatchNorm layer asks the shared
+``convert_model`` puts a :class:`ProducerTap` forward hook on every ``nn.Conv1d/2d/3d``,
+``nn.ConvTranspose1d/2d/3d`` and ``nn.Linear`` of a model. A tap remembers its latest output
+(weakly) and, while it may be needed, its latest input. At its first training forward a
+Cross-Iteration BatchNorm layer asks the shared
 :class:`ProducerRegistry` which tap produced the very tensor it received: that layer is its
 producer. Nothing is traced and no example input is needed, so blocks with custom ``forward``
 code pair as well as ``nn.Sequential`` ones. After the model's first training forward, the
@@ -101,9 +102,8 @@ class ProducerRegistry:
                 tap._input = None
         if self.unpaired:
             warnings.warn(
-                "cbn: no convolution or linear layer directly produces the input of "
-                f"{', '.join(self.unpaired)}; these layers average uncompensated statistics "
-                "(naive cross-iteration averaging).",
+                f"cbn: {', '.join(self.unpaired)} average uncompensated statistics (naive "
+                "cross-iteration averaging); cbn.pairing_report(model) lists every norm layer.",
                 stacklevel=3,
             )
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cbn.functional import producer_statistic_gradients, statistic_shifts
+from cbn.functional import producer_statistic_gradients, statistic_shifts, weight_rows
 from oracle import produce
 
 PRODUCERS = {
@@ -38,16 +39,74 @@ def test_closed_form_equals_dense_jacobian(name):
         torch.testing.assert_close(gradients.var[c, 0], jacobian[1, c, c], rtol=0, atol=1e-12)
 
 
-def test_mean_compensation_is_exact_for_own_weights():
+TRANSPOSED = {
+    # (producer, input shape, forward's output_size, the output_padding that size implies)
+    "transpose1d_one_group": (lambda: nn.ConvTranspose1d(3, 5, 4, stride=3, padding=1, output_padding=2), (2, 3, 6),
+                              None, (2,)),
+    "transpose2d_stride_pad_outpad_dilation_groups": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2),
+        (3, 4, 5, 4), None, (1, 1)),
+    "transpose2d_batch8_no_bias": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, bias=False),
+                                   (8, 2, 4, 4), None, (0, 0)),
+    "transpose2d_depthwise": (lambda: nn.ConvTranspose2d(3, 3, 3, stride=2, groups=3), (2, 3, 4, 4), None, (0, 0)),
+    "transpose2d_output_size": (lambda: nn.ConvTranspose2d(2, 3, 3, stride=2), (2, 2, 4, 4), (10, 9), (1, 0)),
+    "transpose3d": (lambda: nn.ConvTranspose3d(2, 4, (2, 3, 2), stride=(2, 1, 2), padding=(0, 1, 1), dilation=(1, 2, 1)),
+                    (2, 2, 3, 4, 3), None, (0, 0, 0)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRANSPOSED))
+def test_transposed_closed_form_equals_dense_jacobian(name):
+    make, shape, output_size, output_padding = TRANSPOSED[name]
+    producer = make().double()
+    x = torch.randn(shape, dtype=torch.float64) + 1
+    y = producer(x, output_size=output_size).detach()
+    dims = [0, *range(2, y.dim())]
+    gradients = producer_statistic_gradients(producer, x, y, y.mean(dims))
+    conv_transpose = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[x.dim()]
+
+    def stats(weight):
+        out = conv_transpose(x, weight, producer.bias, producer.stride, producer.padding, output_padding,
+                             producer.groups, producer.dilation)
+        return torch.stack([out.mean(dims), out.var(dims, unbiased=False)])
+
+    torch.testing.assert_close(stats(producer.weight.detach())[0], y.mean(dims), rtol=0, atol=1e-12)
+    # (2, C_out, C_in, C_out / groups, *kernel): the weight is stored input channels first.
+    jacobian = torch.autograd.functional.jacobian(stats, producer.weight.detach())
+    channels, groups = y.shape[1], producer.groups
+    in_per_group, out_per_group = x.shape[1] // groups, channels // groups
+    assert gradients.mean.shape == (groups, 1, in_per_group * producer.weight[0, 0].numel())
+    assert gradients.var.shape == (channels, 1, in_per_group * producer.weight[0, 0].numel())
+    for c in range(channels):
+        group, j = divmod(c, out_per_group)
+        block = (slice(None), c, slice(group * in_per_group, (group + 1) * in_per_group), j)
+        row = jacobian[block].flatten(1)  # (C_in / groups, *kernel) flattened, the row layout
+        others = jacobian[:, c].clone()
+        others[block[:1] + block[2:]] = 0
+        assert others.abs().max() < 1e-12  # sparsity: channel c depends on its row only
+        torch.testing.assert_close(gradients.mean[group, 0], row[0], rtol=0, atol=1e-12)
+        torch.testing.assert_close(gradients.var[c, 0], row[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, groups=1, bias=True), (2, 3, 6, 6)),
+        (lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2, bias=True),
+         (2, 4, 4, 4)),
+    ],
+    ids=["conv2d", "conv_transpose2d_groups"],
+)
+def test_mean_compensation_is_exact_for_own_weights(make, shape):
     # mu is linear in W: moving it with the Taylor step equals recomputing it.
-    producer = nn.Conv2d(3, 4, 3, groups=1, bias=True).double()
-    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    producer = make().double()
+    x = torch.randn(shape, dtype=torch.float64)
     y = producer(x).detach()
     gradients = producer_statistic_gradients(producer, x, y, y.mean((0, 2, 3)))
-    before = statistic_shifts(gradients, producer.weight, producer.bias)
+    before = statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
     with torch.no_grad():
         producer.weight.add_(torch.randn_like(producer.weight))
         producer.bias.add_(torch.randn_like(producer.bias))
-    after = statistic_shifts(gradients, producer.weight, producer.bias)
+    after = statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
     recomputed = producer(x).mean((0, 2, 3))
     torch.testing.assert_close(y.mean((0, 2, 3)) + after[0][0] - before[0][0], recomputed, rtol=0, atol=1e-12)

@@ -22,7 +22,21 @@ CASES = {
     "depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=True), cbn.CrossIterationBatchNorm2d,
                   (2, 4, 6, 6)),
     "linear": (lambda: nn.Linear(6, 5), cbn.CrossIterationBatchNorm1d, (4, 6)),
+    # Transposed convolutions store their weight (C_in, C_out / groups, *kernel): C_in != C_out
+    # and groups > 1 make a wrong row layout visible.
+    "conv_transpose1d": (lambda: nn.ConvTranspose1d(3, 5, 3, stride=2, padding=1), cbn.CrossIterationBatchNorm1d,
+                         (4, 3, 6)),
+    "conv_transpose2d_stride_pad_outpad_dilation_groups_bias": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, dilation=2, groups=2, bias=True),
+        cbn.CrossIterationBatchNorm2d, (3, 4, 5, 5)),
+    "conv_transpose3d": (
+        lambda: nn.ConvTranspose3d(2, 3, (2, 3, 3), stride=(1, 2, 1), padding=(0, 1, 1), bias=False),
+        cbn.CrossIterationBatchNorm3d, (2, 2, 3, 4, 4)),
 }
+
+
+def _out_channels(producer):
+    return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
 
 
 @pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive"])
@@ -30,7 +44,7 @@ CASES = {
 def test_matches_dense_jacobian_oracle(case, compensate):
     make_producer, norm_class, input_shape = CASES[case]
     producer = make_producer().double()
-    norm = norm_class(producer.weight.shape[0], window=4, compensate=compensate, dtype=torch.float64)
+    norm = norm_class(_out_channels(producer), window=4, compensate=compensate, dtype=torch.float64)
     model = cbn.convert_model(nn.Sequential(producer, norm))
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)

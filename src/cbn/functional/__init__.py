@@ -3,7 +3,7 @@
 from .batch_renorm import batch_renorm, renorm_limits
 from .cross_process import cross_process_batch_norm, cross_process_batch_statistics
 from .normalization import CrossIterationNorm, PooledStatistics, cross_iteration_batch_norm, pool_with_past
-from .statistic_gradients import StatisticGradients, producer_statistic_gradients, statistic_shifts
+from .statistic_gradients import StatisticGradients, producer_statistic_gradients, statistic_shifts, weight_rows
 from .window import PastStatistics, move_to_current_weights, pool_past
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "pool_past",
     "producer_statistic_gradients",
     "statistic_shifts",
+    "weight_rows",
 ]

@@ -14,6 +14,12 @@ The mean patch does not depend on ``c`` within a group of a grouped convolution:
 per group. Both come from ``aten.convolution_backward`` asking for the weight gradient only, so no
 ``autograd.grad`` call and no retained graph is involved.
 
+A transposed convolution (``nn.ConvTranspose1d/2d/3d``) is such a layer too, with ``u[i]`` the
+input values that reach output position ``i``; only its weight is stored the other way round,
+``(C_in, C_out / groups, *kernel)``. Its row ``c`` (group ``g``, index ``j`` in the group) is
+``W[g * C_in/groups : (g + 1) * C_in/groups, j]``, gathered by :func:`weight_rows`: gradients and
+weights meet in that layout, in :func:`producer_statistic_gradients` and :func:`statistic_shifts`.
+
 The variance form is the second-moment form of the paper re-centred: with ``nu = var + mu^2``,
 ``d nu / d W = d var / d W + 2 mu d mu / d W`` and ``d nu / d b = 2 mu``, and a Taylor step of
 ``(mu, nu)`` is the same as a step of ``(mu, var)`` minus ``(delta mu)^2`` (see ``window.py``).
@@ -29,7 +35,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-PRODUCER_TYPES = (*_CONVOLUTIONS, nn.Linear)
+_TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+PRODUCER_TYPES = (*_CONVOLUTIONS, *_TRANSPOSED, nn.Linear)
 # From this batch size on, a separate batch-summed convolution for the mean patch is cheaper than
 # an extra output channel in the variance's weight-gradient convolution (measured on CPU).
 _SPLIT_BATCH = 8
@@ -47,7 +54,35 @@ class StatisticGradients(NamedTuple):
 
 def producer_groups(producer: nn.Module) -> int:
     """Number of weight groups whose output channels share one mean patch."""
-    return producer.groups if isinstance(producer, _CONVOLUTIONS) else 1
+    return producer.groups if isinstance(producer, (*_CONVOLUTIONS, *_TRANSPOSED)) else 1
+
+
+def weight_rows(producer: nn.Module, weight: Tensor) -> Tensor:
+    """The producer's weight as rows: row ``c`` holds every weight output channel ``c`` depends on.
+
+    For a convolution or a linear layer, ``W`` reshaped to ``(C, fan_in)`` (a view). A transposed
+    convolution stores ``W`` as ``(C_in, C_out / groups, *kernel)``, and output channel
+    ``c = g * C_out/groups + j`` reads ``W[g * C_in/groups : (g + 1) * C_in/groups, j]``::
+
+        rows = W.reshape(groups, C_in/groups, C_out/groups, K).transpose(1, 2).reshape(C_out, -1)
+
+    (a copy), with ``K`` the number of kernel elements: each row is ``(C_in/groups, *kernel)``
+    flattened.
+
+    Args:
+        producer: the layer whose weight (layout, groups) ``weight`` has.
+        weight: its weight, or any tensor of a weight's layout with another number of output
+            channels, e.g. a weight gradient for ``C + 1`` output channels.
+
+    Returns:
+        ``(C, fan_in)``, where ``fan_in = weight.numel() / C``.
+    """
+    if isinstance(producer, _TRANSPOSED):
+        groups = producer.groups
+        in_per_group, out_per_group = weight.shape[0] // groups, weight.shape[1]
+        grouped = weight.reshape(groups, in_per_group, out_per_group, -1)
+        return grouped.transpose(1, 2).reshape(groups * out_per_group, -1)
+    return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
 
 def _padded_input(producer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -89,20 +124,104 @@ def _convolution_weight_gradient(
     return weight_grad
 
 
+def _effective_output_padding(
+    producer: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d, x: Tensor, output: Tensor
+) -> list[int]:
+    """The ``output_padding`` that gave ``output`` its size from ``x``.
+
+    ``L_out = (L_in - 1) stride - 2 padding + dilation (kernel - 1) + 1 + output_padding`` per
+    spatial dimension. It is read from the sizes rather than from the module because
+    ``forward(x, output_size=...)`` chooses it per call.
+    """
+    sizes = zip(output.shape[2:], x.shape[2:], producer.kernel_size)
+    settings = zip(producer.stride, producer.padding, producer.dilation)
+    return [out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for (out, size, k), (s, p, d) in zip(sizes, settings)]
+
+
+def _transposed_weight_gradient(
+    producer: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d,
+    grad_output: Tensor,
+    x: Tensor,
+    weight_shape: list[int],
+    output_padding: list[int],
+    groups: int,
+) -> Tensor:
+    """Weight gradient ``(C_in, C_out / groups, *kernel)`` of the transposed convolution of ``x``."""
+    # Only the weight's shape is read: an expanded scalar avoids allocating it.
+    weight = x.new_zeros(()).expand(weight_shape)
+    _, weight_grad, _ = torch.ops.aten.convolution_backward(
+        grad_output,
+        x,
+        weight,
+        None,
+        list(producer.stride),
+        list(producer.padding),
+        list(producer.dilation),
+        True,
+        output_padding,
+        groups,
+        [False, True, False],
+    )
+    return weight_grad
+
+
+def _transposed_statistic_gradients(
+    producer: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d,
+    x: Tensor,
+    output: Tensor,
+    channel_mean: Tensor,
+) -> StatisticGradients:
+    """:func:`producer_statistic_gradients` of a transposed convolution, in :func:`weight_rows` layout.
+
+    The same two weight-gradient convolutions as for a convolution (``dy = 2 (y - mu) / m`` and the
+    uniform ``dy = 1 / m``), run transposed; the padding is implicit (always zeros).
+    """
+    channels = output.shape[1]
+    samples = output.numel() // channels
+    groups = producer.groups
+    in_channels, kernel_shape = x.shape[1], list(producer.kernel_size)
+    output_padding = _effective_output_padding(producer, x, output)
+    if groups == 1 and output.shape[0] < _SPLIT_BATCH:
+        # As for a convolution: an extra output channel with gradient 1/m gives the mean patch.
+        grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
+        torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
+        grad_output[:, channels:].fill_(1.0 / samples)
+        weight_grad = _transposed_weight_gradient(
+            producer, grad_output, x, [in_channels, channels + 1, *kernel_shape], output_padding, 1
+        )
+        both = weight_rows(producer, weight_grad).unsqueeze(1)
+        return StatisticGradients(both[channels:], both[:channels])
+    centred = (output - channel_mean).mul_(2.0 / samples)
+    var_grad = _transposed_weight_gradient(
+        producer, centred, x, [in_channels, channels // groups, *kernel_shape], output_padding, groups
+    )
+    # The uniform gradient is the same for every sample, so the batch sum of the input can be
+    # convolved once instead.
+    batch_sum = x.sum(0, keepdim=True)
+    uniform = output.new_full((1, groups, *output.shape[2:]), 1.0 / samples)
+    mean_grad = _transposed_weight_gradient(
+        producer, uniform, batch_sum, [in_channels, 1, *kernel_shape], output_padding, groups
+    )
+    # (C_in, 1, *kernel) is the groups' patches one after the other: already (groups, fan_in) rows.
+    return StatisticGradients(mean_grad.reshape(groups, 1, -1), weight_rows(producer, var_grad).unsqueeze(1))
+
+
 def producer_statistic_gradients(
     producer: nn.Module, producer_input: Tensor, output: Tensor, mean: Tensor
 ) -> StatisticGradients:
     """Gradients of the per-channel mean and variance of ``output`` w.r.t. the producer's weight rows.
 
     Args:
-        producer: the ``nn.Conv1d/2d/3d`` or ``nn.Linear`` that computed ``output``.
+        producer: the ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` that
+            computed ``output``.
         producer_input: its input, in the statistics dtype (float32 or wider).
         output: its output ``(N, C, *)`` (``(N, C)`` for a linear layer), same dtype.
         mean: per-channel mean of ``output``, shape ``(C,)``.
 
     Returns:
         :class:`StatisticGradients` of one entry: ``mean`` of shape ``(groups, 1, fan_in)`` and
-        ``var`` of shape ``(C, 1, fan_in)``, where ``fan_in = weight.numel() / C``.
+        ``var`` of shape ``(C, 1, fan_in)``, where ``fan_in = weight.numel() / C``, both in the
+        layout of :func:`weight_rows`.
 
     Example::
 
@@ -121,6 +240,8 @@ def producer_statistic_gradients(
         mean_grad = producer_input.mean(0, keepdim=True)
         var_grad = centred.t().mm(producer_input).mul_(2.0 / samples)
         return StatisticGradients(mean_grad.unsqueeze(0), var_grad.unsqueeze(1))
+    if isinstance(producer, _TRANSPOSED):
+        return _transposed_statistic_gradients(producer, producer_input, output, channel_mean)
 
     groups = producer.groups
     kernel_shape = list(producer.weight.shape[1:])
@@ -154,7 +275,10 @@ def statistic_shifts(
     Args:
         gradients: ``mean`` of shape ``(groups, k, fan_in)`` and ``var`` of shape ``(C, k, fan_in)``
             (the window's layout: one batched product per statistic).
-        weight, bias: the producer's parameters.
+        weight: the producer's weight rows ``(C, fan_in)``, ``weight_rows(producer, producer.weight)``.
+            The weight of a convolution or linear layer is its rows up to a reshape and may be
+            passed as is; a transposed convolution's may not.
+        bias: the producer's bias, or ``None``.
 
     Returns:
         Two ``(k, C)`` tensors. The Taylor step from weights ``W_old`` to ``W_new`` is
@@ -163,7 +287,8 @@ def statistic_shifts(
     """
     channels = weight.shape[0]
     groups = gradients.mean.shape[0]
-    rows = weight.reshape(channels, -1)
+    # Rows from weight_rows arrive 2-D: no second reshape on the per-step path.
+    rows = weight if weight.dim() == 2 else weight.reshape(channels, -1)
     if rows.dtype != gradients.var.dtype:
         rows = rows.to(gradients.var.dtype)
     # Element-wise products and sums: batched small matmuls are several times slower on CPU.

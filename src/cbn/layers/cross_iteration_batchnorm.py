@@ -17,12 +17,15 @@ from ..functional.statistic_gradients import (
     producer_groups,
     producer_statistic_gradients,
     statistic_shifts,
+    weight_rows,
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
+from ..iterations import SUSPICIOUS_FORWARDS
 from ..producers import ProducerRegistry, ProducerTap
 from .input_rank import Input1d, Input2d, Input3d
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
+_NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
 # Rows of ``window_stats``.
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -89,9 +92,13 @@ class _CrossIterationBatchNorm(_NormBase):
         self._registry: ProducerRegistry | None = None
         self._producer: tuple[nn.Module, ProducerTap] | None = None
         self._pairing = _UNRESOLVED
+        self._unpaired_reason = ""
         self._layer_name = type(self).__name__
         self._warned_mismatch = False
         self._prepared_past: PastStatistics | None = None
+        self._unchanged_forwards = 0
+        self._weight_probe: Tensor | None = None
+        self._warned_unmarked = False
 
     # ----------------------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
@@ -160,15 +167,17 @@ class _CrossIterationBatchNorm(_NormBase):
 
     def _discover_producer(self, input: Tensor) -> None:
         found = self._registry.find(input) if self._registry is not None else None
-        if found is not None and self._accepts_producer(found[0], input):
+        refusal = self._refuse_producer(found[0], input) if found is not None else _NO_PRODUCER
+        if refusal is None:
             self._producer = found
             found[1].claimed = True
             self._pairing = _PAIRED
             self._allocate_gradient_window(found[0])
             return
         self._pairing = _UNPAIRED
+        self._unpaired_reason = refusal
         if self._registry is not None:
-            self._registry.unpaired.append(self._layer_name)
+            self._registry.unpaired.append(f"{self._layer_name} ({refusal})")
         else:
             warnings.warn(
                 f"{self._layer_name} has no known producer and averages uncompensated statistics; "
@@ -176,16 +185,37 @@ class _CrossIterationBatchNorm(_NormBase):
                 stacklevel=3,
             )
 
-    def _accepts_producer(self, producer: nn.Module, input: Tensor) -> bool:
+    def _refuse_producer(self, producer: nn.Module, input: Tensor) -> str | None:
+        """Why ``producer`` (whose output is ``input``) cannot be paired, or ``None`` if it can."""
+        name = type(producer).__name__
         if isinstance(producer, nn.Linear):
-            return input.dim() == 2 and producer.out_features == self.num_features
-        return producer.out_channels == self.num_features
+            if input.dim() != 2:
+                return f"{name} output of rank {input.dim()}: only (N, C) outputs of a linear layer pair"
+            return None if producer.out_features == self.num_features else f"{name} has another channel count"
+        return None if producer.out_channels == self.num_features else f"{name} has another channel count"
+
+    def pairing_status(self) -> tuple[bool, nn.Module | None, str]:
+        """``(compensated, producer, reason)``: whether the Taylor step is applied, and why not.
+
+        ``reason`` is empty when compensated. See :func:`cbn.pairing_report` for a whole model.
+        """
+        if not self.compensate:
+            return False, self.producer, "compensate=False (naive cross-iteration averaging)"
+        if self.window == 1:
+            return False, self.producer, "window=1 (BatchNorm)"
+        if self._pairing == _UNRESOLVED:
+            return False, None, "no training forward yet"
+        if self._pairing == _UNPAIRED:
+            return False, None, self._unpaired_reason
+        if not self._trainable_producer_weights():
+            return False, self.producer, "producer frozen (no trainable weight: nothing to compensate)"
+        return True, self.producer, ""
 
     def _allocate_gradient_window(self, producer: nn.Module) -> None:
         if not self.compensate or self.window == 1:
             return
         past = self.window - 1
-        fan_in = producer.weight[0].numel()
+        fan_in = weight_rows(producer, producer.weight.detach()).shape[1]
         shapes = {
             "window_mean_grad": (producer_groups(producer), past, fan_in),
             "window_var_grad": (self.num_features, past, fan_in),
@@ -240,7 +270,33 @@ class _CrossIterationBatchNorm(_NormBase):
         if new_iteration:
             self._iterations += 1
             self.num_iterations.fill_(self._iterations)
+            self._unchanged_forwards, self._weight_probe = 0, None
+        elif not self._warned_unmarked:
+            self._unchanged_forwards += 1
+            self._check_unmarked_updates(weights[0])
         self._weight_versions = versions
+
+    def _check_unmarked_updates(self, weight: Tensor) -> None:
+        """Warn once if the producer's weight moves while its version counter does not.
+
+        Runs only in long streaks of training forwards in one iteration: a copy of the weight is
+        taken half-way through :data:`cbn.iterations.SUSPICIOUS_FORWARDS` and compared at its end.
+        """
+        if self._unchanged_forwards == SUSPICIOUS_FORWARDS // 2:
+            self._weight_probe = weight.detach().clone()
+        elif self._unchanged_forwards >= SUSPICIOUS_FORWARDS and self._weight_probe is not None:
+            moved = not torch.equal(self._weight_probe, weight)
+            self._unchanged_forwards, self._weight_probe = 0, None
+            if moved:
+                self._warned_unmarked = True
+                warnings.warn(
+                    f"{self._layer_name}: the weights of its producer {type(self.producer).__name__} changed "
+                    f"during {SUSPICIOUS_FORWARDS} training forwards without a change of their version "
+                    "counter, so no iteration was counted and burn-in does not advance. Weights written "
+                    "through .data outside a torch.optim optimizer are invisible to the layer: call "
+                    "cbn.mark_step(model) after each update.",
+                    stacklevel=5,
+                )
 
     @property
     def _in_burnin(self) -> bool:
@@ -257,7 +313,7 @@ class _CrossIterationBatchNorm(_NormBase):
             return None, None
         producer = self._producer[0]
         gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
-        return statistic_shifts(gradients, producer.weight, producer.bias)
+        return statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
 
     def _moved_window(self) -> tuple[Tensor, Tensor]:
         """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""
@@ -305,7 +361,7 @@ class _CrossIterationBatchNorm(_NormBase):
         if isinstance(samples, Tensor):
             local_samples = output.numel() // self.num_features
             gradients = all_reduce_statistic_gradients(gradients, local_samples, samples, self.process_group)
-        return gradients, statistic_shifts(gradients, producer.weight, producer.bias)
+        return gradients, statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
 
     def _push(
         self, batch_mean: Tensor, batch_var: Tensor, samples, producer_input: Tensor | None, output: Tensor
@@ -546,9 +602,9 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
     average (``momentum``; ``None`` for a cumulative average) of the pooled estimate with the
     variance unbiased over all pooled samples.
 
-    The producer (``nn.Conv1d/2d/3d`` or ``nn.Linear``) is found by :func:`cbn.convert_model`,
-    which also replaces existing BatchNorm layers. A layer with no producer averages
-    uncompensated statistics ("naive" CBN) and warns once.
+    The producer (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``) is found by
+    :func:`cbn.convert_model`, which also replaces existing BatchNorm layers. A layer with no
+    producer averages uncompensated statistics ("naive" CBN) and warns once.
 
     Args:
         num_features: :math:`C` from an expected input of size {shape}.
@@ -561,9 +617,14 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             normalizes with the batch's own statistics. Default: ``True``
         window: iterations pooled, the current one included; 1 is BatchNorm. Default: 4
         burnin: first training iterations that run as BatchNorm (entries are still stored).
-            An iteration is a change of the producer's weights (an optimizer step), so several
-            forwards with unchanged weights (gradient accumulation) are one iteration; with no
-            trainable producer, each training forward is one. Default: 0
+            An iteration is a change of the version counter of the producer's weight or bias:
+            every ``torch.optim`` optimizer step (plain, ``foreach``, ``fused``, and optimizers
+            writing through ``.data``: ``cbn`` bumps the counters after each step), any in-place
+            update, ``load_state_dict``, or :func:`cbn.mark_step` after a hand-written update
+            through ``.data`` (such a loop without it is detected and warned about once). So
+            several forwards with unchanged weights (gradient accumulation) are one iteration, a
+            step skipped by ``GradScaler`` is none, and with no trainable producer each training
+            forward is one (see :mod:`cbn.iterations`). Default: 0
         compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
             Default: ``True``
         process_group: pool each batch's statistics (and their weight gradients) over the ranks
