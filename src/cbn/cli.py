@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one model and print per-epoch test accuracy")
     _add_train_options(p)
 
-    from cbn.experiments.sweep import DEMO, FULL
+    from cbn.experiments.sweep import DEMO, EVIDENCE, FULL
 
     p = sub.add_parser("sweep", help="grid of norms x batch sizes x seeds; table and plot")
     _add_train_options(p, sweep=True)
@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=DEMO.workers)
     p.add_argument("--data-dir", default=None)
 
+    p = sub.add_parser("evidence", help="the evidence sweep of docs/results.md (resumable; hours on 2 cores)")
+    p.add_argument("--out", default=EVIDENCE.out)
+    p.add_argument("--workers", type=int, default=EVIDENCE.workers)
+    p.add_argument("--data-dir", default=None)
+
     p = sub.add_parser("report", help="rebuild results.json, table and plot of a sweep directory")
     p.add_argument("dir")
 
@@ -90,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(p)
     return parser
+
+
+def _print_summary(summary: dict) -> None:
+    print("Test accuracy (%): mean ± std [± 95 % interval] / eval-mode train accuracy (n seeds)")
+    print(summary["table"])
+    print(summary["comparisons"])
+    if summary["ablations"]:
+        print(summary["ablations"])
+    print(f"plot: {summary['plot']}")
+    if summary["curves"]:
+        print(f"curves: {summary['curves']}")
+    print(f"results: {summary['results']}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(json.dumps({"name": record["name"], "test_acc": record["test_acc"], "diverged": record["diverged"]}))
         return 0
-    if args.command in ("sweep", "demo"):
+    if args.command in ("sweep", "demo", "evidence"):
         from cbn.experiments.data import DataNotFoundError, load_split
         from cbn.experiments import sweep
 
@@ -114,24 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         except DataNotFoundError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-        if args.command == "demo":
-            spec = sweep.DEMO.with_(out=args.out, workers=args.workers, data_dir=args.data_dir)
+        if args.command in ("demo", "evidence"):
+            preset = sweep.DEMO if args.command == "demo" else sweep.EVIDENCE
+            spec = preset.with_(out=args.out, workers=args.workers, data_dir=args.data_dir)
         else:
             spec = sweep.SweepSpec(
                 norms=tuple(args.norms), batch_sizes=tuple(args.batch_sizes), seeds=tuple(args.seeds),
                 workers=args.workers, out=args.out, train=_config_from(args, progress=False),
             )
-        summary = sweep.run_sweep(spec)
-        print(summary["table"])
-        print(f"plot: {summary['plot']}")
-        print(f"results: {summary['results']}")
+        _print_summary(sweep.run_sweep(spec))
         return 0
     if args.command == "report":
         from cbn.experiments import sweep
 
-        summary = sweep.report(args.dir)
-        print(summary["table"])
-        print(f"plot: {summary['plot']}")
+        _print_summary(sweep.report(args.dir))
         return 0
     if args.command == "stats-error":
         from cbn.experiments.stats_error import main as stats_main

@@ -1,16 +1,25 @@
 """Sweep bookkeeping: resumability (finished runs skipped) and the aggregated table."""
 
 import json
+import math
 import statistics
+from dataclasses import asdict
 
 from cbn.experiments import sweep
 from cbn.experiments.train import TrainConfig
 
 
-def _fake_record(cfg, acc):
-    return {"name": cfg.run_name(), "config": {"norm": cfg.norm, "batch_size": cfg.batch_size, "seed": cfg.seed},
-            "protocol": {"window": 1, "burnin": 0, "lr": 0.1, "global_batch": cfg.batch_size},
-            "epochs": [{"step_ms": 1.0}], "train_seconds": 1.0, "test_acc": acc, "diverged": False}
+def _fake_record(cfg, acc, **extra):
+    return {"name": cfg.run_name(), "config": asdict(cfg),
+            "protocol": {"window": cfg.window or 1, "burnin": 0, "lr": 0.1, "global_batch": cfg.batch_size},
+            "epochs": [{"epoch": 1, "step_ms": 1.0, "test_acc": acc - 1}, {"epoch": 2, "step_ms": 1.0, "test_acc": acc}],
+            "train_seconds": 1.0, "test_acc": acc, "train_eval_acc": acc + 5, "diverged": False, **extra}
+
+
+def _write(tmp_path, record):
+    path = tmp_path / "runs" / f"{record['name']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
 
 
 def test_finished_runs_are_skipped_and_reported(tmp_path, monkeypatch):
@@ -19,9 +28,7 @@ def test_finished_runs_are_skipped_and_reported(tmp_path, monkeypatch):
     accs = {}
     for i, cfg in enumerate(spec.configs()):
         accs[cfg.run_name()] = 50.0 + 3.7 * i
-        path = tmp_path / "runs" / f"{cfg.run_name()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_fake_record(cfg, accs[cfg.run_name()])))
+        _write(tmp_path, _fake_record(cfg, accs[cfg.run_name()]))
 
     def no_launch(*a, **k):
         raise AssertionError("a finished run was launched again")
@@ -40,3 +47,44 @@ def test_finished_runs_are_skipped_and_reported(tmp_path, monkeypatch):
 def test_syncbn_takes_nproc_slots():
     cfg = TrainConfig(norm="syncbn", nproc=2)
     assert sweep._slots(cfg) == 2 and sweep._slots(TrainConfig(norm="cbn", nproc=2)) == 1
+
+
+def test_small_batch_seeds_ablations_and_headline_runs_first():
+    spec = sweep.SweepSpec(norms=("bn", "gn", "cbn", "naive"), batch_sizes=(32, 4, 1), seeds=(0, 1),
+                           small_batch_seeds=(0, 1, 2), ablations=({"tag": "k2", "norm": "cbn", "batch_size": 1,
+                                                                    "window": 2},))
+    configs = spec.configs()
+    names = {c.run_name() for c in configs}
+    assert "gn_bs32_seed1" in names and "gn_bs32_seed2" not in names and "gn_bs4_seed2" in names
+    assert {"cbn_k2_bs1_seed0", "cbn_k2_bs1_seed2"} <= names
+    assert next(c for c in configs if c.tag == "k2").window == 2
+    ordered = sorted(configs, key=sweep.run_priority)
+    headline = {f"{n}_bs{b}_seed{s}" for n in ("bn", "naive", "cbn") for b in (1,) for s in (0, 1, 2)}
+    headline |= {"bn_bs32_seed0", "bn_bs32_seed1"}
+    assert {c.run_name() for c in ordered[: len(headline)]} == headline
+
+
+def test_report_intervals_comparisons_precise_control_and_ablations(tmp_path):
+    cbn_acc, bn_acc = [80.0, 82.0, 81.0], [40.0, 45.0, 38.0]
+    for seed in range(3):
+        _write(tmp_path, _fake_record(TrainConfig(norm="cbn", batch_size=1, seed=seed), cbn_acc[seed]))
+        _write(tmp_path, _fake_record(TrainConfig(norm="bn", batch_size=1, seed=seed), bn_acc[seed],
+                                      precise_bn={"test_acc": bn_acc[seed] + 10, "train_eval_acc": 60.0}))
+        _write(tmp_path, _fake_record(TrainConfig(norm="cbn", batch_size=1, seed=seed, tag="k2", window=2), 70.0 + seed))
+    summary = sweep.report(tmp_path)
+    cell = next(c for c in summary["cells"] if c["method"] == "cbn" and c["batch_size"] == 1)
+    # t_{0.975, 2} = 4.302653 (tables); std of (80, 82, 81) is 1
+    assert math.isclose(cell["ci95"], 4.302653 / math.sqrt(3), rel_tol=1e-5)
+    assert math.isclose(cell["train_eval_mean"], 86.0)
+    precise = next(c for c in summary["cells"] if c["method"] == sweep.PRECISE)
+    assert math.isclose(precise["mean"], statistics.fmean(bn_acc) + 10)
+    comparison = next(c for c in json.loads((tmp_path / "results.json").read_text())["comparisons"] if c["b"] == "bn")
+    diffs = [c - b for c, b in zip(cbn_acc, bn_acc)]
+    # paired t-test by hand: t = mean(d) / (sd(d) / sqrt(n)), two-sided, df = 2
+    t = statistics.fmean(diffs) / (statistics.stdev(diffs) / math.sqrt(3))
+    from scipy import stats
+
+    assert math.isclose(comparison["paired_p"], 2 * stats.t.sf(abs(t), 2), rel_tol=1e-9)
+    assert math.isclose(comparison["diff"], statistics.fmean(diffs))
+    assert "CBN [k2]" in summary["ablations"] and "BN + precise stats" in summary["table"]
+    assert (tmp_path / "test_accuracy_vs_epoch.png").exists() is False  # no naive runs: no curves

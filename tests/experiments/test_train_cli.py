@@ -31,6 +31,11 @@ def test_train_command_writes_record(tiny_fashion, tmp_path, capsys, norm):
     assert record["config"]["norm"] == norm and record["protocol"]["burnin"] == 2
     assert record["steps"] == 20 and 0 <= record["test_acc"] <= 100
     assert len(record["epochs"]) == 2 and all("test_acc" in e for e in record["epochs"])
+    assert all(0 <= e["train_eval_acc"] <= 100 for e in record["epochs"]) and "train acc (eval mode)" in printed
+    assert 0 <= record["precise_bn"]["test_acc"] <= 100 and record["precise_bn"]["layers"] == 9
+    assert record["commit"] != "" and record["config"]["tag"] == ""
+    if norm == "cbn":
+        assert record["pairing"] == "9 of 9 CBN layers compensated" and "pairing: 9 of 9" in printed
 
 
 def test_missing_data_is_a_clear_error(tmp_path, capsys):

@@ -22,6 +22,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from cbn.experiments.significance import compare, summarize
 from cbn.experiments.train import TrainConfig
 
 NORM_LABELS = {
@@ -36,9 +37,20 @@ NORM_LABELS = {
 
 @dataclass(frozen=True)
 class SweepSpec:
+    """A grid of norms x batch sizes x seeds, plus ablation variants at chosen cells.
+
+    ``small_batch_seeds`` (when set) replaces ``seeds`` at batch sizes ``<= small_batch``, where
+    the spread between seeds is largest. Each ablation is a dict with ``tag``, ``norm``,
+    ``batch_size`` and TrainConfig overrides (e.g. ``window``, ``burnin_fraction``); it runs for
+    the seeds of its batch size and is reported in its own table.
+    """
+
     norms: tuple = ("bn", "brn", "gn", "naive", "cbn", "syncbn")
     batch_sizes: tuple = (32, 16, 8, 4, 2, 1)
     seeds: tuple = (0, 1)
+    small_batch_seeds: tuple = ()
+    small_batch: int = 4
+    ablations: tuple = ()
     workers: int = 2
     out: str = "runs/sweep"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -54,27 +66,44 @@ class SweepSpec:
         base = asdict(TrainConfig())
         return {k: v for k, v in asdict(self.train).items() if base[k] != v}
 
+    def seeds_for(self, batch_size: int) -> tuple:
+        return self.small_batch_seeds if self.small_batch_seeds and batch_size <= self.small_batch else self.seeds
+
+    def _config(self, **values) -> TrainConfig:
+        return replace(self.train, progress=False, data_dir=self.data_dir or self.train.data_dir,
+                       out=str(Path(self.out) / "runs"), **values)
+
     def configs(self) -> list[TrainConfig]:
-        out = []
-        for norm in self.norms:
-            for bs in self.batch_sizes:
-                for seed in self.seeds:
-                    out.append(
-                        replace(
-                            self.train, norm=norm, batch_size=bs, seed=seed, progress=False,
-                            data_dir=self.data_dir or self.train.data_dir,
-                            out=str(Path(self.out) / "runs"),
-                        )
-                    )
+        out = [
+            self._config(norm=norm, batch_size=bs, seed=seed)
+            for norm in self.norms for bs in self.batch_sizes for seed in self.seeds_for(bs)
+        ]
+        for ablation in self.ablations:
+            for seed in self.seeds_for(ablation["batch_size"]):
+                out.append(self._config(**ablation, seed=seed))
         return out
 
 
-# The full ResNet-20 sweep of docs/results.md (sized from measured step times to ~50 min on
-# 2 single-thread workers) and the ~10 minute demo.
+# The evidence sweep of docs/results.md: ResNet-8 on a fixed 2,000-image Fashion-MNIST subset for
+# 12 epochs (BN at batch 32 within 0.5 points of 24 epochs, measured), where BN at batch 1 fails
+# by its train/test gap. Ablations at batch 1: window k, burn-in fraction (compensation on/off is
+# CBN vs naive CBN of the main grid, same window and burn-in).
+EVIDENCE = SweepSpec(
+    seeds=(0, 1),
+    small_batch_seeds=(0, 1, 2),
+    ablations=(
+        *({"tag": f"k{k}", "norm": "cbn", "batch_size": 1, "window": k} for k in (1, 2, 4, 8)),
+        *({"tag": f"burnin{int(f * 100)}", "norm": "cbn", "batch_size": 1, "burnin_fraction": f}
+          for f in (0.0, 0.1, 0.5, 0.75)),
+    ),
+    out="runs/evidence",
+    train=TrainConfig(model="resnet8", epochs=12, train_subset=2000, test_subset=2000, eval_every=1, nproc=2),
+)
+# The one-epoch ResNet-20 sweep of the first results page (retired; kept reproducible).
 FULL = SweepSpec(
     out="runs/full",
     train=TrainConfig(model="resnet20", epochs=1, train_subset=2400, test_subset=2000, eval_every=0, nproc=2,
-                      window_cap=8),
+                      window_cap=8, train_eval_subset=0, precise_bn_images=0),
 )
 DEMO = SweepSpec(
     norms=("bn", "gn", "brn", "naive", "cbn", "syncbn"),
@@ -84,6 +113,15 @@ DEMO = SweepSpec(
     train=TrainConfig(model="resnet8", epochs=2, train_subset=1500, test_subset=2000, eval_every=0, nproc=2,
                       window_cap=8),
 )
+# Runs whose comparison is the headline (BN, naive CBN and CBN at batch 1 and 2, and the BN
+# reference at batch 32) go first with all their seeds, so a cut sweep still tests it.
+_KEY_NORMS, _KEY_BATCHES, _REFERENCE = ("bn", "naive", "cbn"), (1, 2), ("bn", 32)
+
+
+def run_priority(cfg: TrainConfig) -> tuple:
+    key = not cfg.tag and ((cfg.norm in _KEY_NORMS and cfg.batch_size in _KEY_BATCHES)
+                           or (cfg.norm, cfg.batch_size) == _REFERENCE)
+    return (not key, cfg.seed, bool(cfg.tag), -_slots(cfg), cfg.batch_size, cfg.norm, cfg.tag)
 
 
 def _slots(cfg: TrainConfig) -> int:
@@ -127,8 +165,7 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> dict:
     (sweep_dir / "spec.json").write_text(json.dumps(asdict(spec), indent=2, default=list))
     configs = spec.configs()
     pending = [c for c in configs if not _result_path(c).exists()]
-    # Multi-slot runs first (they need the whole machine), then the slowest (smallest batch).
-    pending.sort(key=lambda c: (-_slots(c), c.batch_size, c.norm, c.seed))
+    pending.sort(key=run_priority)
     for c in pending:
         if _slots(c) > spec.workers:
             raise ValueError(f"{c.run_name()} needs {_slots(c)} slots but the sweep has {spec.workers} workers")
@@ -173,83 +210,192 @@ def run_sweep(spec: SweepSpec, progress: bool = True) -> dict:
     return report(sweep_dir)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return float("nan"), float("nan")
-    return statistics.fmean(finite), (statistics.stdev(finite) if len(finite) > 1 else 0.0)
+def _method(record: dict) -> str:
+    """A run's method key: the norm kind, with its ablation tag (``cbn_k2``)."""
+    tag = record["config"].get("tag", "")
+    return f"{record['config']['norm']}_{tag}" if tag else record["config"]["norm"]
+
+
+def _label(method: str) -> str:
+    norm, _, tag = method.partition("_")
+    return NORM_LABELS.get(norm, norm) + (f" [{tag}]" if tag else "")
+
+
+def _by_seed(records: list[dict], key: str = "test_acc", source=None) -> dict[int, float]:
+    values = {}
+    for r in records:
+        holder = r if source is None else r.get(source)
+        if holder is not None and holder.get(key) is not None:
+            values[r["config"]["seed"]] = float("nan") if r["diverged"] else holder[key]
+    return values
+
+
+PRECISE = "bn+precise"  # the precise-BN control: BN runs re-evaluated with recomputed statistics
+
+
+def _cell(method: str, batch: int, records: list[dict], source=None) -> dict:
+    test = _by_seed(records, "test_acc", source)
+    train = _by_seed(records, "train_eval_acc", source)
+    summary, train_summary = summarize(list(test.values())), summarize(list(train.values()))
+    first = records[0]
+    return {
+        "method": method, "norm": first["config"]["norm"], "tag": first["config"].get("tag", ""),
+        "batch_size": batch, "mean": summary.mean, "std": summary.std, "ci95": summary.ci95, "n": summary.n,
+        "seeds": sorted(test), "test_acc": test, "train_eval_acc": train,
+        "train_eval_mean": train_summary.mean, "train_eval_std": train_summary.std,
+        "diverged": sum(bool(r["diverged"]) for r in records),
+        "step_ms": statistics.fmean(statistics.fmean(e["step_ms"] for e in r["epochs"]) for r in records),
+        "train_seconds": statistics.fmean(r["train_seconds"] for r in records),
+        "window": first["protocol"]["window"], "burnin": first["protocol"]["burnin"],
+        "lr": first["protocol"]["lr"], "global_batch": first["protocol"]["global_batch"],
+        "epochs": first["config"]["epochs"],
+    }
+
+
+def _fmt(cell: dict | None, train: bool = False) -> str:
+    if cell is None or cell["n"] == 0:
+        return "-"
+    text = f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    if math.isfinite(cell["ci95"]):
+        text += f" [±{cell['ci95']:.1f}]"
+    if train and math.isfinite(cell["train_eval_mean"]):
+        text += f" / {cell['train_eval_mean']:.1f}"
+    return text + f" (n={cell['n']})"
+
+
+def _p(p: float) -> str:
+    return "n/a" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
 def report(sweep_dir: str | os.PathLike) -> dict:
-    """Aggregate the JSON records under ``sweep_dir/runs``: results.json, results.md, plot."""
+    """Aggregate the JSON records under ``sweep_dir/runs``: results.json, results.md, plots.
+
+    Cells hold mean, std and 95 % interval over seeds of the test accuracy, with the eval-mode
+    train accuracy beside it; ``bn+precise`` is the precise-BN control (BN runs with recomputed
+    population statistics). At every batch size <= 4, CBN is compared with BN, naive CBN and
+    the control (Welch's and paired t-tests). Ablation variants get their own table.
+    """
     sweep_dir = Path(sweep_dir)
     records = [json.loads(p.read_text()) for p in sorted((sweep_dir / "runs").glob("*.json"))]
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in records:
-        key = (r["config"]["norm"], r["config"]["batch_size"])
-        groups.setdefault(key, []).append(r)
-    norms = [n for n in NORM_LABELS if any(k[0] == n for k in groups)]
-    batch_sizes = sorted({k[1] for k in groups}, reverse=True)
-    cells = []
-    for (norm, bs), rs in sorted(groups.items()):
-        mean, std = _mean_std([r["test_acc"] for r in rs])
-        cells.append({
-            "norm": norm, "batch_size": bs, "mean": mean, "std": std, "n": len(rs),
-            "seeds": sorted(r["config"]["seed"] for r in rs),
-            "test_acc": [r["test_acc"] for r in rs],
-            "diverged": sum(bool(r["diverged"]) for r in rs),
-            "step_ms": statistics.fmean(statistics.fmean(e["step_ms"] for e in r["epochs"]) for r in rs),
-            "train_seconds": statistics.fmean(r["train_seconds"] for r in rs),
-            "window": rs[0]["protocol"]["window"], "burnin": rs[0]["protocol"]["burnin"],
-            "lr": rs[0]["protocol"]["lr"], "global_batch": rs[0]["protocol"]["global_batch"],
-        })
-    lookup = {(c["norm"], c["batch_size"]): c for c in cells}
-    header = "| norm | " + " | ".join(f"bs {b}" for b in batch_sizes) + " |"
+        groups.setdefault((_method(r), r["config"]["batch_size"]), []).append(r)
+    cells = [_cell(method, bs, rs) for (method, bs), rs in sorted(groups.items())]
+    cells += [_cell(PRECISE, bs, rs, "precise_bn") for (method, bs), rs in sorted(groups.items())
+              if method == "bn" and any("precise_bn" in r for r in rs)]
+    lookup = {(c["method"], c["batch_size"]): c for c in cells}
+    main_methods = [n for n in (*NORM_LABELS, PRECISE) if any(c["method"] == n for c in cells)]
+    batch_sizes = sorted({c["batch_size"] for c in cells if not c["tag"]}, reverse=True)
+    header = "| method | " + " | ".join(f"bs {b}" for b in batch_sizes) + " |"
     lines = [header, "|" + "---|" * (len(batch_sizes) + 1)]
-    for norm in norms:
-        row = []
-        for b in batch_sizes:
-            c = lookup.get((norm, b))
-            if c is None:
-                row.append("-")
-            else:
-                row.append(f"{c['mean']:.2f} ± {c['std']:.2f}" + (f" (n={c['n']})" if c["n"] != 2 else ""))
-        lines.append(f"| {NORM_LABELS[norm]} | " + " | ".join(row) + " |")
+    for method in main_methods:
+        row = [_fmt(lookup.get((method, b)), train=True) for b in batch_sizes]
+        lines.append(f"| {NORM_LABELS.get(method, 'BN + precise stats')} | " + " | ".join(row) + " |")
     table = "\n".join(lines)
+
+    comparisons = []
+    for b in (b for b in batch_sizes if b <= 4):
+        for other in ("bn", "naive", PRECISE):
+            cbn_cell, other_cell = lookup.get(("cbn", b)), lookup.get((other, b))
+            if cbn_cell and other_cell:
+                comparisons.append({"batch_size": b, "a": "cbn", "b": other,
+                                    **compare(cbn_cell["test_acc"], other_cell["test_acc"])})
+    comparison_lines = ["| batch | comparison | difference (points) | Welch p | paired p (n pairs) |",
+                        "|---|---|---|---|---|"]
+    for c in comparisons:
+        comparison_lines.append(
+            f"| {c['batch_size']} | CBN - {NORM_LABELS.get(c['b'], 'BN + precise stats')} | {c['diff']:+.2f} | "
+            f"{_p(c['welch_p'])} | {_p(c['paired_p'])} ({c['n_pairs']}) |"
+        )
+    comparison_table = "\n".join(comparison_lines)
+
+    ablation_cells = [c for c in cells if c["tag"]]
+    ablation_lines = ["| variant | batch | window | burn-in (steps) | test acc / train acc (eval mode) |",
+                      "|---|---|---|---|---|"]
+    for c in sorted(ablation_cells, key=lambda c: (c["batch_size"], c["tag"][:2], c["window"], c["burnin"])):
+        ablation_lines.append(f"| {_label(c['method'])} | {c['batch_size']} | {c['window']} | {c['burnin']} | "
+                              f"{_fmt(c, train=True)} |")
+    ablation_table = "\n".join(ablation_lines)
+
     results_path = sweep_dir / "results.json"
-    results_path.write_text(json.dumps({"cells": cells, "runs": records}, indent=2, default=float))
+    results_path.write_text(json.dumps({"cells": cells, "comparisons": comparisons, "runs": records},
+                                       indent=2, default=float))
     (sweep_dir / "results.md").write_text(
-        "Test accuracy (%), mean ± std over seeds (n=2 unless noted), eval mode.\n\n" + table + "\n"
+        "Test accuracy (%), mean ± std [± 95 % interval] / eval-mode train accuracy (n seeds).\n\n"
+        + table + "\n\nCBN against the others at batch <= 4 (test accuracy):\n\n" + comparison_table
+        + ("\n\nAblations:\n\n" + ablation_table if ablation_cells else "") + "\n"
     )
     plot_path = sweep_dir / "accuracy_vs_batch.png"
-    if cells:
-        plot(cells, norms, plot_path)
-    return {"table": table, "plot": str(plot_path), "results": str(results_path), "cells": cells}
+    main_cells = [c for c in cells if not c["tag"]]
+    if main_cells:
+        plot(main_cells, main_methods, plot_path)
+    curves_path = sweep_dir / "test_accuracy_vs_epoch.png"
+    if plot_curves(groups, curves_path) is None:
+        curves_path = None
+    return {"table": table, "comparisons": comparison_table, "ablations": ablation_table if ablation_cells else "",
+            "plot": str(plot_path), "curves": str(curves_path) if curves_path else None,
+            "results": str(results_path), "cells": cells}
 
 
-def plot(cells: list[dict], norms: list[str], path: Path) -> None:
+def plot(cells: list[dict], methods: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    markers = dict(bn="o", brn="s", gn="^", naive="v", cbn="D", syncbn="x")
-    for norm in norms:
-        cs = sorted((c for c in cells if c["norm"] == norm), key=lambda c: c["batch_size"])
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    markers = {"bn": "o", "brn": "s", "gn": "^", "naive": "v", "cbn": "D", "syncbn": "x", PRECISE: "."}
+    for method in methods:
+        cs = sorted((c for c in cells if c["method"] == method), key=lambda c: c["batch_size"])
         xs = [c["batch_size"] for c in cs]
-        ax.errorbar(xs, [c["mean"] for c in cs], yerr=[c["std"] for c in cs], marker=markers.get(norm, "o"),
-                    capsize=3, label=NORM_LABELS[norm], linewidth=2 if norm == "cbn" else 1.2)
+        errors = [c["ci95"] if math.isfinite(c["ci95"]) else 0.0 for c in cs]
+        ax.errorbar(xs, [c["mean"] for c in cs], yerr=errors, marker=markers.get(method, "o"), capsize=3,
+                    label=NORM_LABELS.get(method, "BN + precise stats"), linewidth=2 if method == "cbn" else 1.2,
+                    linestyle=":" if method == PRECISE else "-")
     ax.set_xscale("log", base=2)
     all_bs = sorted({c["batch_size"] for c in cells})
     ax.set_xticks(all_bs)
     ax.set_xticklabels([str(b) for b in all_bs])
     ax.invert_xaxis()
     ax.set_xlabel("batch size per iteration (per process for SyncBN)")
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel("test accuracy (%), mean and 95 % interval")
     ax.set_title("Fashion-MNIST: accuracy vs batch size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(groups: dict[tuple[str, int], list[dict]], path: Path) -> Path | None:
+    """Test accuracy against epoch (mean over seeds) for BN, naive CBN and CBN at the smallest batch
+    size where all three ran with per-epoch evaluation; ``None`` when there is none."""
+    batches = sorted(b for (m, b) in groups if m == "cbn" and all((n, b) in groups for n in ("bn", "naive")))
+    per_epoch = [b for b in batches if all(len([e for e in r["epochs"] if "test_acc" in e]) > 1
+                                           for n in ("bn", "naive", "cbn") for r in groups[(n, b)])]
+    if not per_epoch:
+        return None
+    batch = per_epoch[0]
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for method in ("bn", "naive", "cbn"):
+        by_epoch: dict[int, list[float]] = {}
+        for r in groups[(method, batch)]:
+            for e in r["epochs"]:
+                if "test_acc" in e:
+                    by_epoch.setdefault(e["epoch"], []).append(e["test_acc"])
+        epochs = sorted(by_epoch)
+        ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", label=NORM_LABELS[method])
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.set_title(f"Fashion-MNIST, batch {batch}: test accuracy during training")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return path

@@ -11,15 +11,22 @@ Protocol (recorded in every JSON record):
     * Batch Renorm: plain BN for the same fraction of steps, then r_max 1 -> 3 over 40 % and
       d_max 0 -> 5 over 25 % of all steps (the paper's 5k/40k/25k schedule, scaled);
     * the same seeds for every norm (same conv initialization and data order);
-    * evaluation in eval mode (running statistics; GroupNorm has none).
+    * evaluation in eval mode (running statistics; GroupNorm has none), on the test set and on
+      a fixed part of the training set (``train_eval_subset`` images, unaugmented), so the
+      train/test gap of eval mode is recorded beside the test accuracy;
+    * after training, a copy of every model with running statistics is evaluated again with its
+      population statistics recomputed (``precise_bn.py``, over ``precise_bn_images`` training
+      images): the "precise BN" control.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import copy
 import os
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,8 +36,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cbn.experiments.data import FashionMNIST, eval_batches, train_batches
+from cbn.experiments.data import FashionMNIST, eval_batches, normalize, train_batches
 from cbn.experiments.norms import NORM_KINDS, build_model
+from cbn.experiments.precise_bn import recompute_population_statistics
+from cbn.pairing import pairing_report, pairing_summary
 
 
 @dataclass
@@ -60,13 +69,17 @@ class TrainConfig:
     nproc: int = 1  # syncbn only: processes, each with batch_size examples
     eval_every: int = 1  # epochs; the last epoch is always evaluated
     eval_batch: int = 500
+    train_eval_subset: int = 2000  # training images evaluated in eval mode (0: none)
+    precise_bn_images: int = 2000  # training images for the precise-BN control (0: none)
+    tag: str = ""  # names a variant of the protocol (ablations); part of the run name
     data_dir: str | None = None
     out: str | None = None  # directory for the JSON record
     progress: bool = True
     threads: int = 1
 
     def run_name(self) -> str:
-        return f"{self.norm}_bs{self.batch_size}_seed{self.seed}"
+        tag = f"_{self.tag}" if self.tag else ""
+        return f"{self.norm}{tag}_bs{self.batch_size}_seed{self.seed}"
 
 
 def resolve_protocol(cfg: TrainConfig, n_train: int) -> dict:
@@ -136,6 +149,41 @@ def evaluate(model: nn.Module, images, labels, batch_size: int = 500) -> tuple[f
     return 100.0 * correct / len(labels), loss_sum / len(labels)
 
 
+def has_running_stats(model: nn.Module) -> bool:
+    from torch.nn.modules.batchnorm import _NormBase
+
+    return any(isinstance(m, _NormBase) and m.track_running_stats for m in model.modules())
+
+
+def precise_bn_accuracy(model: nn.Module, data: FashionMNIST, cfg: TrainConfig, train_eval_set) -> dict:
+    """Test and eval-mode train accuracy of a copy of ``model`` with recomputed population statistics.
+
+    The statistics come from the first ``precise_bn_images`` training images (unaugmented,
+    normalized as for evaluation); ``model`` itself is left unchanged.
+    """
+    t0 = time.perf_counter()
+    frozen = copy.deepcopy(model)
+    images = normalize(data.train_images[: cfg.precise_bn_images])
+    layers = recompute_population_statistics(frozen, images, cfg.eval_batch)
+    test_acc = evaluate(frozen, data.test_images, data.test_labels, cfg.eval_batch)[0]
+    train_acc = evaluate(frozen, *train_eval_set, cfg.eval_batch)[0] if cfg.train_eval_subset else float("nan")
+    return {"test_acc": test_acc, "train_eval_acc": train_acc, "images": len(images), "layers": layers,
+            "seconds": time.perf_counter() - t0}
+
+
+def source_commit() -> str:
+    """The git commit of the code that runs (``+dirty`` with uncommitted changes), or ``unknown``."""
+    root = Path(__file__).resolve().parents[3]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,10 +217,12 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | Non
         "config": asdict(cfg),
         "protocol": proto,
         "torch": torch.__version__,
+        "commit": source_commit(),
         "epochs": [],
         "diverged": False,
     }
     show = cfg.progress and is_main
+    train_eval_set = (data.train_images[: cfg.train_eval_subset], data.train_labels[: cfg.train_eval_subset])
     if show:
         from tqdm import tqdm
     step = 0
@@ -208,6 +258,9 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | Non
             optimizer.step()
             scheduler.step()
             step += 1
+            if step == 1 and is_main and cfg.norm in ("naive", "cbn"):
+                record["pairing"] = pairing_summary(pairing_report(model))
+                print(f"[{cfg.run_name()}] pairing: {record['pairing']}", flush=True)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 record["diverged"] = True
@@ -228,10 +281,15 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | Non
         if is_main and (last or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0)):
             t1 = time.perf_counter()
             acc, test_loss = evaluate(model, data.test_images, data.test_labels, cfg.eval_batch)
-            entry.update(test_acc=acc, test_loss=test_loss, eval_seconds=time.perf_counter() - t1)
+            entry.update(test_acc=acc, test_loss=test_loss)
+            train_eval = ""
+            if cfg.train_eval_subset:
+                entry["train_eval_acc"] = evaluate(model, *train_eval_set, cfg.eval_batch)[0]
+                train_eval = f"  train acc (eval mode) {entry['train_eval_acc']:.2f}"
+            entry["eval_seconds"] = time.perf_counter() - t1
             print(
                 f"[{cfg.run_name()}] epoch {epoch + 1}/{cfg.epochs}  train loss {entry['train_loss']:.4f}  "
-                f"train acc {entry['train_acc']:.2f}  test acc {acc:.2f}  ({epoch_time:.1f}s)",
+                f"train acc {entry['train_acc']:.2f}{train_eval}  test acc {acc:.2f}  ({epoch_time:.1f}s)",
                 flush=True,
             )
         record["epochs"].append(entry)
@@ -244,6 +302,9 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | Non
         return None
     finals = [e for e in record["epochs"] if "test_acc" in e]
     record["test_acc"] = float("nan") if record["diverged"] else finals[-1]["test_acc"]
+    record["train_eval_acc"] = float("nan") if record["diverged"] else finals[-1].get("train_eval_acc", float("nan"))
+    if cfg.precise_bn_images and not record["diverged"] and has_running_stats(model):
+        record["precise_bn"] = precise_bn_accuracy(model, data, cfg, train_eval_set)
     record["train_seconds"] = train_time
     record["steps"] = step
     if result_path:
