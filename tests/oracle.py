@@ -31,9 +31,20 @@ def produce(producer: nn.Module, x, weight, bias):
     return producer._conv_forward(x, weight, bias)
 
 
+def parameters_as_they_are(producer: nn.Module):
+    return producer.weight, producer.bias
+
+
 class DenseJacobianCBN:
-    def __init__(self, producer: nn.Module, window: int, compensate: bool, eps: float = 1e-5):
+    """``effective(producer) -> (weight, bias)`` and ``apply(producer, x, weight, bias) -> y`` describe
+    what the producer really computes (defaults: its parameters, and the stock module's maths); the
+    Taylor step is in that effective weight."""
+
+    def __init__(self, producer: nn.Module, window: int, compensate: bool, eps: float = 1e-5,
+                 effective=parameters_as_they_are, apply=produce):
         self.producer = producer
+        self.effective = effective
+        self.apply = apply
         self.window = window
         self.compensate = compensate
         self.eps = eps
@@ -41,8 +52,8 @@ class DenseJacobianCBN:
 
     def __call__(self, x, gamma, beta):
         producer = self.producer
-        weight, bias = producer.weight, producer.bias
-        y = produce(producer, x, weight, bias)
+        weight, bias = self.effective(producer)
+        y = self.apply(producer, x, weight, bias)
         dims = [0, *range(2, y.dim())]
         shape = (1, -1) + (1,) * (y.dim() - 2)
         mu, nu = y.mean(dims), (y * y).mean(dims)
@@ -74,11 +85,12 @@ class DenseJacobianCBN:
         if self.window == 1:
             return
         producer = self.producer
-        weight = producer.weight.detach().clone()
-        bias = None if producer.bias is None else producer.bias.detach().clone()
+        weight, bias = self.effective(producer)
+        weight = weight.detach().clone()
+        bias = None if bias is None else bias.detach().clone()
 
         def moments_of_weight(w):
-            yy = produce(producer, x, w, bias)
+            yy = self.apply(producer, x, w, bias)
             return torch.stack([yy.mean(dims), (yy * yy).mean(dims)])
 
         jac_w = torch.autograd.functional.jacobian(moments_of_weight, weight).flatten(2)
@@ -86,7 +98,7 @@ class DenseJacobianCBN:
         if bias is not None:
 
             def moments_of_bias(b):
-                yy = produce(producer, x, weight, b)
+                yy = self.apply(producer, x, weight, b)
                 return torch.stack([yy.mean(dims), (yy * yy).mean(dims)])
 
             jac_b = torch.autograd.functional.jacobian(moments_of_bias, bias)

@@ -17,9 +17,13 @@ import warnings
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .functional.statistic_gradients import PRODUCER_TYPES
+from .functional.statistic_gradients import _CONVOLUTIONS, PRODUCER_TYPES, ConvolutionCall
+
+_STOCK_FORWARDS = {cls.forward for cls in PRODUCER_TYPES}
 
 
 class ProducerTap:
@@ -58,6 +62,94 @@ class ProducerTap:
         return {"keep_input": self.keep_input, "claimed": self.claimed, "_output": None, "_input": None}
 
 
+_CONVOLUTION_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CALL_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CALL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def has_custom_forward(module: nn.Module) -> bool:
+    """Whether ``module``'s class overrides the ``forward`` of the torch producer class it extends.
+
+    Parametrized modules (``torch.nn.utils.parametrize``) keep the stock ``forward``: their
+    ``weight`` attribute already is the effective weight.
+    """
+    return type(module).forward not in _STOCK_FORWARDS
+
+
+class _ConvolutionCapture(TorchFunctionMode):
+    """Records every ``F.conv1d/2d/3d`` call made while active, with its result."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple, dict, Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func in _CONVOLUTION_FUNCTIONS:
+            self.calls.append((args, kwargs, result))
+        return result
+
+
+def _as_call(args: tuple, kwargs: dict) -> tuple[Tensor, ConvolutionCall]:
+    bound = {**_CALL_DEFAULTS, **dict(zip(_CALL_ARGUMENTS, args)), **kwargs}
+    dims = bound["weight"].dim() - 2
+
+    def per_dim(value):
+        return value if isinstance(value, str) else tuple(value) if isinstance(value, (tuple, list)) else (value,) * dims
+
+    call = ConvolutionCall(bound["weight"], bound["bias"], per_dim(bound["stride"]), per_dim(bound["padding"]),
+                           per_dim(bound["dilation"]), int(bound["groups"]))
+    return bound["input"], call
+
+
+class CapturingTap(ProducerTap):
+    """Tap of a convolution whose ``forward`` is custom: records the ``F.convNd`` call it made.
+
+    The module may pad its input or transform its weight (weight standardization) before the
+    call; the call's own input and weight are what the output's statistics depend on. The
+    capture (a ``TorchFunctionMode`` around the module's forward) runs only in training and while
+    the tap may be needed. ``failure`` says why a forward could not be described by one call.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.call: ConvolutionCall | None = None
+        self.failure = ""
+        self._capture: _ConvolutionCapture | None = None
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        if self.keep_input and module.training and not torch.compiler.is_compiling():
+            self._capture = _ConvolutionCapture()
+            self._capture.__enter__()
+
+    def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        capture, self._capture = self._capture, None
+        self._output = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._input, self.call = None, None
+        if capture is None:
+            return
+        capture.__exit__(None, None, None)
+        found = [(a, k) for a, k, result in capture.calls if result is output]
+        if len(found) != 1:
+            self.failure = (f"custom forward of {type(module).__name__} does not return the result of one "
+                            "F.conv1d/2d/3d call")
+            return
+        self._input, self.call = _as_call(*found[0])
+        self.failure = ""
+
+    _record_outside_graph = torch.compiler.disable(_record)
+
+    def take_input(self, output: Tensor) -> Tensor | None:
+        producer_input = super().take_input(output)
+        if producer_input is None:
+            self.call = None
+        return producer_input
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "call": None, "failure": self.failure, "_capture": None}
+
+
 class ProducerRegistry:
     """The taps of one converted model, shared by its Cross-Iteration BatchNorm layers."""
 
@@ -80,8 +172,14 @@ class ProducerRegistry:
         tapped = {id(module) for module, _ in registry.taps}
         for module in model.modules():
             if isinstance(module, PRODUCER_TYPES) and id(module) not in tapped:
-                tap = ProducerTap()
-                module.register_forward_hook(tap)
+                if has_custom_forward(module) and isinstance(module, _CONVOLUTIONS):
+                    tap = CapturingTap()
+                    module.register_forward_pre_hook(tap.enter)
+                    # always_call: the capture mode is left even when the forward raises
+                    module.register_forward_hook(tap, always_call=True)
+                else:
+                    tap = ProducerTap()
+                    module.register_forward_hook(tap)
                 registry.taps.append((module, tap))
         return registry
 
@@ -126,3 +224,7 @@ def remove_hooks(model: nn.Module) -> None:
                 del module._forward_hooks[key]
                 module._forward_hooks_with_kwargs.pop(key, None)
                 module._forward_hooks_always_called.pop(key, None)
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), CapturingTap):
+                del module._forward_pre_hooks[key]
+                module._forward_pre_hooks_with_kwargs.pop(key, None)

@@ -28,6 +28,7 @@ Centring keeps float32 accurate when ``|mu| >> std``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -42,6 +43,35 @@ PRODUCER_TYPES = (*_CONVOLUTIONS, *_TRANSPOSED, nn.Linear)
 _SPLIT_BATCH = 8
 
 
+@dataclass(frozen=True)
+class ConvolutionCall:
+    """One functional convolution as a producer: what ``F.conv1d/2d/3d`` was called with.
+
+    Stands in for a convolution module whose ``forward`` is not the stock one (it pads its input,
+    or transforms its weight, before calling ``F.convNd``): the statistic gradients of its output
+    are those of this call, with ``weight`` the effective weight and the call's own input, so the
+    Taylor step is exact in the weight the convolution really used. Zero padding only (the
+    functional form has no padding mode); ``padding`` may be ``"same"`` or ``"valid"``.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...] | str
+    dilation: tuple[int, ...]
+    groups: int
+    padding_mode = "zeros"
+
+    @property
+    def _reversed_padding_repeated_twice(self) -> list[int]:
+        # padding="same" as F.convNd applies it: the odd extra element goes to the end.
+        pads = []
+        for d, k in zip(reversed(self.dilation), reversed(self.weight.shape[2:])):
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return pads
+
+
 class StatisticGradients(NamedTuple):
     """Gradients of ``k`` entries, in the window's layout.
 
@@ -54,7 +84,7 @@ class StatisticGradients(NamedTuple):
 
 def producer_groups(producer: nn.Module) -> int:
     """Number of weight groups whose output channels share one mean patch."""
-    return producer.groups if isinstance(producer, (*_CONVOLUTIONS, *_TRANSPOSED)) else 1
+    return producer.groups if isinstance(producer, (*_CONVOLUTIONS, *_TRANSPOSED, ConvolutionCall)) else 1
 
 
 def weight_rows(producer: nn.Module, weight: Tensor) -> Tensor:
@@ -85,7 +115,7 @@ def weight_rows(producer: nn.Module, weight: Tensor) -> Tensor:
     return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
 
 
-def _padded_input(producer: nn.Conv1d | nn.Conv2d | nn.Conv3d, x: Tensor) -> tuple[Tensor, list[int]]:
+def _padded_input(producer: nn.Conv1d | nn.Conv2d | nn.Conv3d | ConvolutionCall, x: Tensor) -> tuple[Tensor, list[int]]:
     """The input padded the way the convolution pads it, and the padding left to pass on."""
     spatial_dims = x.dim() - 2
     if producer.padding_mode == "zeros" and not isinstance(producer.padding, str):
@@ -207,13 +237,13 @@ def _transposed_statistic_gradients(
 
 
 def producer_statistic_gradients(
-    producer: nn.Module, producer_input: Tensor, output: Tensor, mean: Tensor
+    producer: nn.Module | ConvolutionCall, producer_input: Tensor, output: Tensor, mean: Tensor
 ) -> StatisticGradients:
     """Gradients of the per-channel mean and variance of ``output`` w.r.t. the producer's weight rows.
 
     Args:
         producer: the ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` that
-            computed ``output``.
+            computed ``output``, or the :class:`ConvolutionCall` a custom module made.
         producer_input: its input, in the statistics dtype (float32 or wider).
         output: its output ``(N, C, *)`` (``(N, C)`` for a linear layer), same dtype.
         mean: per-channel mean of ``output``, shape ``(C,)``.

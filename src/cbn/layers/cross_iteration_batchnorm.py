@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
 from ..functional.normalization import cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
+    ConvolutionCall,
     StatisticGradients,
     producer_groups,
     producer_statistic_gradients,
@@ -21,7 +22,7 @@ from ..functional.statistic_gradients import (
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
 from ..iterations import SUSPICIOUS_FORWARDS
-from ..producers import ProducerRegistry, ProducerTap
+from ..producers import CapturingTap, ProducerRegistry, ProducerTap
 from .input_rank import Input1d, Input2d, Input3d
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
@@ -91,6 +92,8 @@ class _CrossIterationBatchNorm(_NormBase):
         self._weight_versions: tuple[int, ...] | None = None
         self._registry: ProducerRegistry | None = None
         self._producer: tuple[nn.Module, ProducerTap] | None = None
+        self._producer_parameters: list[Tensor] = []
+        self._call: ConvolutionCall | None = None  # the F.convNd call of a custom producer forward
         self._pairing = _UNRESOLVED
         self._unpaired_reason = ""
         self._layer_name = type(self).__name__
@@ -159,6 +162,8 @@ class _CrossIterationBatchNorm(_NormBase):
         self._layer_name = name or self._layer_name
         self._pairing = _UNRESOLVED
         self._producer = None
+        self._producer_parameters = []
+        self._call = None
 
     @property
     def producer(self) -> nn.Module | None:
@@ -167,9 +172,10 @@ class _CrossIterationBatchNorm(_NormBase):
 
     def _discover_producer(self, input: Tensor) -> None:
         found = self._registry.find(input) if self._registry is not None else None
-        refusal = self._refuse_producer(found[0], input) if found is not None else _NO_PRODUCER
+        refusal = self._refuse_producer(*found, input) if found is not None else _NO_PRODUCER
         if refusal is None:
             self._producer = found
+            self._producer_parameters = list(found[0].parameters())
             found[1].claimed = True
             self._pairing = _PAIRED
             self._allocate_gradient_window(found[0])
@@ -185,9 +191,11 @@ class _CrossIterationBatchNorm(_NormBase):
                 stacklevel=3,
             )
 
-    def _refuse_producer(self, producer: nn.Module, input: Tensor) -> str | None:
+    def _refuse_producer(self, producer: nn.Module, tap: ProducerTap, input: Tensor) -> str | None:
         """Why ``producer`` (whose output is ``input``) cannot be paired, or ``None`` if it can."""
         name = type(producer).__name__
+        if isinstance(tap, CapturingTap) and tap.call is None:
+            return tap.failure or f"custom forward of {name} could not be observed"
         if isinstance(producer, nn.Linear):
             if input.dim() != 2:
                 return f"{name} output of rank {input.dim()}: only (N, C) outputs of a linear layer pair"
@@ -227,9 +235,13 @@ class _CrossIterationBatchNorm(_NormBase):
                 self.window_stats[:, _MEAN_SHIFT:_SAMPLES].zero_()
 
     def _producer_input(self, input: Tensor) -> Tensor | None:
+        """The input of the convolution that made ``input`` (and, for a custom forward, its call)."""
         if self._producer is None:
             return None
-        producer_input = self._producer[1].take_input(input)
+        tap = self._producer[1]
+        producer_input = tap.take_input(input)
+        if isinstance(tap, CapturingTap):
+            self._call = tap.call
         if producer_input is None and not self._warned_mismatch:
             self._warned_mismatch = True
             warnings.warn(
@@ -240,10 +252,21 @@ class _CrossIterationBatchNorm(_NormBase):
         return producer_input
 
     def _trainable_producer_weights(self) -> list[Tensor]:
+        """The producer's trainable parameters: ``weight`` and ``bias``, or what a parametrization
+        (``weight_norm``, ...) computes them from, whose version counters mark the iterations."""
+        return [p for p in self._producer_parameters if p.requires_grad]
+
+    @property
+    def _computation(self) -> nn.Module | ConvolutionCall | None:
+        """What computed the current input: the producer, or the F.convNd call of a custom forward."""
         if self._producer is None:
-            return []
-        producer = self._producer[0]
-        return [p for p in (producer.weight, producer.bias) if p is not None and p.requires_grad]
+            return None
+        return self._call if self._custom_producer else self._producer[0]
+
+    @property
+    def _custom_producer(self) -> bool:
+        """Paired with a convolution whose custom ``forward`` is observed call by call."""
+        return self._producer is not None and isinstance(self._producer[1], CapturingTap)
 
     def _advance_iteration(self, input: Tensor) -> None:
         """Count an iteration when the producer's weights changed since the last training forward.
@@ -309,11 +332,11 @@ class _CrossIterationBatchNorm(_NormBase):
     # ----------------------------------------------------------------------------- maths
     def _current_shifts(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
         """First-order terms of the stored gradients at the current weights, ``(k-1, C)`` each."""
-        if not self._compensating or self._producer is None:
+        computation = self._computation
+        if not self._compensating or computation is None:
             return None, None
-        producer = self._producer[0]
         gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
-        return statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
+        return statistic_shifts(gradients, weight_rows(computation, computation.weight), computation.bias)
 
     def _moved_window(self) -> tuple[Tensor, Tensor]:
         """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""
@@ -354,7 +377,7 @@ class _CrossIterationBatchNorm(_NormBase):
             # Weights that do not move (or entries evicted before burn-in ends) need no Taylor step.
             return None
         dtype = self.window_stats.dtype
-        producer = self._producer[0]
+        producer = self._computation
         producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
         output = output if output.dtype == dtype else output.to(dtype)  # under no_grad
         gradients = producer_statistic_gradients(producer, producer_input, output, batch_mean)
@@ -547,7 +570,7 @@ def prepare_past_statistics(layers: list[_CrossIterationBatchNorm]) -> None:
     groups: dict[tuple, list[_CrossIterationBatchNorm]] = {}
     for layer in layers:
         layer._prepared_past = None
-        if layer._will_pool:
+        if layer._will_pool and not layer._custom_producer:  # a custom forward's weight is known late
             key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
             groups.setdefault(key, []).append(layer)
     for (_, _, _, compensating), members in groups.items():
