@@ -7,7 +7,7 @@ and compares, under one protocol, BatchNorm, Cross-Iteration BatchNorm, GroupNor
 InstanceNorm at the batch sizes 3-D training affords. It is a usage example, not evidence: the
 evidence on real data is in docs/results.md.
 
-    python examples/monai_unet3d.py                       # about 3 minutes on 2 cores
+    python examples/monai_unet3d.py                       # about a minute on one core
     python examples/monai_unet3d.py --size 16 --train-volumes 4 --test-volumes 2 --epochs 1   # smoke
 
 Prints a table (test and train Dice in eval mode, step time), writes JSON and a PNG to --out.

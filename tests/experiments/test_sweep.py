@@ -51,7 +51,7 @@ def test_syncbn_takes_nproc_slots():
 
 def test_small_batch_seeds_ablations_and_headline_runs_first():
     spec = sweep.SweepSpec(norms=("bn", "gn", "cbn", "naive"), batch_sizes=(32, 4, 1), seeds=(0, 1),
-                           small_batch_seeds=(0, 1, 2), ablations=({"tag": "k2", "norm": "cbn", "batch_size": 1,
+                           small_batch_seeds=(0, 1, 2), extra_runs=({"tag": "k2", "norm": "cbn", "batch_size": 1,
                                                                     "window": 2},))
     configs = spec.configs()
     names = {c.run_name() for c in configs}
@@ -88,3 +88,19 @@ def test_report_intervals_comparisons_precise_control_and_ablations(tmp_path):
     assert math.isclose(comparison["diff"], statistics.fmean(diffs))
     assert "CBN [k2]" in summary["ablations"] and "BN + precise stats" in summary["table"]
     assert (tmp_path / "test_accuracy_vs_epoch.png").exists() is False  # no naive runs: no curves
+
+
+def test_demo_preset_is_the_headline_cell():
+    names = {c.run_name() for c in sweep.DEMO.configs()}
+    assert names == {"bn_bs1_seed0", "naive_bs1_seed0", "cbn_bs1_seed0", "bn_bs32_seed0"}
+    assert all(c.precise_bn_images and c.train_eval_subset for c in sweep.DEMO.configs())
+
+
+def test_reading_names_the_failure_and_each_method(tmp_path):
+    for norm, bs, acc in (("bn", 32, 85.0), ("bn", 1, 40.0), ("cbn", 1, 80.0), ("naive", 1, 75.0)):
+        extra = {"precise_bn": {"test_acc": 45.0, "train_eval_acc": 46.0}} if norm == "bn" else {}
+        _write(tmp_path, _fake_record(TrainConfig(norm=norm, batch_size=bs), acc, **extra))
+    text = sweep.report(tmp_path)["reading"]
+    assert text.startswith("Reading: at batch 1 BN reaches 40.0 % test accuracy against 85.0 % at batch 32")
+    assert "eval-mode train accuracy 45.0 %" in text
+    assert "CBN 80.0 %, naive CBN 75.0 %, BN with precise statistics 45.0 %" in text

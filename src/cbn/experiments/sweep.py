@@ -37,12 +37,13 @@ NORM_LABELS = {
 
 @dataclass(frozen=True)
 class SweepSpec:
-    """A grid of norms x batch sizes x seeds, plus ablation variants at chosen cells.
+    """A grid of norms x batch sizes x seeds, plus extra runs (ablation variants, single cells).
 
     ``small_batch_seeds`` (when set) replaces ``seeds`` at batch sizes ``<= small_batch``, where
-    the spread between seeds is largest. Each ablation is a dict with ``tag``, ``norm``,
-    ``batch_size`` and TrainConfig overrides (e.g. ``window``, ``burnin_fraction``); it runs for
-    the seeds of its batch size and is reported in its own table.
+    the spread between seeds is largest. Each extra run is a dict of TrainConfig overrides with at
+    least ``norm`` and ``batch_size``; it runs for the seeds of its batch size. One with a ``tag``
+    is a variant of the protocol (e.g. ``window``, ``burnin_fraction``), reported in the ablation
+    table; one without is a cell of the main table outside the grid.
     """
 
     norms: tuple = ("bn", "brn", "gn", "naive", "cbn", "syncbn")
@@ -50,7 +51,7 @@ class SweepSpec:
     seeds: tuple = (0, 1)
     small_batch_seeds: tuple = ()
     small_batch: int = 4
-    ablations: tuple = ()
+    extra_runs: tuple = ()
     workers: int = 2
     out: str = "runs/sweep"
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -78,9 +79,9 @@ class SweepSpec:
             self._config(norm=norm, batch_size=bs, seed=seed)
             for norm in self.norms for bs in self.batch_sizes for seed in self.seeds_for(bs)
         ]
-        for ablation in self.ablations:
-            for seed in self.seeds_for(ablation["batch_size"]):
-                out.append(self._config(**ablation, seed=seed))
+        for extra in self.extra_runs:
+            for seed in self.seeds_for(extra["batch_size"]):
+                out.append(self._config(**extra, seed=seed))
         return out
 
 
@@ -92,7 +93,7 @@ class SweepSpec:
 EVIDENCE = SweepSpec(
     seeds=(0, 1),
     small_batch_seeds=(0, 1, 2),
-    ablations=(
+    extra_runs=(
         *({"tag": f"k{k}", "norm": "cbn", "batch_size": 1, "window": k} for k in (1, 2, 4, 8)),
         *({"tag": f"burnin{int(f * 100)}", "norm": "cbn", "batch_size": 1, "burnin_fraction": f}
           for f in (0.0, 0.1, 0.5, 0.75)),
@@ -108,13 +109,16 @@ FULL = SweepSpec(
     train=TrainConfig(model="resnet20", epochs=1, train_subset=2400, test_subset=2000, eval_every=0, nproc=2,
                       window_cap=8, train_eval_subset=0, precise_bn_images=0),
 )
+# The headline in a few minutes (`make demo`): the failing cell of the evidence sweep at a smaller
+# size. BN, naive CBN and CBN at batch 1 (and the precise-BN control from the BN run), BN at 32.
 DEMO = SweepSpec(
-    norms=("bn", "gn", "brn", "naive", "cbn", "syncbn"),
-    batch_sizes=(32, 8, 2, 1),
+    norms=("bn", "naive", "cbn"),
+    batch_sizes=(1,),
     seeds=(0,),
+    extra_runs=({"norm": "bn", "batch_size": 32},),
     out="runs/demo",
-    train=TrainConfig(model="resnet8", epochs=2, train_subset=1500, test_subset=2000, eval_every=0, nproc=2,
-                      window_cap=8),
+    train=TrainConfig(model="resnet8", epochs=8, train_subset=600, test_subset=1000, eval_every=0, nproc=2,
+                      augment=False, train_eval_subset=600, precise_bn_images=600),
 )
 # Runs whose comparison is the headline (BN, naive CBN and CBN at batch 1 and 2, and the BN
 # reference at batch 32) go first with all their seeds, so a cut sweep still tests it.
@@ -325,7 +329,7 @@ def report(sweep_dir: str | os.PathLike) -> dict:
                                        indent=2, default=float))
     (sweep_dir / "results.md").write_text(
         "Test accuracy (%), mean ± std [± 95 % interval] / eval-mode train accuracy (n seeds).\n\n"
-        + table + "\n\nCBN against the others at batch <= 4 (test accuracy):\n\n" + comparison_table
+        + table + "\n\n" + reading(cells) + "\n\nCBN against the others at batch <= 4 (test accuracy):\n\n" + comparison_table
         + ("\n\nAblations:\n\n" + ablation_table if ablation_cells else "") + "\n"
     )
     plot_path = sweep_dir / "accuracy_vs_batch.png"
@@ -335,9 +339,26 @@ def report(sweep_dir: str | os.PathLike) -> dict:
     curves_path = sweep_dir / "test_accuracy_vs_epoch.png"
     if plot_curves(groups, curves_path) is None:
         curves_path = None
-    return {"table": table, "comparisons": comparison_table, "ablations": ablation_table if ablation_cells else "",
+    return {"table": table, "reading": reading(cells), "comparisons": comparison_table, "ablations": ablation_table if ablation_cells else "",
             "plot": str(plot_path), "curves": str(curves_path) if curves_path else None,
             "results": str(results_path), "cells": cells}
+
+
+def reading(cells: list[dict]) -> str:
+    """One sentence on the smallest batch size: how far BN falls, and what CBN, naive CBN and the
+    precise-BN control do there (empty when BN at that size or at the largest is missing)."""
+    lookup = {(c["method"], c["batch_size"]): c for c in cells if not c["tag"]}
+    sizes = sorted({b for m, b in lookup if m == "bn"})
+    if len(sizes) < 2:
+        return ""
+    small, large = sizes[0], sizes[-1]
+    bn, reference = lookup[("bn", small)], lookup[("bn", large)]
+    text = (f"Reading: at batch {small} BN reaches {bn['mean']:.1f} % test accuracy against {reference['mean']:.1f} % "
+            f"at batch {large} (eval-mode train accuracy {bn['train_eval_mean']:.1f} %: the train/test gap of batch "
+            "statistics)")
+    parts = [f"{NORM_LABELS.get(m, 'BN with precise statistics')} {lookup[(m, small)]['mean']:.1f} %"
+             for m in ("cbn", "naive", PRECISE) if (m, small) in lookup]
+    return text + ("; at the same batch " + ", ".join(parts) if parts else "") + "."
 
 
 def plot(cells: list[dict], methods: list[str], path: Path) -> None:
