@@ -507,6 +507,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-lr", type=float, default=0.0, help="floor of the linearly scaled lr")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no crop/flip augmentation")
     p.add_argument("--train-subset", type=int, default=2400, help="class-balanced training subset (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trunc-layers", type=int, default=4,
@@ -558,7 +559,8 @@ def run_study(args: argparse.Namespace) -> dict:
     def batches():
         epoch = 0
         while True:
-            yield from train_batches(data.train_images, data.train_labels, args.batch_size, args.seed, epoch)
+            yield from train_batches(data.train_images, data.train_labels, args.batch_size, args.seed, epoch,
+                                     augmentation=getattr(args, "augment", True))
             epoch += 1
 
     t0 = time.perf_counter()

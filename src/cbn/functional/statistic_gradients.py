@@ -128,14 +128,15 @@ def _padded_input(producer: nn.Conv1d | nn.Conv2d | nn.Conv3d | ConvolutionCall,
 
 
 def _convolution_weight_gradient(
-    producer: nn.Conv1d | nn.Conv2d | nn.Conv3d,
+    producer: nn.Module | ConvolutionCall,
     grad_output: Tensor,
     x: Tensor,
     weight_shape: list[int],
     padding: list[int],
     groups: int,
+    output_padding: list[int] | None = None,
 ) -> Tensor:
-    spatial_dims = x.dim() - 2
+    """Weight gradient of the convolution of ``x``; transposed when ``output_padding`` is given."""
     # Only the weight's shape is read: an expanded scalar avoids allocating it.
     weight = x.new_zeros(()).expand(weight_shape)
     _, weight_grad, _ = torch.ops.aten.convolution_backward(
@@ -146,8 +147,8 @@ def _convolution_weight_gradient(
         list(producer.stride),
         padding,
         list(producer.dilation),
-        False,
-        [0] * spatial_dims,
+        output_padding is not None,
+        output_padding if output_padding is not None else [0] * (x.dim() - 2),
         groups,
         [False, True, False],
     )
@@ -168,33 +169,6 @@ def _effective_output_padding(
     return [out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for (out, size, k), (s, p, d) in zip(sizes, settings)]
 
 
-def _transposed_weight_gradient(
-    producer: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d,
-    grad_output: Tensor,
-    x: Tensor,
-    weight_shape: list[int],
-    output_padding: list[int],
-    groups: int,
-) -> Tensor:
-    """Weight gradient ``(C_in, C_out / groups, *kernel)`` of the transposed convolution of ``x``."""
-    # Only the weight's shape is read: an expanded scalar avoids allocating it.
-    weight = x.new_zeros(()).expand(weight_shape)
-    _, weight_grad, _ = torch.ops.aten.convolution_backward(
-        grad_output,
-        x,
-        weight,
-        None,
-        list(producer.stride),
-        list(producer.padding),
-        list(producer.dilation),
-        True,
-        output_padding,
-        groups,
-        [False, True, False],
-    )
-    return weight_grad
-
-
 def _transposed_statistic_gradients(
     producer: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d,
     x: Tensor,
@@ -211,26 +185,27 @@ def _transposed_statistic_gradients(
     groups = producer.groups
     in_channels, kernel_shape = x.shape[1], list(producer.kernel_size)
     output_padding = _effective_output_padding(producer, x, output)
+    padding = list(producer.padding)
     if groups == 1 and output.shape[0] < _SPLIT_BATCH:
         # As for a convolution: an extra output channel with gradient 1/m gives the mean patch.
         grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
         torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
         grad_output[:, channels:].fill_(1.0 / samples)
-        weight_grad = _transposed_weight_gradient(
-            producer, grad_output, x, [in_channels, channels + 1, *kernel_shape], output_padding, 1
+        weight_grad = _convolution_weight_gradient(
+            producer, grad_output, x, [in_channels, channels + 1, *kernel_shape], padding, 1, output_padding
         )
         both = weight_rows(producer, weight_grad).unsqueeze(1)
         return StatisticGradients(both[channels:], both[:channels])
     centred = (output - channel_mean).mul_(2.0 / samples)
-    var_grad = _transposed_weight_gradient(
-        producer, centred, x, [in_channels, channels // groups, *kernel_shape], output_padding, groups
+    var_grad = _convolution_weight_gradient(
+        producer, centred, x, [in_channels, channels // groups, *kernel_shape], padding, groups, output_padding
     )
     # The uniform gradient is the same for every sample, so the batch sum of the input can be
     # convolved once instead.
     batch_sum = x.sum(0, keepdim=True)
     uniform = output.new_full((1, groups, *output.shape[2:]), 1.0 / samples)
-    mean_grad = _transposed_weight_gradient(
-        producer, uniform, batch_sum, [in_channels, 1, *kernel_shape], output_padding, groups
+    mean_grad = _convolution_weight_gradient(
+        producer, uniform, batch_sum, [in_channels, 1, *kernel_shape], padding, groups, output_padding
     )
     # (C_in, 1, *kernel) is the groups' patches one after the other: already (groups, fan_in) rows.
     return StatisticGradients(mean_grad.reshape(groups, 1, -1), weight_rows(producer, var_grad).unsqueeze(1))

@@ -626,8 +626,12 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
     variance unbiased over all pooled samples.
 
     The producer (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``) is found by
-    :func:`cbn.convert_model`, which also replaces existing BatchNorm layers. A layer with no
-    producer averages uncompensated statistics ("naive" CBN) and warns once.
+    :func:`cbn.convert_model`, which also replaces existing BatchNorm layers. A convolution
+    subclass with its own ``forward`` (padding the input, standardizing the weight) is observed
+    call by call: the Taylor step is taken in the weight its ``F.convNd`` call really used, with
+    that call's input. A layer with no producer, or whose producer's custom ``forward`` does not
+    return one convolution's result, averages uncompensated statistics ("naive" CBN) and warns
+    once; :func:`cbn.pairing_report` tells which and why.
 
     Args:
         num_features: :math:`C` from an expected input of size {shape}.
