@@ -127,3 +127,17 @@ def test_long_accumulation_without_weight_change_does_not_warn():
         for _ in range(2 * SUSPICIOUS_FORWARDS + 1):
             model(x).sum().backward()
     assert _iterations(model) == 1
+
+
+def test_parametrized_producer_counts_steps_through_its_parameters():
+    # model[0].weight is recomputed at each access (a fresh tensor, version 0): the iteration is
+    # read from the parameters the parametrization computes it from.
+    torch.manual_seed(0)
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    model = cbn.convert_model(nn.Sequential(conv, nn.BatchNorm2d(4)), window=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(1, 4):
+        model(torch.randn(2, 3, 6, 6)).square().mean().backward()
+        assert _iterations(model) == step
+        optimizer.step()
+        optimizer.zero_grad()
