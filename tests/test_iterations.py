@@ -133,7 +133,7 @@ def test_parametrized_producer_counts_steps_through_its_parameters():
     # model[0].weight is recomputed at each access (a fresh tensor, version 0): the iteration is
     # read from the parameters the parametrization computes it from.
     torch.manual_seed(0)
-    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    conv = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3, bias=False))
     model = cbn.convert_model(nn.Sequential(conv, nn.BatchNorm2d(4)), window=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(1, 4):
