@@ -106,6 +106,8 @@ def _print_summary(summary: dict) -> None:
     if summary["ablations"]:
         print(summary["ablations"])
     print(f"plot: {summary['plot']}")
+    if summary["ablation_plot"]:
+        print(f"ablations: {summary['ablation_plot']}")
     if summary["curves"]:
         print(f"curves: {summary['curves']}")
     print(f"results: {summary['results']}")

@@ -88,6 +88,7 @@ def test_report_intervals_comparisons_precise_control_and_ablations(tmp_path):
     assert math.isclose(comparison["diff"], statistics.fmean(diffs))
     assert "CBN [k2]" in summary["ablations"] and "BN + precise stats" in summary["table"]
     assert (tmp_path / "test_accuracy_vs_epoch.png").exists() is False  # no naive runs: no curves
+    assert (tmp_path / "ablations.png").stat().st_size > 1000
 
 
 def test_demo_preset_is_the_headline_cell():

@@ -255,7 +255,7 @@ def _cell(method: str, batch: int, records: list[dict], source=None) -> dict:
         "train_seconds": statistics.fmean(r["train_seconds"] for r in records),
         "window": first["protocol"]["window"], "burnin": first["protocol"]["burnin"],
         "lr": first["protocol"]["lr"], "global_batch": first["protocol"]["global_batch"],
-        "epochs": first["config"]["epochs"],
+        "epochs": first["config"]["epochs"], "total_steps": first["protocol"].get("total_steps"),
     }
 
 
@@ -336,11 +336,14 @@ def report(sweep_dir: str | os.PathLike) -> dict:
     main_cells = [c for c in cells if not c["tag"]]
     if main_cells:
         plot(main_cells, main_methods, plot_path)
+    ablations_path = sweep_dir / "ablations.png" if ablation_cells else None
+    if ablations_path is not None:
+        plot_ablations(cells, ablations_path)
     curves_path = sweep_dir / "test_accuracy_vs_epoch.png"
     if plot_curves(groups, curves_path) is None:
         curves_path = None
     return {"table": table, "reading": reading(cells), "comparisons": comparison_table, "ablations": ablation_table if ablation_cells else "",
-            "plot": str(plot_path), "curves": str(curves_path) if curves_path else None,
+            "plot": str(plot_path), "ablation_plot": str(ablations_path) if ablations_path else None, "curves": str(curves_path) if curves_path else None,
             "results": str(results_path), "cells": cells}
 
 
@@ -386,6 +389,41 @@ def plot(cells: list[dict], methods: list[str], path: Path) -> None:
     ax.set_title("Fashion-MNIST: accuracy vs batch size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_ablations(cells: list[dict], path: Path) -> None:
+    """CBN test accuracy against the window ``k`` and against the burn-in fraction, at the ablation
+    batch size; the main grid's CBN cell there is the protocol's own point of both curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [c for c in cells if c["tag"] and c["norm"] == "cbn"]
+    batch = variants[0]["batch_size"]
+    base = [c for c in cells if c["method"] == "cbn" and c["batch_size"] == batch]
+    panels = (("window k", lambda c: c["window"], lambda c: c["tag"].startswith("k")),
+              ("burn-in (fraction of training)", lambda c: c["burnin"] / max(1, c["total_steps"] or 1),
+               lambda c: c["tag"].startswith("burnin")))
+    fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.8))
+    for ax, (label, x_of, member) in zip(axes, panels):
+        points = sorted(((x_of(c), c) for c in [*base, *(c for c in variants if member(c))]), key=lambda p: p[0])
+        if not points:
+            continue
+        errors = [c["ci95"] if math.isfinite(c["ci95"]) else 0.0 for _, c in points]
+        ax.errorbar([x for x, _ in points], [c["mean"] for _, c in points], yerr=errors, marker="D", capsize=3,
+                    label="test")
+        ax.plot([x for x, _ in points], [c["train_eval_mean"] for _, c in points], marker="o", linestyle="--",
+                label="train (eval mode)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_xscale("log", base=2)
+    fig.suptitle(f"CBN ablations at batch {batch} (mean and 95 % interval over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
