@@ -452,6 +452,9 @@ def plot_curves(groups: dict[tuple[str, int], list[dict]], path: Path) -> Path |
                     by_epoch.setdefault(e["epoch"], []).append(e["test_acc"])
         epochs = sorted(by_epoch)
         ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", label=NORM_LABELS[method])
+    protocol = groups[("cbn", batch)][0]["protocol"]
+    burnin_epochs = protocol["burnin"] / max(1, protocol["steps_per_epoch"])
+    ax.axvline(burnin_epochs, color="grey", linestyle=":", label="CBN burn-in ends")
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.set_title(f"Fashion-MNIST, batch {batch}: test accuracy during training")
