@@ -141,3 +141,13 @@ def test_parametrized_producer_counts_steps_through_its_parameters():
         assert _iterations(model) == step
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_step_hook_marks_only_paired_producers():
+    model = _model()
+    optimizer = DataSGD(model.parameters())
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    conv, head = model[0].weight._version, model[5].weight._version
+    optimizer.step()
+    assert model[0].weight._version > conv  # the producer of model[1]
+    assert model[5].weight._version == head  # a linear layer no norm follows: left alone

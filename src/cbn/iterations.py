@@ -8,8 +8,9 @@ training forward. Ordinary in-place updates (``torch.optim`` optimizers, plain, 
 gap:
 
 - every ``torch.optim.Optimizer`` step (of any subclass, including those that write through
-  ``.data``) bumps the version of the parameters it holds that have a gradient, through a global
-  step post-hook installed when :mod:`cbn` is imported. A step that ``GradScaler`` skips never
+  ``.data``) bumps the version of the producer parameters it holds that have a gradient, through
+  a global step post-hook installed when :mod:`cbn` is imported (parameters of layers no CBN
+  layer is paired with are left alone). A step that ``GradScaler`` skips never
   calls ``optimizer.step()``, so it is not an iteration, and gradient accumulation (several
   forwards, one step) is one iteration;
 - a hand-written update loop outside any optimizer calls :func:`mark_step` after each update.
@@ -21,6 +22,7 @@ values moved without the counter, it warns once with this advice.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -33,10 +35,21 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 SUSPICIOUS_FORWARDS = 64
 
 _installed = False
+# Parameters of paired producers by id, weakly held (a WeakSet would compare tensors with ==):
+# the only ones the step hook marks.
+_watched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+
+def watch_parameters(parameters: Iterable[Tensor]) -> None:
+    """Have every optimizer step mark these parameters (a producer's, when a layer pairs with it)."""
+    _watched.update((id(p), p) for p in parameters)
 
 
 def _bump_optimizer_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    stepped = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not _watched:
+        return
+    stepped = [p for group in optimizer.param_groups for p in group["params"]
+               if p.grad is not None and _watched.get(id(p)) is p]
     if stepped:
         increment_version(stepped)
 

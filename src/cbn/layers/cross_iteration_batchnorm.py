@@ -21,7 +21,7 @@ from ..functional.statistic_gradients import (
     weight_rows,
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
-from ..iterations import SUSPICIOUS_FORWARDS
+from ..iterations import SUSPICIOUS_FORWARDS, watch_parameters
 from ..producers import CapturingTap, ProducerRegistry, ProducerTap
 from .input_rank import Input1d, Input2d, Input3d
 
@@ -176,6 +176,7 @@ class _CrossIterationBatchNorm(_NormBase):
         if refusal is None:
             self._producer = found
             self._producer_parameters = list(found[0].parameters())
+            watch_parameters(self._producer_parameters)
             found[1].claimed = True
             self._pairing = _PAIRED
             self._allocate_gradient_window(found[0])
