@@ -11,7 +11,8 @@ from cbn.experiments.train import TrainConfig
 
 def _fake_record(cfg, acc, **extra):
     return {"name": cfg.run_name(), "config": asdict(cfg),
-            "protocol": {"window": cfg.window or 1, "burnin": 0, "lr": 0.1, "global_batch": cfg.batch_size},
+            "protocol": {"window": cfg.window or 1, "burnin": 5, "lr": 0.1, "global_batch": cfg.batch_size,
+                         "steps_per_epoch": 10, "total_steps": 20},
             "epochs": [{"epoch": 1, "step_ms": 1.0, "test_acc": acc - 1}, {"epoch": 2, "step_ms": 1.0, "test_acc": acc}],
             "train_seconds": 1.0, "test_acc": acc, "train_eval_acc": acc + 5, "diverged": False, **extra}
 
@@ -105,3 +106,4 @@ def test_reading_names_the_failure_and_each_method(tmp_path):
     assert text.startswith("Reading: at batch 1 BN reaches 40.0 % test accuracy against 85.0 % at batch 32")
     assert "eval-mode train accuracy 45.0 %" in text
     assert "CBN 80.0 %, naive CBN 75.0 %, BN with precise statistics 45.0 %" in text
+    assert (tmp_path / "test_accuracy_vs_epoch.png").stat().st_size > 1000  # BN, naive, CBN at batch 1

@@ -404,7 +404,15 @@ def plot_ablations(cells: list[dict], path: Path) -> None:
 
     variants = [c for c in cells if c["tag"] and c["norm"] == "cbn"]
     batch = variants[0]["batch_size"]
-    base = [c for c in cells if c["method"] == "cbn" and c["batch_size"] == batch]
+    # The protocol's own point, over the seeds the variants ran (comparable seed for seed).
+    seeds = {seed for c in variants for seed in c["test_acc"]}
+    base = []
+    for c in cells:
+        if c["method"] == "cbn" and c["batch_size"] == batch:
+            test = [v for seed, v in c["test_acc"].items() if seed in seeds]
+            train = [v for seed, v in c["train_eval_acc"].items() if seed in seeds]
+            summary = summarize(test)
+            base.append({**c, "mean": summary.mean, "ci95": summary.ci95, "train_eval_mean": summarize(train).mean})
     panels = (("window k", lambda c: c["window"], lambda c: c["tag"].startswith("k")),
               ("burn-in (fraction of training)", lambda c: c["burnin"] / max(1, c["total_steps"] or 1),
                lambda c: c["tag"].startswith("burnin")))
