@@ -62,7 +62,7 @@ class ProducerTap:
         return {"keep_input": self.keep_input, "claimed": self.claimed, "_output": None, "_input": None}
 
 
-_CONVOLUTION_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3}
+_CONVOLUTION_FUNCTIONS = frozenset((F.conv1d, F.conv2d, F.conv3d))
 _CALL_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CALL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
