@@ -12,9 +12,9 @@ from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
     CrossIterationBatchNorm3d,
-    PreparePastStatistics,
     _CrossIterationBatchNorm,
 )
+from .layers.window_step import ModelWindowStep
 from .distributed import ignore_windows_in_ddp
 from .producers import ProducerRegistry, remove_hooks
 
@@ -97,10 +97,12 @@ def convert_norms(
     return replace_batchnorm(model, make_layer, types)
 
 
-def _remove_window_preparation(model: nn.Module) -> None:
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, PreparePastStatistics):
-            del model._forward_pre_hooks[key]
+def _remove_window_step(model: nn.Module) -> None:
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key, hook in list(hooks.items()):
+            if isinstance(getattr(hook, "__self__", None), ModelWindowStep):
+                del hooks[key]
+                model._forward_hooks_always_called.pop(key, None)
 
 
 def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
@@ -112,10 +114,10 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output it receives (see
     :mod:`cbn.producers`); layers whose input is not directly such an output average
     uncompensated statistics, and one warning names them.
-    CBN layers already in the model are kept and paired the same way. A forward pre-hook on
-    ``model`` summarizes all windows at once before each training forward
-    (:func:`cbn.layers.cross_iteration_batchnorm.prepare_past_statistics`), which saves most of
-    the small per-layer operations; layers called outside ``model.forward`` summarize their own.
+    CBN layers already in the model are kept and paired the same way. Two hooks on ``model``
+    (:class:`cbn.layers.window_step.ModelWindowStep`) summarize all windows at once before each
+    training forward and record all layers' steps at once after it, which saves most of the small
+    per-layer operations; layers called outside ``model.forward`` summarize and record their own.
 
     Args:
         model: any ``nn.Module``.
@@ -147,8 +149,10 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
         if isinstance(module, _CrossIterationBatchNorm):
             module.attach(registry, name or type(module).__name__)
             layers.append(module)
-    _remove_window_preparation(model)
-    model.register_forward_pre_hook(PreparePastStatistics(layers))
+    _remove_window_step(model)
+    step = ModelWindowStep(layers)
+    model.register_forward_pre_hook(step.before_forward)
+    model.register_forward_hook(step.after_forward, always_call=True)
     # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
     ignore_windows_in_ddp(model)
     return model
@@ -165,5 +169,5 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     model = convert_norms(model, _BN_FOR, (_CrossIterationBatchNorm,))
     remove_hooks(model)
-    _remove_window_preparation(model)
+    _remove_window_step(model)
     return model

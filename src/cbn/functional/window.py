@@ -2,6 +2,9 @@
 
 An entry stored at iteration ``t - tau`` holds its mean ``mu``, variance ``var``, and the shifts
 ``s_mu = d mu/dW . W_old + b_old`` and ``s_var = d var/dW . W_old`` (see ``statistic_gradients.py``).
+An entry stored without gradients (its producer input was not available, or its producer is
+frozen) has ``s_mu = b_old`` and ``s_var = 0``, the shifts of zero gradients, so that only a
+change of the bias moves it.
 With the current shifts ``S_mu``, ``S_var`` (same gradients, current weights), the Taylor step of
 ``cbn-math.md`` on ``(mu, nu = var + mu^2)`` reads, exactly::
 
@@ -24,12 +27,15 @@ from torch import Tensor
 class PastStatistics(NamedTuple):
     """Constants that summarize the valid past entries of a window, per channel.
 
-    ``center``, ``spread`` and ``count`` (entries pooled) have shape ``(C,)``.
+    ``center``, ``spread`` and ``count`` (entries pooled) have shape ``(C,)``; ``samples``, the
+    values per channel in those entries (for the unbiased running variance), is ``(C,)`` when
+    summarized from a window and may be left out.
     """
 
     center: Tensor
     spread: Tensor
     count: Tensor
+    samples: Tensor | None = None
 
 
 def move_to_current_weights(
@@ -79,4 +85,5 @@ def pool_window(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Ten
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     if mean_shift_now is not None:
         mean, var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
-    return pool_past(mean, var, (samples > 0).to(mean.dtype))
+    # Invalid slots hold samples = 0, so the plain sum counts the pooled values only.
+    return pool_past(mean, var, (samples > 0).to(mean.dtype))._replace(samples=samples.sum(0))

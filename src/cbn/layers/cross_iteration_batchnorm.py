@@ -21,14 +21,14 @@ from ..functional.statistic_gradients import (
     weight_rows,
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
+from .window_step import MEAN as _MEAN, MEAN_SHIFT as _MEAN_SHIFT, SAMPLES as _SAMPLES, VAR as _VAR
+from .window_step import VAR_SHIFT as _VAR_SHIFT, ModelWindowStep, StepRecord, record_steps
 from ..iterations import SUSPICIOUS_FORWARDS, watch_parameters
 from ..producers import CapturingTap, ProducerRegistry, ProducerTap
 from .input_rank import Input1d, Input2d, Input3d
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
 _NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
-# Rows of ``window_stats``.
-_MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -102,6 +102,7 @@ class _CrossIterationBatchNorm(_NormBase):
         self._unchanged_forwards = 0
         self._weight_probe: Tensor | None = None
         self._warned_unmarked = False
+        self._window_step: ModelWindowStep | None = None  # set by convert_model
 
     # ----------------------------------------------------------------------------- state
     def reset_running_stats(self) -> None:
@@ -292,8 +293,7 @@ class _CrossIterationBatchNorm(_NormBase):
             )
         self._iteration_shape = shape
         if new_iteration:
-            self._iterations += 1
-            self.num_iterations.fill_(self._iterations)
+            self._iterations += 1  # written to num_iterations with the step's record
             self._unchanged_forwards, self._weight_probe = 0, None
         elif not self._warned_unmarked:
             self._unchanged_forwards += 1
@@ -363,14 +363,16 @@ class _CrossIterationBatchNorm(_NormBase):
         """Whether the next training forward pools past entries (burn-in will be over)."""
         return self.training and self.window > 1 and self._iterations >= self.burnin
 
-    def _entry_gradients(self, producer_input: Tensor | None, output: Tensor, batch_mean: Tensor, samples):
-        """Statistic gradients and shifts of the current batch, or ``None`` where not needed.
+    def _entry_gradients(self, record: StepRecord) -> StatisticGradients | None:
+        """Statistic gradients of a recorded batch, or ``None`` where not needed.
 
-        With a process group, ``batch_mean`` is the global mean and ``samples`` the global count
-        (a tensor): each rank's gradients, centred on the global mean, are pooled over the ranks.
+        With a process group, the record's mean is the global mean and ``samples`` the global
+        count (a tensor): each rank's gradients, centred on the global mean, are pooled over the
+        ranks.
         """
         wanted = (
-            producer_input is not None
+            self._compensating
+            and record.producer_input is not None
             and bool(self._trainable_producer_weights())
             and self._iterations > self.burnin - self.window + 1
         )
@@ -378,55 +380,14 @@ class _CrossIterationBatchNorm(_NormBase):
             # Weights that do not move (or entries evicted before burn-in ends) need no Taylor step.
             return None
         dtype = self.window_stats.dtype
-        producer = self._computation
+        producer_input, output = record.producer_input, record.output
         producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
         output = output if output.dtype == dtype else output.to(dtype)  # under no_grad
-        gradients = producer_statistic_gradients(producer, producer_input, output, batch_mean)
-        if isinstance(samples, Tensor):
+        gradients = producer_statistic_gradients(record.computation, producer_input, output, record.stats.batch_mean)
+        if isinstance(record.samples, Tensor):
             local_samples = output.numel() // self.num_features
-            gradients = all_reduce_statistic_gradients(gradients, local_samples, samples, self.process_group)
-        return gradients, statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
-
-    def _push(
-        self, batch_mean: Tensor, batch_var: Tensor, samples, producer_input: Tensor | None, output: Tensor
-    ) -> Tensor:
-        """Store the current entry in the oldest slot; returns whether it is finite.
-
-        A non-finite entry is stored as zeros with ``samples = 0``: an invalid slot, which the
-        pooling masks out. Its gradients are written with non-finite values zeroed, so no buffer
-        ever holds a NaN or an infinity.
-        """
-        slot = self._next_slot
-        computed = self._entry_gradients(producer_input, output, batch_mean, samples) if self._compensating else None
-        zeros = batch_mean.new_zeros(self.num_features)
-        mean_shift, var_shift = (computed[1][0][0], computed[1][1][0]) if computed else (zeros, zeros)
-        entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, zeros.fill_(samples)))
-        finite = torch.isfinite(entry).all()
-        torch.where(finite, entry, zeros.new_zeros(()), out=self.window_stats[slot])
-        if self._compensating:
-            if computed is None:
-                self.window_mean_grad[:, slot] = 0.0
-                self.window_var_grad[:, slot] = 0.0
-            else:
-                gradients = computed[0]
-                torch.nan_to_num(gradients.mean[:, 0], 0.0, 0.0, 0.0, out=self.window_mean_grad[:, slot])
-                torch.nan_to_num(gradients.var[:, 0], 0.0, 0.0, 0.0, out=self.window_var_grad[:, slot])
-        self._next_slot = (slot + 1) % (self.window - 1)
-        self.window_next.fill_(self._next_slot)
-        return finite
-
-    def _update_running_stats(self, mean: Tensor, var: Tensor, pooled_samples, finite: Tensor) -> None:
-        """EMA of the pooled estimate, variance unbiased over all pooled samples; skipped if not finite."""
-        if self.momentum is None:
-            factor = 1.0 / float(self.num_batches_tracked)
-        else:
-            factor = self.momentum
-        # 0 for a non-finite batch, whose estimate is zeroed below
-        weight = finite.to(self.running_mean.dtype).mul_(factor)
-        unbiased_var = var * (pooled_samples / (pooled_samples - 1))
-        for running, estimate in ((self.running_mean, mean), (self.running_var, unbiased_var)):
-            estimate = estimate.nan_to_num(0.0, 0.0, 0.0)
-            running.lerp_(estimate if estimate.dtype == running.dtype else estimate.to(running.dtype), weight)
+            gradients = all_reduce_statistic_gradients(gradients, local_samples, record.samples, self.process_group)
+        return gradients
 
     # ----------------------------------------------------------------------------- production
     @property
@@ -482,8 +443,10 @@ class _CrossIterationBatchNorm(_NormBase):
         this is ``nn.SyncBatchNorm``.
         """
         compiling = torch.compiler.is_compiling()
+        if not compiling and self._window_step is not None and self._window_step.holds(self):
+            self._window_step.flush()  # called twice in one forward: its first step is written first
         prepare = self._prepare_step_outside_graph if compiling else self._prepare_step
-        past, producer_input, pooled = prepare(input)
+        past, producer_input = prepare(input)
         if self._cross_process:
             output, stats, samples = cross_process_batch_norm(
                 input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
@@ -494,10 +457,10 @@ class _CrossIterationBatchNorm(_NormBase):
             )
             samples = input.numel() // self.num_features
         record = self._record_step_outside_graph if compiling else self._record_step
-        record(stats, samples, pooled, producer_input, input)
+        record(stats, samples, past, producer_input, input)
         return output
 
-    def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None, bool]:
+    def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None]:
         """Producer pairing, iteration count and the past entries moved to the current weights."""
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
@@ -515,25 +478,24 @@ class _CrossIterationBatchNorm(_NormBase):
             )
         with torch.no_grad():
             past = self._past_statistics()
-        return past, producer_input, pooled
+        return past, producer_input
 
-    @torch.no_grad()
-    def _record_step(self, stats, samples: int | Tensor, pooled: bool, producer_input, input: Tensor) -> None:
-        """Push the current entry into the window and update the running statistics.
+    def _record_step(self, stats, samples: int | Tensor, past, producer_input, input: Tensor) -> None:
+        """Record the step: window entry and running statistics (:mod:`cbn.layers.window_step`).
 
-        ``samples`` is an int, or a 0-dim tensor when pooled over processes (no host sync).
+        In a converted model's training forward with autograd on, the record is written with all
+        layers' after the forward (autograd keeps the tensors it holds unmodified until then);
+        otherwise at once. ``samples`` is an int, or a 0-dim tensor when pooled over processes.
         """
-        pooled_samples = samples
-        if pooled:
-            pooled_samples = self.window_stats[:, _SAMPLES, 0].sum() + samples
-        if self.window > 1:
-            finite = self._push(stats.batch_mean, stats.batch_var, samples, producer_input, input)
+        record = StepRecord(
+            self, stats, samples, past.samples if past is not None else None,
+            producer_input, input, self._computation,
+        )
+        step = self._window_step
+        if step is not None and step.collecting() and torch.is_grad_enabled() and not isinstance(samples, Tensor):
+            step.defer(record)
         else:
-            # A non-finite mean makes the variance non-finite too.
-            finite = torch.isfinite(stats.batch_var).all()
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            self._update_running_stats(stats.mean, stats.var, pooled_samples, finite)
+            record_steps([record])
 
     # Outside a compiled graph only (the wrapper costs microseconds per call in eager mode).
     _prepare_step_outside_graph = torch.compiler.disable(_prepare_step)
@@ -556,51 +518,6 @@ class _CrossIterationBatchNorm(_NormBase):
             mean_compensated=moved_mean[order],
             var_compensated=moved_var[order],
         )
-
-
-@torch.no_grad()
-def prepare_past_statistics(layers: list[_CrossIterationBatchNorm]) -> None:
-    """Summarize the windows of many layers at once, before a training forward.
-
-    The past entries are constants of the step, known as soon as the optimizer has moved the
-    weights. Concatenating the windows of all layers along channels turns the per-layer chain of
-    small operations (Taylor step, clamp, masking, pooling) into one chain for the whole model;
-    only the products with each producer's weights remain per layer. Each layer takes its
-    summary at its forward; a layer called again in the same forward computes its own.
-    """
-    groups: dict[tuple, list[_CrossIterationBatchNorm]] = {}
-    for layer in layers:
-        layer._prepared_past = None
-        if layer._will_pool and not layer._custom_producer:  # a custom forward's weight is known late
-            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
-            groups.setdefault(key, []).append(layer)
-    for (_, _, _, compensating), members in groups.items():
-        if len(members) == 1:
-            continue  # nothing to batch: the layer computes its own summary
-        stats = torch.cat([layer.window_stats for layer in members], dim=2)
-        shifts = [layer._current_shifts() for layer in members] if compensating else []
-        if compensating and all(mean is not None for mean, _ in shifts):
-            mean_now = torch.cat([mean for mean, _ in shifts], dim=1)
-            var_now = torch.cat([var for _, var in shifts], dim=1)
-            past = pool_window(stats, mean_now, var_now)
-        elif compensating:
-            continue  # an unpaired layer among them: each computes its own
-        else:
-            past = pool_window(stats, None, None)
-        sizes = [layer.num_features for layer in members]
-        for layer, *summary in zip(members, *(part.split(sizes) for part in past)):
-            layer._prepared_past = PastStatistics(*summary)
-
-
-class PreparePastStatistics:
-    """Forward pre-hook on a converted model: :func:`prepare_past_statistics` for its layers."""
-
-    def __init__(self, layers: list[_CrossIterationBatchNorm]) -> None:
-        self.layers = layers
-
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if not torch.compiler.is_compiling():  # compiled layers summarize their own window
-            prepare_past_statistics(self.layers)
 
 
 _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao et al., CVPR 2021).

@@ -1,0 +1,356 @@
+"""The window step of a whole model: every layer's window summarized before the forward and
+recorded after it, in a few batched operations instead of a chain of small ones per layer.
+
+A training step of a Cross-Iteration BatchNorm layer reads its window before the normalization
+(the past entries moved to the current weights and summarized, :func:`prepare_past_statistics`)
+and writes it afterwards (the new entry, its statistic gradients, the running statistics,
+:func:`record_steps`). Both depend only on values that are fixed for the whole forward, so for
+the layers of one model they are done together: the per-channel vectors of all layers are
+concatenated, and the writes go through ``torch._foreach_*`` kernels. Only what needs a layer's
+own tensors stays per layer: the products with its producer's weights (reading) and the
+weight-gradient convolution (recording).
+
+:class:`ModelWindowStep` is the pair of hooks ``convert_model`` puts on the model. While the
+model's forward runs, the layers hand their records to it; it writes them when the forward
+returns (or raises). A layer called outside that forward, or under ``torch.no_grad()``, records
+its own step at once, with the same function.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from ..functional.normalization import PooledStatistics
+from ..functional.statistic_gradients import statistic_shifts, weight_rows
+from ..functional.window import PastStatistics, pool_window
+
+if TYPE_CHECKING:
+    from .cross_iteration_batchnorm import _CrossIterationBatchNorm
+
+# Rows of ``window_stats``.
+MEAN, VAR, MEAN_SHIFT, VAR_SHIFT, SAMPLES = range(5)
+
+
+class StepRecord(NamedTuple):
+    """What one training forward of a layer leaves to record.
+
+    ``samples`` is the number of values per channel of the batch (a 0-dim tensor when pooled
+    over processes); ``window_samples`` those of the pooled past entries ``(C,)``, or ``None``
+    when the step did not pool. ``gradients`` are the entry's statistic gradients when they were
+    computed in the forward (across processes), else ``producer_input`` and ``output`` (the
+    layer's input) are kept to compute them at recording time.
+    """
+
+    layer: "_CrossIterationBatchNorm"
+    stats: PooledStatistics
+    samples: int | Tensor
+    window_samples: Tensor | None
+    producer_input: Tensor | None
+    output: Tensor
+    computation: object
+
+
+@torch.no_grad()
+def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
+    """Summarize the windows of many layers at once, before a training forward.
+
+    The past entries are constants of the step, known as soon as the optimizer has moved the
+    weights. Concatenating the windows of all layers along channels turns the per-layer chain of
+    small operations (Taylor step, clamp, masking, pooling) into one chain for the whole model;
+    only the products with each producer's weights remain per layer. Each layer takes its
+    summary at its forward; a layer called again in the same forward computes its own.
+    """
+    groups: dict[tuple, list] = {}
+    for layer in layers:
+        layer._prepared_past = None
+        if layer._will_pool and not layer._custom_producer:  # a custom forward's weight is known late
+            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
+            groups.setdefault(key, []).append(layer)
+    for (_, _, _, compensating), members in groups.items():
+        if len(members) == 1:
+            continue  # nothing to batch: the layer computes its own summary
+        stats = torch.cat([layer.window_stats for layer in members], dim=2)
+        shifts = [layer._current_shifts() for layer in members] if compensating else []
+        if compensating and all(mean is not None for mean, _ in shifts):
+            mean_now = torch.cat([mean for mean, _ in shifts], dim=1)
+            var_now = torch.cat([var for _, var in shifts], dim=1)
+            past = pool_window(stats, mean_now, var_now)
+        elif compensating:
+            continue  # an unpaired layer among them: each computes its own
+        else:
+            past = pool_window(stats, None, None)
+        sizes = [layer.num_features for layer in members]
+        for layer, *summary in zip(members, *(part.split(sizes) for part in past)):
+            layer._prepared_past = PastStatistics(*summary)
+
+
+@torch.no_grad()
+def record_steps(records: list[StepRecord]) -> None:
+    """Write the records of one forward: window entries, statistic gradients, running statistics.
+
+    For each record, in order: the entry ``(mean, var, s_mu, s_var, samples)`` goes into the
+    layer's oldest slot (``s_mu = mean`` and ``s_var = 2 var`` when its statistic gradients are
+    stored, see :mod:`cbn.functional.window`), and the running statistics move towards the pooled
+    estimate with the variance unbiased over all pooled values. An entry whose statistics or
+    gradients are not finite is stored as an empty slot (zeros, ``samples = 0``) and leaves the
+    running statistics unchanged, so no buffer ever holds a NaN or an infinity.
+
+    Records of the same layer are written one after the other (each takes the next slot).
+    """
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return record_steps(records)
+    batch: list[StepRecord] = []
+    seen: set[int] = set()
+    for record in records:
+        if id(record.layer) in seen:
+            _record_batch(batch)
+            batch, seen = [], set()
+        batch.append(record)
+        seen.add(id(record.layer))
+    _record_batch(batch)
+
+
+def _record_batch(records: list[StepRecord]) -> None:
+    """:func:`record_steps` for records of distinct layers, grouped by statistics dtype and device."""
+    groups: dict[tuple, list[StepRecord]] = {}
+    for record in records:
+        stats = record.stats.batch_mean
+        groups.setdefault((stats.dtype, stats.device), []).append(record)
+    for members in groups.values():
+        _record_group(members)
+
+
+def _record_group(records: list[StepRecord]) -> None:
+    layers = [record.layer for record in records]
+    sizes = [layer.num_features for layer in layers]
+    device = records[0].stats.batch_mean.device
+    gradients = [record.layer._entry_gradients(record) for record in records]
+
+    batch_mean = torch.cat([record.stats.batch_mean for record in records])
+    batch_var = torch.cat([record.stats.batch_var for record in records])
+    zeros = batch_mean.new_zeros(max(sizes))
+    shifts = [_shifts_then(r, g, zeros) for r, g in zip(records, gradients)]
+    mean_shift = torch.cat([mean for mean, _ in shifts])
+    var_shift = torch.cat([var for _, var in shifts])
+    samples = _per_channel(records, [record.samples for record in records], batch_mean)
+    entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, samples))
+
+    # Finite per record: every statistic of its entry and every value of its gradients.
+    owner = _channel_owner(sizes, device)
+    bad = torch.zeros(len(records), dtype=batch_mean.dtype, device=device)
+    bad.index_add_(0, owner, (~torch.isfinite(entry).all(0)).to(bad.dtype))
+    computed = [(i, g) for i, g in enumerate(gradients) if g is not None]
+    if computed:
+        norms = torch._foreach_norm([t for _, g in computed for t in g])
+        gradient_owner = torch.tensor([i for i, _ in computed for _ in (0, 1)], device=device)
+        bad.index_add_(0, gradient_owner, (~torch.isfinite(torch.stack(norms))).to(bad.dtype))
+    finite = bad == 0
+    finite_channels = finite[owner]
+
+    windowed = [i for i, layer in enumerate(layers) if layer.window > 1]
+    if windowed:
+        pieces = torch.where(finite_channels, entry, 0.0).split(sizes, dim=1)
+        slots = [layers[i]._next_slot for i in windowed]
+        torch._foreach_copy_([layers[i].window_stats[s] for i, s in zip(windowed, slots)],
+                             [pieces[i] for i in windowed])
+        _write_gradient_slots(records, gradients, windowed, slots, finite)
+        for i, slot in zip(windowed, slots):
+            layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
+        _write_counters([layers[i].window_next for i in windowed], [layers[i]._next_slot for i in windowed])
+    _write_counters([layer.num_iterations for layer in layers], [layer._iterations for layer in layers])
+
+    tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
+    if tracking:
+        _update_running_stats(records, tracking, sizes, finite_channels, samples)
+
+
+def _shifts_then(record: StepRecord, gradients, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    """``(s_mu, s_var)`` of a new entry, the first-order terms at the weights of its step.
+
+    With gradients, the products with the weights the producer used. (For a producer
+    ``y = W u + b`` they equal ``(mean, 2 var)`` in exact arithmetic; the products are taken all
+    the same, so that a Taylor step at unchanged weights leaves the entry exactly as stored, in
+    float32 and under autocast, where the producer ran in half precision.) Without gradients:
+    ``(b, 0)``, the terms of zero gradients, so that only a change of the bias moves the entry.
+    """
+    layer, computation = record.layer, record.computation
+    if gradients is not None:
+        rows = weight_rows(computation, computation.weight.detach())
+        mean_shift, var_shift = statistic_shifts(gradients, rows, _detached(computation.bias))
+        return mean_shift[0], var_shift[0]
+    none = zeros[: layer.num_features]
+    bias = getattr(computation, "bias", None)
+    if layer._compensating and bias is not None:
+        return bias.detach().to(zeros.dtype), none
+    return none, none
+
+
+def _detached(tensor: Tensor | None) -> Tensor | None:
+    return tensor.detach() if tensor is not None else None
+
+
+def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -> None:
+    """Statistic gradients into their slots (zeros for entries stored without them)."""
+    targets, sources, cleared = [], [], []
+    for i, slot in zip(windowed, slots):
+        layer = records[i].layer
+        if not layer._compensating:
+            continue
+        slot_views = (layer.window_mean_grad[:, slot], layer.window_var_grad[:, slot])
+        if gradients[i] is None:
+            cleared += slot_views
+        else:
+            targets += slot_views
+            sources += [gradients[i].mean[:, 0], gradients[i].var[:, 0]]
+    if cleared:
+        torch._foreach_zero_(cleared)
+    if not targets:
+        return
+    if finite.device.type == "cpu":
+        # Reading the flags costs nothing on the CPU: one copy for all, zeros only where needed.
+        torch._foreach_copy_(targets, sources)
+        if not bool(finite.all()):
+            for target in targets:
+                torch.nan_to_num_(target, 0.0, 0.0, 0.0)
+    else:
+        # On an accelerator, no synchronisation: every copy replaces non-finite values.
+        for target, source in zip(targets, sources):
+            torch.nan_to_num(source, 0.0, 0.0, 0.0, out=target)
+
+
+def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, samples: Tensor) -> None:
+    """EMA of the pooled estimate, variance unbiased over all pooled values; skipped if not finite."""
+    layers = [records[i].layer for i in tracking]
+    torch._foreach_add_([layer.num_batches_tracked for layer in layers], 1)
+    factors = [1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
+               for layer in layers]
+    all_sizes = sizes
+    mean = torch.cat([records[i].stats.mean for i in tracking])
+    var = torch.cat([records[i].stats.var for i in tracking])
+    channels = _select_channels(all_sizes, tracking, finite_channels.device)
+    pooled = samples if channels is None else samples[channels]
+    window_samples = [records[i].window_samples for i in tracking]
+    if any(w is not None for w in window_samples):
+        pooled = pooled + torch.cat([w if w is not None else torch.zeros_like(records[i].stats.mean)
+                                     for i, w in zip(tracking, window_samples)])
+    unbiased_var = var * (pooled / (pooled - 1))
+    weight = finite_channels if channels is None else finite_channels[channels]
+    if len(set(factors)) == 1:
+        weight = weight.to(mean.dtype).mul_(factors[0])
+    else:
+        weight = weight.to(mean.dtype).mul_(_per_channel(records, factors, mean, tracking))
+    track_sizes = [all_sizes[i] for i in tracking]
+    for running_name, estimate in (("running_mean", mean), ("running_var", unbiased_var)):
+        running = [getattr(layer, running_name) for layer in layers]
+        pieces = list(estimate.nan_to_num_(0.0, 0.0, 0.0).split(track_sizes))
+        weights = list(weight.split(track_sizes))
+        if any(r.dtype != p.dtype for r, p in zip(running, pieces)):
+            pieces = [p.to(r.dtype) for r, p in zip(running, pieces)]
+            weights = [w.to(r.dtype) for r, w in zip(running, weights)]
+        torch._foreach_lerp_(running, pieces, weights)
+
+
+def _per_channel(records, values: list, like: Tensor, which: list[int] | None = None) -> Tensor:
+    """One value per record (int, float or 0-dim tensor) repeated over that record's channels."""
+    which = range(len(records)) if which is None else which
+    sizes = [records[i].layer.num_features for i in which]
+    if all(not isinstance(v, Tensor) for v in values):
+        return _constant_channels(tuple(sizes), tuple(values), like.dtype, like.device)
+    return torch.cat([
+        v.to(like.dtype).expand(size) if isinstance(v, Tensor) else like.new_full((size,), v)
+        for v, size in zip(values, sizes)
+    ])
+
+
+_CONSTANTS: dict[tuple, Tensor] = {}
+
+
+def _constant_channels(sizes: tuple, values: tuple, dtype, device) -> Tensor:
+    """Cached ``repeat_interleave(values, sizes)``: sample counts rarely change between steps."""
+    key = (sizes, values, dtype, device)
+    found = _CONSTANTS.get(key)
+    if found is None:
+        if len(_CONSTANTS) > 256:
+            _CONSTANTS.clear()
+        found = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(sizes)).to(device)
+        _CONSTANTS[key] = found
+    return found
+
+
+def _channel_owner(sizes: list[int], device) -> Tensor:
+    """Index of the record that owns each concatenated channel."""
+    return _constant_channels(tuple(sizes), tuple(range(len(sizes))), torch.long, device)
+
+
+def _select_channels(sizes: list[int], which: list[int], device) -> Tensor | None:
+    """Indices of the channels of records ``which`` in the concatenation; ``None`` for all."""
+    if len(which) == len(sizes):
+        return None
+    owner = _channel_owner(sizes, device)
+    return torch.isin(owner, torch.tensor(which, device=device)).nonzero().squeeze(1)
+
+
+def _write_counters(buffers: list[Tensor], values: list[int]) -> None:
+    """Set 0-dim integer buffers from host counters, one kernel for all."""
+    if not buffers:
+        return
+    device = buffers[0].device
+    sources = {value: torch.tensor(value, device=device) for value in set(values)}
+    torch._foreach_copy_(buffers, [sources[value] for value in values])
+
+
+class ModelWindowStep:
+    """The two hooks of a converted model that batch its layers' window steps.
+
+    As a forward pre-hook (:meth:`before_forward`): summarize all windows
+    (:func:`prepare_past_statistics`) and start collecting the layers' records. As a forward
+    hook called even when the forward raises (:meth:`after_forward`): write them
+    (:func:`record_steps`). Under ``torch.compile`` both stand aside and each layer records its
+    own step.
+    """
+
+    def __init__(self, layers: list["_CrossIterationBatchNorm"]) -> None:
+        self.layers = layers
+        self.pending: list[StepRecord] | None = None  # collecting while not None
+        self._pending_layers: set[int] = set()
+        for layer in layers:
+            layer._window_step = self
+
+    def collecting(self) -> bool:
+        return self.pending is not None
+
+    def holds(self, layer: "_CrossIterationBatchNorm") -> bool:
+        """Whether a record of ``layer`` waits to be written."""
+        return id(layer) in self._pending_layers
+
+    def defer(self, record: StepRecord) -> None:
+        self.pending.append(record)
+        self._pending_layers.add(id(record.layer))
+
+    def flush(self) -> None:
+        """Write the records collected so far (a layer called twice in one forward needs its first
+        step written before its second)."""
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self._pending_layers = set()
+            record_steps(pending)
+
+    def before_forward(self, module: nn.Module, args: tuple) -> None:
+        if torch.compiler.is_compiling():  # compiled layers summarize and record their own
+            return
+        self.flush()
+        self.pending = []
+        prepare_past_statistics(self.layers)
+
+    def after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
+        if torch.compiler.is_compiling():
+            return
+        self.flush()
+        self.pending = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "pending": None, "_pending_layers": set()}
