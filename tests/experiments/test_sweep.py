@@ -53,16 +53,22 @@ def test_syncbn_takes_nproc_slots():
 def test_small_batch_seeds_ablations_and_headline_runs_first():
     spec = sweep.SweepSpec(norms=("bn", "gn", "cbn", "naive"), batch_sizes=(32, 4, 1), seeds=(0, 1),
                            small_batch_seeds=(0, 1, 2), extra_runs=({"tag": "k2", "norm": "cbn", "batch_size": 1,
-                                                                    "window": 2},))
+                                                                    "window": 2},
+                                                                   {"tag": "k4", "norm": "cbn", "batch_size": 1,
+                                                                    "window": 4, "seeds": (0, 1)}))
     configs = spec.configs()
     names = {c.run_name() for c in configs}
     assert "gn_bs32_seed1" in names and "gn_bs32_seed2" not in names and "gn_bs4_seed2" in names
-    assert {"cbn_k2_bs1_seed0", "cbn_k2_bs1_seed2"} <= names
+    assert {"cbn_k2_bs1_seed0", "cbn_k2_bs1_seed2", "cbn_k4_bs1_seed1"} <= names
+    assert "cbn_k4_bs1_seed2" not in names  # its own seeds
     assert next(c for c in configs if c.tag == "k2").window == 2
-    ordered = sorted(configs, key=sweep.run_priority)
+    ordered = [c.run_name() for c in sorted(configs, key=sweep.run_priority)]
     headline = {f"{n}_bs{b}_seed{s}" for n in ("bn", "naive", "cbn") for b in (1,) for s in (0, 1, 2)}
     headline |= {"bn_bs32_seed0", "bn_bs32_seed1"}
-    assert {c.run_name() for c in ordered[: len(headline)]} == headline
+    assert set(ordered[: len(headline)]) == headline
+    # The rest of the grid, every seed, goes before the variants' repeats.
+    assert ordered.index("gn_bs4_seed2") < ordered.index("cbn_k2_bs1_seed1") < ordered.index("cbn_k2_bs1_seed2")
+    assert ordered.index("cbn_k2_bs1_seed0") < ordered.index("gn_bs4_seed2")
 
 
 def test_report_intervals_comparisons_precise_control_and_ablations(tmp_path):
