@@ -329,6 +329,19 @@ def measure_ops(args, log) -> list[dict]:
 # Report
 
 
+def write_section(path: Path, name: str, text: str) -> None:
+    """Put ``text`` between the ``<!-- name:start -->`` and ``<!-- name:end -->`` markers of a
+    markdown file (appended, with the markers, when they are not there yet)."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        new = old[: old.index(start)] + block + old[old.index(end) + len(end):]
+    else:
+        new = old.rstrip() + ("\n\n" if old else "") + block + "\n"
+    path.write_text(new)
+
+
 def machine_info(threads: int) -> dict:
     def git(*cmd):
         try:

@@ -1,0 +1,293 @@
+"""The paper's cost table (Table 6 analog): BN, GroupNorm, Batch Renorm, naive CBN, CBN and the
+authors' algorithm on the project's ResNet-20, at two batch sizes.
+
+Run from the repository root::
+
+    PYTHONPATH=src:. python -m benchmarks.cost_table --md docs/performance.md
+
+Per variant and batch size:
+
+- **extra persistent memory**, beyond BatchNorm's running statistics: from the formula of each
+  method (theory) and from the model's buffers and window lists (measured);
+- **FLOPs of one training step** (forward, backward, SGD), from the layer shapes (theory: every
+  convolution and matrix product, counted as ``torch.utils.flop_counter`` counts them, plus the
+  element-wise Taylor products it does not count) and from ``FlopCounterMode``;
+- **training-step time**, variants interleaved round-robin in one process, medians;
+- **inference time** of the eval-mode model: BN and Batch Renorm folded into the convolutions,
+  naive CBN and CBN after ``cbn.revert_model`` and folding, GroupNorm and the authors' layer as
+  they are (neither folds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.train_step import (
+    Trainer,
+    _data,
+    _pairs,
+    build,
+    fold_conv_bn,
+    interleave,
+    machine_info,
+    window_state_bytes,
+    write_section,
+)
+from cbn.experiments.models import resnet20
+from cbn.experiments.norms import make_norm
+
+VARIANTS = ("bn", "gn", "brn", "naive", "cbn", "authors")
+LABELS = {"bn": "BatchNorm", "gn": "GroupNorm", "brn": "Batch Renorm", "naive": "naive CBN", "cbn": "CBN",
+          "authors": "authors' CBN"}
+FLOAT = 4  # bytes
+
+
+def build_variant(variant: str, window: int, seed: int) -> nn.Module:
+    if variant in ("gn", "brn"):
+        torch.manual_seed(seed)
+        return resnet20(make_norm(variant))
+    return build(variant, window, seed)
+
+
+def conv_shapes(batch: int) -> list[dict]:
+    """Every convolution of ResNet-20 at ``batch``: its sizes, and whether a BatchNorm follows it."""
+    model = resnet20()
+    paired = {id(parent._modules[conv]) for parent, conv, _ in _pairs(model, nn.BatchNorm2d)}
+    shapes = []
+
+    def hook(module, args, output):
+        shapes.append({
+            "out_channels": output.shape[1], "positions": output.shape[2] * output.shape[3],
+            "fan_in": module.weight[0].numel(), "batch": output.shape[0], "paired": id(module) in paired,
+            "first": module is model.conv1,
+        })
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    model(_data(batch, 0)[0])
+    for handle in handles:
+        handle.remove()
+    return shapes
+
+
+def theory_flops(variant: str, batch: int, window: int) -> dict:
+    """FLOPs of one training step from the shapes (2 per multiply-add)."""
+    counted = uncounted = 0
+    past = window - 1
+    for s in conv_shapes(batch):
+        n, c, p, f = s["batch"], s["out_channels"], s["positions"], s["fan_in"]
+        conv = 2 * n * p * c * f
+        # forward, weight gradient, and the input gradient except for the image
+        counted += conv * (2 if s["first"] else 3)
+        if not s["paired"]:
+            continue
+        if variant == "cbn":
+            # one weight-gradient convolution: C variance rows plus the mean patch (an extra
+            # channel below batch 8, a batch-summed convolution from 8 on)
+            counted += 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
+            counted += 2 * window * c * f  # mean shifts, k entries (k - 1 moved, 1 stored): mm
+            uncounted += 2 * window * c * f  # variance shifts: element-wise products and sums
+        elif variant == "authors":
+            counted += 2 * conv  # autograd.grad of the mean and of the second moment
+            uncounted += 2 * past * 2 * c * f  # two Taylor products with each stored weight
+    fc_in, fc_out = 64, 10
+    counted += 3 * 2 * batch * fc_in * fc_out
+    return {"counted": counted, "uncounted": uncounted}
+
+
+class _FlopCount(TorchDispatchMode):
+    """``FlopCounterMode``'s per-operator formulas without its module tracker, whose backward
+    hooks refuse the ``autograd.grad`` calls of the authors' layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.registry = FlopCounterMode(display=False).flop_registry
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = self.registry.get(func._overloadpacket)
+        if count is not None:
+            self.total += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def measured_flops(model: nn.Module, batch: int, seed: int) -> int:
+    trainer = Trainer(model, *_data(batch, seed))
+    with _FlopCount() as counter:
+        trainer.step()
+    return counter.total
+
+
+def theory_memory(variant: str, window: int) -> int:
+    """Extra persistent bytes beyond BatchNorm's running statistics (2 C floats and a counter)."""
+    total = 0
+    past = window - 1
+    for s in conv_shapes(1):
+        if not s["paired"]:
+            continue
+        c, f = s["out_channels"], s["fan_in"]
+        if variant == "gn":
+            total -= 2 * c * FLOAT + 8  # no running statistics
+        elif variant in ("naive", "cbn"):
+            total += past * 5 * c * FLOAT + 2 * 8  # window_stats and the two counters
+            if variant == "cbn":
+                total += past * (c + 1) * f * FLOAT  # variance rows and mean patch per entry
+        elif variant == "authors":
+            total += past * (3 * c * f + 2 * c) * FLOAT  # two gradients and a weight copy, mu and nu
+    return total
+
+
+def measured_memory(variant: str, model: nn.Module, reference: nn.Module) -> int:
+    def buffers(m):
+        return sum(b.numel() * b.element_size() for b in m.buffers())
+
+    extra = buffers(model) - buffers(reference)
+    if variant == "authors":
+        extra += window_state_bytes(variant, model)
+    return extra
+
+
+def eval_model(variant: str, model: nn.Module) -> nn.Module:
+    import cbn
+
+    model = copy.deepcopy(model).eval()
+    if variant in ("naive", "cbn"):
+        return fold_conv_bn(cbn.revert_model(model).eval())
+    if variant in ("bn", "brn"):
+        return fold_conv_bn(_as_batchnorm(model))
+    return model
+
+
+def _as_batchnorm(model: nn.Module) -> nn.Module:
+    """Batch Renorm in eval mode is BatchNorm with its running statistics: swap it for folding."""
+    from cbn.layers.batch_renorm import BatchRenorm2d
+
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, BatchRenorm2d):
+                bn = nn.BatchNorm2d(child.num_features, eps=child.eps).eval()
+                bn.load_state_dict({k: v for k, v in child.state_dict().items() if k in bn.state_dict()},
+                                   strict=False)
+                parent._modules[name] = bn
+    return model
+
+
+def measure(args, log) -> list[dict]:
+    rows = []
+    for batch in args.batch_sizes:
+        x, target = _data(batch, args.seed)
+        trainers = {v: Trainer(build_variant(v, args.window, args.seed), x, target) for v in args.variants}
+        for trainer in trainers.values():
+            for _ in range(max(args.warmup, args.window + 1)):
+                trainer.step()
+        times = interleave({v: t.step for v, t in trainers.items()}, args.steps)
+        evals = {v: eval_model(v, t.model) for v, t in trainers.items()}
+        with torch.inference_mode():
+            for m in evals.values():
+                for _ in range(3):
+                    m(x)
+            eval_times = interleave({v: (lambda m=m: m(x)) for v, m in evals.items()}, args.eval_steps)
+        reference = trainers["bn"].model
+        bn_step, bn_eval = statistics.median(times["bn"]), statistics.median(eval_times["bn"])
+        for variant, trainer in trainers.items():
+            flops = theory_flops(variant, batch, args.window)
+            rows.append({
+                "variant": variant, "batch": batch, "window": args.window,
+                "memory_theory_bytes": theory_memory(variant, args.window),
+                "memory_measured_bytes": measured_memory(variant, trainer.model, reference),
+                "flops_theory_counted": flops["counted"], "flops_theory_elementwise": flops["uncounted"],
+                "flops_measured": measured_flops(copy.deepcopy(trainer.model), batch, args.seed),
+                "step_ms": 1e3 * statistics.median(times[variant]),
+                "step_ratio": statistics.median(times[variant]) / bn_step,
+                "eval_ms": 1e3 * statistics.median(eval_times[variant]),
+                "eval_ratio": statistics.median(eval_times[variant]) / bn_eval,
+            })
+        log(f"batch {batch}: " + ", ".join(f"{r['variant']} {r['step_ms']:.1f} ms" for r in rows[-len(trainers):]))
+    return rows
+
+
+def _kib(value: int) -> str:
+    return f"{value / 1024:+.1f}" if value else "0"
+
+
+def markdown(rows: list[dict], command: str, machine: dict) -> str:
+    lines = [
+        "### Cost table: BatchNorm, GroupNorm, Batch Renorm, naive CBN, CBN, the authors' algorithm",
+        "",
+        f"Generated by `{command}` (commit {machine.get('git_commit')}, torch {torch.__version__}, "
+        f"{machine.get('threads')} thread(s), load average at start {machine['load_average']}).",
+        "",
+        "ResNet-20 on 1x28x28 inputs, window 4, SGD. Extra memory is the persistent state beyond "
+        "BatchNorm's running statistics. FLOPs count every convolution and matrix product as "
+        "`torch.utils.flop_counter` does (2 per multiply-add); the theory column adds, in brackets, "
+        "the element-wise Taylor products that the counter does not see. Times are medians of "
+        "interleaved rounds, as ratios to BatchNorm in the same run; inference is the eval-mode "
+        "model, folded where it can be (BN, Batch Renorm, and CBN after `cbn.revert_model`).",
+        "",
+        "| method | batch | extra memory, theory / measured (KiB) | GFLOPs per step, theory [+ element-wise] / flop_counter "
+        "| training step (ms, x BN) | inference (ms, x BN) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        theory = r["flops_theory_counted"] / 1e9
+        extra = f" [+{r['flops_theory_elementwise'] / 1e9:.4f}]" if r["flops_theory_elementwise"] else ""
+        lines.append(
+            f"| {LABELS[r['variant']]} | {r['batch']} | {_kib(r['memory_theory_bytes'])} / "
+            f"{_kib(r['memory_measured_bytes'])} | {theory:.4f}{extra} / {r['flops_measured'] / 1e9:.4f} | "
+            f"{r['step_ms']:.1f} ({r['step_ratio']:.2f}x) | {r['eval_ms']:.2f} ({r['eval_ratio']:.2f}x) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.cost_table", description=__doc__.split("\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20, help="timed round-robin rounds")
+    p.add_argument("--warmup", type=int, default=6)
+    p.add_argument("--eval-steps", type=int, default=30)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--md", type=Path, default=None, help="write the table into this markdown file (its section)")
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def run(argv=None) -> dict:
+    import json
+    import os
+
+    args = parse_args(argv)
+    if "bn" not in args.variants:
+        args.variants = ["bn", *args.variants]
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads)
+    machine["load_average"] = tuple(round(x, 2) for x in os.getloadavg())
+    start = time.perf_counter()
+    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    argv = sys.argv[1:] if argv is None else argv
+    command = "PYTHONPATH=src:. python -m benchmarks.cost_table " + " ".join(argv)
+    result = {"command": command.strip(), "machine": machine, "rows": rows, "wall_s": time.perf_counter() - start}
+    text = markdown(rows, result["command"], machine)
+    print(text)
+    if args.md:
+        write_section(args.md, "cost-table", text)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    run()
