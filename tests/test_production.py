@@ -158,6 +158,38 @@ def test_compiled_model_trains_like_eager():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_fullgraph_compile_trains_like_eager_across_burnin_with_one_recompile():
+    # After one eager forward has paired the layers, a whole training forward is one graph: no
+    # graph break (fullgraph=True raises on one), one recompile when burn-in ends, and the same
+    # outputs and state as eager training, window and running statistics included.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    batches = _batches(7, shape=(2, 3, 6, 6))
+    torch.manual_seed(0)
+    eager = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                            nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4),
+                                            nn.Flatten(), nn.Linear(4 * 36, 5)), window=3, burnin=3)
+    compiled_model = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(compiled_model, backend=counter, fullgraph=True)
+    for model in (eager, compiled_model):
+        model(batches[0][0])  # the eager forward that pairs the layers (no step)
+    losses, outputs = _train(eager, batches[1:])
+    losses_c, outputs_c = _train(compiled, batches[1:])
+    torch.testing.assert_close(losses_c, losses, rtol=0, atol=1e-5)
+    for a, b in zip(outputs_c, outputs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert counter.frame_count == 2  # the first graph, and one more when burn-in ends
+    norm = compiled_model[4]
+    assert norm._compiled_mode and norm.window_var_grad.abs().sum() > 0  # compensating inside the graph
+    assert int(norm.num_iterations) == int(eager[4].num_iterations) == 6
+    # State within float32 rounding of eager (the graph computes the statistics with var_mean,
+    # eager with BatchNorm's kernel): relative 1e-5 on variances and second-moment terms near 30.
+    for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
 # ----------------------------------------------------------------------------- several forwards per step
 def test_gradient_accumulation_pools_like_the_concatenated_micro_batches():
     torch.manual_seed(5)

@@ -48,7 +48,7 @@ def rank_local_buffer_names(model: nn.Module) -> list[str]:
     for module_name, module in model.named_modules():
         if isinstance(module, _CrossIterationBatchNorm):
             prefix = f"{module_name}." if module_name else ""
-            names += [prefix + name for name in module._window_buffers]
+            names += [prefix + name for name in (*module._window_buffers, *module._local_buffers)]
     return names
 
 

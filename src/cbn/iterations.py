@@ -38,11 +38,15 @@ _installed = False
 # Parameters of paired producers by id, weakly held (a WeakSet would compare tensors with ==):
 # the only ones the step hook marks.
 _watched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+# Paired layers: those that train compiled have their iterations counted here, at the step.
+_layers: weakref.WeakSet = weakref.WeakSet()
 
 
-def watch_parameters(parameters: Iterable[Tensor]) -> None:
+def watch_parameters(parameters: Iterable[Tensor], layer: nn.Module | None = None) -> None:
     """Have every optimizer step mark these parameters (a producer's, when a layer pairs with it)."""
     _watched.update((id(p), p) for p in parameters)
+    if layer is not None:
+        _layers.add(layer)
 
 
 def _bump_optimizer_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
@@ -52,6 +56,14 @@ def _bump_optimizer_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -
                if p.grad is not None and _watched.get(id(p)) is p]
     if stepped:
         increment_version(stepped)
+        _count_step()
+
+
+def _count_step() -> None:
+    """Let the paired layers count the iteration now (a compiled forward cannot read versions)."""
+    counted = [layer.iteration_count for layer in list(_layers) if layer._advance_after_step()]
+    if counted:
+        torch._foreach_add_(counted, 1)
 
 
 def install_optimizer_step_hook() -> None:
@@ -80,3 +92,4 @@ def mark_step(model_or_parameters: nn.Module | Iterable[Tensor]) -> None:
     parameters = list(model_or_parameters)
     if parameters:
         increment_version(parameters)
+        _count_step()

@@ -37,7 +37,12 @@ class ProducerTap:
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         if torch.compiler.is_compiling():
-            return self._record_outside_graph(module, args, output)
+            if self.claimed:
+                # Paired: the norm reads the input inside the graph (no weak reference there).
+                self._input = args[0] if module.training else None
+            elif self.keep_input:  # discovery is not over: record outside the graph
+                self._record_outside_graph(module, args, output)
+            return None
         return self._record(module, args, output)
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:

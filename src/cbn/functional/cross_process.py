@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .normalization import PooledStatistics, normalize, pool_with_past, reduction_dims
+from .normalization import PooledStatistics, pooled_normalization, reduction_dims
 from .statistic_gradients import StatisticGradients
 from .window import PastStatistics
 
@@ -106,12 +106,8 @@ def cross_process_batch_norm(
         >>> out, stats, samples = cross_process_batch_norm(x, None, gamma, beta, 1e-5)  # SyncBatchNorm
     """
     batch_mean, batch_var, samples = cross_process_batch_statistics(input, stats_dtype, group)
-    if past is None:
-        mean, var = batch_mean, batch_var
-    else:
-        mean, var, _, _ = pool_with_past(batch_mean, batch_var, past)
-    stats = PooledStatistics(batch_mean, batch_var, mean, var)
-    return normalize(input, mean, var, weight, bias, eps), stats, samples
+    output, stats = pooled_normalization(input, batch_mean, batch_var, past, weight, bias, eps)
+    return output, stats, samples
 
 
 def all_reduce_statistic_gradients(

@@ -194,3 +194,37 @@ def cross_iteration_batch_norm(
     """
     output, *stats = CrossIterationNorm.apply(input, weight, bias, past, eps, stats_dtype)
     return output, PooledStatistics(*stats)
+
+
+def pooled_normalization(
+    input: Tensor, batch_mean: Tensor, batch_var: Tensor, past: PastStatistics | None,
+    weight: Tensor | None, bias: Tensor | None, eps: float,
+) -> tuple[Tensor, PooledStatistics]:
+    """Pool differentiable batch statistics with ``past`` and normalize, with plain autograd ops.
+
+    For statistics that come with gradients of their own (pooled across processes) and for
+    compiled graphs, where the compiler fuses the operations that :class:`CrossIterationNorm`
+    writes by hand.
+    """
+    if past is None:
+        mean, var = batch_mean, batch_var
+    else:
+        mean, var, _, _ = pool_with_past(batch_mean, batch_var, past)
+    return normalize(input, mean, var, weight, bias, eps), PooledStatistics(batch_mean, batch_var, mean, var)
+
+
+def traceable_cross_iteration_batch_norm(
+    input: Tensor,
+    past: PastStatistics | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    stats_dtype: torch.dtype = torch.float32,
+) -> tuple[Tensor, PooledStatistics]:
+    """:func:`cross_iteration_batch_norm` built from traceable operations (``torch.compile``).
+
+    Same values and gradients, left to autograd; the returned statistics carry gradients.
+    """
+    stats_input = input if input.dtype == stats_dtype else input.to(stats_dtype)
+    batch_var, batch_mean = torch.var_mean(stats_input, reduction_dims(input), correction=0)
+    return pooled_normalization(input, batch_mean, batch_var, past, weight, bias, eps)

@@ -155,6 +155,18 @@ def _convolution_weight_gradient(
     return weight_grad
 
 
+def _centred_and_uniform(output: Tensor, channel_mean: Tensor, samples: int) -> Tensor:
+    """``[2 (y - mu) / m | 1 / m]``: the variance's gradient and the uniform extra output channel."""
+    channels = output.shape[1]
+    if torch.compiler.is_compiling():  # a graph takes no ``out=`` into a slice
+        uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 1.0 / samples)
+        return torch.cat(((output - channel_mean) * (2.0 / samples), uniform), dim=1)
+    grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
+    torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
+    grad_output[:, channels:].fill_(1.0 / samples)
+    return grad_output
+
+
 def _effective_output_padding(
     producer: nn.ConvTranspose1d | nn.ConvTranspose2d | nn.ConvTranspose3d, x: Tensor, output: Tensor
 ) -> list[int]:
@@ -188,9 +200,7 @@ def _transposed_statistic_gradients(
     padding = list(producer.padding)
     if groups == 1 and output.shape[0] < _SPLIT_BATCH:
         # As for a convolution: an extra output channel with gradient 1/m gives the mean patch.
-        grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
-        torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
-        grad_output[:, channels:].fill_(1.0 / samples)
+        grad_output = _centred_and_uniform(output, channel_mean, samples)
         weight_grad = _convolution_weight_gradient(
             producer, grad_output, x, [in_channels, channels + 1, *kernel_shape], padding, 1, output_padding
         )
@@ -254,9 +264,7 @@ def producer_statistic_gradients(
     if groups == 1 and output.shape[0] < _SPLIT_BATCH:
         # One weight-gradient convolution gives both: an extra output channel whose gradient is the
         # uniform 1/m yields the mean patch next to the C variance rows.
-        grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
-        torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
-        grad_output[:, channels:].fill_(1.0 / samples)
+        grad_output = _centred_and_uniform(output, channel_mean, samples)
         both = _convolution_weight_gradient(
             producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
         ).reshape(channels + 1, 1, -1)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
-from ..functional.normalization import cross_iteration_batch_norm
+from ..functional.normalization import cross_iteration_batch_norm, traceable_cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     ConvolutionCall,
     StatisticGradients,
@@ -34,7 +34,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # it skips nn.Module.__setattr__ (several microseconds a call, per layer and step).
 _HOST_STATE = frozenset({
     "_prepared_past", "_iteration_shape", "_weight_versions", "_iterations", "_unchanged_forwards",
-    "_weight_probe", "_next_slot", "_call",
+    "_weight_probe", "_next_slot", "_call", "_burnin_over", "_compiled_mode", "_forward_since_count",
 })
 
 
@@ -56,6 +56,8 @@ class _CrossIterationBatchNorm(_NormBase):
     _version = 2
     _float_window_buffers = ("window_stats", "window_mean_grad", "window_var_grad")
     _window_buffers = (*_float_window_buffers, "window_next", "num_iterations")
+    # Also per rank under DDP, but not saved: the iteration count a compiled forward records.
+    _local_buffers = ("iteration_count",)
 
     def __init__(
         self,
@@ -92,9 +94,12 @@ class _CrossIterationBatchNorm(_NormBase):
         self.register_buffer("window_var_grad", torch.zeros(0, **factory))
         self.register_buffer("window_next", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long, device=device))
+        self.register_buffer("iteration_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
         # Host-side copies of the two counters, so that the step never waits on the device.
-        self._next_slot = 0
-        self._iterations = 0
+        self._next_slot: int | None = 0  # None after compiled steps: window_next holds it
+        self._set_iterations(0)
+        self._compiled_mode = False  # has trained inside a compiled graph
+        self._forward_since_count = False  # a training forward since the last counted iteration
         self._weight_versions: tuple[int, ...] | None = None
         self._registry: ProducerRegistry | None = None
         self._producer: tuple[nn.Module, ProducerTap] | None = None
@@ -130,8 +135,9 @@ class _CrossIterationBatchNorm(_NormBase):
         self.window_var_grad.zero_()
         self.window_next.zero_()
         self.num_iterations.zero_()
+        self.iteration_count.zero_()
         self._next_slot = 0
-        self._iterations = 0
+        self._set_iterations(0)
         self._weight_versions = None
 
     def _apply(self, fn, recurse=True):
@@ -159,7 +165,8 @@ class _CrossIterationBatchNorm(_NormBase):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
         self._next_slot = int(self.window_next)
-        self._iterations = int(self.num_iterations)
+        self._set_iterations(int(self.num_iterations))
+        self.iteration_count.copy_(self.num_iterations)
         self._weight_versions = None
 
     def extra_repr(self) -> str:
@@ -189,7 +196,7 @@ class _CrossIterationBatchNorm(_NormBase):
         if refusal is None:
             self._producer = found
             self._producer_parameters = list(found[0].parameters())
-            watch_parameters(self._producer_parameters)
+            watch_parameters(self._producer_parameters, self)
             found[1].claimed = True
             self._pairing = _PAIRED
             self._allocate_gradient_window(found[0])
@@ -304,13 +311,42 @@ class _CrossIterationBatchNorm(_NormBase):
                 "layer (or convert_model) with check_shared_use=False."
             )
         self._iteration_shape = shape
+        self._forward_since_count = True
         if new_iteration:
-            self._iterations += 1  # written to num_iterations with the step's record
+            self._set_iterations(self._iterations + 1)
             self._unchanged_forwards, self._weight_probe = 0, None
         elif not self._warned_unmarked:
             self._unchanged_forwards += 1
             self._check_unmarked_updates(weights[0])
         self._weight_versions = versions
+
+    def _set_iterations(self, count: int) -> None:
+        self._iterations = count
+        # What a compiled forward reads instead of the count, so that it recompiles once, when
+        # burn-in ends, and not at every step.
+        self._burnin_over = count > self.burnin
+
+    def _advance_after_step(self) -> bool:
+        """Count the iteration an optimizer step (or :func:`cbn.mark_step`) just made.
+
+        Called by the step hook of :mod:`cbn.iterations` for every paired layer, with the same
+        version comparison as :meth:`_advance_iteration` (the next eager forward then sees no
+        change). It is what counts iterations for a layer that trains inside a compiled graph,
+        which cannot read version counters. Steps without a training forward in between (two
+        optimizers stepping one producer's weight and bias) are one iteration.
+        """
+        weights = self._trainable_producer_weights()
+        versions = tuple(w._version for w in weights) if weights else None
+        if versions is None or versions == self._weight_versions:
+            return False
+        self._weight_versions = versions
+        if not self._forward_since_count:
+            return False
+        self._forward_since_count = False
+        self._set_iterations(self._iterations + 1)
+        self._iteration_shape = None
+        self._unchanged_forwards, self._weight_probe = 0, None
+        return True  # the caller moves iteration_count on (for all layers in one kernel)
 
     def _check_unmarked_updates(self, weight: Tensor) -> None:
         """Warn once if the producer's weight moves while its version counter does not.
@@ -455,6 +491,10 @@ class _CrossIterationBatchNorm(_NormBase):
         this is ``nn.SyncBatchNorm``.
         """
         compiling = torch.compiler.is_compiling()
+        if compiling and self._pairing != _UNRESOLVED and not self._cross_process:
+            return self._compiled_training_forward(input)
+        if self._next_slot is None:  # compiled steps moved the slot on the device
+            self._next_slot = int(self.window_next)
         if not compiling and self._window_step is not None and self._window_step.holds(self):
             self._window_step.flush()  # called twice in one forward: its first step is written first
         prepare = self._prepare_step_outside_graph if compiling else self._prepare_step
@@ -471,6 +511,79 @@ class _CrossIterationBatchNorm(_NormBase):
         record = self._record_step_outside_graph if compiling else self._record_step
         record(stats, samples, past, producer_input, input)
         return output
+
+    def _compiled_training_forward(self, input: Tensor) -> Tensor:
+        """The training step inside a ``torch.compile`` graph, without a graph break.
+
+        Only tensor operations and reads of Python state that is constant between steps: the
+        pairing (found by the first, eager or graph-breaking, forward), ``_burnin_over`` (one
+        recompile when burn-in ends). The window slot is the ``window_next`` buffer, validity is
+        a tensor mask, and iterations are counted by the optimizer step hook
+        (:meth:`_advance_after_step`). A producer with a custom ``forward`` is not observed here:
+        its entries are stored uncompensated.
+        """
+        self._compiled_mode = True
+        self._forward_since_count = True
+        self._next_slot = None
+        samples = input.numel() // self.num_features
+        pooled = self.window > 1 and self._burnin_over
+        if samples <= 1 and not pooled:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+        producer_input = None
+        observed = self._producer is not None and not self._custom_producer
+        if observed:
+            tap = self._producer[1]
+            producer_input, tap._input = tap._input, None
+        dtype = self.window_stats.dtype
+        with torch.no_grad():
+            shifts = self._current_shifts() if observed else (None, None)
+            past = pool_window(self.window_stats, *shifts) if pooled else None
+        output, stats = traceable_cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)
+        with torch.no_grad():
+            self._record_in_graph(stats, samples, past, producer_input if observed else None, input)
+        return output
+
+    def _record_in_graph(self, stats, samples: int, past, producer_input: Tensor | None, input: Tensor) -> None:
+        """:func:`cbn.layers.window_step.record_steps` for one layer, as tensor operations only."""
+        channels = self.num_features
+        finite = torch.isfinite(stats.batch_var).all()
+        if self.window > 1:
+            dtype = self.window_stats.dtype
+            zeros = stats.batch_mean.new_zeros(channels)
+            gradients = None
+            producer = self._producer[0] if self._producer is not None else None
+            if self._compensating and producer_input is not None and self._trainable_producer_weights():
+                gradients = producer_statistic_gradients(
+                    producer, producer_input.to(dtype), input.to(dtype), stats.batch_mean
+                )
+                mean_shift, var_shift = statistic_shifts(
+                    gradients, weight_rows(producer, producer.weight), producer.bias
+                )
+                mean_shift, var_shift = mean_shift[0], var_shift[0]
+                finite = finite & torch.isfinite(gradients.mean).all() & torch.isfinite(gradients.var).all()
+            elif self._compensating and producer is not None and producer.bias is not None:
+                mean_shift, var_shift = producer.bias.to(dtype), zeros
+            else:
+                mean_shift, var_shift = zeros, zeros
+            entry = torch.stack((stats.batch_mean, stats.batch_var, mean_shift, var_shift, zeros + samples))
+            finite = finite & torch.isfinite(entry).all()
+            slot = self.window_next.view(1)
+            self.window_stats.index_copy_(0, slot, torch.where(finite, entry, 0.0).unsqueeze(0))
+            if self._compensating:
+                for buffer, value in ((self.window_mean_grad, gradients and gradients.mean),
+                                      (self.window_var_grad, gradients and gradients.var)):
+                    value = torch.where(finite, value, 0.0) if value is not None else buffer[:, :1] * 0
+                    buffer.index_copy_(1, slot, value)
+            self.window_next.copy_((self.window_next + 1) % (self.window - 1))
+        self.num_iterations.copy_(self.iteration_count)
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
+            pooled_samples = past.samples + samples if past is not None else samples
+            weight = finite.to(stats.mean.dtype) * factor
+            unbiased_var = stats.var * (pooled_samples / (pooled_samples - 1))
+            for running, estimate in ((self.running_mean, stats.mean), (self.running_var, unbiased_var)):
+                running.lerp_(estimate.nan_to_num(0.0, 0.0, 0.0).to(running.dtype), weight.to(running.dtype))
 
     def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None]:
         """Producer pairing, iteration count and the past entries moved to the current weights."""
@@ -521,6 +634,8 @@ class _CrossIterationBatchNorm(_NormBase):
         ``var_compensated`` over the valid entries (the window is not modified).
         """
         past = self.window - 1
+        if self._next_slot is None:
+            self._next_slot = int(self.window_next)
         order = [(self._next_slot - offset) % past for offset in range(1, past + 1)] if past else []
         order = [slot for slot in order if float(self.window_stats[slot, _SAMPLES, 0]) > 0]
         moved_mean, moved_var = self._moved_window()

@@ -161,7 +161,9 @@ def _record_group(records: list[StepRecord]) -> None:
         for i, slot in zip(windowed, slots):
             layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
         _write_counters([layers[i].window_next for i in windowed], [layers[i]._next_slot for i in windowed])
-    _write_counters([layer.num_iterations for layer in layers], [layer._iterations for layer in layers])
+    counts = [layer._iterations for layer in layers]
+    _write_counters([layer.num_iterations for layer in layers] + [layer.iteration_count for layer in layers],
+                    counts + counts)
 
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
