@@ -481,9 +481,11 @@ class _CrossIterationBatchNorm(_NormBase):
     def _training_forward(self, input: Tensor) -> Tensor:
         """The training forward in three stages: bookkeeping, normalization, recording.
 
-        The bookkeeping and recording stages read and write Python state (producer taps, host
-        counters, weight versions) and run eagerly under ``torch.compile``
-        (``torch.compiler.disable``); the normalization between them is compiled.
+        Eager: the bookkeeping reads and writes Python state (producer taps, host counters,
+        weight versions); in a converted model's forward the recording is written with all
+        layers' at once (:mod:`cbn.layers.window_step`). Under ``torch.compile`` a paired layer
+        runs :meth:`_compiled_training_forward` (no graph break); the first forward, which pairs
+        the layers, runs the bookkeeping eagerly (``torch.compiler.disable``, graph breaks).
 
         With a process group, every rank computes the same pooled statistics and statistic
         gradients, so every rank stores the same entry and keeps the same window: ``P`` ranks of
@@ -733,8 +735,11 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
           running statistics are broadcast from rank 0 like BatchNorm's.
         - AMP: under ``torch.autocast`` the statistics, window and Taylor terms are computed in
           float32 (autocast is disabled inside the layer); the output has the input's dtype.
-        - ``torch.compile``: the bookkeeping (producer taps, counters, window push) runs eagerly
-          via ``torch.compiler.disable``; the normalization is compiled. Two graph breaks per layer.
+        - ``torch.compile``: after one training forward has paired the layers (eager, or compiled
+          with graph breaks), a training forward compiles to one graph, ``fullgraph=True``
+          included, and recompiles once, when burn-in ends. In a compiled graph, iterations are
+          counted by ``torch.optim`` steps and :func:`cbn.mark_step` only, and a producer with a
+          custom ``forward`` stores uncompensated entries.
         - Several inputs per iteration: see ``check_shared_use``; gradient accumulation with
           unchanged weights pools the micro-batches (one entry each) as one iteration.
 

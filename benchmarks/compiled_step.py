@@ -1,0 +1,112 @@
+"""Training-step cost under ``torch.compile(fullgraph=True)``: compiled CBN against compiled
+BatchNorm on the project's ResNet-20, with the eager ratio of the same run beside it.
+
+Run from the repository root::
+
+    PYTHONPATH=src:. python -m benchmarks.compiled_step --md docs/performance.md
+
+Each model is compiled (inductor) after one eager training forward, which pairs the CBN layers
+with their convolutions; the compile time is the wall time of the first compiled steps. Steps
+are then timed round-robin with the eager models of the same seed; medians, ratios to the
+BatchNorm of the same mode.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.train_step import Trainer, _data, build, interleave, machine_info, write_section
+
+
+def compiled_trainer(variant: str, batch: int, window: int, seed: int, backend: str) -> tuple[Trainer, float]:
+    """A trainer of the compiled model and the seconds its first two steps took (compilation)."""
+    x, target = _data(batch, seed)
+    model = build(variant, window, seed)
+    model.train()(x)  # the eager forward that pairs the layers
+    trainer = Trainer(torch.compile(model, backend=backend, fullgraph=True), x, target)
+    start = time.perf_counter()
+    for _ in range(2):
+        trainer.step()
+    return trainer, time.perf_counter() - start
+
+
+def measure(args, log) -> list[dict]:
+    rows = []
+    for batch in args.batch_sizes:
+        trainers, compile_s = {}, {}
+        for variant in ("bn", "cbn"):
+            trainers[f"{variant} compiled"], compile_s[variant] = compiled_trainer(
+                variant, batch, args.window, args.seed, args.backend)
+            trainers[f"{variant} eager"] = Trainer(build(variant, args.window, args.seed), *_data(batch, args.seed))
+        for trainer in trainers.values():
+            for _ in range(args.window + 2):
+                trainer.step()
+        times = interleave({k: t.step for k, t in trainers.items()}, args.steps)
+        medians = {k: statistics.median(v) for k, v in times.items()}
+        for mode in ("compiled", "eager"):
+            rows.append({
+                "batch": batch, "mode": mode, "window": args.window,
+                "bn_ms": 1e3 * medians[f"bn {mode}"], "cbn_ms": 1e3 * medians[f"cbn {mode}"],
+                "ratio": medians[f"cbn {mode}"] / medians[f"bn {mode}"],
+                "compile_s": {"bn": compile_s["bn"], "cbn": compile_s["cbn"]} if mode == "compiled" else None,
+            })
+        log(f"batch {batch}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in medians.items())
+            + f"; compile bn {compile_s['bn']:.0f} s, cbn {compile_s['cbn']:.0f} s")
+    return rows
+
+
+def markdown(rows: list[dict], command: str, machine: dict) -> str:
+    lines = [
+        "### Compiled training step (`torch.compile(fullgraph=True)`)",
+        "",
+        f"`{command}` (commit {machine.get('git_commit')}, {machine.get('threads')} thread(s), "
+        f"load average at start {machine['load_average']}). ResNet-20, window 4, SGD; medians of "
+        "interleaved rounds; compile time is the wall time of the first two compiled steps.",
+        "",
+        "| batch | mode | BatchNorm | CBN | CBN / BN | compile time (BN, CBN) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        compile_s = f"{r['compile_s']['bn']:.0f} s, {r['compile_s']['cbn']:.0f} s" if r["compile_s"] else "-"
+        lines.append(f"| {r['batch']} | {r['mode']} | {r['bn_ms']:.1f} ms | {r['cbn_ms']:.1f} ms | "
+                     f"{r['ratio']:.2f}x | {compile_s} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n")[0])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no C++ build)")
+    p.add_argument("--md", type=Path, default=None, help="write the section into this markdown file")
+    return p.parse_args(argv)
+
+
+def run(argv=None) -> list[dict]:
+    import os
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads)
+    machine["load_average"] = tuple(round(x, 2) for x in os.getloadavg())
+    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    argv = sys.argv[1:] if argv is None else argv
+    command = ("PYTHONPATH=src:. python -m benchmarks.compiled_step " + " ".join(argv)).strip()
+    text = markdown(rows, command, machine)
+    print(text)
+    if args.md:
+        write_section(args.md, "compiled", text)
+    return rows
+
+
+if __name__ == "__main__":
+    run()
