@@ -151,3 +151,20 @@ def test_step_hook_marks_only_paired_producers():
     optimizer.step()
     assert model[0].weight._version > conv  # the producer of model[1]
     assert model[5].weight._version == head  # a linear layer no norm follows: left alone
+
+
+def test_steps_are_counted_at_the_step_and_a_skipped_forward_is_counted_later():
+    # The step hook counts an iteration at once for a layer that ran since its last count (what
+    # a compiled forward relies on); a step the layer did not run before is counted by its next
+    # forward, which therefore starts a new iteration (another input size is then accepted).
+    model = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), window=3)
+    norm = model[1]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert norm._iterations == 1
+    optimizer.step()
+    assert norm._iterations == 2 and int(norm.iteration_count) == 2
+    optimizer.step()  # again, without a forward in between (stale gradients)
+    assert norm._iterations == 2
+    model(torch.randn(2, 3, 9, 9))  # another size: a new iteration, not a shared-use error
+    assert norm._iterations == 3 and int(norm.num_iterations) == 3

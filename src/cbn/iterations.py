@@ -15,6 +15,11 @@ gap:
   forwards, one step) is one iteration;
 - a hand-written update loop outside any optimizer calls :func:`mark_step` after each update.
 
+The step hook (and :func:`mark_step`) also counts the iteration at once, for each paired layer
+that ran a training forward since its last count: a forward inside a compiled graph cannot read
+version counters, and an eager forward then finds the versions unchanged. (Two optimizers that
+step one producer's weight and its bias separately count two iterations in eager mode.)
+
 A loop that does neither is detected: after :data:`SUSPICIOUS_FORWARDS` training forwards with
 unchanged versions, a layer compares its producer's weight with a copy taken half-way; if the
 values moved without the counter, it warns once with this advice.

@@ -329,19 +329,19 @@ class _CrossIterationBatchNorm(_NormBase):
     def _advance_after_step(self) -> bool:
         """Count the iteration an optimizer step (or :func:`cbn.mark_step`) just made.
 
-        Called by the step hook of :mod:`cbn.iterations` for every paired layer, with the same
-        version comparison as :meth:`_advance_iteration` (the next eager forward then sees no
-        change). It is what counts iterations for a layer that trains inside a compiled graph,
-        which cannot read version counters. Steps without a training forward in between (two
-        optimizers stepping one producer's weight and bias) are one iteration.
+        Called by the step hook of :mod:`cbn.iterations` for every paired layer that has run a
+        training forward since its last counted iteration, with the same version comparison as
+        :meth:`_advance_iteration` (the next eager forward then sees no change). It is what
+        counts iterations for a layer that trains inside a compiled graph, which cannot read
+        version counters. A step without such a forward is left to the next forward to count.
         """
+        if not self._forward_since_count:
+            return False
         weights = self._trainable_producer_weights()
         versions = tuple(w._version for w in weights) if weights else None
         if versions is None or versions == self._weight_versions:
             return False
         self._weight_versions = versions
-        if not self._forward_since_count:
-            return False
         self._forward_since_count = False
         self._set_iterations(self._iterations + 1)
         self._iteration_shape = None
