@@ -21,11 +21,11 @@ from ..functional.statistic_gradients import (
     weight_rows,
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
-from .window_step import MEAN as _MEAN, MEAN_SHIFT as _MEAN_SHIFT, SAMPLES as _SAMPLES, VAR as _VAR
-from .window_step import VAR_SHIFT as _VAR_SHIFT, ModelWindowStep, StepRecord, record_steps
 from ..iterations import SUSPICIOUS_FORWARDS, watch_parameters
 from ..producers import CapturingTap, ProducerRegistry, ProducerTap
 from .input_rank import Input1d, Input2d, Input3d
+from .window_step import MEAN as _MEAN, MEAN_SHIFT as _MEAN_SHIFT, SAMPLES as _SAMPLES, VAR as _VAR
+from .window_step import VAR_SHIFT as _VAR_SHIFT, ModelWindowStep, StepRecord, record_step_in_graph, record_steps
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
 _NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
@@ -541,51 +541,10 @@ class _CrossIterationBatchNorm(_NormBase):
             shifts = self._current_shifts() if observed else (None, None)
             past = pool_window(self.window_stats, *shifts) if pooled else None
         output, stats = traceable_cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)
-        with torch.no_grad():
-            self._record_in_graph(stats, samples, past, producer_input if observed else None, input)
+        computation = self._producer[0] if observed else None
+        record_step_in_graph(StepRecord(self, stats, samples, past.samples if past is not None else None,
+                                        producer_input, input, computation))
         return output
-
-    def _record_in_graph(self, stats, samples: int, past, producer_input: Tensor | None, input: Tensor) -> None:
-        """:func:`cbn.layers.window_step.record_steps` for one layer, as tensor operations only."""
-        channels = self.num_features
-        finite = torch.isfinite(stats.batch_var).all()
-        if self.window > 1:
-            dtype = self.window_stats.dtype
-            zeros = stats.batch_mean.new_zeros(channels)
-            gradients = None
-            producer = self._producer[0] if self._producer is not None else None
-            if self._compensating and producer_input is not None and self._trainable_producer_weights():
-                gradients = producer_statistic_gradients(
-                    producer, producer_input.to(dtype), input.to(dtype), stats.batch_mean
-                )
-                mean_shift, var_shift = statistic_shifts(
-                    gradients, weight_rows(producer, producer.weight), producer.bias
-                )
-                mean_shift, var_shift = mean_shift[0], var_shift[0]
-                finite = finite & torch.isfinite(gradients.mean).all() & torch.isfinite(gradients.var).all()
-            elif self._compensating and producer is not None and producer.bias is not None:
-                mean_shift, var_shift = producer.bias.to(dtype), zeros
-            else:
-                mean_shift, var_shift = zeros, zeros
-            entry = torch.stack((stats.batch_mean, stats.batch_var, mean_shift, var_shift, zeros + samples))
-            finite = finite & torch.isfinite(entry).all()
-            slot = self.window_next.view(1)
-            self.window_stats.index_copy_(0, slot, torch.where(finite, entry, 0.0).unsqueeze(0))
-            if self._compensating:
-                for buffer, value in ((self.window_mean_grad, gradients and gradients.mean),
-                                      (self.window_var_grad, gradients and gradients.var)):
-                    value = torch.where(finite, value, 0.0) if value is not None else buffer[:, :1] * 0
-                    buffer.index_copy_(1, slot, value)
-            self.window_next.copy_((self.window_next + 1) % (self.window - 1))
-        self.num_iterations.copy_(self.iteration_count)
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = self.momentum if self.momentum is not None else 1.0 / self.num_batches_tracked
-            pooled_samples = past.samples + samples if past is not None else samples
-            weight = finite.to(stats.mean.dtype) * factor
-            unbiased_var = stats.var * (pooled_samples / (pooled_samples - 1))
-            for running, estimate in ((self.running_mean, stats.mean), (self.running_var, unbiased_var)):
-                running.lerp_(estimate.nan_to_num(0.0, 0.0, 0.0).to(running.dtype), weight.to(running.dtype))
 
     def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None]:
         """Producer pairing, iteration count and the past entries moved to the current weights."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional.normalization import PooledStatistics
-from ..functional.statistic_gradients import statistic_shifts, weight_rows
+from ..functional.statistic_gradients import producer_statistic_gradients, statistic_shifts, weight_rows
 from ..functional.window import PastStatistics, pool_window
 
 if TYPE_CHECKING:
@@ -303,6 +303,51 @@ def _write_counters(buffers: list[Tensor], values: list[int]) -> None:
     device = buffers[0].device
     sources = {value: torch.tensor(value, device=device) for value in set(values)}
     torch._foreach_copy_(buffers, [sources[value] for value in values])
+
+
+@torch.no_grad()
+def record_step_in_graph(record: StepRecord) -> None:
+    """:func:`record_steps` for one record as tensor operations only, for a compiled graph.
+
+    The slot is the ``window_next`` buffer (not the host counter), validity a tensor mask, the
+    iteration count the ``iteration_count`` buffer kept by the optimizer step hook: nothing is
+    read back to the host, so the graph has no break and does not depend on the step.
+    """
+    layer, stats, samples, past_samples = record.layer, record.stats, record.samples, record.window_samples
+    finite = torch.isfinite(stats.batch_var).all()
+    if layer.window > 1:
+        dtype = layer.window_stats.dtype
+        zeros = stats.batch_mean.new_zeros(layer.num_features)
+        producer, gradients = record.computation, None
+        if layer._compensating and record.producer_input is not None and layer._trainable_producer_weights():
+            gradients = producer_statistic_gradients(
+                producer, record.producer_input.to(dtype), record.output.to(dtype), stats.batch_mean
+            )
+            mean_shift, var_shift = (shift[0] for shift in statistic_shifts(
+                gradients, weight_rows(producer, producer.weight), producer.bias))
+            finite = finite & torch.isfinite(gradients.mean).all() & torch.isfinite(gradients.var).all()
+        elif layer._compensating and producer is not None and producer.bias is not None:
+            mean_shift, var_shift = producer.bias.to(dtype), zeros
+        else:
+            mean_shift, var_shift = zeros, zeros
+        entry = torch.stack((stats.batch_mean, stats.batch_var, mean_shift, var_shift, zeros + samples))
+        finite = finite & torch.isfinite(entry).all()
+        slot = layer.window_next.view(1)
+        layer.window_stats.index_copy_(0, slot, torch.where(finite, entry, 0.0).unsqueeze(0))
+        if layer._compensating:
+            for buffer, value in ((layer.window_mean_grad, gradients and gradients.mean),
+                                  (layer.window_var_grad, gradients and gradients.var)):
+                buffer.index_copy_(1, slot, torch.where(finite, value, 0.0) if value is not None else buffer[:, :1] * 0)
+        layer.window_next.copy_((layer.window_next + 1) % (layer.window - 1))
+    layer.num_iterations.copy_(layer.iteration_count)
+    if layer.track_running_stats:
+        layer.num_batches_tracked.add_(1)
+        factor = layer.momentum if layer.momentum is not None else 1.0 / layer.num_batches_tracked
+        pooled = past_samples + samples if past_samples is not None else samples
+        weight = finite.to(stats.mean.dtype) * factor
+        unbiased_var = stats.var * (pooled / (pooled - 1))
+        for running, estimate in ((layer.running_mean, stats.mean), (layer.running_var, unbiased_var)):
+            running.lerp_(estimate.nan_to_num(0.0, 0.0, 0.0).to(running.dtype), weight.to(running.dtype))
 
 
 class ModelWindowStep:
