@@ -92,9 +92,9 @@ def record_steps(records: list[StepRecord]) -> None:
     """Write the records of one forward: window entries, statistic gradients, running statistics.
 
     For each record, in order: the entry ``(mean, var, s_mu, s_var, samples)`` goes into the
-    layer's oldest slot (``s_mu = mean`` and ``s_var = 2 var`` when its statistic gradients are
-    stored, see :mod:`cbn.functional.window`), and the running statistics move towards the pooled
-    estimate with the variance unbiased over all pooled values. An entry whose statistics or
+    layer's oldest slot with its statistic gradients (``s_mu, s_var``: the first-order terms at
+    the weights of the step, see :mod:`cbn.functional.window`), and the running statistics move
+    towards the pooled estimate with the variance unbiased over all pooled values. An entry whose statistics or
     gradients are not finite is stored as an empty slot (zeros, ``samples = 0``) and leaves the
     running statistics unchanged, so no buffer ever holds a NaN or an infinity.
 
@@ -230,10 +230,9 @@ def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, sam
     torch._foreach_add_([layer.num_batches_tracked for layer in layers], 1)
     factors = [1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
                for layer in layers]
-    all_sizes = sizes
     mean = torch.cat([records[i].stats.mean for i in tracking])
     var = torch.cat([records[i].stats.var for i in tracking])
-    channels = _select_channels(all_sizes, tracking, finite_channels.device)
+    channels = _select_channels(sizes, tracking, finite_channels.device)
     pooled = samples if channels is None else samples[channels]
     window_samples = [records[i].window_samples for i in tracking]
     if any(w is not None for w in window_samples):
@@ -245,7 +244,7 @@ def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, sam
         weight = weight.to(mean.dtype).mul_(factors[0])
     else:
         weight = weight.to(mean.dtype).mul_(_per_channel(records, factors, mean, tracking))
-    track_sizes = [all_sizes[i] for i in tracking]
+    track_sizes = [sizes[i] for i in tracking]
     for running_name, estimate in (("running_mean", mean), ("running_var", unbiased_var)):
         running = [getattr(layer, running_name) for layer in layers]
         pieces = list(estimate.nan_to_num_(0.0, 0.0, 0.0).split(track_sizes))
