@@ -23,6 +23,8 @@ import torch
 
 from benchmarks.train_step import Trainer, _data, build, interleave, machine_info, write_section
 
+LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
+
 
 def compiled_trainer(variant: str, batch: int, window: int, seed: int, backend: str) -> tuple[Trainer, float]:
     """A trainer of the compiled model and the seconds its first two steps took (compilation)."""
@@ -37,10 +39,12 @@ def compiled_trainer(variant: str, batch: int, window: int, seed: int, backend: 
 
 
 def measure(args, log) -> list[dict]:
+    if "bn" not in args.variants:
+        args.variants = ["bn", *args.variants]
     rows = []
     for batch in args.batch_sizes:
         trainers, compile_s = {}, {}
-        for variant in ("bn", "cbn"):
+        for variant in args.variants:
             trainers[f"{variant} compiled"], compile_s[variant] = compiled_trainer(
                 variant, batch, args.window, args.seed, args.backend)
             trainers[f"{variant} eager"] = Trainer(build(variant, args.window, args.seed), *_data(batch, args.seed))
@@ -50,14 +54,15 @@ def measure(args, log) -> list[dict]:
         times = interleave({k: t.step for k, t in trainers.items()}, args.steps)
         medians = {k: statistics.median(v) for k, v in times.items()}
         for mode in ("compiled", "eager"):
-            rows.append({
-                "batch": batch, "mode": mode, "window": args.window,
-                "bn_ms": 1e3 * medians[f"bn {mode}"], "cbn_ms": 1e3 * medians[f"cbn {mode}"],
-                "ratio": medians[f"cbn {mode}"] / medians[f"bn {mode}"],
-                "compile_s": {"bn": compile_s["bn"], "cbn": compile_s["cbn"]} if mode == "compiled" else None,
-            })
+            for variant in args.variants:
+                rows.append({
+                    "batch": batch, "mode": mode, "variant": variant, "window": args.window,
+                    "ms": 1e3 * medians[f"{variant} {mode}"],
+                    "ratio": medians[f"{variant} {mode}"] / medians[f"bn {mode}"],
+                    "compile_s": compile_s[variant] if mode == "compiled" else None,
+                })
         log(f"batch {batch}: " + ", ".join(f"{k} {1e3 * v:.1f} ms" for k, v in medians.items())
-            + f"; compile bn {compile_s['bn']:.0f} s, cbn {compile_s['cbn']:.0f} s")
+            + "; compile " + ", ".join(f"{v} {s:.0f} s" for v, s in compile_s.items()))
     return rows
 
 
@@ -69,12 +74,12 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
         f"load average at start {machine['load_average']}). ResNet-20, window 4, SGD; medians of "
         "interleaved rounds; compile time is the wall time of the first two compiled steps.",
         "",
-        "| batch | mode | BatchNorm | CBN | CBN / BN | compile time (BN, CBN) |",
+        "| batch | mode | method | step | x BatchNorm (same mode) | compile time |",
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        compile_s = f"{r['compile_s']['bn']:.0f} s, {r['compile_s']['cbn']:.0f} s" if r["compile_s"] else "-"
-        lines.append(f"| {r['batch']} | {r['mode']} | {r['bn_ms']:.1f} ms | {r['cbn_ms']:.1f} ms | "
+        compile_s = f"{r['compile_s']:.0f} s" if r["compile_s"] is not None else "-"
+        lines.append(f"| {r['batch']} | {r['mode']} | {LABELS[r['variant']]} | {r['ms']:.1f} ms | "
                      f"{r['ratio']:.2f}x | {compile_s} |")
     return "\n".join(lines) + "\n"
 
@@ -82,6 +87,7 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
+    p.add_argument("--variants", nargs="+", choices=("bn", "naive", "cbn"), default=["bn", "naive", "cbn"])
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)
