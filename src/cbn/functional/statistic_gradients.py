@@ -155,15 +155,17 @@ def _convolution_weight_gradient(
     return weight_grad
 
 
-def _centred_and_uniform(output: Tensor, channel_mean: Tensor, samples: int) -> Tensor:
-    """``[2 (y - mu) / m | 1 / m]``: the variance's gradient and the uniform extra output channel."""
+def _centred_and_uniform(output: Tensor, channel_mean: Tensor) -> Tensor:
+    """``[y - mu | 1/2]``: the variance's gradient and the uniform extra output channel, both
+    ``m / 2`` times what they are. The weight gradient is linear in them: scaling its small
+    result by ``2 / m`` afterwards saves a pass over the activations."""
     channels = output.shape[1]
     if torch.compiler.is_compiling():  # a graph takes no ``out=`` into a slice
-        uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 1.0 / samples)
-        return torch.cat(((output - channel_mean) * (2.0 / samples), uniform), dim=1)
+        uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 0.5)
+        return torch.cat((output - channel_mean, uniform), dim=1)
     grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
-    torch.sub(output, channel_mean, out=grad_output[:, :channels]).mul_(2.0 / samples)
-    grad_output[:, channels:].fill_(1.0 / samples)
+    torch.sub(output, channel_mean, out=grad_output[:, :channels])
+    grad_output[:, channels:].fill_(0.5)
     return grad_output
 
 
@@ -200,16 +202,16 @@ def _transposed_statistic_gradients(
     padding = list(producer.padding)
     if groups == 1 and output.shape[0] < _SPLIT_BATCH:
         # As for a convolution: an extra output channel with gradient 1/m gives the mean patch.
-        grad_output = _centred_and_uniform(output, channel_mean, samples)
+        grad_output = _centred_and_uniform(output, channel_mean)
         weight_grad = _convolution_weight_gradient(
             producer, grad_output, x, [in_channels, channels + 1, *kernel_shape], padding, 1, output_padding
-        )
+        ).mul_(2.0 / samples)
         both = weight_rows(producer, weight_grad).unsqueeze(1)
         return StatisticGradients(both[channels:], both[:channels])
-    centred = (output - channel_mean).mul_(2.0 / samples)
     var_grad = _convolution_weight_gradient(
-        producer, centred, x, [in_channels, channels // groups, *kernel_shape], padding, groups, output_padding
-    )
+        producer, output - channel_mean, x, [in_channels, channels // groups, *kernel_shape], padding, groups,
+        output_padding,
+    ).mul_(2.0 / samples)
     # The uniform gradient is the same for every sample, so the batch sum of the input can be
     # convolved once instead.
     batch_sum = x.sum(0, keepdim=True)
@@ -264,13 +266,14 @@ def producer_statistic_gradients(
     if groups == 1 and output.shape[0] < _SPLIT_BATCH:
         # One weight-gradient convolution gives both: an extra output channel whose gradient is the
         # uniform 1/m yields the mean patch next to the C variance rows.
-        grad_output = _centred_and_uniform(output, channel_mean, samples)
+        grad_output = _centred_and_uniform(output, channel_mean)
         both = _convolution_weight_gradient(
             producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
-        ).reshape(channels + 1, 1, -1)
+        ).mul_(2.0 / samples).reshape(channels + 1, 1, -1)
         return StatisticGradients(both[channels:], both[:channels])
-    centred = (output - channel_mean).mul_(2.0 / samples)
-    var_grad = _convolution_weight_gradient(producer, centred, padded, [channels, *kernel_shape], padding, groups)
+    var_grad = _convolution_weight_gradient(
+        producer, output - channel_mean, padded, [channels, *kernel_shape], padding, groups
+    ).mul_(2.0 / samples)
     # Padding is applied per sample with the same index map, so it commutes with the batch sum.
     batch_sum = padded.sum(0, keepdim=True)
     uniform = output.new_full((1, groups, *output.shape[2:]), 1.0 / samples)
