@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .window import PastStatistics
+from .window import PastStatistics, pooling_weights
 
 
 class PooledStatistics(NamedTuple):
@@ -55,16 +55,17 @@ def reduction_dims(input: Tensor) -> list[int]:
 def pool_with_past(batch_mean: Tensor, batch_var: Tensor, past: PastStatistics) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Pooled ``(mean, var)`` of the module formula, and what its backward needs.
 
-    Returns ``(mean, var, 1/n, d var_bar / d mu_t)``; differentiable in ``batch_mean`` and
-    ``batch_var`` when called under autograd (the cross-process path does).
+    Returns ``(mean, var, 1/n, d var_bar / d mu_t / 2)``; differentiable in ``batch_mean`` and
+    ``batch_var`` when called under autograd (the cross-process path does). The pooling weights
+    of ``past`` are used when it carries them (:func:`cbn.functional.window.pool_past`).
     """
-    inv_entries = (past.count + 1).reciprocal()
-    past_share = past.count * inv_entries  # (n - 1) / n
+    if past.inv_entries is None:
+        past = past._replace(**dict(zip(("inv_entries", "spread_share", "delta_weight"),
+                                        pooling_weights(past.count, past.spread))))
     delta = batch_mean - past.center
-    mean = torch.addcmul(past.center, delta, inv_entries)
-    var = torch.addcmul(batch_var + past.spread, delta.square(), past_share) * inv_entries
-    var_slope = delta * (2 * past_share * inv_entries)
-    return mean, var, inv_entries, var_slope
+    mean = torch.addcmul(past.center, delta, past.inv_entries)
+    var = torch.addcmul(torch.addcmul(past.spread_share, batch_var, past.inv_entries), delta.square(), past.delta_weight)
+    return mean, var, past.inv_entries, delta * past.delta_weight
 
 
 def normalize(
@@ -105,14 +106,14 @@ class CrossIterationNorm(torch.autograd.Function):
             input if input.dtype == stats_dtype else input.to(stats_dtype), None, None, 0.0
         )
         if ctx.pooled:
-            mean, var, inv_entries, var_slope = pool_with_past(batch_mean, batch_var, PastStatistics(*past))
+            mean, var, inv_entries, half_slope = pool_with_past(batch_mean, batch_var, PastStatistics(*past))
         else:
             mean, var = batch_mean, batch_var
-            inv_entries, var_slope = batch_mean.new_ones(()), torch.zeros_like(batch_mean)
+            inv_entries, half_slope = batch_mean.new_ones(()), torch.zeros_like(batch_mean)
         # Eval-mode BatchNorm with the pooled statistics is exactly the normalization wanted.
         output = torch.native_batch_norm(input, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.pooled = True
-        ctx.save_for_backward(input, weight, batch_mean, var, inv_entries, var_slope, mean)
+        ctx.save_for_backward(input, weight, batch_mean, var, inv_entries, half_slope, mean)
         ctx.mark_non_differentiable(batch_mean, batch_var, mean, var)
         return output, batch_mean, batch_var, mean, var
 
@@ -129,7 +130,7 @@ class CrossIterationNorm(torch.autograd.Function):
                 [needs_input, needs_weight, needs_bias],
             )
             return (*grads, None, None, None)
-        input, weight, batch_mean, var, inv_entries, var_slope, mean = ctx.saved_tensors
+        input, weight, batch_mean, var, inv_entries, half_slope, mean = ctx.saved_tensors
         grad_direct, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_output, input, weight, mean, var, None, None, False, ctx.eps,
             [needs_input, needs_weight or needs_input, needs_bias or needs_input],
@@ -142,7 +143,7 @@ class CrossIterationNorm(torch.autograd.Function):
             minus_grad_mean_bar = gamma_invstd * sum_g
             minus_twice_grad_var_bar = gamma_invstd * invstd * sum_g_xhat
             # -m dL/dmu_t and -m/2 dL/dvar_t, per channel
-            mean_coefficient = torch.addcmul(minus_grad_mean_bar * inv_entries, minus_twice_grad_var_bar, var_slope, value=0.5)
+            mean_coefficient = torch.addcmul(minus_grad_mean_bar * inv_entries, minus_twice_grad_var_bar, half_slope)
             var_coefficient = minus_twice_grad_var_bar * inv_entries
             shape = (1, -1) + (1,) * (input.dim() - 2)
             centred = input - _as(batch_mean, input).view(shape)

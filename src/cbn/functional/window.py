@@ -27,15 +27,26 @@ from torch import Tensor
 class PastStatistics(NamedTuple):
     """Constants that summarize the valid past entries of a window, per channel.
 
-    ``center``, ``spread`` and ``count`` (entries pooled) have shape ``(C,)``; ``samples``, the
-    values per channel in those entries (for the unbiased running variance), is ``(C,)`` when
-    summarized from a window and may be left out.
+    ``center``, ``spread`` and ``count`` (entries pooled) have shape ``(C,)``. The others may
+    be left out: ``samples``, the values per channel in those entries (for the unbiased running
+    variance), and the pooling weights :func:`pooling_weights` derives from ``count`` and
+    ``spread``, which :func:`pool_past` computes for all layers at once.
     """
 
     center: Tensor
     spread: Tensor
     count: Tensor
     samples: Tensor | None = None
+    inv_entries: Tensor | None = None  # 1 / n, with n = count + 1 entries pooled in all
+    spread_share: Tensor | None = None  # spread / n
+    delta_weight: Tensor | None = None  # (n - 1) / n^2
+
+
+def pooling_weights(count: Tensor, spread: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(1/n, spread/n, (n - 1)/n^2)`` with ``n = count + 1``: the constants of the pooled
+    statistics ``mu_bar = c + delta / n``, ``var_bar = var / n + P / n + (n - 1)/n^2 delta^2``."""
+    inv_entries = (count + 1).reciprocal()
+    return inv_entries, spread * inv_entries, count * inv_entries.square()
 
 
 def move_to_current_weights(
@@ -66,10 +77,10 @@ def pool_past(mean: Tensor, var: Tensor, valid: Tensor) -> PastStatistics:
     Returns:
         :class:`PastStatistics` with per-channel ``center``, ``spread`` and ``count``.
     """
-    count = valid.sum(0)
+    count = valid.sum(0).expand(mean.shape[1:])
     center = (valid * mean).sum(0) / count.clamp_min(1)
     spread = (valid * (var + (mean - center).square())).sum(0)
-    return PastStatistics(center, spread, count.expand_as(center))
+    return PastStatistics(center, spread, count, None, *pooling_weights(count, spread))
 
 
 def pool_window(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Tensor | None) -> PastStatistics:
