@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.train_step import interleave, machine_info, write_section
+from benchmarks.train_step import add_floor, interleave, machine_info, write_section
 
 
 class Bottleneck(nn.Module):
@@ -77,6 +77,8 @@ def build(variant: str, window: int, seed: int) -> nn.Module:
     model = ResNet50()
     if variant == "bn":
         return model
+    if variant == "floor":  # BatchNorm plus one weight-gradient convolution per normalized conv
+        return add_floor(model)
     return cbn.convert_model(model, window=window, compensate=variant == "cbn")
 
 
@@ -122,21 +124,22 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
         f"load average at start {machine['load_average']}). Bottleneck ResNet-50 (53 norm layers), "
         "window 4, SGD; median of interleaved rounds (min to max in brackets), ratio to BatchNorm.",
         "",
-        "| batch | BatchNorm | naive CBN | CBN |",
-        "|---|---|---|---|",
+        "| batch | BatchNorm | floor (BN + 1 wgrad conv) | naive CBN | CBN |",
+        "|---|---|---|---|---|",
     ]
     for batch in sorted({r["batch"] for r in rows}):
         cells = {r["variant"]: r for r in rows if r["batch"] == batch}
         lines.append(f"| {batch} | " + " | ".join(
             f"{c['step_ms']:.0f} ms ({c['ratio']:.2f}x; {c['min_ms']:.0f} to {c['max_ms']:.0f})"
-            if (c := cells.get(v)) else "-" for v in ("bn", "naive", "cbn")) + " |")
+            if (c := cells.get(v)) else "-" for v in ("bn", "floor", "naive", "cbn")) + " |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.resnet50_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--variants", nargs="+", choices=("bn", "naive", "cbn"), default=["bn", "naive", "cbn"])
+    p.add_argument("--variants", nargs="+", choices=("bn", "floor", "naive", "cbn"),
+                   default=["bn", "floor", "naive", "cbn"])
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--steps", type=int, default=5, help="timed round-robin rounds")
     p.add_argument("--threads", type=int, default=1)
