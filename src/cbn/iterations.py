@@ -43,7 +43,7 @@ _installed = False
 # Parameters of paired producers by id, weakly held (a WeakSet would compare tensors with ==):
 # the only ones the step hook marks.
 _watched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-# Paired layers: those that train compiled have their iterations counted here, at the step.
+# Paired layers, weakly held: the step hook counts their iteration (see the module doc).
 _layers: weakref.WeakSet = weakref.WeakSet()
 
 
