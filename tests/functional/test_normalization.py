@@ -52,3 +52,24 @@ def test_move_clamps_each_entry_at_zero_variance():
     moved_mean, moved_var = move_to_current_weights(mean, var, zero, zero, torch.tensor([[1.0, 0.1]]), zero)
     torch.testing.assert_close(moved_mean, torch.tensor([[1.0, 0.1]]))
     torch.testing.assert_close(moved_var, torch.tensor([[0.0, 0.99]]))
+
+
+def test_traceable_form_equals_the_hand_written_backward():
+    # The compiled mode's plain-autograd normalization against the hand-written Function, float64.
+    from cbn.functional.normalization import traceable_cross_iteration_batch_norm
+
+    torch.manual_seed(0)
+    mean, var = torch.randn(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64) + 0.1
+    valid = torch.tensor([[1.0], [0.0], [1.0]], dtype=torch.float64)
+    for past in (None, pool_past(mean, var, valid)):
+        x = (torch.randn(2, 4, 3, 3, dtype=torch.float64) * 2 + 1).requires_grad_()
+        gamma = torch.rand(4, dtype=torch.float64).requires_grad_()
+        beta = torch.randn(4, dtype=torch.float64).requires_grad_()
+        projection = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+        results = []
+        for function in (cross_iteration_batch_norm, traceable_cross_iteration_batch_norm):
+            out, stats = function(x, past, gamma, beta, 1e-5, torch.float64)
+            grads = torch.autograd.grad((out * projection).sum(), (x, gamma, beta))
+            results.append((out, stats.mean.detach(), stats.var.detach(), *grads))
+        for hand, traced in zip(*results):
+            torch.testing.assert_close(traced, hand, rtol=0, atol=1e-10)
