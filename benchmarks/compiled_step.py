@@ -21,7 +21,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.train_step import Trainer, _data, build, interleave, machine_info, write_section
+from benchmarks.train_step import (
+    Trainer,
+    _data,
+    build,
+    command_line,
+    interleave,
+    machine_info,
+    rounded,
+    write_section,
+)
 
 LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
 
@@ -71,7 +80,7 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
         "### Compiled training step (`torch.compile(fullgraph=True)`)",
         "",
         f"`{command}` (commit {machine.get('git_commit')}, {machine.get('threads')} thread(s), "
-        f"load average at start {machine['load_average']}). ResNet-20, window 4, SGD; medians of "
+        f"load average at start {rounded(machine['load_average_start'])}). ResNet-20, window 4, SGD; medians of "
         "interleaved rounds; compile time is the wall time of the first two compiled steps.",
         "",
         "| batch | mode | method | step | x BatchNorm (same mode) | compile time |",
@@ -98,15 +107,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(argv=None) -> list[dict]:
-    import os
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info(args.threads)
-    machine["load_average"] = tuple(round(x, 2) for x in os.getloadavg())
     rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    argv = sys.argv[1:] if argv is None else argv
-    command = ("PYTHONPATH=src:. python -m benchmarks.compiled_step " + " ".join(argv)).strip()
+    command = command_line("compiled_step", sys.argv[1:] if argv is None else argv)
     text = markdown(rows, command, machine)
     print(text)
     if args.md:

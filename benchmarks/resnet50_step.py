@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.train_step import add_floor, interleave, machine_info, write_section
+from benchmarks.train_step import add_floor, command_line, interleave, machine_info, rounded, write_section
 
 
 class Bottleneck(nn.Module):
@@ -121,7 +121,7 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
         + " and ".join(str(b) for b in sorted({r["batch"] for r in rows})),
         "",
         f"`{command}` (commit {machine.get('git_commit')}, {machine.get('threads')} thread(s), "
-        f"load average at start {machine['load_average']}). Bottleneck ResNet-50 (53 norm layers), "
+        f"load average at start {rounded(machine['load_average_start'])}). Bottleneck ResNet-50 (53 norm layers), "
         "window 4, SGD; median of interleaved rounds (min to max in brackets), ratio to BatchNorm.",
         "",
         "| batch | BatchNorm | floor (BN + 1 wgrad conv) | naive CBN | CBN |",
@@ -150,17 +150,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(argv=None) -> list[dict]:
-    import os
-
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     machine = machine_info(args.threads)
-    machine["load_average"] = tuple(round(x, 2) for x in os.getloadavg())
     machine["image_size"] = args.image_size
     start = time.perf_counter()
     rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    argv = sys.argv[1:] if argv is None else argv
-    command = ("PYTHONPATH=src:. python -m benchmarks.resnet50_step " + " ".join(argv)).strip()
+    command = command_line("resnet50_step", sys.argv[1:] if argv is None else argv)
     text = markdown(rows, command, machine)
     print(text)
     print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)

@@ -342,6 +342,16 @@ def write_section(path: Path, name: str, text: str) -> None:
     path.write_text(new)
 
 
+def rounded(values) -> tuple:
+    """A load average (or any few figures) to two decimals, for a report line."""
+    return tuple(round(v, 2) for v in values)
+
+
+def command_line(module: str, argv: list[str]) -> str:
+    """How a benchmark module was run, for the report beside its figures."""
+    return f"PYTHONPATH=src:. python -m benchmarks.{module} {' '.join(argv)}".strip()
+
+
 def machine_info(threads: int) -> dict:
     def git(*cmd):
         try:
@@ -388,8 +398,8 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {m['cpu']}, {m['cpu_count']} cores, **{m['threads']} torch thread(s)**, "
         f"torch {m['torch']}, Python {m['python']}, commit {m['git_commit']}, {m['date']}. "
-        f"Load average at start {tuple(round(v, 2) for v in m['load_average_start'])}, "
-        f"at end {tuple(round(v, 2) for v in m['load_average_end'])}: the machine is shared, so "
+        f"Load average at start {rounded(m['load_average_start'])}, "
+        f"at end {rounded(m['load_average_end'])}: the machine is shared, so "
         "absolute times are noisy; variants are interleaved round-robin in one process and the "
         "ratios (to BatchNorm of the same run) are the figures to read. Wall time of the run "
         f"{result['wall_s']:.0f} s.",
