@@ -160,10 +160,10 @@ def _record_group(records: list[StepRecord]) -> None:
         _write_gradient_slots(records, gradients, windowed, slots, finite)
         for i, slot in zip(windowed, slots):
             layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
-        _write_counters([layers[i].window_next for i in windowed], [layers[i]._next_slot for i in windowed])
-    counts = [layer._iterations for layer in layers]
-    _write_counters([layer.num_iterations for layer in layers] + [layer.iteration_count for layer in layers],
-                    counts + counts)
+    # Every counter buffer of the group from its host value, in one kernel.
+    counters = [(layers[i].window_next, layers[i]._next_slot) for i in windowed]
+    counters += [(buffer, layer._iterations) for layer in layers for buffer in (layer.num_iterations, layer.iteration_count)]
+    _write_counters([buffer for buffer, _ in counters], [value for _, value in counters])
 
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
