@@ -317,18 +317,13 @@ def record_step_in_graph(record: StepRecord) -> None:
     if layer.window > 1:
         dtype = layer.window_stats.dtype
         zeros = stats.batch_mean.new_zeros(layer.num_features)
-        producer, gradients = record.computation, None
+        gradients = None
         if layer._compensating and record.producer_input is not None and layer._trainable_producer_weights():
             gradients = producer_statistic_gradients(
-                producer, record.producer_input.to(dtype), record.output.to(dtype), stats.batch_mean
+                record.computation, record.producer_input.to(dtype), record.output.to(dtype), stats.batch_mean
             )
-            mean_shift, var_shift = (shift[0] for shift in statistic_shifts(
-                gradients, weight_rows(producer, producer.weight), producer.bias))
             finite = finite & torch.isfinite(gradients.mean).all() & torch.isfinite(gradients.var).all()
-        elif layer._compensating and producer is not None and producer.bias is not None:
-            mean_shift, var_shift = producer.bias.to(dtype), zeros
-        else:
-            mean_shift, var_shift = zeros, zeros
+        mean_shift, var_shift = _shifts_then(record, gradients, zeros)
         entry = torch.stack((stats.batch_mean, stats.batch_var, mean_shift, var_shift, zeros + samples))
         finite = finite & torch.isfinite(entry).all()
         slot = layer.window_next.view(1)
