@@ -28,6 +28,7 @@ Centring keeps float32 accurate when ``|mu| >> std``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -137,16 +138,14 @@ def _convolution_weight_gradient(
     output_padding: list[int] | None = None,
 ) -> Tensor:
     """Weight gradient of the convolution of ``x``; transposed when ``output_padding`` is given."""
-    # Only the weight's shape is read: an expanded scalar avoids allocating it.
-    weight = x.new_zeros(()).expand(weight_shape)
     _, weight_grad, _ = torch.ops.aten.convolution_backward(
         grad_output,
         x,
-        weight,
+        _weight_placeholder(weight_shape, x),
         None,
-        list(producer.stride),
+        producer.stride,
         padding,
-        list(producer.dilation),
+        producer.dilation,
         output_padding is not None,
         output_padding if output_padding is not None else [0] * (x.dim() - 2),
         groups,
@@ -155,17 +154,47 @@ def _convolution_weight_gradient(
     return weight_grad
 
 
+# Per-thread scratch tensors of the per-step path (a layer may run in several threads, e.g.
+# under nn.DataParallel): weight placeholders and the gradient buffer of _centred_and_uniform.
+_SCRATCH = threading.local()
+
+
+def _weight_placeholder(shape: list[int], like: Tensor) -> Tensor:
+    """What ``convolution_backward`` reads of the weight is its shape: an expanded scalar."""
+    if torch.compiler.is_compiling():
+        return like.new_zeros(()).expand(shape)
+    placeholders = _SCRATCH.__dict__.setdefault("placeholders", {})
+    key = (tuple(shape), like.dtype, like.device)
+    found = placeholders.get(key)
+    if found is None:
+        if len(placeholders) > 256:
+            placeholders.clear()
+        found = placeholders[key] = like.new_zeros(()).expand(shape)
+    return found
+
+
 def _centred_and_uniform(output: Tensor, channel_mean: Tensor) -> Tensor:
     """``[y - mu | 1/2]``: the variance's gradient and the uniform extra output channel, both
     ``m / 2`` times what they are. The weight gradient is linear in them: scaling its small
-    result by ``2 / m`` afterwards saves a pass over the activations."""
+    result by ``2 / m`` afterwards saves a pass over the activations.
+
+    Outside a compiled graph the result is a per-thread scratch buffer of its shape, valid until
+    the next call for that shape: its uniform channel is written once, when the buffer is made.
+    """
     channels = output.shape[1]
     if torch.compiler.is_compiling():  # a graph takes no ``out=`` into a slice
         uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 0.5)
         return torch.cat((output - channel_mean, uniform), dim=1)
-    grad_output = output.new_empty((output.shape[0], channels + 1, *output.shape[2:]))
-    torch.sub(output, channel_mean, out=grad_output[:, :channels])
-    grad_output[:, channels:].fill_(0.5)
+    buffers = _SCRATCH.__dict__.setdefault("grad_outputs", {})
+    shape = (output.shape[0], channels + 1, *output.shape[2:])
+    key = (shape, output.dtype, output.device)
+    grad_output = buffers.get(key)
+    if grad_output is None:
+        if len(buffers) > 16:
+            buffers.clear()
+        grad_output = buffers[key] = output.new_empty(shape)
+        grad_output.narrow(1, channels, 1).fill_(0.5)
+    torch.sub(output, channel_mean, out=grad_output.narrow(1, 0, channels))
     return grad_output
 
 
@@ -269,8 +298,8 @@ def producer_statistic_gradients(
         grad_output = _centred_and_uniform(output, channel_mean)
         both = _convolution_weight_gradient(
             producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
-        ).mul_(2.0 / samples).reshape(channels + 1, 1, -1)
-        return StatisticGradients(both[channels:], both[:channels])
+        ).mul_(2.0 / samples).view(channels + 1, 1, -1)
+        return StatisticGradients(both.narrow(0, channels, 1), both.narrow(0, 0, channels))
     var_grad = _convolution_weight_gradient(
         producer, output - channel_mean, padded, [channels, *kernel_shape], padding, groups
     ).mul_(2.0 / samples)
