@@ -66,7 +66,7 @@ def _bump_optimizer_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -
 
 def _count_step() -> None:
     """Let the paired layers count the iteration now (a compiled forward cannot read versions)."""
-    counted = [layer.iteration_count for layer in list(_layers) if layer._advance_after_step()]
+    counted = [layer._buffers["iteration_count"] for layer in list(_layers) if layer._advance_after_step()]
     if counted:
         torch._foreach_add_(counted, 1)
 

@@ -163,7 +163,7 @@ class CrossIterationNorm(torch.autograd.Function):
             if weight is not None:
                 scale.mul_(weight)
             correction = torch.native_batch_norm(
-                input, _as(scale * invstd * sum_g_xhat, input), _as(scale * sum_g, input),
+                input, scale * invstd * sum_g_xhat, scale * sum_g,
                 mean, _unit_variance(var), False, 0.0, 0.0,
             )[0]
             grad_input.add_(correction)

@@ -298,7 +298,7 @@ def producer_statistic_gradients(
         grad_output = _centred_and_uniform(output, channel_mean)
         both = _convolution_weight_gradient(
             producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
-        ).mul_(2.0 / samples).view(channels + 1, 1, -1)
+        ).mul_(2.0 / samples).reshape(channels + 1, 1, -1)
         return StatisticGradients(both.narrow(0, channels, 1), both.narrow(0, 0, channels))
     var_grad = _convolution_weight_gradient(
         producer, output - channel_mean, padded, [channels, *kernel_shape], padding, groups

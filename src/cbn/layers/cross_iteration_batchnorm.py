@@ -376,7 +376,7 @@ class _CrossIterationBatchNorm(_NormBase):
 
     @property
     def _compensating(self) -> bool:
-        return self.window_var_grad.numel() > 0
+        return self._buffers["window_var_grad"].numel() > 0
 
     # ----------------------------------------------------------------------------- maths
     def _current_shifts(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
@@ -404,7 +404,8 @@ class _CrossIterationBatchNorm(_NormBase):
             return None
         if prepared is not None:
             return prepared
-        return pool_window(self.window_stats, *self._current_shifts())
+        with torch.no_grad():
+            return pool_window(self.window_stats, *self._current_shifts())
 
     @property
     def _will_pool(self) -> bool:
@@ -507,7 +508,7 @@ class _CrossIterationBatchNorm(_NormBase):
             )
         else:
             output, stats = cross_iteration_batch_norm(
-                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype
+                input, past, self.weight, self.bias, self.eps, self._buffers["window_stats"].dtype
             )
             samples = input.numel() // self.num_features
         record = self._record_step_outside_graph if compiling else self._record_step
@@ -562,9 +563,7 @@ class _CrossIterationBatchNorm(_NormBase):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
-        with torch.no_grad():
-            past = self._past_statistics()
-        return past, producer_input
+        return self._past_statistics(), producer_input
 
     def _record_step(self, stats, samples: int | Tensor, past, producer_input, input: Tensor) -> None:
         """Record the step: window entry and running statistics (:mod:`cbn.layers.window_step`).

@@ -125,29 +125,33 @@ def _record_batch(records: list[StepRecord]) -> None:
 
 
 def _record_group(records: list[StepRecord]) -> None:
+    # Buffers are read from ``layer._buffers``: nn.Module.__getattr__ costs about a microsecond a
+    # read, and this runs for every layer at every step.
     layers = [record.layer for record in records]
     sizes = [layer.num_features for layer in layers]
     device = records[0].stats.batch_mean.device
-    gradients = [record.layer._entry_gradients(record) for record in records]
+    compensating = [layer._compensating for layer in layers]
+    gradients = [record.layer._entry_gradients(record) if c else None for record, c in zip(records, compensating)]
 
     batch_mean = torch.cat([record.stats.batch_mean for record in records])
     batch_var = torch.cat([record.stats.batch_var for record in records])
-    zeros = batch_mean.new_zeros(max(sizes))
-    shifts = [_shifts_then(r, g, zeros) for r, g in zip(records, gradients)]
-    mean_shift = torch.cat([mean for mean, _ in shifts])
-    var_shift = torch.cat([var for _, var in shifts])
+    if any(compensating):
+        zeros = batch_mean.new_zeros(max(sizes))
+        shifts = [_shifts_then(r, g, zeros) for r, g in zip(records, gradients)]
+        mean_shift = torch.cat([mean for mean, _ in shifts])
+        var_shift = torch.cat([var for _, var in shifts])
+    else:  # naive averaging only: every entry's first-order terms are zero
+        mean_shift = var_shift = torch.zeros_like(batch_mean)
     samples = _per_channel(records, [record.samples for record in records], batch_mean)
     entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, samples))
 
-    # Finite per record: every statistic of its entry and every value of its gradients.
+    # Finite per record: every statistic of its entry. That covers its gradients: every value of
+    # them is a factor of a first-order term (s_var[c] sums row c times the weights, s_mu[c] the
+    # group's mean patch times row c), and a NaN or an infinity stays non-finite in a product and
+    # a sum (inf * 0 is NaN).
     owner = _channel_owner(sizes, device)
     bad = torch.zeros(len(records), dtype=batch_mean.dtype, device=device)
     bad.index_add_(0, owner, (~torch.isfinite(entry).all(0)).to(bad.dtype))
-    computed = [(i, g) for i, g in enumerate(gradients) if g is not None]
-    if computed:
-        norms = torch._foreach_norm([t for _, g in computed for t in g])
-        gradient_owner = torch.tensor([i for i, _ in computed for _ in (0, 1)], device=device)
-        bad.index_add_(0, gradient_owner, (~torch.isfinite(torch.stack(norms))).to(bad.dtype))
     finite = bad == 0
     finite_channels = finite[owner]
 
@@ -155,15 +159,19 @@ def _record_group(records: list[StepRecord]) -> None:
     if windowed:
         pieces = torch.where(finite_channels, entry, 0.0).split(sizes, dim=1)
         slots = [layers[i]._next_slot for i in windowed]
-        torch._foreach_copy_([layers[i].window_stats[s] for i, s in zip(windowed, slots)],
+        torch._foreach_copy_([layers[i]._buffers["window_stats"].select(0, s) for i, s in zip(windowed, slots)],
                              [pieces[i] for i in windowed])
         _write_gradient_slots(records, gradients, windowed, slots, finite)
         for i, slot in zip(windowed, slots):
             layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
     # Every counter buffer of the group from its host value, in one kernel.
-    counters = [(layers[i].window_next, layers[i]._next_slot) for i in windowed]
-    counters += [(buffer, layer._iterations) for layer in layers for buffer in (layer.num_iterations, layer.iteration_count)]
-    _write_counters([buffer for buffer, _ in counters], [value for _, value in counters])
+    buffers = [layers[i]._buffers["window_next"] for i in windowed]
+    values = [layers[i]._next_slot for i in windowed]
+    for layer in layers:
+        layer_buffers = layer._buffers
+        buffers += (layer_buffers["num_iterations"], layer_buffers["iteration_count"])
+        values += (layer._iterations, layer._iterations)
+    _write_counters(buffers, values)
 
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
@@ -227,9 +235,9 @@ def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -
 def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, samples: Tensor) -> None:
     """EMA of the pooled estimate, variance unbiased over all pooled values; skipped if not finite."""
     layers = [records[i].layer for i in tracking]
-    torch._foreach_add_([layer.num_batches_tracked for layer in layers], 1)
-    factors = [1.0 / float(layer.num_batches_tracked) if layer.momentum is None else layer.momentum
-               for layer in layers]
+    tracked = [layer._buffers["num_batches_tracked"] for layer in layers]
+    torch._foreach_add_(tracked, 1)
+    factors = [1.0 / float(count) if layer.momentum is None else layer.momentum for layer, count in zip(layers, tracked)]
     mean = torch.cat([records[i].stats.mean for i in tracking])
     var = torch.cat([records[i].stats.var for i in tracking])
     channels = _select_channels(sizes, tracking, finite_channels.device)
@@ -246,7 +254,7 @@ def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, sam
         weight = weight.to(mean.dtype).mul_(_per_channel(records, factors, mean, tracking))
     track_sizes = [sizes[i] for i in tracking]
     for running_name, estimate in (("running_mean", mean), ("running_var", unbiased_var)):
-        running = [getattr(layer, running_name) for layer in layers]
+        running = [layer._buffers[running_name] for layer in layers]
         pieces = list(estimate.nan_to_num_(0.0, 0.0, 0.0).split(track_sizes))
         weights = list(weight.split(track_sizes))
         if any(r.dtype != p.dtype for r, p in zip(running, pieces)):
@@ -300,8 +308,22 @@ def _write_counters(buffers: list[Tensor], values: list[int]) -> None:
     if not buffers:
         return
     device = buffers[0].device
-    sources = {value: torch.tensor(value, device=device) for value in set(values)}
+    sources = {value: _counter_value(value, device) for value in set(values)}
     torch._foreach_copy_(buffers, [sources[value] for value in values])
+
+
+_COUNTER_VALUES: dict[tuple, Tensor] = {}
+
+
+def _counter_value(value: int, device) -> Tensor:
+    """A cached 0-dim tensor holding ``value`` (read only: a source of copies)."""
+    key = (value, device)
+    found = _COUNTER_VALUES.get(key)
+    if found is None:
+        if len(_COUNTER_VALUES) > 1024:
+            _COUNTER_VALUES.clear()
+        found = _COUNTER_VALUES[key] = torch.tensor(value, device=device)
+    return found
 
 
 @torch.no_grad()
