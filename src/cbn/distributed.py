@@ -26,7 +26,7 @@ rendezvous variables; :func:`init_process_group` reads them::
 from __future__ import annotations
 
 import os
-import socket
+import tempfile
 import time
 from datetime import timedelta
 from typing import Callable
@@ -65,13 +65,6 @@ def ignore_windows_in_ddp(model: nn.Module) -> nn.Module:
     return model
 
 
-def free_port() -> int:
-    """A TCP port free on localhost now (for a local rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
 
@@ -81,12 +74,13 @@ def init_process_group(
     world_size: int | None = None,
     backend: str | None = None,
     timeout_s: float = 60.0,
+    init_method: str | None = None,
 ) -> torch.device:
     """Join the default process group and return this rank's device.
 
     ``rank`` and ``world_size`` default to the ``RANK``/``WORLD_SIZE`` environment variables
-    (set by ``torchrun``); ``MASTER_ADDR``/``MASTER_PORT`` must be set (``launch`` and
-    ``torchrun`` do). With NCCL, the device is ``cuda:LOCAL_RANK`` and becomes the current one.
+    (set by ``torchrun``); without ``init_method``, ``MASTER_ADDR``/``MASTER_PORT`` must be set
+    (``torchrun`` does). With NCCL, the device is ``cuda:LOCAL_RANK`` and becomes the current one.
     """
     rank = int(os.environ["RANK"]) if rank is None else rank
     world_size = int(os.environ["WORLD_SIZE"]) if world_size is None else world_size
@@ -95,7 +89,8 @@ def init_process_group(
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout_s))
     return device
 
 
@@ -105,10 +100,9 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _run(rank: int, fn: Callable, world_size: int, port: int, backend: str | None, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
-    init_process_group(rank, world_size, backend)
+def _run(rank: int, fn: Callable, world_size: int, rendezvous: str, backend: str | None, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    init_process_group(rank, world_size, backend, init_method=f"file://{rendezvous}")
     try:
         fn(rank, world_size, *args)
     finally:
@@ -119,7 +113,8 @@ def launch(fn: Callable, nproc: int, *args, backend: str | None = None, timeout_
     """Run ``fn(rank, nproc, *args)`` in ``nproc`` fresh processes joined in one process group.
 
     The processes are spawned (``torch.multiprocessing``, start method ``spawn``) on this machine
-    and rendezvous on a free localhost port; the backend defaults to NCCL when CUDA is available,
+    and rendezvous through a file in a fresh temporary directory (no port to pick, so no race
+    with other programs for one); the backend defaults to NCCL when CUDA is available,
     else gloo. ``fn`` must be importable (a module-level function). An exception in any process
     stops the others and is raised here; so is exceeding ``timeout_s`` (``TimeoutError``).
 
@@ -127,8 +122,13 @@ def launch(fn: Callable, nproc: int, *args, backend: str | None = None, timeout_
 
         >>> launch(train_worker, 2, config)   # like: torchrun --nproc-per-node=2 ...
     """
+    with tempfile.TemporaryDirectory(prefix="cbn-launch-") as directory:
+        _start_and_join(fn, nproc, os.path.join(directory, "rendezvous"), backend, args, timeout_s)
+
+
+def _start_and_join(fn, nproc: int, rendezvous: str, backend, args: tuple, timeout_s: float | None) -> None:
     context = mp.start_processes(
-        _run, args=(fn, nproc, free_port(), backend, args), nprocs=nproc, join=False, start_method="spawn"
+        _run, args=(fn, nproc, rendezvous, backend, args), nprocs=nproc, join=False, start_method="spawn"
     )
     start = time.monotonic()
     while not context.join(timeout=1.0):  # raises if a process failed, stopping the others

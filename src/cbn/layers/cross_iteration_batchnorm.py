@@ -384,7 +384,7 @@ class _CrossIterationBatchNorm(_NormBase):
         computation = self._computation
         if not self._compensating or computation is None:
             return None, None
-        gradients = StatisticGradients(self.window_mean_grad, self.window_var_grad)
+        gradients = StatisticGradients(self._buffers["window_mean_grad"], self._buffers["window_var_grad"])
         return statistic_shifts(gradients, weight_rows(computation, computation.weight), computation.bias)
 
     def _moved_window(self) -> tuple[Tensor, Tensor]:
