@@ -1,0 +1,143 @@
+"""Where a compiled CBN step spends its time: inductor's generated kernels against the
+``aten.convolution_backward`` calls, compiled BatchNorm beside it.
+
+Run from the repository root::
+
+    PYTHONPATH=src:. python -m benchmarks.compiled_kernels --md docs/performance.md
+
+A small stack of convolution + norm + ReLU blocks (16 channels at 28x28, so each variant
+compiles in seconds, not minutes as ResNet-20 does) is compiled with inductor and kernel
+profiling on (``torch._inductor.config.cpp.enable_kernel_profile``), timed round-robin, then
+profiled: per training step, the self time of the generated C++ kernels and of the
+``convolution_backward`` calls (the producers' own and, for CBN, the statistic gradients).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks.train_step import Trainer, command_line, interleave, machine_info, rounded, write_section
+
+LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
+
+
+def conv_stack(variant: str, blocks: int, window: int, seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers, channels = [], 1
+    for _ in range(blocks):
+        layers += [nn.Conv2d(channels, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU()]
+        channels = 16
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    if variant == "bn":
+        return model
+    import cbn
+
+    return cbn.convert_model(model, window=window, compensate=variant == "cbn")
+
+
+def compiled_trainer(variant: str, args) -> Trainer:
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, 1, 28, 28, generator=gen)
+    target = torch.randint(0, 10, (args.batch,), generator=gen)
+    model = conv_stack(variant, args.blocks, args.window, args.seed)
+    model.train()(x)  # the eager forward that pairs the layers
+    trainer = Trainer(torch.compile(model, backend=args.backend, fullgraph=True), x, target)
+    for _ in range(args.window + 2):
+        trainer.step()
+    return trainer
+
+
+def kernel_times(trainer: Trainer, steps: int) -> dict:
+    """Self CPU time per step (us) of inductor's kernels and of ``convolution_backward``."""
+    with torch.profiler.profile() as prof:
+        for _ in range(steps):
+            trainer.step()
+    kernels, convolution_backward, top = 0.0, 0.0, []
+    for event in prof.key_averages():
+        per_step = event.self_cpu_time_total / steps
+        if event.key.startswith("graph_") and "cpp_fused" in event.key:
+            kernels += per_step
+            top.append((per_step, event.key))
+        elif event.key == "aten::convolution_backward":
+            convolution_backward += per_step
+    top.sort(reverse=True)
+    return {"kernels_us": kernels, "convolution_backward_us": convolution_backward,
+            "top_kernels": [{"us": us, "name": name[:120]} for us, name in top[:3]]}
+
+
+def measure(args, log) -> list[dict]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.cpp.enable_kernel_profile = True
+    trainers = {variant: compiled_trainer(variant, args) for variant in args.variants}
+    times = interleave({v: t.step for v, t in trainers.items()}, args.steps)
+    rows = []
+    for variant, trainer in trainers.items():
+        ms = 1e3 * statistics.median(times[variant])
+        rows.append({"variant": variant, "ms": ms, **kernel_times(trainer, args.profile_steps)})
+        log(f"{variant}: {ms:.2f} ms, kernels {rows[-1]['kernels_us']:.0f} us, "
+            f"convolution_backward {rows[-1]['convolution_backward_us']:.0f} us per step")
+    return rows
+
+
+def markdown(rows: list[dict], args, command: str, machine: dict) -> str:
+    bn = next(r for r in rows if r["variant"] == "bn")
+    lines = [
+        "### Compiled step by kernel (small conv stack)",
+        "",
+        f"`{command}` (commit {machine.get('git_commit')}, {machine.get('threads')} thread(s), load "
+        f"average at start {rounded(machine['load_average_start'])}). {args.blocks} blocks of conv 3x3 "
+        f"(16 channels) + norm + ReLU at 28x28, batch {args.batch}, window {args.window}, SGD, inductor; "
+        f"step: median of {args.steps} interleaved rounds; self CPU time per step from "
+        f"`torch.profiler` over {args.profile_steps} steps, with inductor's kernel profiling on.",
+        "",
+        "| method | step | x BatchNorm | generated kernels | convolution_backward calls |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {LABELS[r['variant']]} | {r['ms']:.2f} ms | {r['ms'] / bn['ms']:.2f}x | "
+                     f"{r['kernels_us']:.0f} us | {r['convolution_backward_us']:.0f} us |")
+    cbn_row = next((r for r in rows if r["variant"] == "cbn"), None)
+    if cbn_row is not None:
+        lines += ["", "Largest generated kernels of compiled CBN, per step:", ""]
+        lines += [f"- {k['us']:.0f} us: `{k['name']}`" for k in cbn_row["top_kernels"]]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--blocks", type=int, default=4)
+    p.add_argument("--variants", nargs="+", choices=tuple(LABELS), default=list(LABELS))
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--profile-steps", type=int, default=10)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--backend", default="inductor", help="aot_eager (no C++ build, no kernels) for a smoke run")
+    p.add_argument("--md", type=Path, default=None, help="write the section into this markdown file")
+    return p.parse_args(argv)
+
+
+def run(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    if "bn" not in args.variants:
+        args.variants = ["bn", *args.variants]
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads)
+    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    text = markdown(rows, args, command_line("compiled_kernels", sys.argv[1:] if argv is None else argv), machine)
+    print(text)
+    if args.md:
+        write_section(args.md, "compiled-kernels", text)
+    return rows
+
+
+if __name__ == "__main__":
+    run()
