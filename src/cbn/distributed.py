@@ -102,6 +102,7 @@ def cleanup() -> None:
 
 def _run(rank: int, fn: Callable, world_size: int, rendezvous: str, backend: str | None, args: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: the loopback interface
     init_process_group(rank, world_size, backend, init_method=f"file://{rendezvous}")
     try:
         fn(rank, world_size, *args)

@@ -1,7 +1,6 @@
 """CPU SyncBatchNorm: 2 gloo processes must equal one BatchNorm on the concatenated batch."""
 
 import os
-import socket
 import tempfile
 
 import pytest
@@ -24,12 +23,13 @@ def _inputs(dtype):
     return x, grad, weight, bias
 
 
-def _worker(rank, port, path, dtype):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+def _worker(rank, path, dtype):
+    os.environ.update(GLOO_SOCKET_IFNAME="lo")
     torch.set_num_threads(1)
     from datetime import timedelta
 
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{path}.rendezvous", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     x, grad, weight, bias = _inputs(dtype)
     layer = SyncBatchNorm2d(4).to(dtype)
     with torch.no_grad():
@@ -49,17 +49,11 @@ def _worker(rank, port, path, dtype):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-6), (torch.float32, 1e-5)])
 def test_two_processes_equal_batchnorm_on_concatenated_batch(dtype, tol):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "res")
-        ctx = mp.start_processes(_worker, args=(_free_port(), path, dtype), nprocs=WORLD, join=False, start_method="spawn")
+        ctx = mp.start_processes(_worker, args=(path, dtype), nprocs=WORLD, join=False, start_method="spawn")
         try:
             for proc in ctx.processes:
                 proc.join(timeout=90)

@@ -25,7 +25,6 @@ import json
 import math
 import copy
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -184,13 +183,7 @@ def source_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | None) -> dict | None:
+def _train_worker(rank: int, cfg: TrainConfig, rendezvous: str | None, result_path: str | None) -> dict | None:
     """Training body; rank > 0 only exists for syncbn with nproc > 1."""
     torch.set_num_threads(cfg.threads)
     nproc = cfg.nproc if cfg.norm == "syncbn" else 1
@@ -199,10 +192,9 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | Non
         import torch.distributed as dist
         from datetime import timedelta
 
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # loopback: much lower latency here
-        dist.init_process_group("gloo", rank=rank, world_size=nproc, timeout=timedelta(minutes=30))
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=nproc,
+                                timeout=timedelta(minutes=30))
     data = FashionMNIST.load(cfg.data_dir, cfg.train_subset, cfg.test_subset, cfg.subset_seed)
     proto = resolve_protocol(cfg, len(data.train_labels))
     model = make_model(cfg, proto)
@@ -315,8 +307,8 @@ def _train_worker(rank: int, cfg: TrainConfig, port: int, result_path: str | Non
     return record
 
 
-def _spawn_entry(rank: int, cfg: TrainConfig, port: int, result_path: str | None) -> None:
-    _train_worker(rank, cfg, port, result_path)
+def _spawn_entry(rank: int, cfg: TrainConfig, rendezvous: str, result_path: str | None) -> None:
+    _train_worker(rank, cfg, rendezvous, result_path)
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -324,14 +316,17 @@ def train(cfg: TrainConfig) -> dict:
     result_path = str(Path(cfg.out) / f"{cfg.run_name()}.json") if cfg.out else None
     nproc = cfg.nproc if cfg.norm == "syncbn" else 1
     if nproc <= 1:
-        return _train_worker(0, cfg, 0, result_path)
+        return _train_worker(0, cfg, None, result_path)
     import tempfile
     import torch.multiprocessing as mp
 
     own_tmp = result_path is None
     if own_tmp:
         result_path = tempfile.mktemp(suffix=".json")
-    mp.spawn(_spawn_entry, args=(cfg, _free_port(), result_path), nprocs=nproc, join=True)
+    with tempfile.TemporaryDirectory(prefix="cbn-syncbn-") as directory:
+        # A rendezvous file, not a free port picked before the workers bind it (a race).
+        rendezvous = os.path.join(directory, "rendezvous")
+        mp.spawn(_spawn_entry, args=(cfg, rendezvous, result_path), nprocs=nproc, join=True)
     record = json.loads(Path(result_path).read_text())
     if own_tmp:
         os.unlink(result_path)
