@@ -157,6 +157,8 @@ def _convolution_weight_gradient(
 # Per-thread scratch tensors of the per-step path (a layer may run in several threads, e.g.
 # under nn.DataParallel): weight placeholders and the gradient buffer of _centred_and_uniform.
 _SCRATCH = threading.local()
+# Largest gradient buffer kept between calls: 1 Mi values (4 MiB in float32).
+_SCRATCH_NUMEL = 1 << 20
 
 
 def _weight_placeholder(shape: list[int], like: Tensor) -> Tensor:
@@ -178,22 +180,26 @@ def _centred_and_uniform(output: Tensor, channel_mean: Tensor) -> Tensor:
     ``m / 2`` times what they are. The weight gradient is linear in them: scaling its small
     result by ``2 / m`` afterwards saves a pass over the activations.
 
-    Outside a compiled graph the result is a per-thread scratch buffer of its shape, valid until
-    the next call for that shape: its uniform channel is written once, when the buffer is made.
+    Outside a compiled graph, a small result is a per-thread scratch buffer of its shape, valid
+    until the next call for that shape, whose uniform channel was written once, when it was made
+    (small batches, where the saved operations count); a large one is allocated each call, so
+    that no activation-sized memory is held between steps.
     """
     channels = output.shape[1]
     if torch.compiler.is_compiling():  # a graph takes no ``out=`` into a slice
         uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 0.5)
         return torch.cat((output - channel_mean, uniform), dim=1)
-    buffers = _SCRATCH.__dict__.setdefault("grad_outputs", {})
     shape = (output.shape[0], channels + 1, *output.shape[2:])
     key = (shape, output.dtype, output.device)
+    buffers = _SCRATCH.__dict__.setdefault("grad_outputs", {})
     grad_output = buffers.get(key)
     if grad_output is None:
-        if len(buffers) > 16:
-            buffers.clear()
-        grad_output = buffers[key] = output.new_empty(shape)
+        grad_output = output.new_empty(shape)
         grad_output.narrow(1, channels, 1).fill_(0.5)
+        if grad_output.numel() <= _SCRATCH_NUMEL:
+            if len(buffers) > 16:
+                buffers.clear()
+            buffers[key] = grad_output
     torch.sub(output, channel_mean, out=grad_output.narrow(1, 0, channels))
     return grad_output
 
