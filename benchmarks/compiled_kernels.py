@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from benchmarks.train_step import Trainer, command_line, interleave, machine_info, rounded, write_section
+from benchmarks.train_step import Trainer, interleave, rounded, run_section
 
 LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
 
@@ -129,13 +128,8 @@ def run(argv=None) -> list[dict]:
     args = parse_args(argv)
     if "bn" not in args.variants:
         args.variants = ["bn", *args.variants]
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    text = markdown(rows, args, command_line("compiled_kernels", sys.argv[1:] if argv is None else argv), machine)
-    print(text)
-    if args.md:
-        write_section(args.md, "compiled-kernels", text)
+    rows, _ = run_section("compiled_kernels", "compiled-kernels", args, argv, measure,
+                          lambda rows, command, machine: markdown(rows, args, command, machine))
     return rows
 
 

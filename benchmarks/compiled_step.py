@@ -15,22 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.train_step import (
-    Trainer,
-    _data,
-    build,
-    command_line,
-    interleave,
-    machine_info,
-    rounded,
-    write_section,
-)
+from benchmarks.train_step import Trainer, _data, build, interleave, rounded, run_section
 
 LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
 
@@ -108,14 +98,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    command = command_line("compiled_step", sys.argv[1:] if argv is None else argv)
-    text = markdown(rows, command, machine)
-    print(text)
-    if args.md:
-        write_section(args.md, "compiled", text)
+    rows, _ = run_section("compiled_step", "compiled", args, argv, measure, markdown)
     return rows
 
 

@@ -23,8 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -37,13 +35,11 @@ from benchmarks.train_step import (
     _data,
     _pairs,
     build,
-    command_line,
     fold_conv_bn,
     interleave,
-    machine_info,
     rounded,
+    run_section,
     window_state_bytes,
-    write_section,
 )
 from cbn.experiments.models import resnet20
 from cbn.experiments.norms import make_norm
@@ -273,16 +269,8 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     if "bn" not in args.variants:
         args.variants = ["bn", *args.variants]
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    start = time.perf_counter()
-    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    command = command_line("cost_table", sys.argv[1:] if argv is None else argv)
-    result = {"command": command, "machine": machine, "rows": rows, "wall_s": time.perf_counter() - start}
-    text = markdown(rows, result["command"], machine)
-    print(text)
-    if args.md:
-        write_section(args.md, "cost-table", text)
+    rows, context = run_section("cost_table", "cost-table", args, argv, measure, markdown)
+    result = {"command": context["command"], "machine": context["machine"], "rows": rows, "wall_s": context["wall_s"]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

@@ -16,14 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from benchmarks.train_step import add_floor, command_line, interleave, machine_info, rounded, write_section
+from benchmarks.train_step import add_floor, interleave, rounded, run_section
 
 
 class Bottleneck(nn.Module):
@@ -151,17 +150,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    machine = machine_info(args.threads)
-    machine["image_size"] = args.image_size
-    start = time.perf_counter()
-    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
-    command = command_line("resnet50_step", sys.argv[1:] if argv is None else argv)
-    text = markdown(rows, command, machine)
-    print(text)
-    print(f"{time.perf_counter() - start:.0f} s", file=sys.stderr)
-    if args.md:
-        write_section(args.md, "resnet50", text)
+    rows, context = run_section(
+        "resnet50_step", "resnet50", args, argv, measure,
+        lambda rows, command, machine: markdown(rows, command, {**machine, "image_size": args.image_size}),
+    )
+    print(f"{context['wall_s']:.0f} s", file=sys.stderr)
     return rows
 
 

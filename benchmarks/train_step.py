@@ -342,6 +342,31 @@ def write_section(path: Path, name: str, text: str) -> None:
     path.write_text(new)
 
 
+def run_section(module: str, section: str, args, argv: list[str] | None,
+                measure: Callable, render: Callable) -> tuple[list, dict]:
+    """The run of a benchmark that writes one section of ``docs/performance.md``.
+
+    Sets ``args.threads``, calls ``measure(args, log)`` (progress to stderr), renders the rows with
+    ``render(rows, command, machine)``, prints the text and writes it between the ``section``
+    markers of ``args.md`` when given. Returns the rows and their context: the command line, the
+    machine and the wall time of the measurement.
+    """
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads)
+    start = time.perf_counter()
+    rows = measure(args, lambda msg: print(msg, file=sys.stderr, flush=True))
+    context = {
+        "command": command_line(module, sys.argv[1:] if argv is None else argv),
+        "machine": machine,
+        "wall_s": time.perf_counter() - start,
+    }
+    text = render(rows, context["command"], machine)
+    print(text)
+    if args.md:
+        write_section(args.md, section, text)
+    return rows, context
+
+
 def rounded(values) -> tuple:
     """A load average (or any few figures) to two decimals, for a report line."""
     return tuple(round(v, 2) for v in values)
