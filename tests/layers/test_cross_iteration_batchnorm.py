@@ -269,17 +269,21 @@ def test_non_finite_batch_never_enters_the_window_nor_running_stats():
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("row", ["mean", "var"])
-def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(monkeypatch, row):
+def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(monkeypatch, row, compiled):
     # The entry's first-order terms are products with every gradient value: a NaN in the mean
-    # patch or in one variance row marks the entry invalid although its statistics are finite.
+    # patch or in one variance row marks the entry invalid although its statistics are finite,
+    # in the batched eager record and in the record of a compiled graph (aot_eager, fullgraph).
     from cbn.layers import cross_iteration_batchnorm as layer_module
+    from cbn.layers import window_step
 
     model = _paired_conv_model(window=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     _train_steps(model, [torch.randn(2, 3, 5, 5) for _ in range(2)], optimizer)
     norm = model[1]
     running = norm.running_mean.clone(), norm.running_var.clone()
+    slot = int(norm.window_next)
     real = layer_module.producer_statistic_gradients
 
     def poisoned(*args):
@@ -287,10 +291,11 @@ def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(mo
         getattr(gradients, row)[-1, 0, 3] = float("nan")
         return gradients
 
-    monkeypatch.setattr(layer_module, "producer_statistic_gradients", poisoned)
-    out = model(torch.randn(2, 3, 5, 5))
+    module, run = (window_step, torch.compile(model, backend="aot_eager", fullgraph=True)) if compiled else (layer_module, model)
+    monkeypatch.setattr(module, "producer_statistic_gradients", poisoned)
+    out = run(torch.randn(2, 3, 5, 5))
     assert torch.isfinite(out).all()
-    slot = (norm._next_slot - 1) % 2
+    assert int(norm.window_next) == (slot + 1) % 2  # the step was recorded, in this slot
     assert not norm.window_stats[slot].any()
     assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
     for name, buffer in norm.state_dict().items():

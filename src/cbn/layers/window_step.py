@@ -344,7 +344,7 @@ def record_step_in_graph(record: StepRecord) -> None:
             gradients = producer_statistic_gradients(
                 record.computation, record.producer_input.to(dtype), record.output.to(dtype), stats.batch_mean
             )
-            finite = finite & torch.isfinite(gradients.mean).all() & torch.isfinite(gradients.var).all()
+        # As in the batched record, the entry's finiteness covers its gradients (their factors).
         mean_shift, var_shift = _shifts_then(record, gradients, zeros)
         entry = torch.stack((stats.batch_mean, stats.batch_var, mean_shift, var_shift, zeros + samples))
         finite = finite & torch.isfinite(entry).all()
