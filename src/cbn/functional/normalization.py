@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .._cache import bounded_get
 from .window import PastStatistics, pooling_weights
 
 
@@ -160,13 +161,7 @@ _UNIT: dict[tuple, Tensor] = {}
 
 def _unit_variance(like: Tensor) -> Tensor:
     """A cached tensor of ones like ``like``: the variance that makes BatchNorm's kernel affine."""
-    key = (like.shape, like.dtype, like.device)
-    unit = _UNIT.get(key)
-    if unit is None:
-        if len(_UNIT) > 64:
-            _UNIT.clear()
-        unit = _UNIT[key] = torch.ones_like(like)
-    return unit
+    return bounded_get(_UNIT, (like.shape, like.dtype, like.device), lambda: torch.ones_like(like), 64)
 
 
 def _as(tensor: Tensor, like: Tensor) -> Tensor:

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._cache import bounded_get
+
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 PRODUCER_TYPES = (*_CONVOLUTIONS, *_TRANSPOSED, nn.Linear)
@@ -166,13 +168,8 @@ def _weight_placeholder(shape: list[int], like: Tensor) -> Tensor:
     if torch.compiler.is_compiling():
         return like.new_zeros(()).expand(shape)
     placeholders = _SCRATCH.__dict__.setdefault("placeholders", {})
-    key = (tuple(shape), like.dtype, like.device)
-    found = placeholders.get(key)
-    if found is None:
-        if len(placeholders) > 256:
-            placeholders.clear()
-        found = placeholders[key] = like.new_zeros(()).expand(shape)
-    return found
+    return bounded_get(placeholders, (tuple(shape), like.dtype, like.device),
+                       lambda: like.new_zeros(()).expand(shape), 256)
 
 
 def _centred_and_uniform(output: Tensor, channel_mean: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .._cache import bounded_get
 from ..functional.normalization import PooledStatistics
 from ..functional.statistic_gradients import producer_statistic_gradients, statistic_shifts, weight_rows
 from ..functional.window import PastStatistics, pool_window
@@ -280,14 +281,10 @@ _CONSTANTS: dict[tuple, Tensor] = {}
 
 def _constant_channels(sizes: tuple, values: tuple, dtype, device) -> Tensor:
     """Cached ``repeat_interleave(values, sizes)``: sample counts rarely change between steps."""
-    key = (sizes, values, dtype, device)
-    found = _CONSTANTS.get(key)
-    if found is None:
-        if len(_CONSTANTS) > 256:
-            _CONSTANTS.clear()
-        found = torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(sizes)).to(device)
-        _CONSTANTS[key] = found
-    return found
+    def make() -> Tensor:
+        return torch.tensor(values, dtype=dtype).repeat_interleave(torch.tensor(sizes)).to(device)
+
+    return bounded_get(_CONSTANTS, (sizes, values, dtype, device), make, 256)
 
 
 def _channel_owner(sizes: list[int], device) -> Tensor:
@@ -317,13 +314,7 @@ _COUNTER_VALUES: dict[tuple, Tensor] = {}
 
 def _counter_value(value: int, device) -> Tensor:
     """A cached 0-dim tensor holding ``value`` (read only: a source of copies)."""
-    key = (value, device)
-    found = _COUNTER_VALUES.get(key)
-    if found is None:
-        if len(_COUNTER_VALUES) > 1024:
-            _COUNTER_VALUES.clear()
-        found = _COUNTER_VALUES[key] = torch.tensor(value, device=device)
-    return found
+    return bounded_get(_COUNTER_VALUES, (value, device), lambda: torch.tensor(value, device=device), 1024)
 
 
 @torch.no_grad()

@@ -1,0 +1,19 @@
+"""Small caches of constant tensors on the per-step path, bounded so that they cannot grow
+without limit when shapes, values or devices keep changing."""
+
+from __future__ import annotations
+
+from typing import Callable, TypeVar
+
+Value = TypeVar("Value")
+
+
+def bounded_get(cache: dict, key, make: Callable[[], Value], limit: int) -> Value:
+    """``cache[key]``, made by ``make()`` when missing; the cache is emptied when it holds more
+    than ``limit`` entries. Cached tensors are shared: callers only read them."""
+    found = cache.get(key)
+    if found is None:
+        if len(cache) > limit:
+            cache.clear()
+        found = cache[key] = make()
+    return found
