@@ -36,8 +36,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .. import kernels
 from .._cache import bounded_get
-from .window import PastStatistics, pooling_weights
+from .window import PastStatistics, with_pooling_weights
 
 
 class PooledStatistics(NamedTuple):
@@ -58,9 +59,7 @@ def pool_with_past(batch_mean: Tensor, batch_var: Tensor, past: PastStatistics) 
     ``batch_var`` when called under autograd (the cross-process path does). The pooling weights
     of ``past`` are used when it carries them (:func:`cbn.functional.window.pool_past`).
     """
-    if past.inv_entries is None:
-        past = past._replace(**dict(zip(("inv_entries", "spread_share", "delta_weight"),
-                                        pooling_weights(past.count, past.spread))))
+    past = with_pooling_weights(past)
     delta = batch_mean - past.center
     mean = torch.addcmul(past.center, delta, past.inv_entries)
     var = torch.addcmul(torch.addcmul(past.spread_share, batch_var, past.inv_entries), delta.square(), past.delta_weight)
@@ -200,7 +199,13 @@ def cross_iteration_batch_norm(
         >>> past = PastStatistics(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
         >>> out, stats = cross_iteration_batch_norm(torch.randn(4, 3, 5), past, None, None, 1e-5)
     """
-    output, *stats = CrossIterationNorm.apply(input, weight, bias, past, eps, stats_dtype)
+    if past is not None and kernels.active():
+        past = with_pooling_weights(past)
+        output, *stats = torch.ops.cbn.pooled_normalization(
+            input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype
+        )
+    else:
+        output, *stats = CrossIterationNorm.apply(input, weight, bias, past, eps, stats_dtype)
     return output, PooledStatistics(*stats)
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import kernels
 from .._cache import bounded_get
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -116,6 +117,12 @@ def weight_rows(producer: nn.Module, weight: Tensor) -> Tensor:
         grouped = weight.reshape(groups, in_per_group, out_per_group, -1)
         return grouped.transpose(1, 2).reshape(groups * out_per_group, -1)
     return weight if weight.dim() == 2 else weight.reshape(weight.shape[0], -1)
+
+
+def shift_weight(producer: nn.Module, weight: Tensor) -> Tensor:
+    """What :func:`statistic_shifts` takes as the producer's weight: the weight itself, which is
+    its rows up to a reshape, or the rows of a transposed convolution (a copy)."""
+    return weight_rows(producer, weight) if isinstance(producer, _TRANSPOSED) else weight
 
 
 def _padded_input(producer: nn.Conv1d | nn.Conv2d | nn.Conv3d | ConvolutionCall, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -349,3 +356,24 @@ def statistic_shifts(
     if bias is not None:
         mean_shift = mean_shift + bias
     return mean_shift, var_shift
+
+
+def statistic_shifts_of_layers(
+    operands: list[tuple[Tensor, Tensor, Tensor, Tensor | None]],
+) -> tuple[list[Tensor], list[Tensor]]:
+    """:func:`statistic_shifts` of many layers: ``operands`` holds one ``(mean gradients, variance
+    gradients, weight, bias)`` per layer, with the weight as :func:`shift_weight` gives it.
+
+    Runs the C++ kernel ``cbn::statistic_shifts_many`` where :mod:`cbn.kernels` is active (the
+    same operations without a Python frame per layer, identical results), else the Python loop.
+
+    Returns:
+        The lists of ``(k, C)`` first-order terms of the mean and of the variance, per layer.
+    """
+    if not operands:
+        return [], []
+    if kernels.active():
+        mean_grads, var_grads, weights, biases = zip(*operands)
+        return torch.ops.cbn.statistic_shifts_many(mean_grads, var_grads, weights, biases)
+    shifts = [statistic_shifts(StatisticGradients(mean, var), weight, bias) for mean, var, weight, bias in operands]
+    return [mean for mean, _ in shifts], [var for _, var in shifts]

@@ -49,6 +49,14 @@ def pooling_weights(count: Tensor, spread: Tensor) -> tuple[Tensor, Tensor, Tens
     return inv_entries, spread * inv_entries, count * inv_entries.square()
 
 
+def with_pooling_weights(past: PastStatistics) -> PastStatistics:
+    """``past`` with its pooling weights, derived from ``count`` and ``spread`` where it lacks them."""
+    if past.inv_entries is not None:
+        return past
+    return past._replace(**dict(zip(("inv_entries", "spread_share", "delta_weight"),
+                                    pooling_weights(past.count, past.spread))))
+
+
 def move_to_current_weights(
     mean: Tensor,
     var: Tensor,

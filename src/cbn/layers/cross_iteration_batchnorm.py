@@ -17,6 +17,7 @@ from ..functional.statistic_gradients import (
     StatisticGradients,
     producer_groups,
     producer_statistic_gradients,
+    shift_weight,
     statistic_shifts,
     weight_rows,
 )
@@ -381,11 +382,21 @@ class _CrossIterationBatchNorm(_NormBase):
     # ----------------------------------------------------------------------------- maths
     def _current_shifts(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
         """First-order terms of the stored gradients at the current weights, ``(k-1, C)`` each."""
+        operands = self._shift_operands()
+        if operands is None:
+            return None, None
+        mean_grad, var_grad, weight, bias = operands
+        return statistic_shifts(StatisticGradients(mean_grad, var_grad), weight, bias)
+
+    def _shift_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
+        """``(mean gradients, variance gradients, weight, bias)`` whose :func:`statistic_shifts` are
+        the window's first-order terms at the current weights; ``None`` when not compensating."""
         computation = self._computation
         if not self._compensating or computation is None:
-            return None, None
-        gradients = StatisticGradients(self._buffers["window_mean_grad"], self._buffers["window_var_grad"])
-        return statistic_shifts(gradients, weight_rows(computation, computation.weight), computation.bias)
+            return None
+        buffers = self._buffers
+        return (buffers["window_mean_grad"], buffers["window_var_grad"],
+                shift_weight(computation, computation.weight), computation.bias)
 
     def _moved_window(self) -> tuple[Tensor, Tensor]:
         """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""

@@ -25,7 +25,12 @@ from torch import Tensor, nn
 
 from .._cache import bounded_get
 from ..functional.normalization import PooledStatistics
-from ..functional.statistic_gradients import producer_statistic_gradients, statistic_shifts, weight_rows
+from ..functional.statistic_gradients import (
+    producer_statistic_gradients,
+    shift_weight,
+    statistic_shifts,
+    statistic_shifts_of_layers,
+)
 from ..functional.window import PastStatistics, pool_window
 
 if TYPE_CHECKING:
@@ -73,14 +78,13 @@ def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
     for (_, _, _, compensating), members in groups.items():
         if len(members) == 1:
             continue  # nothing to batch: the layer computes its own summary
-        stats = torch.cat([layer.window_stats for layer in members], dim=2)
-        shifts = [layer._current_shifts() for layer in members] if compensating else []
-        if compensating and all(mean is not None for mean, _ in shifts):
-            mean_now = torch.cat([mean for mean, _ in shifts], dim=1)
-            var_now = torch.cat([var for _, var in shifts], dim=1)
-            past = pool_window(stats, mean_now, var_now)
-        elif compensating:
-            continue  # an unpaired layer among them: each computes its own
+        stats = torch.cat([layer._buffers["window_stats"] for layer in members], dim=2)
+        if compensating:
+            operands = [layer._shift_operands() for layer in members]
+            if any(operand is None for operand in operands):
+                continue  # an unpaired layer among them: each computes its own
+            mean_now, var_now = statistic_shifts_of_layers(operands)
+            past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
         else:
             past = pool_window(stats, None, None)
         sizes = [layer.num_features for layer in members]
@@ -137,10 +141,7 @@ def _record_group(records: list[StepRecord]) -> None:
     batch_mean = torch.cat([record.stats.batch_mean for record in records])
     batch_var = torch.cat([record.stats.batch_var for record in records])
     if any(compensating):
-        zeros = batch_mean.new_zeros(max(sizes))
-        shifts = [_shifts_then(r, g, zeros) for r, g in zip(records, gradients)]
-        mean_shift = torch.cat([mean for mean, _ in shifts])
-        var_shift = torch.cat([var for _, var in shifts])
+        mean_shift, var_shift = _entry_shifts(records, gradients, batch_mean)
     else:  # naive averaging only: every entry's first-order terms are zero
         mean_shift = var_shift = torch.zeros_like(batch_mean)
     samples = _per_channel(records, [record.samples for record in records], batch_mean)
@@ -188,13 +189,42 @@ def _shifts_then(record: StepRecord, gradients, zeros: Tensor) -> tuple[Tensor, 
     float32 and under autocast, where the producer ran in half precision.) Without gradients:
     ``(b, 0)``, the terms of zero gradients, so that only a change of the bias moves the entry.
     """
-    layer, computation = record.layer, record.computation
-    if gradients is not None:
-        rows = weight_rows(computation, computation.weight.detach())
-        mean_shift, var_shift = statistic_shifts(gradients, rows, _detached(computation.bias))
-        return mean_shift[0], var_shift[0]
+    if gradients is None:
+        return _shifts_without_gradients(record, zeros)
+    _, _, weight, bias = _entry_operands(record, gradients)
+    mean_shift, var_shift = statistic_shifts(gradients, weight, bias)
+    return mean_shift[0], var_shift[0]
+
+
+def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_shifts_then` of many records, concatenated: the products of all entries that
+    have gradients in one :func:`statistic_shifts_of_layers` call."""
+    with_gradients = [i for i, g in enumerate(gradients) if g is not None]
+    products = statistic_shifts_of_layers([_entry_operands(records[i], gradients[i]) for i in with_gradients])
+    computed = dict(zip(with_gradients, zip(*products)))
+    zeros = like.new_zeros(max(record.layer.num_features for record in records))
+    mean_pieces, var_pieces = [], []
+    for i, record in enumerate(records):
+        if i in computed:
+            mean_shift, var_shift = computed[i]
+        else:
+            mean_shift, var_shift = (piece.unsqueeze(0) for piece in _shifts_without_gradients(record, zeros))
+        mean_pieces.append(mean_shift)
+        var_pieces.append(var_shift)
+    return torch.cat(mean_pieces, dim=1)[0], torch.cat(var_pieces, dim=1)[0]
+
+
+def _entry_operands(record: StepRecord, gradients) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The :func:`statistic_shifts` operands of a new entry: its gradients, the weights of its step."""
+    computation = record.computation
+    weight = shift_weight(computation, computation.weight.detach())
+    return gradients.mean, gradients.var, weight, _detached(computation.bias)
+
+
+def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor, Tensor]:
+    layer = record.layer
     none = zeros[: layer.num_features]
-    bias = getattr(computation, "bias", None)
+    bias = getattr(record.computation, "bias", None)
     if layer._compensating and bias is not None:
         return bias.detach().to(zeros.dtype), none
     return none, none

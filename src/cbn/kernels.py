@@ -1,0 +1,129 @@
+"""Optional C++ kernels for the per-layer work of a training step (``src/cbn/csrc``).
+
+At batch sizes 1 to 4 a CBN layer's cost is mostly the dispatch of many small operations from
+Python: each costs a few microseconds of interpreter and argument parsing, whatever its size.
+The C++ kernels run the same ATen operations, in the same order, from C++:
+
+- ``torch.ops.cbn.pooled_normalization``: the normalization with pooled statistics, forward and
+  backward (a C++ autograd function; :class:`cbn.functional.normalization.CrossIterationNorm`
+  is its Python twin);
+- ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
+  (:func:`cbn.functional.statistic_shifts` looped over the layers).
+
+They give the same values as the Python implementation, bit for bit (tested), so the choice never
+changes a result, only the time. They are compiled once with ``torch.utils.cpp_extension`` (about
+a minute, with the C++ compiler and ``ninja``; cached in ``TORCH_EXTENSIONS_DIR``, by default
+``~/.cache/torch_extensions``) the first time a layer needs them, or ahead of time with
+``python -m cbn build-kernels``. Where they cannot be built (no compiler), cbn warns once and uses
+the Python implementation. ``CBN_KERNELS=0`` in the environment, or :func:`use_kernels`, turns
+them off.
+
+Example::
+
+    >>> import cbn.kernels
+    >>> cbn.kernels.available()   # builds on first call
+    True
+    >>> with cbn.kernels.use_kernels(False):
+    ...     pass  # the Python implementation inside
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+_LOCK = threading.Lock()
+_loaded: bool | None = None  # None: not tried yet
+_enabled = os.environ.get("CBN_KERNELS", "1") != "0"
+
+
+def available() -> bool:
+    """Whether the C++ kernels are in use: enabled, and built (building them on the first call)."""
+    if not _enabled:
+        return False
+    if _loaded is None:
+        build()
+    return bool(_loaded)
+
+
+def build(verbose: bool = False) -> bool:
+    """Compile (or load from the cache) the C++ kernels; ``False``, with one warning, if that fails."""
+    global _loaded
+    with _LOCK:
+        if _loaded is None:
+            try:
+                _compile(verbose)
+                _loaded = True
+            except Exception as error:  # no compiler, no ninja, a failed build: all mean Python
+                _loaded = False
+                warnings.warn(
+                    f"cbn: the C++ kernels could not be built ({type(error).__name__}: {_first_line(error)}); "
+                    "using the Python implementation, which gives the same results more slowly at small "
+                    "batch sizes. Set CBN_KERNELS=0 to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _loaded
+
+
+def _compile(verbose: bool) -> None:
+    from torch.utils import cpp_extension
+
+    with _ninja_on_path():
+        cpp_extension.load(
+            name="cbn_kernels",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=["-O2"],
+            is_python_module=False,
+            verbose=verbose,
+        )
+
+
+@contextlib.contextmanager
+def _ninja_on_path() -> Iterator[None]:
+    """``torch.utils.cpp_extension`` runs ``ninja`` from ``PATH``: add the one the ``ninja``
+    package installed beside this interpreter, which need not be on ``PATH`` (a virtual
+    environment that was not activated)."""
+    path = os.environ.get("PATH", "")
+    extra = [str(Path(sys.executable).parent)]
+    try:
+        import ninja
+
+        extra.insert(0, ninja.BIN_DIR)
+    except ImportError:
+        pass
+    os.environ["PATH"] = os.pathsep.join([*extra, path])
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = path
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else "no message"
+
+
+@contextlib.contextmanager
+def use_kernels(enabled: bool) -> Iterator[None]:
+    """Use (or not) the C++ kernels inside the block; for comparisons and tests."""
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+def active() -> bool:
+    """Whether the C++ kernels run here: available, and not inside a graph that ``torch.compile``
+    traces (which takes the traceable Python implementation)."""
+    return available() and not torch.compiler.is_compiling()
