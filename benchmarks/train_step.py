@@ -50,13 +50,17 @@ from cbn.experiments.models import resnet20
 
 # Environment variables that change CPU timings; recorded in the command line of the report.
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
-VARIANTS = ("bn", "floor", "cbn", "naive", "authors")
-WINDOWED = ("cbn", "naive", "authors")
+VARIANTS = ("bn", "floor", "cbn", "naive", "cbn-python", "naive-python", "authors")
+WINDOWED = ("cbn", "naive", "cbn-python", "naive-python", "authors")
+# Run on request (--variants): CBN without its C++ kernels, for an interleaved comparison.
+PYTHON_VARIANTS = ("cbn-python", "naive-python")
 LABELS = {
     "bn": "BatchNorm",
     "floor": "floor (BN + 1 wgrad conv)",
     "cbn": "CBN",
     "naive": "naive CBN",
+    "cbn-python": "CBN (Python)",
+    "naive-python": "naive CBN (Python)",
     "authors": "authors' port",
 }
 
@@ -128,10 +132,10 @@ def build(variant: str, window: int, seed: int) -> nn.Module:
         return resnet20()
     if variant == "floor":
         return add_floor(resnet20())
-    if variant in ("cbn", "naive"):
+    if variant in ("cbn", "naive", *PYTHON_VARIANTS):
         import cbn
 
-        return cbn.convert_model(resnet20(), window=window, compensate=variant == "cbn")
+        return cbn.convert_model(resnet20(), window=window, compensate=variant.startswith("cbn"))
     if variant == "authors":
         return authors_resnet20(window=window)
     raise ValueError(variant)
@@ -161,12 +165,23 @@ def window_state_bytes(variant: str, model: nn.Module) -> int:
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, x: Tensor, target: Tensor) -> None:
+    """SGD training steps of ``model`` on one batch; ``python``: without cbn's C++ kernels."""
+
+    def __init__(self, model: nn.Module, x: Tensor, target: Tensor, python: bool = False) -> None:
         self.model = model.train()
         self.x, self.target = x, target
         self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        self.python = python
 
     def step(self) -> float:
+        if self.python:
+            import cbn.kernels
+
+            with cbn.kernels.use_kernels(False):
+                return self._step()
+        return self._step()
+
+    def _step(self) -> float:
         self.opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.model(self.x), self.target)
         loss.backward()
@@ -214,7 +229,8 @@ def measure_train(args, log) -> tuple[list[dict], list[dict]]:
         for variant in args.variants:
             for window in args.windows if variant in WINDOWED else [None]:
                 key = variant if window is None else f"{variant}@{window}"
-                trainers[key] = Trainer(build(variant, window or 1, args.seed), x, target)
+                trainers[key] = Trainer(build(variant, window or 1, args.seed), x, target,
+                                        python=variant in PYTHON_VARIANTS)
                 keys[key] = (variant, window)
         for trainer in trainers.values():
             for _ in range(warmup):
@@ -287,13 +303,14 @@ def measure_eval(args, log) -> list[dict]:
     return rows
 
 
-def count_ops(model: nn.Module, x: Tensor, target: Tensor) -> dict:
-    trainer = Trainer(model, x, target)
+def count_ops(model: nn.Module, x: Tensor, target: Tensor, python: bool = False) -> dict:
+    trainer = Trainer(model, x, target, python)
     for _ in range(3):
         trainer.step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         trainer.step()
     events = [e for e in prof.events() if e.name.startswith("aten::")]
+    kernel_calls = sum(e.name.startswith("cbn::") for e in prof.events())
 
     def top_level(event) -> bool:
         parent = event.cpu_parent
@@ -307,6 +324,7 @@ def count_ops(model: nn.Module, x: Tensor, target: Tensor) -> dict:
         "aten_ops": len(events),
         "top_level_aten_ops": sum(top_level(e) for e in events),
         "distinct_aten_ops": len({e.name for e in events}),
+        "cbn_kernel_calls": kernel_calls,
     }
 
 
@@ -315,7 +333,7 @@ def measure_ops(args, log) -> list[dict]:
     rows = []
     for variant in args.variants:
         window = args.profile_window if variant in WINDOWED else None
-        counts = count_ops(build(variant, window or 1, args.seed), x, target)
+        counts = count_ops(build(variant, window or 1, args.seed), x, target, variant in PYTHON_VARIANTS)
         rows.append({"variant": variant, "window": window, "batch": args.profile_batch, **counts})
     base = next((r for r in rows if r["variant"] == "bn"), None)
     for row in rows:
@@ -398,9 +416,16 @@ def machine_info(threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": git("rev-parse", "--short", "HEAD"),
+        "cbn_kernels": cbn_kernels_available(),
         "load_average_start": os.getloadavg(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def cbn_kernels_available() -> bool:
+    import cbn.kernels
+
+    return cbn.kernels.available()
 
 
 def _cell(row: dict | None) -> str:
@@ -434,7 +459,9 @@ def markdown(result: dict) -> str:
         "mask [False, True, False]), the least work compensated CBN can do; **CBN** "
         "(`cbn.convert_model(model, window=k)`); **naive CBN** (`compensate=False`); "
         "**authors' port** (`benchmarks/authors_cbn.py`: two `autograd.grad` calls per layer and "
-        "three weight-sized tensors per past iteration in Python lists).",
+        "three weight-sized tensors per past iteration in Python lists); where run, **(Python)**: "
+        "the same CBN without its C++ kernels (`cbn.kernels.use_kernels(False)`). C++ kernels "
+        f"{'in use' if m.get('cbn_kernels') else 'not available: every CBN variant ran in Python'}.",
         "",
         "## Training step time (ResNet-20, forward + backward + SGD step)",
         "",
@@ -526,7 +553,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     p.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+                   default=[v for v in VARIANTS if v not in PYTHON_VARIANTS])
     p.add_argument("--steps", type=int, default=30, help="timed round-robin rounds per batch size")
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed steps per model before timing (at least max window + 1)")

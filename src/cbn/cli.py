@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="rebuild results.json, table and plot of a sweep directory")
     p.add_argument("dir")
 
+    p = sub.add_parser("build-kernels", help="compile the optional C++ kernels now (cached; else at first use)")
+    p.add_argument("--verbose", action="store_true", help="show the compiler's output")
+
     p = sub.add_parser("stats-error", help="error of naive vs compensated cross-iteration statistics")
     from cbn.experiments.stats_error import add_arguments
 
@@ -115,6 +118,12 @@ def _print_summary(summary: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "build-kernels":
+        import cbn.kernels
+
+        built = cbn.kernels.build(verbose=args.verbose)
+        print("cbn: C++ kernels ready" if built else "cbn: C++ kernels unavailable; the Python implementation is used")
+        return 0 if built else 1
     if args.command == "train":
         from cbn.experiments.data import DataNotFoundError
         from cbn.experiments.train import train

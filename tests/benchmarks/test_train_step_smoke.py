@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks.train_step import VARIANTS, run
+from benchmarks.train_step import PYTHON_VARIANTS, VARIANTS, run
 
 
 def test_smoke_run_writes_json_and_markdown(tmp_path):
@@ -13,6 +13,7 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     for key in ("command", "machine", "args", "train", "memory", "eval", "ops", "wall_s"):
         assert key in data, key
     assert data["machine"]["threads"] == 1
+    assert data["machine"]["cbn_kernels"] is True
 
     train = {(r["variant"], r["window"]): r for r in data["train"]}
     assert set(train) == {("bn", None), ("floor", None), ("cbn", 2), ("naive", 2), ("authors", 2)}
@@ -36,7 +37,7 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
     assert evals["cbn_folded_vs_cbn_eval_max_abs_diff"]["value"] < 1e-3
 
     ops = {r["variant"]: r for r in data["ops"]}
-    assert set(ops) == set(VARIANTS)
+    assert set(ops) == set(VARIANTS) - set(PYTHON_VARIANTS)
     assert ops["bn"]["aten_ops"] > 0
     assert ops["authors"]["aten_ops"] > ops["bn"]["aten_ops"]
 
@@ -45,3 +46,14 @@ def test_smoke_run_writes_json_and_markdown(tmp_path):
                     "Aten ops per training step"):
         assert heading in text
     assert "--smoke" in text
+
+
+def test_python_variants_run_without_the_kernels(tmp_path):
+    result = run(["--smoke", "--quiet", "--no-eval", "--variants", "bn", "cbn", "cbn-python",
+                  "--json", str(tmp_path / "perf.json"), "--md", str(tmp_path / "perf.md")])
+    assert {(r["variant"], r["window"]) for r in result["train"]} == {("bn", None), ("cbn", 2), ("cbn-python", 2)}
+    ops = {r["variant"]: r for r in result["ops"]}
+    # Every norm layer's normalization plus the two batched shift calls of the window step.
+    assert ops["cbn"]["cbn_kernel_calls"] >= 21 + 2
+    assert ops["cbn-python"]["cbn_kernel_calls"] == 0
+    assert "CBN (Python)" in (tmp_path / "perf.md").read_text()

@@ -1,0 +1,154 @@
+"""The C++ kernels give the Python implementation's results bit for bit, and fall back cleanly.
+
+The rest of the suite runs with the kernels active (the default where they build), so the
+float64 dense-Jacobian oracle and gradcheck tests check the C++ path; the tests here tie the
+Python path to it exactly.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import cbn
+import cbn.kernels
+from cbn.functional import PastStatistics, StatisticGradients, cross_iteration_batch_norm, pool_past, statistic_shifts
+from cbn.functional.statistic_gradients import statistic_shifts_of_layers, weight_rows
+
+
+def test_kernels_build_in_the_test_environment():
+    # `make test` bootstraps a compiler-equipped environment: the kernels must be in use there,
+    # or the rest of the suite would check only the Python implementation.
+    assert cbn.kernels.available()
+
+
+def _both(function):
+    """``function()`` with the C++ kernels, then with the Python implementation."""
+    with cbn.kernels.use_kernels(True):
+        fast = function()
+    with cbn.kernels.use_kernels(False):
+        python = function()
+    return fast, python
+
+
+def _assert_identical(fast, python):
+    assert len(fast) == len(python)
+    for a, b in zip(fast, python):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert torch.equal(a, b), float((a.double() - b.double()).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("affine", ["both", "weight", "bias", "none", "frozen weight"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
+def test_pooled_normalization_equals_python_bit_for_bit(dtype, affine, layout):
+    channels = 6
+    mean, var = torch.randn(3, channels, dtype=dtype), torch.rand(3, channels, dtype=dtype) + 0.1
+    past = pool_past(mean, var, torch.tensor([[1.0], [1.0], [0.0]], dtype=dtype))
+    shape = (2, channels, 3, 4, 5) if layout == "3d" else (3, channels, 5, 7)
+    x = torch.randn(shape, dtype=dtype) * 3 + 1
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    weight = (torch.rand(channels, dtype=dtype) + 0.5).requires_grad_(affine in ("both", "weight"))
+    bias = torch.randn(channels, dtype=dtype, requires_grad=True)
+    weight = weight if affine in ("both", "weight", "frozen weight") else None
+    bias = bias if affine in ("both", "bias") else None
+    projection = torch.randn(shape, dtype=dtype)
+    leaves = [t for t in (x, weight, bias) if t is not None and t.requires_grad]
+
+    def run():
+        out, stats = cross_iteration_batch_norm(x, past, weight, bias, 1e-5, dtype)
+        return (out, *stats, *torch.autograd.grad((out * projection).sum(), leaves))
+
+    _assert_identical(*_both(run))
+
+
+def test_pooled_normalization_of_half_input_equals_python():
+    # Under AMP the layer normalizes a half-precision input with float32 statistics.
+    past = pool_past(torch.randn(2, 4), torch.rand(2, 4) + 0.1, torch.ones(2, 1))
+    x = (torch.randn(2, 4, 6, 6) * 2).half().requires_grad_()
+
+    def run():
+        out, stats = cross_iteration_batch_norm(x, past, None, None, 1e-5, torch.float32)
+        return (out, *stats, *torch.autograd.grad(out.float().square().sum(), [x]))
+
+    _assert_identical(*_both(run))
+
+
+def test_pooled_normalization_has_no_double_backward():
+    past = pool_past(torch.randn(2, 3), torch.rand(2, 3) + 0.1, torch.ones(2, 1))
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    for enabled in (True, False):
+        with cbn.kernels.use_kernels(enabled):
+            out, _ = cross_iteration_batch_norm(x, past, None, None, 1e-5)
+            with pytest.raises(RuntimeError, match="not differentiable|double backward|once_differentiable"):
+                (grad,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+                grad.sum().backward()
+
+
+@pytest.mark.parametrize("producer", [
+    nn.Conv2d(4, 6, 3), nn.Conv2d(4, 6, 3, groups=2, bias=False), nn.ConvTranspose2d(4, 6, 3, groups=2),
+    nn.Linear(5, 3),
+], ids=["conv", "grouped", "transposed", "linear"])
+def test_statistic_shifts_of_layers_equal_python_bit_for_bit(producer):
+    channels = producer.weight.shape[1] * producer.groups if isinstance(producer, nn.ConvTranspose2d) else producer.weight.shape[0]
+    rows = weight_rows(producer, producer.weight.detach())
+    groups = getattr(producer, "groups", 1)
+    gradients = StatisticGradients(torch.randn(groups, 3, rows.shape[1]), torch.randn(channels, 3, rows.shape[1]))
+    weight = rows if isinstance(producer, nn.ConvTranspose2d) else producer.weight.detach()
+    bias = producer.bias.detach() if producer.bias is not None else None
+    # A float64 weight against float32 gradients takes the conversion path too.
+    operands = [(gradients.mean, gradients.var, weight, bias), (gradients.mean, gradients.var, weight.double(), None)]
+    with torch.no_grad():
+        fast, python = _both(lambda: statistic_shifts_of_layers(operands))
+        reference = [statistic_shifts(gradients, *operand[2:]) for operand in operands]
+    for shifts in (fast, python):
+        _assert_identical(shifts[0], [mean for mean, _ in reference])
+        _assert_identical(shifts[1], [var for _, var in reference])
+
+
+def _train(model, steps=6):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    torch.manual_seed(1)
+    for _ in range(steps):
+        loss = model(torch.randn(2, 3, 10, 10)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+def test_training_is_identical_with_and_without_kernels():
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.ConvTranspose2d(8, 4, 3, groups=2), nn.BatchNorm2d(4), nn.ReLU(),
+            nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.BatchNorm2d(6),
+        )
+        return cbn.convert_model(model, window=3, burnin=1)
+
+    fast, python = _both(lambda: _train(build()).state_dict())
+    assert fast.keys() == python.keys()
+    for key in fast:
+        assert torch.equal(fast[key], python[key]), key
+
+
+def test_a_failed_build_warns_once_and_uses_python(monkeypatch):
+    def fail(verbose):
+        raise OSError("no C++ compiler")
+
+    monkeypatch.setattr(cbn.kernels, "_loaded", None)
+    monkeypatch.setattr(cbn.kernels, "_compile", fail)
+    with pytest.warns(RuntimeWarning, match="could not be built .*no C\\+\\+ compiler.*Python implementation"):
+        assert not cbn.kernels.available()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not cbn.kernels.available()
+        past = PastStatistics(torch.zeros(3), torch.ones(3), torch.ones(3))
+        out, _ = cross_iteration_batch_norm(torch.randn(2, 3, 4), past, None, None, 1e-5)
+    assert torch.isfinite(out).all()
