@@ -14,7 +14,13 @@ from torch import nn
 import cbn
 import cbn.kernels
 from cbn.functional import PastStatistics, StatisticGradients, cross_iteration_batch_norm, pool_past, statistic_shifts
-from cbn.functional.statistic_gradients import statistic_shifts_of_layers, weight_rows
+from cbn.functional.statistic_gradients import (
+    ConvolutionCall,
+    producer_statistic_gradients,
+    producer_statistic_gradients_of_layers,
+    statistic_shifts_of_layers,
+    weight_rows,
+)
 
 
 def test_kernels_build_in_the_test_environment():
@@ -109,6 +115,35 @@ def test_statistic_shifts_of_layers_equal_python_bit_for_bit(producer):
     for shifts in (fast, python):
         _assert_identical(shifts[0], [mean for mean, _ in reference])
         _assert_identical(shifts[1], [var for _, var in reference])
+
+
+def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
+    convolution = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
+    call = ConvolutionCall(torch.randn(4, 3, 3), None, (1,), "valid", (1,), 1)
+    cases = [
+        (convolution, torch.randn(2, 3, 9, 8)),
+        (nn.Conv1d(3, 4, 3, padding=1), torch.randn(1, 3, 11)),
+        (nn.Conv3d(2, 3, 2, stride=2), torch.randn(3, 2, 4, 6, 4)),
+        (call, torch.randn(2, 3, 10)),
+        # Not in the one-convolution form: the Python function in both modes.
+        (nn.Conv2d(4, 6, 3, groups=2), torch.randn(2, 4, 6, 6)),
+        (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.randn(2, 3, 6, 6)),
+        (nn.Conv2d(3, 4, 3), torch.randn(8, 3, 6, 6)),
+    ]
+    operands = []
+    with torch.no_grad():
+        for producer, x in cases:
+            if isinstance(producer, ConvolutionCall):
+                y = torch.nn.functional.conv1d(x, producer.weight, None, producer.stride, producer.padding)
+            else:
+                y = producer(x)
+            mean = y.mean([0, *range(2, y.dim())])
+            operands.append((producer, x, y, mean))
+        fast, python = _both(lambda: producer_statistic_gradients_of_layers(operands))
+        reference = [producer_statistic_gradients(*operand) for operand in operands]
+    for found in (fast, python):
+        for gradients, expected in zip(found, reference):
+            _assert_identical(gradients, expected)
 
 
 def _train(model, steps=6):

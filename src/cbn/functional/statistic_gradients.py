@@ -322,6 +322,44 @@ def producer_statistic_gradients(
     return StatisticGradients(mean_grad.reshape(groups, 1, -1), var_grad.reshape(channels, 1, -1))
 
 
+def producer_statistic_gradients_of_layers(operands: list[tuple]) -> list[StatisticGradients]:
+    """:func:`producer_statistic_gradients` of many layers, one ``(producer, producer_input,
+    output, mean)`` per layer.
+
+    Where :mod:`cbn.kernels` is active, the convolutions that take the one-convolution form
+    (``groups == 1``, batch below ``_SPLIT_BATCH``, zero padding) go through the C++ kernel
+    ``cbn::convolution_statistic_gradients`` in one call (identical results); the others, and all
+    of them without the kernels, through the Python function.
+    """
+    gradients: list[StatisticGradients | None] = [None] * len(operands)
+    one_call = [i for i, (producer, _, output, _) in enumerate(operands) if _in_one_convolution(producer, output)]
+    if one_call and kernels.active():
+        settings: list[int] = []
+        for i in one_call:
+            producer, producer_input = operands[i][:2]
+            _, padding = _padded_input(producer, producer_input)
+            settings += [*producer.stride, *padding, *producer.dilation]
+        inputs, outputs, means, weights = zip(*((x, y, mean, producer.weight) for producer, x, y, mean in
+                                                (operands[i] for i in one_call)))
+        mean_grads, var_grads = torch.ops.cbn.convolution_statistic_gradients(inputs, outputs, means, weights, settings)
+        for i, mean_grad, var_grad in zip(one_call, mean_grads, var_grads):
+            gradients[i] = StatisticGradients(mean_grad, var_grad)
+    return [found if found is not None else producer_statistic_gradients(*operand)
+            for found, operand in zip(gradients, operands)]
+
+
+def _in_one_convolution(producer, output: Tensor) -> bool:
+    """Whether :func:`producer_statistic_gradients` takes the one-convolution form, with zero
+    padding that the convolution applies itself (no explicit ``F.pad``)."""
+    return (
+        isinstance(producer, (*_CONVOLUTIONS, ConvolutionCall))
+        and producer.groups == 1
+        and output.shape[0] < _SPLIT_BATCH
+        and producer.padding_mode == "zeros"
+        and (not isinstance(producer.padding, str) or producer.padding == "valid")
+    )
+
+
 def statistic_shifts(
     gradients: StatisticGradients, weight: Tensor, bias: Tensor | None
 ) -> tuple[Tensor, Tensor]:

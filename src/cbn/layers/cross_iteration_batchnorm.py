@@ -424,12 +424,15 @@ class _CrossIterationBatchNorm(_NormBase):
         return self.training and self.window > 1 and self._iterations >= self.burnin
 
     def _entry_gradients(self, record: StepRecord) -> StatisticGradients | None:
-        """Statistic gradients of a recorded batch, or ``None`` where not needed.
+        """Statistic gradients of a recorded batch, or ``None`` where not needed."""
+        operands = self._entry_gradient_operands(record)
+        if operands is None:
+            return None
+        return self._pooled_entry_gradients(record, producer_statistic_gradients(*operands))
 
-        With a process group, the record's mean is the global mean and ``samples`` the global
-        count (a tensor): each rank's gradients, centred on the global mean, are pooled over the
-        ranks.
-        """
+    def _entry_gradient_operands(self, record: StepRecord) -> tuple | None:
+        """The :func:`producer_statistic_gradients` operands of a recorded batch (in the statistics
+        dtype), or ``None`` where its gradients are not needed."""
         wanted = (
             self._compensating
             and record.producer_input is not None
@@ -439,13 +442,18 @@ class _CrossIterationBatchNorm(_NormBase):
         if not wanted:
             # Weights that do not move (or entries evicted before burn-in ends) need no Taylor step.
             return None
-        dtype = self.window_stats.dtype
+        dtype = self._buffers["window_stats"].dtype
         producer_input, output = record.producer_input, record.output
         producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
         output = output if output.dtype == dtype else output.to(dtype)  # under no_grad
-        gradients = producer_statistic_gradients(record.computation, producer_input, output, record.stats.batch_mean)
+        return record.computation, producer_input, output, record.stats.batch_mean
+
+    def _pooled_entry_gradients(self, record: StepRecord, gradients: StatisticGradients) -> StatisticGradients:
+        """With a process group, the record's mean is the global mean and ``samples`` the global
+        count (a tensor): each rank's gradients, centred on the global mean, are pooled over the
+        ranks. Otherwise ``gradients`` as they are."""
         if isinstance(record.samples, Tensor):
-            local_samples = output.numel() // self.num_features
+            local_samples = record.output.numel() // self.num_features
             gradients = all_reduce_statistic_gradients(gradients, local_samples, record.samples, self.process_group)
         return gradients
 

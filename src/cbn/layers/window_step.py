@@ -27,6 +27,7 @@ from .._cache import bounded_get
 from ..functional.normalization import PooledStatistics
 from ..functional.statistic_gradients import (
     producer_statistic_gradients,
+    producer_statistic_gradients_of_layers,
     shift_weight,
     statistic_shifts,
     statistic_shifts_of_layers,
@@ -136,7 +137,7 @@ def _record_group(records: list[StepRecord]) -> None:
     sizes = [layer.num_features for layer in layers]
     device = records[0].stats.batch_mean.device
     compensating = [layer._compensating for layer in layers]
-    gradients = [record.layer._entry_gradients(record) if c else None for record, c in zip(records, compensating)]
+    gradients = _entry_gradients(records, compensating)
 
     batch_mean = torch.cat([record.stats.batch_mean for record in records])
     batch_var = torch.cat([record.stats.batch_var for record in records])
@@ -178,6 +179,18 @@ def _record_group(records: list[StepRecord]) -> None:
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
         _update_running_stats(records, tracking, sizes, finite_channels, samples)
+
+
+def _entry_gradients(records: list[StepRecord], compensating: list[bool]) -> list:
+    """Statistic gradients of the records (``None`` where not needed), the convolutions of all
+    layers in one :func:`producer_statistic_gradients_of_layers` call."""
+    operands = [r.layer._entry_gradient_operands(r) if c else None for r, c in zip(records, compensating)]
+    wanted = [i for i, operand in enumerate(operands) if operand is not None]
+    computed = producer_statistic_gradients_of_layers([operands[i] for i in wanted])
+    gradients = [None] * len(records)
+    for i, entry_gradients in zip(wanted, computed):
+        gradients[i] = records[i].layer._pooled_entry_gradients(records[i], entry_gradients)
+    return gradients
 
 
 def _shifts_then(record: StepRecord, gradients, zeros: Tensor) -> tuple[Tensor, Tensor]:
