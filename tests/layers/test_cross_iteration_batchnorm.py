@@ -275,7 +275,6 @@ def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(mo
     # The entry's first-order terms are products with every gradient value: a NaN in the mean
     # patch or in one variance row marks the entry invalid although its statistics are finite,
     # in the batched eager record and in the record of a compiled graph (aot_eager, fullgraph).
-    from cbn.layers import cross_iteration_batchnorm as layer_module
     from cbn.layers import window_step
 
     model = _paired_conv_model(window=3)
@@ -284,15 +283,20 @@ def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(mo
     norm = model[1]
     running = norm.running_mean.clone(), norm.running_var.clone()
     slot = int(norm.window_next)
-    real = layer_module.producer_statistic_gradients
 
-    def poisoned(*args):
-        gradients = real(*args)
+    def poison(gradients):
         getattr(gradients, row)[-1, 0, 3] = float("nan")
         return gradients
 
-    module, run = (window_step, torch.compile(model, backend="aot_eager", fullgraph=True)) if compiled else (layer_module, model)
-    monkeypatch.setattr(module, "producer_statistic_gradients", poisoned)
+    if compiled:  # the record of a compiled graph computes its layer's gradients itself
+        real = window_step.producer_statistic_gradients
+        monkeypatch.setattr(window_step, "producer_statistic_gradients", lambda *args: poison(real(*args)))
+        run = torch.compile(model, backend="aot_eager", fullgraph=True)
+    else:  # the batched record computes all layers' at once (C++ kernel or Python)
+        real_of_layers = window_step.producer_statistic_gradients_of_layers
+        monkeypatch.setattr(window_step, "producer_statistic_gradients_of_layers",
+                            lambda operands: [poison(g) for g in real_of_layers(operands)])
+        run = model
     out = run(torch.randn(2, 3, 5, 5))
     assert torch.isfinite(out).all()
     assert int(norm.window_next) == (slot + 1) % 2  # the step was recorded, in this slot
