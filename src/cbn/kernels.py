@@ -2,16 +2,22 @@
 
 At batch sizes 1 to 4 a CBN layer's cost is mostly the dispatch of many small operations from
 Python: each costs a few microseconds of interpreter and argument parsing, whatever its size.
-The C++ kernels run the same ATen operations, in the same order, from C++:
+The C++ kernels run the per-step work from C++:
 
 - ``torch.ops.cbn.pooled_normalization``: the normalization with pooled statistics, forward and
   backward (a C++ autograd function; :class:`cbn.functional.normalization.CrossIterationNorm`
   is its Python twin);
+- ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
+  convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
-  (:func:`cbn.functional.statistic_shifts` looped over the layers).
+  (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
+  products summed in one pass, without the window-sized temporary of the Python form.
 
-They give the same values as the Python implementation, bit for bit (tested), so the choice never
-changes a result, only the time. They are compiled once with ``torch.utils.cpp_extension`` (about
+The first two, and the mean terms of the third, run the same ATen operations in the same order
+as the Python implementation: the same values, bit for bit (tested). The variance terms are the
+same dot products summed in another order, so they agree to float rounding (tested against the
+textbook bound ``n u sum |a b|``); within one run every product comes from the same kernel, so
+a Taylor step at unchanged weights still leaves an entry exactly as stored. They are compiled once with ``torch.utils.cpp_extension`` (about
 a minute, with the C++ compiler and ``ninja``; cached in ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) the first time a layer needs them, or ahead of time with
 ``python -m cbn build-kernels``. Where they cannot be built (no compiler), cbn warns once and uses
@@ -81,7 +87,7 @@ def _compile(verbose: bool) -> None:
         cpp_extension.load(
             name="cbn_kernels",
             sources=[str(source) for source in SOURCES],
-            extra_cflags=["-O2"],
+            extra_cflags=["-O3"],
             is_python_module=False,
             verbose=verbose,
         )

@@ -1,16 +1,72 @@
 // First-order terms (d mu/dW . W + b, d var/dW . W) of many layers' window entries in one call:
-// the loop of cbn.functional.statistic_gradients.statistic_shifts over the layers of a model,
-// with the same ATen kernels in the same order, so that the results are identical to the
-// Python implementation's, bit for bit (a Taylor step at unchanged weights must leave an entry
-// exactly as stored, whichever implementation computed its two terms).
+// the loop of cbn.functional.statistic_gradients.statistic_shifts over the layers of a model.
+//
+// The mean terms use the same ATen kernels as the Python implementation (identical results).
+// The variance terms, one dot product of fan_in values per channel and entry, are summed here
+// in one pass over the gradients: the Python form (an element-wise product, then a sum) writes
+// and reads back a temporary as large as the gradient window, (k - 1) weight-sized tensors, which
+// is most of the Taylor step's memory traffic on large models. Both forms are float dot products
+// in a different order, so they agree to rounding (within n u sum |a b|), not bit for bit. Every
+// product of one run comes from the same kernel, so a Taylor step at unchanged weights leaves an
+// entry exactly as stored.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 namespace cbn {
 namespace {
 
 using at::Tensor;
+
+// Sum of a[j] * b[j]: independent partial sums in kLanes lanes (which the compiler keeps in SIMD
+// registers), folded pairwise in a fixed order: the same result for any thread count.
+template <typename scalar_t>
+scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  constexpr int kLanes = 16;
+  scalar_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) {
+      lanes[k] += a[j + k] * b[j + k];
+    }
+  }
+  scalar_t tail = 0;
+  for (; j < n; ++j) {
+    tail += a[j] * b[j];
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int k = 0; k < width; ++k) {
+      lanes[k] += lanes[k + width];
+    }
+  }
+  return lanes[0] + tail;
+}
+
+// gradients (C, k, fan_in) and rows (C, fan_in) -> (k, C): out[t, c] = gradients[c, t] . rows[c].
+Tensor row_dot_products(const Tensor& gradients, const Tensor& rows) {
+  const Tensor grads = gradients.contiguous();
+  const Tensor weights = rows.contiguous();
+  const int64_t channels = grads.size(0), entries = grads.size(1), fan_in = grads.size(2);
+  TORCH_CHECK(weights.size(0) == channels && weights.size(1) == fan_in,
+              "cbn.statistic_shifts_many: gradients ", grads.sizes(), " do not match weight rows ", weights.sizes());
+  Tensor out = at::empty({entries, channels}, grads.options());
+  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "cbn_row_dot_products", [&] {
+    const scalar_t* g = grads.const_data_ptr<scalar_t>();
+    const scalar_t* w = weights.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t t = 0; t < entries; ++t) {
+          o[t * channels + c] = dot(g + (c * entries + t) * fan_in, w + c * fan_in, fan_in);
+        }
+      }
+    });
+  });
+  return out;
+}
 
 // mean_gradients[l]: (groups, k, fan_in); var_gradients[l]: (C, k, fan_in); weights[l]: the
 // weight rows (C, fan_in), or a weight that reshapes to them. Returns two lists of (k, C).
@@ -39,7 +95,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
       const Tensor grouped_rows = rows.view({groups, 1, channels / groups, -1});
       mean_shift = (mean_grad.unsqueeze(2) * grouped_rows).sum(-1).transpose(0, 1).flatten(1);
     }
-    Tensor var_shift = (var_grad * rows.unsqueeze(1)).sum(-1).t();
+    Tensor var_shift = row_dot_products(var_grad, rows);
     const std::optional<Tensor> bias = biases.get(l);
     if (bias.has_value() && bias->defined()) {
       mean_shift = mean_shift + *bias;

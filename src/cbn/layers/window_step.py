@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from .. import kernels
 from .._cache import bounded_get
 from ..functional.normalization import PooledStatistics
 from ..functional.statistic_gradients import (
@@ -160,10 +161,9 @@ def _record_group(records: list[StepRecord]) -> None:
 
     windowed = [i for i, layer in enumerate(layers) if layer.window > 1]
     if windowed:
-        pieces = torch.where(finite_channels, entry, 0.0).split(sizes, dim=1)
+        pieces = torch.where(finite_channels, entry, 0.0).unsqueeze(0).split(sizes, dim=2)
         slots = [layers[i]._next_slot for i in windowed]
-        torch._foreach_copy_([layers[i]._buffers["window_stats"].select(0, s) for i, s in zip(windowed, slots)],
-                             [pieces[i] for i in windowed])
+        copy_into_slots([layers[i]._buffers["window_stats"] for i in windowed], 0, slots, [pieces[i] for i in windowed])
         _write_gradient_slots(records, gradients, windowed, slots, finite)
         for i, slot in zip(windowed, slots):
             layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
@@ -229,9 +229,8 @@ def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> t
 
 def _entry_operands(record: StepRecord, gradients) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The :func:`statistic_shifts` operands of a new entry: its gradients, the weights of its step."""
-    computation = record.computation
-    weight = shift_weight(computation, computation.weight.detach())
-    return gradients.mean, gradients.var, weight, _detached(computation.bias)
+    computation = record.computation  # called under no_grad: no detach needed
+    return gradients.mean, gradients.var, shift_weight(computation, computation.weight), computation.bias
 
 
 def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor, Tensor]:
@@ -243,37 +242,44 @@ def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor
     return none, none
 
 
-def _detached(tensor: Tensor | None) -> Tensor | None:
-    return tensor.detach() if tensor is not None else None
-
-
 def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -> None:
     """Statistic gradients into their slots (zeros for entries stored without them)."""
-    targets, sources, cleared = [], [], []
+    windows, written_slots, sources, cleared = [], [], [], []
     for i, slot in zip(windowed, slots):
         layer = records[i].layer
         if not layer._compensating:
             continue
-        slot_views = (layer.window_mean_grad[:, slot], layer.window_var_grad[:, slot])
+        pair = (layer._buffers["window_mean_grad"], layer._buffers["window_var_grad"])
         if gradients[i] is None:
-            cleared += slot_views
+            cleared += [window.narrow(1, slot, 1) for window in pair]
         else:
-            targets += slot_views
-            sources += [gradients[i].mean[:, 0], gradients[i].var[:, 0]]
+            windows += pair
+            written_slots += (slot, slot)
+            sources += (gradients[i].mean, gradients[i].var)
     if cleared:
         torch._foreach_zero_(cleared)
-    if not targets:
+    if not windows:
         return
     if finite.device.type == "cpu":
         # Reading the flags costs nothing on the CPU: one copy for all, zeros only where needed.
-        torch._foreach_copy_(targets, sources)
+        copy_into_slots(windows, 1, written_slots, sources)
         if not bool(finite.all()):
-            for target in targets:
-                torch.nan_to_num_(target, 0.0, 0.0, 0.0)
+            for window, slot in zip(windows, written_slots):
+                torch.nan_to_num_(window.narrow(1, slot, 1), 0.0, 0.0, 0.0)
     else:
         # On an accelerator, no synchronisation: every copy replaces non-finite values.
-        for target, source in zip(targets, sources):
-            torch.nan_to_num(source, 0.0, 0.0, 0.0, out=target)
+        for window, slot, source in zip(windows, written_slots, sources):
+            torch.nan_to_num(source, 0.0, 0.0, 0.0, out=window.narrow(1, slot, 1))
+
+
+def copy_into_slots(windows: list[Tensor], dim: int, slots: list[int], entries: list[Tensor]) -> None:
+    """``windows[l].narrow(dim, slots[l], 1).copy_(entries[l])`` for every layer ``l``: in one call
+    of the C++ kernel where :mod:`cbn.kernels` is active, else one view per layer and one
+    ``_foreach_copy_``."""
+    if kernels.active():
+        torch.ops.cbn.copy_into_slots(windows, dim, slots, entries)
+    else:
+        torch._foreach_copy_([window.narrow(dim, slot, 1) for window, slot in zip(windows, slots)], entries)
 
 
 def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, samples: Tensor) -> None:
