@@ -201,6 +201,42 @@ def test_training_agrees_with_and_without_kernels():
         torch.testing.assert_close(fast[key], python[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.parametrize("compensate", [False, True], ids=["naive", "compensated"])
+def test_recorded_state_equals_python(compensate):
+    # Window entries, counters and running statistics written by the C++ record against the
+    # Python one, through windows 1, 2 and 3, a cumulative average, a layer without running
+    # statistics, burn-in and a batch that is not finite. Naive CBN has no Taylor products:
+    # every buffer must be identical, bit for bit.
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(
+            nn.Conv2d(3, 8, 3), cbn.CrossIterationBatchNorm2d(8, window=3, momentum=None, compensate=compensate),
+            nn.ReLU(),
+            nn.Conv2d(8, 4, 3), cbn.CrossIterationBatchNorm2d(4, window=1), nn.ReLU(),
+            nn.Conv2d(4, 6, 3), cbn.CrossIterationBatchNorm2d(6, window=2, burnin=2, compensate=compensate),
+            nn.Conv2d(6, 5, 1), cbn.CrossIterationBatchNorm2d(5, window=3, track_running_stats=False,
+                                                               compensate=compensate),
+        )
+        return cbn.convert_model(model)
+
+    def run():
+        model = _train(build(), steps=5)
+        bad = torch.randn(2, 3, 10, 10)
+        bad[1, 0, 2, 2] = float("nan")
+        model(bad)
+        _train(model, steps=2)
+        return model.state_dict()
+
+    fast, python = _both(run)
+    assert fast.keys() == python.keys()
+    for key in fast:
+        if compensate:
+            torch.testing.assert_close(fast[key], python[key], rtol=1e-5, atol=1e-6, msg=key)
+        else:
+            assert torch.equal(fast[key], python[key]), key
+    assert fast["1.num_batches_tracked"] == 8 and fast["1.window_next"] == 8 % 2
+
+
 def test_a_failed_build_warns_once_and_uses_python(monkeypatch):
     def fail(verbose):
         raise OSError("no C++ compiler")

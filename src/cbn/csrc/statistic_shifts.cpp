@@ -95,7 +95,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
       const Tensor grouped_rows = rows.view({groups, 1, channels / groups, -1});
       mean_shift = (mean_grad.unsqueeze(2) * grouped_rows).sum(-1).transpose(0, 1).flatten(1);
     }
-    Tensor var_shift = row_dot_products(var_grad, rows);
+    // The one-pass kernel reads host memory: other devices take the ATen form.
+    Tensor var_shift = var_grad.is_cpu() ? row_dot_products(var_grad, rows) : (var_grad * rows.unsqueeze(1)).sum(-1).t();
     const std::optional<Tensor> bias = biases.get(l);
     if (bias.has_value() && bias->defined()) {
       mean_shift = mean_shift + *bias;

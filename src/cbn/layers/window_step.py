@@ -135,16 +135,39 @@ def _record_group(records: list[StepRecord]) -> None:
     # Buffers are read from ``layer._buffers``: nn.Module.__getattr__ costs about a microsecond a
     # read, and this runs for every layer at every step.
     layers = [record.layer for record in records]
-    sizes = [layer.num_features for layer in layers]
-    device = records[0].stats.batch_mean.device
     compensating = [layer._compensating for layer in layers]
     gradients = _entry_gradients(records, compensating)
+    if any(compensating):
+        mean_shift, var_shift = _entry_shifts(records, gradients, records[0].stats.batch_mean)
+    else:  # naive averaging only: every entry's first-order terms are zero
+        mean_shift = var_shift = None
+    windowed = [i for i, layer in enumerate(layers) if layer.window > 1]
+    slots = [layers[i]._next_slot for i in windowed]
+    write = _write_entries_in_one_call if _in_one_call(records) else _write_entries
+    finite = write(records, mean_shift, var_shift, windowed, slots)
+    if windowed:
+        _write_gradient_slots(records, gradients, windowed, slots, finite)
+        for i, slot in zip(windowed, slots):
+            layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
+    # Every counter buffer of the group from its host value, at once.
+    buffers = [layers[i]._buffers["window_next"] for i in windowed]
+    values = [layers[i]._next_slot for i in windowed]
+    for layer in layers:
+        layer_buffers = layer._buffers
+        buffers += (layer_buffers["num_iterations"], layer_buffers["iteration_count"])
+        values += (layer._iterations, layer._iterations)
+    _write_counters(buffers, values)
 
+
+def _write_entries(records, mean_shift, var_shift, windowed, slots) -> Tensor:
+    """The records' entries into their window slots and their running statistics, with
+    concatenated tensors and foreach kernels; returns the per-record finite flags."""
+    layers = [record.layer for record in records]
+    sizes = [layer.num_features for layer in layers]
+    device = records[0].stats.batch_mean.device
     batch_mean = torch.cat([record.stats.batch_mean for record in records])
     batch_var = torch.cat([record.stats.batch_var for record in records])
-    if any(compensating):
-        mean_shift, var_shift = _entry_shifts(records, gradients, batch_mean)
-    else:  # naive averaging only: every entry's first-order terms are zero
+    if mean_shift is None:
         mean_shift = var_shift = torch.zeros_like(batch_mean)
     samples = _per_channel(records, [record.samples for record in records], batch_mean)
     entry = torch.stack((batch_mean, batch_var, mean_shift, var_shift, samples))
@@ -158,27 +181,52 @@ def _record_group(records: list[StepRecord]) -> None:
     bad.index_add_(0, owner, (~torch.isfinite(entry).all(0)).to(bad.dtype))
     finite = bad == 0
     finite_channels = finite[owner]
-
-    windowed = [i for i, layer in enumerate(layers) if layer.window > 1]
     if windowed:
         pieces = torch.where(finite_channels, entry, 0.0).unsqueeze(0).split(sizes, dim=2)
-        slots = [layers[i]._next_slot for i in windowed]
         copy_into_slots([layers[i]._buffers["window_stats"] for i in windowed], 0, slots, [pieces[i] for i in windowed])
-        _write_gradient_slots(records, gradients, windowed, slots, finite)
-        for i, slot in zip(windowed, slots):
-            layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
-    # Every counter buffer of the group from its host value, in one kernel.
-    buffers = [layers[i]._buffers["window_next"] for i in windowed]
-    values = [layers[i]._next_slot for i in windowed]
-    for layer in layers:
-        layer_buffers = layer._buffers
-        buffers += (layer_buffers["num_iterations"], layer_buffers["iteration_count"])
-        values += (layer._iterations, layer._iterations)
-    _write_counters(buffers, values)
-
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
         _update_running_stats(records, tracking, sizes, finite_channels, samples)
+    return finite
+
+
+def _in_one_call(records: list[StepRecord]) -> bool:
+    """Whether :func:`_write_entries_in_one_call` takes these records: the C++ kernels active, CPU
+    statistics of one float dtype, host sample counts, running statistics in that dtype."""
+    stats = records[0].stats.batch_mean
+    if not (kernels.active() and stats.device.type == "cpu" and stats.dtype in (torch.float32, torch.float64)):
+        return False
+    for record in records:
+        if isinstance(record.samples, Tensor) or record.stats.batch_mean.dtype != stats.dtype:
+            return False
+        layer = record.layer
+        if layer.track_running_stats and layer._buffers["running_mean"].dtype != stats.dtype:
+            return False
+    return True
+
+
+def _write_entries_in_one_call(records, mean_shift, var_shift, windowed, slots) -> Tensor:
+    """:func:`_write_entries` as one call of the C++ kernel ``cbn::write_entries``: the same values,
+    without one Python frame per operation (the per-channel vectors are a few dozen values)."""
+    slot_of = dict(zip(windowed, slots))
+    window_stats, window_slots, running_means, running_vars, tracked, momenta = [], [], [], [], [], []
+    for i, record in enumerate(records):
+        layer = record.layer
+        buffers = layer._buffers
+        window_stats.append(buffers["window_stats"] if i in slot_of else None)
+        window_slots.append(slot_of.get(i, 0))
+        tracking = layer.track_running_stats
+        running_means.append(buffers["running_mean"] if tracking else None)
+        running_vars.append(buffers["running_var"] if tracking else None)
+        tracked.append(buffers["num_batches_tracked"] if tracking else None)
+        momenta.append(-1.0 if layer.momentum is None else float(layer.momentum))
+    return torch.ops.cbn.write_entries(
+        [record.stats.batch_mean for record in records], [record.stats.batch_var for record in records],
+        mean_shift, var_shift, [record.samples for record in records], window_stats, window_slots,
+        running_means, running_vars, tracked, momenta,
+        [record.stats.mean for record in records], [record.stats.var for record in records],
+        [record.window_samples for record in records],
+    )
 
 
 def _entry_gradients(records: list[StepRecord], compensating: list[bool]) -> list:
@@ -350,10 +398,13 @@ def _select_channels(sizes: list[int], which: list[int], device) -> Tensor | Non
 
 
 def _write_counters(buffers: list[Tensor], values: list[int]) -> None:
-    """Set 0-dim integer buffers from host counters, one kernel for all."""
+    """Set 0-dim integer buffers from host counters, one kernel (or C++ call) for all."""
     if not buffers:
         return
     device = buffers[0].device
+    if device.type == "cpu" and kernels.active():
+        torch.ops.cbn.write_counters(buffers, values)
+        return
     sources = {value: _counter_value(value, device) for value in set(values)}
     torch._foreach_copy_(buffers, [sources[value] for value in values])
 
