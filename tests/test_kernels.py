@@ -1,5 +1,5 @@
 """The C++ kernels give the Python implementation's results (bit for bit, except the rounding of
-the variance terms of the Taylor products), and fall back cleanly.
+the fused normalization and of the variance terms of the Taylor products), and fall back cleanly.
 
 The rest of the suite runs with the kernels active (the default where they build), so the
 float64 dense-Jacobian oracle and gradcheck tests check the C++ path; the tests here tie the
@@ -51,7 +51,10 @@ def _assert_identical(fast, python):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("affine", ["both", "weight", "bias", "none", "frozen weight"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "3d"])
-def test_pooled_normalization_equals_python_bit_for_bit(dtype, affine, layout):
+def test_pooled_normalization_equals_python(dtype, affine, layout):
+    # Contiguous inputs take the fused kernel (statistics summed in double in two passes, the
+    # backward in two passes), which agrees with the Python form's BatchNorm kernels to float
+    # rounding; channels-last takes the same ATen kernels as Python, bit for bit.
     channels = 6
     mean, var = torch.randn(3, channels, dtype=dtype), torch.rand(3, channels, dtype=dtype) + 0.1
     past = pool_past(mean, var, torch.tensor([[1.0], [1.0], [0.0]], dtype=dtype))
@@ -71,7 +74,14 @@ def test_pooled_normalization_equals_python_bit_for_bit(dtype, affine, layout):
         out, stats = cross_iteration_batch_norm(x, past, weight, bias, 1e-5, dtype)
         return (out, *stats, *torch.autograd.grad((out * projection).sum(), leaves))
 
-    _assert_identical(*_both(run))
+    fast, python = _both(run)
+    if layout == "channels_last":
+        _assert_identical(fast, python)
+        return
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-12
+    for a, b in zip(fast, python):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance)
 
 
 def test_pooled_normalization_of_half_input_equals_python():
@@ -173,11 +183,11 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
             _assert_identical(gradients, expected)
 
 
-def _train(model, steps=6):
+def _train(model, steps=6, memory_format=torch.contiguous_format):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     torch.manual_seed(1)
     for _ in range(steps):
-        loss = model(torch.randn(2, 3, 10, 10)).square().mean()
+        loss = model(torch.randn(2, 3, 10, 10).contiguous(memory_format=memory_format)).square().mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -220,11 +230,13 @@ def test_recorded_state_equals_python(compensate):
         return cbn.convert_model(model)
 
     def run():
-        model = _train(build(), steps=5)
+        # Channels-last inputs keep the normalization on the ATen form, identical in both modes,
+        # so that any difference would come from the record.
+        model = _train(build(), steps=5, memory_format=torch.channels_last)
         bad = torch.randn(2, 3, 10, 10)
         bad[1, 0, 2, 2] = float("nan")
-        model(bad)
-        _train(model, steps=2)
+        model(bad.contiguous(memory_format=torch.channels_last))
+        _train(model, steps=2, memory_format=torch.channels_last)
         return model.state_dict()
 
     fast, python = _both(run)

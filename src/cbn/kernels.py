@@ -11,10 +11,13 @@ The C++ kernels run the per-step work from C++:
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
-  products summed in one pass, without the window-sized temporary of the Python form.
+  products summed in one pass, without the window-sized temporary of the Python form;
+- ``torch.ops.cbn.write_entries``, ``copy_into_slots`` and ``write_counters``: the record of a
+  converted model's forward (window entries, gradient slots, counters, running statistics) on
+  the CPU (:mod:`cbn.layers.window_step`).
 
-The first two, and the mean terms of the third, run the same ATen operations in the same order
-as the Python implementation: the same values, bit for bit (tested). The variance terms are the
+All but the variance terms run the same ATen operations, or the same float arithmetic per
+channel, in the same order as the Python implementation: the same values, bit for bit (tested). The variance terms are the
 same dot products summed in another order, so they agree to float rounding (tested against the
 textbook bound ``n u sum |a b|``); within one run every product comes from the same kernel, so
 a Taylor step at unchanged weights still leaves an entry exactly as stored. They are compiled once with ``torch.utils.cpp_extension`` (about

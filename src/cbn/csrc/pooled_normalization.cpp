@@ -1,14 +1,25 @@
-// Normalization with the batch statistics pooled with the past entries, forward and backward:
-// the same ATen kernels, in the same order, as cbn.functional.normalization.CrossIterationNorm
-// (its docstring has the derivation), without a Python frame per operation. Results are
-// identical to the Python implementation's, bit for bit.
+// Normalization with the batch statistics pooled with the past entries, forward and backward
+// (cbn.functional.normalization.CrossIterationNorm has the derivation), in two forms:
+//
+// - FusedPooledNormalization, for contiguous float and double CPU inputs (the common case): one
+//   pass for the channel sums, one for the centred squares (summed in double, as BatchNorm's own
+//   training kernel), one for the output; backward in two passes (the channel sums of g and
+//   g (x - mu_bar), then dL/dx = A g + B x + D per channel). The Python implementation takes
+//   BatchNorm's Welford statistics kernel and four passes backward: the two agree to float
+//   rounding (tested), not bit for bit.
+// - PooledNormalization, for every other input (channels-last, half precision, other devices):
+//   the Python implementation's ATen kernels in the same order, identical bit for bit.
 //
 //   delta   = mu_t - c,   mu_bar = c + delta / n,   var_bar = var_t / n + P / n + (n - 1) / n^2 delta^2
 //   y       = (x - mu_bar) / sqrt(var_bar + eps) * gamma + beta
 //   dL/dx   = gamma s (g - (G + x_hat H) / (n m)),   dL/dgamma = H,   dL/dbeta = G
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/autograd.h>
+
+#include <cmath>
 #include <torch/library.h>
 
 namespace cbn {
@@ -85,10 +96,178 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
   }
 };
 
+
+// Per channel c of a contiguous (N, C, *) tensor: the `spatial` values of every sample n.
+template <typename T, typename F>
+void for_each_run(const T* data, int64_t samples, int64_t channels, int64_t spatial, int64_t c, F&& f) {
+  for (int64_t n = 0; n < samples; ++n) {
+    f(data + (n * channels + c) * spatial);
+  }
+}
+
+template <typename T>
+double run_sum(const T* x, int64_t count) {
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += static_cast<double>(x[j + k]);
+  }
+  double total = 0;
+  for (; j < count; ++j) total += static_cast<double>(x[j]);
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+template <typename T>
+double run_centred_dot(const T* a, const T* x, double center, int64_t count) {
+  // sum a[j] (x[j] - center); with a == x, the centred sum of squares.
+  constexpr int kLanes = 8;
+  double lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= count; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += static_cast<double>(a[j + k]) * (static_cast<double>(x[j + k]) - center);
+  }
+  double total = 0;
+  for (; j < count; ++j) total += static_cast<double>(a[j]) * (static_cast<double>(x[j]) - center);
+  for (int k = 0; k < kLanes; ++k) total += lanes[k];
+  return total;
+}
+
+Tensor per_channel(const Tensor& values, int64_t channels, const at::TensorOptions& options) {
+  return values.to(options).expand({channels}).contiguous();
+}
+
+bool takes_fused_form(const Tensor& input, at::ScalarType stats_dtype) {
+  return input.is_cpu() && input.scalar_type() == stats_dtype &&
+         (stats_dtype == at::kFloat || stats_dtype == at::kDouble) && input.dim() >= 2 &&
+         input.is_contiguous() && input.numel() > 0;
+}
+
+struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNormalization> {
+  static variable_list forward(
+      AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+      const std::optional<Tensor>& bias, const Tensor& center, const Tensor& inv_entries,
+      const Tensor& spread_share, const Tensor& delta_weight, double eps) {
+    const int64_t samples = input.size(0), channels = input.size(1);
+    const int64_t spatial = input.numel() / (samples * channels);
+    const double count = static_cast<double>(samples * spatial);
+    const auto options = input.options();
+    Tensor batch_mean = at::empty({channels}, options), batch_var = at::empty({channels}, options);
+    Tensor mean = at::empty({channels}, options), var = at::empty({channels}, options);
+    Tensor output = at::empty_like(input);
+    // The pooling constants may broadcast (a 0-dim count): one value per channel from here on.
+    const Tensor centers = per_channel(center, channels, options), inv = per_channel(inv_entries, channels, options);
+    const Tensor share = per_channel(spread_share, channels, options);
+    const Tensor dweight = per_channel(delta_weight, channels, options);
+    const Tensor gamma = weight.has_value() ? per_channel(*weight, channels, options) : Tensor();
+    const Tensor beta = bias.has_value() ? per_channel(*bias, channels, options) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cbn_fused_pooled_normalization", [&] {
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      scalar_t* y = output.mutable_data_ptr<scalar_t>();
+      scalar_t *bm = batch_mean.mutable_data_ptr<scalar_t>(), *bv = batch_var.mutable_data_ptr<scalar_t>();
+      scalar_t *pm = mean.mutable_data_ptr<scalar_t>(), *pv = var.mutable_data_ptr<scalar_t>();
+      const scalar_t *c0 = centers.const_data_ptr<scalar_t>(), *n_inv = inv.const_data_ptr<scalar_t>();
+      const scalar_t *sh = share.const_data_ptr<scalar_t>(), *dw = dweight.const_data_ptr<scalar_t>();
+      const scalar_t* g = gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* b = beta.defined() ? beta.const_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          double sum = 0;
+          for_each_run(x, samples, channels, spatial, c, [&](const scalar_t* run) { sum += run_sum(run, spatial); });
+          const double channel_mean = sum / count;
+          double squares = 0;
+          for_each_run(x, samples, channels, spatial, c,
+                       [&](const scalar_t* run) { squares += run_centred_dot(run, run, channel_mean, spatial); });
+          bm[c] = static_cast<scalar_t>(channel_mean);
+          bv[c] = static_cast<scalar_t>(squares / count);
+          const scalar_t delta = bm[c] - c0[c];
+          pm[c] = c0[c] + delta * n_inv[c];
+          pv[c] = (sh[c] + bv[c] * n_inv[c]) + delta * delta * dw[c];
+          const double invstd = 1.0 / std::sqrt(static_cast<double>(pv[c]) + eps);
+          const double scale = g != nullptr ? invstd * static_cast<double>(g[c]) : invstd;
+          const double shift = (b != nullptr ? static_cast<double>(b[c]) : 0.0) - static_cast<double>(pm[c]) * scale;
+          const scalar_t alpha = static_cast<scalar_t>(scale), beta_c = static_cast<scalar_t>(shift);
+          for (int64_t n = 0; n < samples; ++n) {
+            const int64_t offset = (n * channels + c) * spatial;
+            for (int64_t j = 0; j < spatial; ++j) y[offset + j] = x[offset + j] * alpha + beta_c;
+          }
+        }
+      });
+    });
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["needs_input"] = input.requires_grad();
+    ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
+    ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
+    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries});
+    ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
+    return {output, batch_mean, batch_var, mean, var};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "cbn: the backward of the pooled normalization is not differentiable (no double backward)");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
+    const Tensor inv = per_channel(saved[4], input.size(1), input.options());
+    const double eps = ctx->saved_data["eps"].toDouble();
+    const bool needs_input = ctx->saved_data["needs_input"].toBool();
+    const bool needs_weight = ctx->saved_data["needs_weight"].toBool();
+    const bool needs_bias = ctx->saved_data["needs_bias"].toBool();
+    const Tensor grad_output = grads[0].contiguous();
+    const int64_t samples = input.size(0), channels = input.size(1);
+    const int64_t spatial = input.numel() / (samples * channels);
+    const double count = static_cast<double>(samples * spatial);
+    const auto options = input.options();
+    Tensor grad_input = needs_input ? at::empty_like(input) : Tensor();
+    Tensor sum_g_xhat = at::empty({channels}, options), sum_g = at::empty({channels}, options);
+    const Tensor gamma = weight.defined() ? per_channel(weight, channels, options) : Tensor();
+    AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cbn_fused_pooled_normalization_backward", [&] {
+      const scalar_t *x = input.const_data_ptr<scalar_t>(), *dy = grad_output.const_data_ptr<scalar_t>();
+      const scalar_t *pm = mean.const_data_ptr<scalar_t>(), *pv = var.const_data_ptr<scalar_t>();
+      const scalar_t* n_inv = inv.const_data_ptr<scalar_t>();
+      const scalar_t* g = gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t *h_out = sum_g_xhat.mutable_data_ptr<scalar_t>(), *g_out = sum_g.mutable_data_ptr<scalar_t>();
+      scalar_t* dx = needs_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const double center = static_cast<double>(pm[c]);
+          double total = 0, centred = 0;
+          for (int64_t n = 0; n < samples; ++n) {
+            const int64_t offset = (n * channels + c) * spatial;
+            total += run_sum(dy + offset, spatial);
+            centred += run_centred_dot(dy + offset, x + offset, center, spatial);
+          }
+          const double invstd = 1.0 / std::sqrt(static_cast<double>(pv[c]) + eps);
+          const double h = centred * invstd;  // sum g x_hat
+          g_out[c] = static_cast<scalar_t>(total);
+          h_out[c] = static_cast<scalar_t>(h);
+          if (dx == nullptr) continue;
+          // dL/dx = gamma s (g - (G + x_hat H) / (n m)) = A g + B x + D.
+          const double gamma_s = (g != nullptr ? static_cast<double>(g[c]) : 1.0) * invstd;
+          const double per_value = static_cast<double>(n_inv[c]) / count;  // 1 / (n m)
+          const double slope = -gamma_s * invstd * h * per_value;
+          const scalar_t a = static_cast<scalar_t>(gamma_s), bx = static_cast<scalar_t>(slope);
+          const scalar_t d = static_cast<scalar_t>(-gamma_s * total * per_value - slope * center);
+          for (int64_t n = 0; n < samples; ++n) {
+            const int64_t offset = (n * channels + c) * spatial;
+            for (int64_t j = 0; j < spatial; ++j) dx[offset + j] = a * dy[offset + j] + bx * x[offset + j] + d;
+          }
+        }
+      });
+    });
+    return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
 std::vector<Tensor> pooled_normalization(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const Tensor& center, const Tensor& inv_entries, const Tensor& spread_share,
     const Tensor& delta_weight, double eps, at::ScalarType stats_dtype) {
+  if (takes_fused_form(input, stats_dtype)) {
+    return FusedPooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps);
+  }
   return PooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight,
                                     eps, stats_dtype);
 }
