@@ -249,6 +249,20 @@ def test_recorded_state_equals_python(compensate):
     assert fast["1.num_batches_tracked"] == 8 and fast["1.window_next"] == 8 % 2
 
 
+def test_record_kernel_checks_every_argument_before_writing():
+    # A bad argument of the second layer raises before the first layer's buffers are touched.
+    window = torch.zeros(2, 5, 3)
+    running_mean, running_var, tracked = torch.zeros(3), torch.ones(3), torch.zeros((), dtype=torch.long)
+    stats = [torch.rand(3), torch.rand(4)]
+    with pytest.raises(RuntimeError, match="expected a contiguous CPU tensor of 4"):
+        torch.ops.cbn.write_entries(
+            stats, stats, None, None, [10, 10], [window, None], [0, 0],
+            [running_mean, torch.zeros(4)], [running_var, torch.ones(5)], [tracked, torch.zeros((), dtype=torch.long)],
+            [0.1, 0.1], stats, stats, [None, None],
+        )
+    assert not window.any() and not running_mean.any() and tracked == 0 and (running_var == 1).all()
+
+
 def test_a_failed_build_warns_once_and_uses_python(monkeypatch):
     def fail(verbose):
         raise OSError("no C++ compiler")

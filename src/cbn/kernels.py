@@ -6,7 +6,7 @@ The C++ kernels run the per-step work from C++:
 
 - ``torch.ops.cbn.pooled_normalization``: the normalization with pooled statistics, forward and
   backward (a C++ autograd function; :class:`cbn.functional.normalization.CrossIterationNorm`
-  is its Python twin);
+  is its Python twin), fused into two passes each way for contiguous float CPU inputs;
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
@@ -16,12 +16,18 @@ The C++ kernels run the per-step work from C++:
   converted model's forward (window entries, gradient slots, counters, running statistics) on
   the CPU (:mod:`cbn.layers.window_step`).
 
-All but the variance terms run the same ATen operations, or the same float arithmetic per
-channel, in the same order as the Python implementation: the same values, bit for bit (tested). The variance terms are the
-same dot products summed in another order, so they agree to float rounding (tested against the
-textbook bound ``n u sum |a b|``); within one run every product comes from the same kernel, so
-a Taylor step at unchanged weights still leaves an entry exactly as stored. They are compiled once with ``torch.utils.cpp_extension`` (about
-a minute, with the C++ compiler and ``ninja``; cached in ``TORCH_EXTENSIONS_DIR``, by default
+Two are fused loops that sum in another order than the Python implementation, so they agree
+with it to float rounding (tested): the normalization of contiguous float inputs (statistics
+summed in double in two passes, as BatchNorm's training kernel, where Python takes BatchNorm's
+Welford kernel) and the variance terms (tested against the textbook bound
+``gamma_n sum |a b|``; within one run every product comes from the same kernel, so a Taylor step
+at unchanged weights still leaves an entry exactly as stored). The rest (channels-last or half
+precision normalization, statistic gradients, mean terms, record) runs the same ATen operations,
+or the same float arithmetic per channel, in the same order: the same values, bit for bit
+(tested).
+
+They are compiled once with ``torch.utils.cpp_extension`` (about half a minute, with the C++
+compiler and ``ninja``; cached in ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``) the first time a layer needs them, or ahead of time with
 ``python -m cbn build-kernels``. Where they cannot be built (no compiler), cbn warns once and uses
 the Python implementation. ``CBN_KERNELS=0`` in the environment, or :func:`use_kernels`, turns

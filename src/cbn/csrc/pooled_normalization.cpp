@@ -41,6 +41,32 @@ at::MemoryFormat memory_format_of(const Tensor& input) {
   return at::MemoryFormat::Contiguous;
 }
 
+// What both forms' backward needs, saved by the forward.
+struct Saved {
+  Tensor input, weight, mean, var, inv_entries;
+  double eps;
+  bool needs_input, needs_weight, needs_bias;
+};
+
+void save_context(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                  const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var,
+                  const Tensor& inv_entries, double eps) {
+  ctx->saved_data["eps"] = eps;
+  ctx->saved_data["needs_input"] = input.requires_grad();
+  ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
+  ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
+  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries});
+}
+
+Saved read_context(AutogradContext* ctx) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "cbn: the backward of the pooled normalization is not differentiable (no double backward)");
+  const auto saved = ctx->get_saved_variables();
+  return {saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["eps"].toDouble(),
+          ctx->saved_data["needs_input"].toBool(), ctx->saved_data["needs_weight"].toBool(),
+          ctx->saved_data["needs_bias"].toBool()};
+}
+
 struct PooledNormalization : public torch::autograd::Function<PooledNormalization> {
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
@@ -54,25 +80,17 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
     const Tensor var = at::addcmul(at::addcmul(spread_share, batch_var, inv_entries), delta.square(), delta_weight);
     Tensor output = std::get<0>(
         at::native_batch_norm(input, weight, bias, mean, var, false, 0.0, eps));
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["needs_input"] = input.requires_grad();
-    ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
-    ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
-    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries});
+    save_context(ctx, input, weight, bias, mean, var, inv_entries, eps);
     ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
     return {output, batch_mean, batch_var, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "cbn: the backward of the pooled normalization is not differentiable (no double backward)");
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
-    const Tensor& inv_entries = saved[4];
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool needs_input = ctx->saved_data["needs_input"].toBool();
-    const bool needs_weight = ctx->saved_data["needs_weight"].toBool();
-    const bool needs_bias = ctx->saved_data["needs_bias"].toBool();
+    const Saved saved = read_context(ctx);
+    const Tensor &input = saved.input, &weight = saved.weight, &mean = saved.mean, &var = saved.var;
+    const Tensor& inv_entries = saved.inv_entries;
+    const double eps = saved.eps;
+    const bool needs_input = saved.needs_input, needs_weight = saved.needs_weight, needs_bias = saved.needs_bias;
     const Tensor grad_output = grads[0].contiguous(memory_format_of(input));
     auto [grad_input, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
         grad_output, input, present(weight), mean, var, std::nullopt, std::nullopt, false, eps,
@@ -195,25 +213,17 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
         }
       });
     });
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["needs_input"] = input.requires_grad();
-    ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
-    ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
-    ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries});
+    save_context(ctx, input, weight, bias, mean, var, inv_entries, eps);
     ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
     return {output, batch_mean, batch_var, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "cbn: the backward of the pooled normalization is not differentiable (no double backward)");
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &input = saved[0], &weight = saved[1], &mean = saved[2], &var = saved[3];
-    const Tensor inv = per_channel(saved[4], input.size(1), input.options());
-    const double eps = ctx->saved_data["eps"].toDouble();
-    const bool needs_input = ctx->saved_data["needs_input"].toBool();
-    const bool needs_weight = ctx->saved_data["needs_weight"].toBool();
-    const bool needs_bias = ctx->saved_data["needs_bias"].toBool();
+    const Saved saved = read_context(ctx);
+    const Tensor &input = saved.input, &weight = saved.weight, &mean = saved.mean, &var = saved.var;
+    const Tensor inv = per_channel(saved.inv_entries, input.size(1), input.options());
+    const double eps = saved.eps;
+    const bool needs_input = saved.needs_input, needs_weight = saved.needs_weight, needs_bias = saved.needs_bias;
     const Tensor grad_output = grads[0].contiguous();
     const int64_t samples = input.size(0), channels = input.size(1);
     const int64_t spatial = input.numel() / (samples * channels);

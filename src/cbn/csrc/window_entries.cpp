@@ -39,91 +39,6 @@ const T* values_of(const Tensor& tensor, int64_t count) {
 // Returns the per-layer finite flags (bool). shifts: the concatenated first-order terms, or
 // undefined for zeros. window_stats[l] undefined: a layer of window 1. running_means[l]
 // undefined: a layer without running statistics. momenta[l] < 0: cumulative average.
-template <typename T>
-Tensor write_entries_typed(
-    at::TensorList batch_means, at::TensorList batch_vars, const std::optional<Tensor>& mean_shifts,
-    const std::optional<Tensor>& var_shifts, at::IntArrayRef samples, const c10::List<std::optional<Tensor>>& window_stats,
-    at::IntArrayRef slots, const c10::List<std::optional<Tensor>>& running_means,
-    const c10::List<std::optional<Tensor>>& running_vars, const c10::List<std::optional<Tensor>>& batches_tracked,
-    at::ArrayRef<double> momenta, at::TensorList pooled_means, at::TensorList pooled_vars,
-    const c10::List<std::optional<Tensor>>& window_samples) {
-  const int64_t layers = static_cast<int64_t>(batch_means.size());
-  TORCH_CHECK(batch_vars.size() == batch_means.size() && samples.size() == batch_means.size() &&
-                  window_stats.size() == batch_means.size() && slots.size() == batch_means.size() &&
-                  running_means.size() == batch_means.size() && running_vars.size() == batch_means.size() &&
-                  batches_tracked.size() == batch_means.size() && momenta.size() == batch_means.size() &&
-                  pooled_means.size() == batch_means.size() && pooled_vars.size() == batch_means.size() &&
-                  window_samples.size() == batch_means.size(),
-              "cbn.write_entries: one value of every argument per layer");
-  Tensor finite_flags = at::empty({layers}, at::kBool);
-  bool* flags = finite_flags.mutable_data_ptr<bool>();
-  int64_t total = 0;
-  for (const Tensor& mean : batch_means) {
-    total += mean.numel();
-  }
-  const T* mean_shift = mean_shifts.has_value() ? values_of<T>(*mean_shifts, total) : nullptr;
-  const T* var_shift = var_shifts.has_value() ? values_of<T>(*var_shifts, total) : nullptr;
-  int64_t offset = 0;
-  for (int64_t l = 0; l < layers; ++l) {
-    const int64_t channels = batch_means[l].numel();
-    const T* mean = values_of<T>(batch_means[l], channels);
-    const T* var = values_of<T>(batch_vars[l], channels);
-    const T count = static_cast<T>(samples[l]);
-    bool finite = all_finite(mean, channels) && all_finite(var, channels) && std::isfinite(count);
-    if (mean_shift != nullptr) {
-      finite = finite && all_finite(mean_shift + offset, channels) && all_finite(var_shift + offset, channels);
-    }
-    flags[l] = finite;
-
-    const std::optional<Tensor> window = window_stats.get(l);
-    if (window.has_value()) {
-      TORCH_CHECK(window->is_contiguous() && window->dim() == 3 && window->size(1) == 5 && window->size(2) == channels &&
-                      slots[l] >= 0 && slots[l] < window->size(0),
-                  "cbn.write_entries: window ", window->sizes(), " and slot ", slots[l], " do not fit ", channels,
-                  " channels");
-      values_of<T>(*window, window->numel());
-      T* slot = window->mutable_data_ptr<T>() + slots[l] * 5 * channels;
-      for (int64_t c = 0; c < channels; ++c) {
-        slot[c] = finite ? mean[c] : T(0);
-        slot[channels + c] = finite ? var[c] : T(0);
-        slot[2 * channels + c] = finite && mean_shift != nullptr ? mean_shift[offset + c] : T(0);
-        slot[3 * channels + c] = finite && var_shift != nullptr ? var_shift[offset + c] : T(0);
-        slot[4 * channels + c] = finite ? count : T(0);
-      }
-    }
-
-    const std::optional<Tensor> running_mean = running_means.get(l);
-    if (running_mean.has_value()) {
-      const std::optional<Tensor> tracked_count = batches_tracked.get(l);
-      TORCH_CHECK(tracked_count.has_value() && tracked_count->scalar_type() == at::kLong && tracked_count->numel() == 1,
-                  "cbn.write_entries: a layer with running statistics needs its int64 num_batches_tracked");
-      int64_t* tracked = tracked_count->mutable_data_ptr<int64_t>();
-      *tracked += 1;
-      if (finite) {
-        const double factor = momenta[l] >= 0 ? momenta[l] : 1.0 / static_cast<double>(*tracked);
-        const std::optional<Tensor> past = window_samples.get(l);
-        const T* past_samples = past.has_value() ? values_of<T>(*past, channels) : nullptr;
-        const T* pooled_var = values_of<T>(pooled_vars[l], channels);
-        Tensor unbiased = at::empty({channels}, pooled_vars[l].options());
-        T* unbiased_var = unbiased.mutable_data_ptr<T>();
-        for (int64_t c = 0; c < channels; ++c) {
-          const T pooled = past_samples != nullptr ? count + past_samples[c] : count;
-          const T value = pooled_var[c] * (pooled / (pooled - T(1)));
-          unbiased_var[c] = std::isfinite(value) ? value : T(0);
-        }
-        Tensor estimate = pooled_means[l];
-        if (!all_finite(values_of<T>(estimate, channels), channels)) {
-          estimate = at::nan_to_num(estimate, 0.0, 0.0, 0.0);
-        }
-        running_mean->lerp_(estimate, factor);
-        running_vars.get(l)->lerp_(unbiased, factor);
-      }
-    }
-    offset += channels;
-  }
-  return finite_flags;
-}
-
 Tensor write_entries(
     at::TensorList batch_means, at::TensorList batch_vars, const std::optional<Tensor>& mean_shifts,
     const std::optional<Tensor>& var_shifts, at::IntArrayRef samples, const c10::List<std::optional<Tensor>>& window_stats,
@@ -134,9 +49,102 @@ Tensor write_entries(
   TORCH_CHECK(!batch_means.empty(), "cbn.write_entries: no layer");
   Tensor finite;
   AT_DISPATCH_FLOATING_TYPES(batch_means[0].scalar_type(), "cbn_write_entries", [&] {
-    finite = write_entries_typed<scalar_t>(batch_means, batch_vars, mean_shifts, var_shifts, samples, window_stats,
-                                           slots, running_means, running_vars, batches_tracked, momenta,
-                                           pooled_means, pooled_vars, window_samples);
+    using T = scalar_t;
+    const int64_t layers = static_cast<int64_t>(batch_means.size());
+    TORCH_CHECK(batch_vars.size() == batch_means.size() && samples.size() == batch_means.size() &&
+                    window_stats.size() == batch_means.size() && slots.size() == batch_means.size() &&
+                    running_means.size() == batch_means.size() && running_vars.size() == batch_means.size() &&
+                    batches_tracked.size() == batch_means.size() && momenta.size() == batch_means.size() &&
+                    pooled_means.size() == batch_means.size() && pooled_vars.size() == batch_means.size() &&
+                    window_samples.size() == batch_means.size(),
+                "cbn.write_entries: one value of every argument per layer");
+    Tensor finite_flags = at::empty({layers}, at::kBool);
+    bool* flags = finite_flags.mutable_data_ptr<bool>();
+    int64_t total = 0;
+    for (const Tensor& mean : batch_means) {
+      total += mean.numel();
+    }
+    const T* mean_shift = mean_shifts.has_value() ? values_of<T>(*mean_shifts, total) : nullptr;
+    const T* var_shift = var_shifts.has_value() ? values_of<T>(*var_shifts, total) : nullptr;
+    // Every argument is checked before anything is written: no state is left half-updated.
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t channels = batch_means[l].numel();
+      values_of<T>(batch_vars[l], channels);
+      values_of<T>(pooled_means[l], channels);
+      values_of<T>(pooled_vars[l], channels);
+      if (window_samples.get(l).has_value()) {
+        values_of<T>(*window_samples.get(l), channels);
+      }
+      const std::optional<Tensor> window = window_stats.get(l);
+      if (window.has_value()) {
+        TORCH_CHECK(window->dim() == 3 && window->size(1) == 5 && window->size(2) == channels && slots[l] >= 0 &&
+                        slots[l] < window->size(0),
+                    "cbn.write_entries: window ", window->sizes(), " and slot ", slots[l], " do not fit ", channels,
+                    " channels");
+        values_of<T>(*window, window->numel());
+      }
+      const std::optional<Tensor> running_mean = running_means.get(l);
+      if (running_mean.has_value()) {
+        values_of<T>(*running_mean, channels);
+        TORCH_CHECK(running_vars.get(l).has_value(), "cbn.write_entries: a running mean without a running variance");
+        values_of<T>(*running_vars.get(l), channels);
+        const std::optional<Tensor> tracked = batches_tracked.get(l);
+        TORCH_CHECK(tracked.has_value() && tracked->is_cpu() && tracked->scalar_type() == at::kLong &&
+                        tracked->numel() == 1,
+                    "cbn.write_entries: a layer with running statistics needs its int64 num_batches_tracked");
+      }
+    }
+    int64_t offset = 0;
+    for (int64_t l = 0; l < layers; ++l) {
+      const int64_t channels = batch_means[l].numel();
+      const T* mean = values_of<T>(batch_means[l], channels);
+      const T* var = values_of<T>(batch_vars[l], channels);
+      const T count = static_cast<T>(samples[l]);
+      bool finite = all_finite(mean, channels) && all_finite(var, channels) && std::isfinite(count);
+      if (mean_shift != nullptr) {
+        finite = finite && all_finite(mean_shift + offset, channels) && all_finite(var_shift + offset, channels);
+      }
+      flags[l] = finite;
+
+      const std::optional<Tensor> window = window_stats.get(l);
+      if (window.has_value()) {
+        T* slot = window->mutable_data_ptr<T>() + slots[l] * 5 * channels;
+        for (int64_t c = 0; c < channels; ++c) {
+          slot[c] = finite ? mean[c] : T(0);
+          slot[channels + c] = finite ? var[c] : T(0);
+          slot[2 * channels + c] = finite && mean_shift != nullptr ? mean_shift[offset + c] : T(0);
+          slot[3 * channels + c] = finite && var_shift != nullptr ? var_shift[offset + c] : T(0);
+          slot[4 * channels + c] = finite ? count : T(0);
+        }
+      }
+
+      const std::optional<Tensor> running_mean = running_means.get(l);
+      if (running_mean.has_value()) {
+        int64_t* tracked = batches_tracked.get(l)->mutable_data_ptr<int64_t>();
+        *tracked += 1;
+        if (finite) {
+          const double factor = momenta[l] >= 0 ? momenta[l] : 1.0 / static_cast<double>(*tracked);
+          const std::optional<Tensor> past = window_samples.get(l);
+          const T* past_samples = past.has_value() ? past->const_data_ptr<T>() : nullptr;
+          const T* pooled_var = pooled_vars[l].const_data_ptr<T>();
+          Tensor unbiased = at::empty({channels}, pooled_vars[l].options());
+          T* unbiased_var = unbiased.mutable_data_ptr<T>();
+          for (int64_t c = 0; c < channels; ++c) {
+            const T pooled = past_samples != nullptr ? count + past_samples[c] : count;
+            const T value = pooled_var[c] * (pooled / (pooled - T(1)));
+            unbiased_var[c] = std::isfinite(value) ? value : T(0);
+          }
+          Tensor estimate = pooled_means[l];
+          if (!all_finite(estimate.const_data_ptr<T>(), channels)) {
+            estimate = at::nan_to_num(estimate, 0.0, 0.0, 0.0);
+          }
+          running_mean->lerp_(estimate, factor);
+          running_vars.get(l)->lerp_(unbiased, factor);
+        }
+      }
+      offset += channels;
+    }
+    finite = finite_flags;
   });
   return finite;
 }

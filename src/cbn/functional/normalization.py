@@ -194,6 +194,9 @@ def cross_iteration_batch_norm(
     Returns:
         The normalized tensor (``input``'s shape and dtype) and the statistics it used.
 
+    With a window to pool and :mod:`cbn.kernels` active (outside compiled graphs), the C++
+    kernel ``cbn::pooled_normalization`` computes it; else :class:`CrossIterationNorm`.
+
     Example::
 
         >>> past = PastStatistics(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
