@@ -402,8 +402,10 @@ def statistic_shifts_of_layers(
     """:func:`statistic_shifts` of many layers: ``operands`` holds one ``(mean gradients, variance
     gradients, weight, bias)`` per layer, with the weight as :func:`shift_weight` gives it.
 
-    Runs the C++ kernel ``cbn::statistic_shifts_many`` where :mod:`cbn.kernels` is active (the
-    same operations without a Python frame per layer, identical results), else the Python loop.
+    Runs the C++ kernel ``cbn::statistic_shifts_many`` where :mod:`cbn.kernels` is active (no
+    Python frame per layer; the variance terms summed in one pass, equal to float rounding),
+    else the Python loop. Both the window's terms and a new entry's go through it, so that a
+    Taylor step at unchanged weights cancels exactly in either mode.
 
     Returns:
         The lists of ``(k, C)`` first-order terms of the mean and of the variance, per layer.

@@ -16,9 +16,8 @@ from ..functional.statistic_gradients import (
     ConvolutionCall,
     StatisticGradients,
     producer_groups,
-    producer_statistic_gradients,
     shift_weight,
-    statistic_shifts,
+    statistic_shifts_of_layers,
     weight_rows,
 )
 from ..functional.window import PastStatistics, move_to_current_weights, pool_window
@@ -385,8 +384,10 @@ class _CrossIterationBatchNorm(_NormBase):
         operands = self._shift_operands()
         if operands is None:
             return None, None
-        mean_grad, var_grad, weight, bias = operands
-        return statistic_shifts(StatisticGradients(mean_grad, var_grad), weight, bias)
+        # The kernel that computes the new entries' terms too (a Taylor step at unchanged weights
+        # must cancel exactly).
+        (mean_shift,), (var_shift,) = statistic_shifts_of_layers([operands])
+        return mean_shift, var_shift
 
     def _shift_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
         """``(mean gradients, variance gradients, weight, bias)`` whose :func:`statistic_shifts` are
@@ -422,13 +423,6 @@ class _CrossIterationBatchNorm(_NormBase):
     def _will_pool(self) -> bool:
         """Whether the next training forward pools past entries (burn-in will be over)."""
         return self.training and self.window > 1 and self._iterations >= self.burnin
-
-    def _entry_gradients(self, record: StepRecord) -> StatisticGradients | None:
-        """Statistic gradients of a recorded batch, or ``None`` where not needed."""
-        operands = self._entry_gradient_operands(record)
-        if operands is None:
-            return None
-        return self._pooled_entry_gradients(record, producer_statistic_gradients(*operands))
 
     def _entry_gradient_operands(self, record: StepRecord) -> tuple | None:
         """The :func:`producer_statistic_gradients` operands of a recorded batch (in the statistics
