@@ -48,14 +48,19 @@ struct Saved {
   bool needs_input, needs_weight, needs_bias;
 };
 
-void save_context(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
-                  const std::optional<Tensor>& bias, const Tensor& mean, const Tensor& var,
-                  const Tensor& inv_entries, double eps) {
+// Saves what the backward needs and returns the forward's outputs; the statistics carry no
+// gradient.
+variable_list finish_forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
+                             const std::optional<Tensor>& bias, const Tensor& output, const Tensor& batch_mean,
+                             const Tensor& batch_var, const Tensor& mean, const Tensor& var,
+                             const Tensor& inv_entries, double eps) {
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["needs_input"] = input.requires_grad();
   ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
   ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
   ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries});
+  ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
+  return {output, batch_mean, batch_var, mean, var};
 }
 
 Saved read_context(AutogradContext* ctx) {
@@ -80,17 +85,11 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
     const Tensor var = at::addcmul(at::addcmul(spread_share, batch_var, inv_entries), delta.square(), delta_weight);
     Tensor output = std::get<0>(
         at::native_batch_norm(input, weight, bias, mean, var, false, 0.0, eps));
-    save_context(ctx, input, weight, bias, mean, var, inv_entries, eps);
-    ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
-    return {output, batch_mean, batch_var, mean, var};
+    return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Saved saved = read_context(ctx);
-    const Tensor &input = saved.input, &weight = saved.weight, &mean = saved.mean, &var = saved.var;
-    const Tensor& inv_entries = saved.inv_entries;
-    const double eps = saved.eps;
-    const bool needs_input = saved.needs_input, needs_weight = saved.needs_weight, needs_bias = saved.needs_bias;
+    const auto [input, weight, mean, var, inv_entries, eps, needs_input, needs_weight, needs_bias] = read_context(ctx);
     const Tensor grad_output = grads[0].contiguous(memory_format_of(input));
     auto [grad_input, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
         grad_output, input, present(weight), mean, var, std::nullopt, std::nullopt, false, eps,
@@ -213,17 +212,12 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
         }
       });
     });
-    save_context(ctx, input, weight, bias, mean, var, inv_entries, eps);
-    ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
-    return {output, batch_mean, batch_var, mean, var};
+    return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Saved saved = read_context(ctx);
-    const Tensor &input = saved.input, &weight = saved.weight, &mean = saved.mean, &var = saved.var;
-    const Tensor inv = per_channel(saved.inv_entries, input.size(1), input.options());
-    const double eps = saved.eps;
-    const bool needs_input = saved.needs_input, needs_weight = saved.needs_weight, needs_bias = saved.needs_bias;
+    const auto [input, weight, mean, var, inv_entries, eps, needs_input, needs_weight, needs_bias] = read_context(ctx);
+    const Tensor inv = per_channel(inv_entries, input.size(1), input.options());
     const Tensor grad_output = grads[0].contiguous();
     const int64_t samples = input.size(0), channels = input.size(1);
     const int64_t spatial = input.numel() / (samples * channels);
