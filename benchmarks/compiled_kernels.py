@@ -7,9 +7,10 @@ Run from the repository root::
 
 A small stack of convolution + norm + ReLU blocks (16 channels at 28x28, so each variant
 compiles in seconds, not minutes as ResNet-20 does) is compiled with inductor and kernel
-profiling on (``torch._inductor.config.cpp.enable_kernel_profile``), timed round-robin, then
-profiled: per training step, the self time of the generated C++ kernels and of the
-``convolution_backward`` calls (the producers' own and, for CBN, the statistic gradients).
+profiling on (``torch._inductor.config.cpp.enable_kernel_profile``), timed round-robin with the
+same models run eagerly, then profiled: per training step, the self time of the generated C++
+kernels and of the ``convolution_backward`` calls (the producers' own and, for CBN, the
+statistic gradients).
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ def conv_stack(variant: str, blocks: int, window: int, seed: int) -> nn.Module:
     return cbn.convert_model(model, window=window, compensate=variant == "cbn")
 
 
-def compiled_trainer(variant: str, args) -> Trainer:
+def trainer(variant: str, batch: int, args, compiled: bool) -> Trainer:
     gen = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, 1, 28, 28, generator=gen)
-    target = torch.randint(0, 10, (args.batch,), generator=gen)
+    x = torch.randn(batch, 1, 28, 28, generator=gen)
+    target = torch.randint(0, 10, (batch,), generator=gen)
     model = conv_stack(variant, args.blocks, args.window, args.seed)
-    model.train()(x)  # the eager forward that pairs the layers
-    trainer = Trainer(torch.compile(model, backend=args.backend, fullgraph=True), x, target)
+    if compiled:
+        model.train()(x)  # the eager forward that pairs the layers
+        model = torch.compile(model, backend=args.backend, fullgraph=True)
+    result = Trainer(model, x, target)
     for _ in range(args.window + 2):
-        trainer.step()
-    return trainer
+        result.step()
+    return result
 
 
 def kernel_times(trainer: Trainer, steps: int) -> dict:
@@ -74,48 +77,64 @@ def measure(args, log) -> list[dict]:
     import torch._inductor.config as inductor_config
 
     inductor_config.cpp.enable_kernel_profile = True
-    trainers = {variant: compiled_trainer(variant, args) for variant in args.variants}
-    times = interleave({v: t.step for v, t in trainers.items()}, args.steps)
     rows = []
-    for variant, trainer in trainers.items():
-        ms = 1e3 * statistics.median(times[variant])
-        rows.append({"variant": variant, "ms": ms, **kernel_times(trainer, args.profile_steps)})
-        log(f"{variant}: {ms:.2f} ms, kernels {rows[-1]['kernels_us']:.0f} us, "
-            f"convolution_backward {rows[-1]['convolution_backward_us']:.0f} us per step")
+    for batch in args.batch_sizes:
+        trainers = {(variant, compiled): trainer(variant, batch, args, compiled)
+                    for variant in args.variants for compiled in (True, False)}
+        times = interleave({key: t.step for key, t in trainers.items()}, args.steps)
+        ms = {key: 1e3 * statistics.median(samples) for key, samples in times.items()}
+        for variant in args.variants:
+            rows.append({"batch": batch, "variant": variant, "ms": ms[variant, True], "eager_ms": ms[variant, False],
+                         **kernel_times(trainers[variant, True], args.profile_steps)})
+            log(f"batch {batch}, {variant}: compiled {ms[variant, True]:.2f} ms, eager {ms[variant, False]:.2f} ms, "
+                f"kernels {rows[-1]['kernels_us']:.0f} us, "
+                f"convolution_backward {rows[-1]['convolution_backward_us']:.0f} us per compiled step")
     return rows
 
 
 def markdown(rows: list[dict], args, command: str, machine: dict) -> str:
-    bn = next(r for r in rows if r["variant"] == "bn")
     lines = [
         "### Compiled step by kernel (small conv stack)",
         "",
         f"`{command}` (commit {machine.get('git_commit')}, {machine.get('threads')} thread(s), load "
         f"average at start {rounded(machine['load_average_start'])}). {args.blocks} blocks of conv 3x3 "
-        f"(16 channels) + norm + ReLU at 28x28, batch {args.batch}, window {args.window}, SGD, inductor; "
-        f"step: median of {args.steps} interleaved rounds; self CPU time per step from "
-        f"`torch.profiler` over {args.profile_steps} steps, with inductor's kernel profiling on.",
+        f"(16 channels) + norm + ReLU at 28x28, window {args.window}, SGD, inductor; steps: medians of "
+        f"{args.steps} rounds interleaving the compiled and the eager models; self CPU time per compiled "
+        f"step from `torch.profiler` over {args.profile_steps} steps, with inductor's kernel profiling on. "
+        "The floor is compiled BatchNorm plus the time compiled CBN spends in `convolution_backward` "
+        "beyond BatchNorm's (the statistic-gradient convolutions).",
         "",
-        "| method | step | x BatchNorm | generated kernels | convolution_backward calls |",
-        "|---|---|---|---|---|",
+        "| batch | method | compiled step | x compiled BN | eager step | x eager BN | generated kernels "
+        "| convolution_backward calls |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(f"| {LABELS[r['variant']]} | {r['ms']:.2f} ms | {r['ms'] / bn['ms']:.2f}x | "
-                     f"{r['kernels_us']:.0f} us | {r['convolution_backward_us']:.0f} us |")
-    cbn_row = next((r for r in rows if r["variant"] == "cbn"), None)
-    if cbn_row is not None:
-        lines += ["", "Largest generated kernels of compiled CBN, per step:", ""]
-        lines += [f"- {k['us']:.0f} us: `{k['name']}`" for k in cbn_row["top_kernels"]]
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        group = [r for r in rows if r["batch"] == batch]
+        bn = next(r for r in group if r["variant"] == "bn")
+        for r in group:
+            lines.append(f"| {batch} | {LABELS[r['variant']]} | {r['ms']:.2f} ms | {r['ms'] / bn['ms']:.2f}x | "
+                         f"{r['eager_ms']:.2f} ms | {r['eager_ms'] / bn['eager_ms']:.2f}x | "
+                         f"{r['kernels_us']:.0f} us | {r['convolution_backward_us']:.0f} us |")
+        cbn_row = next((r for r in group if r["variant"] == "cbn"), None)
+        if cbn_row is not None:
+            floor = bn["ms"] + (cbn_row["convolution_backward_us"] - bn["convolution_backward_us"]) / 1e3
+            lines.append(f"| {batch} | floor (compiled BN + CBN's extra convolutions) | {floor:.2f} ms "
+                         f"| {floor / bn['ms']:.2f}x | | | | |")
+    for batch in dict.fromkeys(r["batch"] for r in rows):
+        cbn_row = next((r for r in rows if r["batch"] == batch and r["variant"] == "cbn"), None)
+        if cbn_row is not None:
+            lines += ["", f"Largest generated kernels of compiled CBN at batch {batch}, per step:", ""]
+            lines += [f"- {k['us']:.0f} us: `{k['name']}`" for k in cbn_row["top_kernels"]]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_kernels", description=__doc__.split("\n")[0])
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
     p.add_argument("--blocks", type=int, default=4)
     p.add_argument("--variants", nargs="+", choices=tuple(LABELS), default=list(LABELS))
     p.add_argument("--window", type=int, default=4)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=20)
     p.add_argument("--profile-steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)

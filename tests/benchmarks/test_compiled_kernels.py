@@ -5,9 +5,10 @@ from benchmarks.compiled_kernels import run
 
 def test_compiled_kernels_smoke(tmp_path):
     md = tmp_path / "perf.md"
-    rows = run(["--variants", "cbn", "--blocks", "2", "--steps", "1", "--profile-steps", "1",
+    rows = run(["--variants", "cbn", "--blocks", "2", "--batch-sizes", "2", "4", "--steps", "1", "--profile-steps", "1",
                 "--backend", "aot_eager", "--md", str(md)])
-    assert [r["variant"] for r in rows] == ["bn", "cbn"]
-    assert all(r["ms"] > 0 and r["convolution_backward_us"] > 0 and r["kernels_us"] >= 0 for r in rows)
+    assert [(r["batch"], r["variant"]) for r in rows] == [(2, "bn"), (2, "cbn"), (4, "bn"), (4, "cbn")]
+    assert all(r["ms"] > 0 and r["eager_ms"] > 0 and r["convolution_backward_us"] > 0 and r["kernels_us"] >= 0
+               for r in rows)
     text = md.read_text()
-    assert "<!-- compiled-kernels:start -->" in text and "| CBN |" in text
+    assert "<!-- compiled-kernels:start -->" in text and "| 4 | CBN |" in text and "| 2 | floor" in text
