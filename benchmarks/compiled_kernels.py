@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from benchmarks.compiled_step import add_traced_layout_argument, statistic_gradient_layout
 from benchmarks.train_step import Trainer, interleave, rounded, run_section
 
 LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
@@ -140,6 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="inductor", help="aot_eager (no C++ build, no kernels) for a smoke run")
     p.add_argument("--md", type=Path, default=None, help="write the section into this markdown file")
+    add_traced_layout_argument(p)
     return p.parse_args(argv)
 
 
@@ -147,8 +149,9 @@ def run(argv=None) -> list[dict]:
     args = parse_args(argv)
     if "bn" not in args.variants:
         args.variants = ["bn", *args.variants]
-    rows, _ = run_section("compiled_kernels", "compiled-kernels", args, argv, measure,
-                          lambda rows, command, machine: markdown(rows, args, command, machine))
+    with statistic_gradient_layout(args.traced_layout):
+        rows, _ = run_section("compiled_kernels", "compiled-kernels", args, argv, measure,
+                              lambda rows, command, machine: markdown(rows, args, command, machine))
     return rows
 
 

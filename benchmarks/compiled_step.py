@@ -14,8 +14,10 @@ BatchNorm of the same mode.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -83,6 +85,28 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def statistic_gradient_layout(traced: bool) -> Iterator[None]:
+    """With ``traced``, compile CBN as before its statistic-gradient convolutions took the layout
+    inductor gives convolutions (``cbn.functional.statistic_gradients._in_compiled_convolution_layout``):
+    the "before" of a comparison across runs. Holds for the whole run, so no guard sees a change."""
+    import cbn.functional.statistic_gradients as statistic_gradients
+
+    decision = statistic_gradients._inductor_keeps_convolutions_channels_last
+    if traced:
+        statistic_gradients._inductor_keeps_convolutions_channels_last = torch.compiler.assume_constant_result(
+            lambda device_type: False)
+    try:
+        yield
+    finally:
+        statistic_gradients._inductor_keeps_convolutions_channels_last = decision
+
+
+def add_traced_layout_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--traced-layout", action="store_true",
+                   help="statistic-gradient convolutions in the traced layout (as before the layout matching)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
@@ -93,12 +117,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: no C++ build)")
     p.add_argument("--md", type=Path, default=None, help="write the section into this markdown file")
+    add_traced_layout_argument(p)
     return p.parse_args(argv)
 
 
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows, _ = run_section("compiled_step", "compiled", args, argv, measure, markdown)
+    with statistic_gradient_layout(args.traced_layout):
+        rows, _ = run_section("compiled_step", "compiled", args, argv, measure, markdown)
     return rows
 
 

@@ -12,3 +12,12 @@ def test_compiled_kernels_smoke(tmp_path):
                for r in rows)
     text = md.read_text()
     assert "<!-- compiled-kernels:start -->" in text and "| 4 | CBN |" in text and "| 2 | floor" in text
+
+
+def test_traced_layout_is_restored_after_the_run(tmp_path):
+    from cbn.functional import statistic_gradients
+
+    decision = statistic_gradients._inductor_keeps_convolutions_channels_last
+    run(["--variants", "cbn", "--blocks", "1", "--batch-sizes", "2", "--steps", "1", "--profile-steps", "1",
+         "--backend", "aot_eager", "--traced-layout"])
+    assert statistic_gradients._inductor_keeps_convolutions_channels_last is decision

@@ -19,11 +19,38 @@ PRODUCERS = {
 @pytest.mark.parametrize("name", list(PRODUCERS))
 def test_closed_form_equals_dense_jacobian(name):
     make, shape = PRODUCERS[name]
-    producer = make().double()
-    x = torch.randn(shape, dtype=torch.float64) + 1
+    _assert_dense_jacobian(make().double(), torch.randn(shape, dtype=torch.float64) + 1, producer_statistic_gradients)
+
+
+@pytest.mark.parametrize("batch", [2, 8])  # the one-convolution form and the split form
+def test_compiled_closed_form_equals_dense_jacobian(batch):
+    # In a compiled graph on CPU the convolution operands go channels-last (the layout inductor
+    # gives convolutions); the gradients must not move.
+    compiled = torch.compile(producer_statistic_gradients, backend="aot_eager", fullgraph=True)
+    _assert_dense_jacobian(nn.Conv2d(3, 4, 3, padding=1).double(), torch.randn(batch, 3, 6, 5, dtype=torch.float64) + 1,
+                           compiled)
+
+
+def test_compiled_layout_is_channels_last_where_inductor_keeps_convolutions_so(monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from cbn.functional.statistic_gradients import _in_compiled_convolution_layout
+
+    x, y = torch.randn(2, 3, 5, 5), torch.randn(2, 4, 5, 5)
+    moved_x, moved_y = _in_compiled_convolution_layout(x, y)
+    assert moved_x.is_contiguous(memory_format=torch.channels_last) and not moved_x.is_contiguous()
+    assert moved_y.is_contiguous(memory_format=torch.channels_last) and not moved_y.is_contiguous()
+    assert torch.equal(moved_x, x) and torch.equal(moved_y, y)
+    volumes = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
+    assert all(a is b for a, b in zip(_in_compiled_convolution_layout(*volumes), volumes))
+    monkeypatch.setattr(inductor_config, "layout_optimization", False)
+    assert all(a is b for a, b in zip(_in_compiled_convolution_layout(x, y), (x, y)))
+
+
+def _assert_dense_jacobian(producer, x, statistic_gradients):
     y = producer(x).detach()
     dims = [0, *range(2, y.dim())]
-    gradients = producer_statistic_gradients(producer, x, y, y.mean(dims))
+    gradients = statistic_gradients(producer, x, y, y.mean(dims))
 
     def stats(weight):
         out = produce(producer, x, weight, producer.bias)

@@ -163,6 +163,34 @@ def _convolution_weight_gradient(
     return weight_grad
 
 
+def _in_compiled_convolution_layout(x: Tensor, output: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` and ``output`` in the layout a compiled graph gives its convolutions' activations.
+
+    On CPU, inductor's layout optimization (on by default) always stores convolution inputs and
+    outputs channels-last, but hands an extern ``convolution_backward`` its operands in the
+    strides they were traced with (contiguous), so that every statistic-gradient convolution
+    would read transposed copies of its input and output (``benchmarks.compiled_kernels``,
+    section "Compiled step by kernel"). Elsewhere (CUDA, whose layout choice is a heuristic of
+    the whole graph, or the optimization turned off) the traced layout is kept.
+    """
+    if x.dim() != 4 or not _inductor_keeps_convolutions_channels_last(x.device.type):
+        return x, output
+    return x.contiguous(memory_format=torch.channels_last), output.contiguous(memory_format=torch.channels_last)
+
+
+@torch.compiler.assume_constant_result
+def _inductor_keeps_convolutions_channels_last(device_type: str) -> bool:
+    """Inductor's own rule for the layout of a graph's convolutions, where it is not a heuristic
+    (read when tracing: the checks of ``torch.backends.mkldnn`` cannot be traced)."""
+    import torch._inductor.config as inductor_config
+
+    if not inductor_config.layout_optimization:
+        return False
+    if inductor_config.force_layout_optimization:
+        return True
+    return device_type == "cpu" and torch.backends.mkldnn.enabled and torch.backends.mkldnn.is_available()
+
+
 # Per-thread scratch tensors of the per-step path (a layer may run in several threads, e.g.
 # under nn.DataParallel): weight placeholders and the gradient buffer of _centred_and_uniform.
 _SCRATCH = threading.local()
@@ -296,6 +324,8 @@ def producer_statistic_gradients(
         mean_grad = producer_input.mean(0, keepdim=True)
         var_grad = centred.t().mm(producer_input).mul_(2.0 / samples)
         return StatisticGradients(mean_grad.unsqueeze(0), var_grad.unsqueeze(1))
+    if torch.compiler.is_compiling():
+        producer_input, output = _in_compiled_convolution_layout(producer_input, output)
     if isinstance(producer, _TRANSPOSED):
         return _transposed_statistic_gradients(producer, producer_input, output, channel_mean)
 
