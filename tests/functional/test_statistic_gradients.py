@@ -31,7 +31,7 @@ def test_compiled_closed_form_equals_dense_jacobian(batch):
                            compiled)
 
 
-def test_compiled_layout_is_channels_last_where_inductor_keeps_convolutions_so(monkeypatch):
+def test_compiled_layout_is_channels_last_where_inductor_keeps_convolutions_so():
     import torch._inductor.config as inductor_config
 
     from cbn.functional.statistic_gradients import _in_compiled_convolution_layout
@@ -43,8 +43,8 @@ def test_compiled_layout_is_channels_last_where_inductor_keeps_convolutions_so(m
     assert torch.equal(moved_x, x) and torch.equal(moved_y, y)
     volumes = torch.randn(2, 3, 4, 4, 4), torch.randn(2, 4, 4, 4, 4)
     assert all(a is b for a, b in zip(_in_compiled_convolution_layout(*volumes), volumes))
-    monkeypatch.setattr(inductor_config, "layout_optimization", False)
-    assert all(a is b for a, b in zip(_in_compiled_convolution_layout(x, y), (x, y)))
+    with inductor_config.patch(layout_optimization=False):  # (pytest's monkeypatch cannot restore a config entry)
+        assert all(a is b for a, b in zip(_in_compiled_convolution_layout(x, y), (x, y)))
 
 
 def _assert_dense_jacobian(producer, x, statistic_gradients):
