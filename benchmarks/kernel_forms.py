@@ -125,8 +125,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows, _ = run_section("kernel_forms", "kernel-forms", args, argv, measure,
-                          lambda rows, command, machine: markdown(rows, command, machine))
+    rows, _ = run_section("kernel_forms", "kernel-forms", args, argv, measure, markdown)
     return rows
 
 

@@ -111,8 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
-    rows, _ = run_section("stacked_weight_gradient", "stacked-weight-gradient", args, argv, measure,
-                          lambda rows, command, machine: markdown(rows, command, machine))
+    rows, _ = run_section("stacked_weight_gradient", "stacked-weight-gradient", args, argv, measure, markdown)
     return rows
 
 
