@@ -109,6 +109,7 @@ def markdown(rows: list[dict], args, command: str, machine: dict) -> str:
         "| convolution_backward calls |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    largest_kernels = []
     for batch in dict.fromkeys(r["batch"] for r in rows):
         group = [r for r in rows if r["batch"] == batch]
         bn = next(r for r in group if r["variant"] == "bn")
@@ -121,12 +122,9 @@ def markdown(rows: list[dict], args, command: str, machine: dict) -> str:
             floor = bn["ms"] + (cbn_row["convolution_backward_us"] - bn["convolution_backward_us"]) / 1e3
             lines.append(f"| {batch} | floor (compiled BN + CBN's extra convolutions) | {floor:.2f} ms "
                          f"| {floor / bn['ms']:.2f}x | | | | |")
-    for batch in dict.fromkeys(r["batch"] for r in rows):
-        cbn_row = next((r for r in rows if r["batch"] == batch and r["variant"] == "cbn"), None)
-        if cbn_row is not None:
-            lines += ["", f"Largest generated kernels of compiled CBN at batch {batch}, per step:", ""]
-            lines += [f"- {k['us']:.0f} us: `{k['name']}`" for k in cbn_row["top_kernels"]]
-    return "\n".join(lines) + "\n"
+            largest_kernels += ["", f"Largest generated kernels of compiled CBN at batch {batch}, per step:", ""]
+            largest_kernels += [f"- {k['us']:.0f} us: `{k['name']}`" for k in cbn_row["top_kernels"]]
+    return "\n".join(lines + largest_kernels) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
