@@ -24,7 +24,7 @@ import torch
 
 from benchmarks.train_step import Trainer, _data, build, interleave, rounded, run_section
 
-LABELS = {"bn": "BatchNorm", "naive": "naive CBN", "cbn": "CBN"}
+LABELS = {"bn": "BatchNorm", "floor": "floor (BN + 1 wgrad conv)", "naive": "naive CBN", "cbn": "CBN"}
 
 
 def compiled_trainer(variant: str, batch: int, window: int, seed: int, backend: str) -> tuple[Trainer, float]:
@@ -110,7 +110,7 @@ def add_traced_layout_argument(p: argparse.ArgumentParser) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.compiled_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
-    p.add_argument("--variants", nargs="+", choices=("bn", "naive", "cbn"), default=["bn", "naive", "cbn"])
+    p.add_argument("--variants", nargs="+", choices=tuple(LABELS), default=list(LABELS))
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=1)

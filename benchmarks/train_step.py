@@ -74,22 +74,26 @@ class WeightGradFloor(nn.Module):
 
     This is the cost floor of compensated CBN: the second-moment gradient is exactly one
     weight-gradient convolution per normalized conv (see the maths note); everything else
-    (the mean input patch, a few per-channel vectors) is small next to it.
+    (the mean input patch, a few per-channel vectors) is small next to it. The gradient is
+    written into a buffer, as CBN writes its window, so that a compiled graph keeps the
+    convolution instead of dropping it as dead code.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         self.conv = conv
+        self.register_buffer("weight_gradient", torch.zeros_like(conv.weight), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
         if self.training:
             c = self.conv
             with torch.no_grad():
-                torch.ops.aten.convolution_backward(
+                _, weight_gradient, _ = torch.ops.aten.convolution_backward(
                     y.detach(), x.detach(), c.weight.detach(), None, c.stride, c.padding,
                     c.dilation, False, [0] * len(c.padding), c.groups, [False, True, False],
                 )
+                self.weight_gradient.copy_(weight_gradient)
         return y
 
 
