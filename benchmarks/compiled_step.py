@@ -1,12 +1,15 @@
 """Training-step cost under ``torch.compile(fullgraph=True)``: compiled CBN against compiled
-BatchNorm on the project's ResNet-20, with the eager ratio of the same run beside it.
+BatchNorm and the compiled floor (BatchNorm plus one weight-gradient convolution per layer,
+``benchmarks.train_step.WeightGradFloor``) on the project's ResNet-20, with the eager ratios of
+the same run beside them.
 
 Run from the repository root::
 
     PYTHONPATH=src:. python -m benchmarks.compiled_step --md docs/performance.md
 
 Each model is compiled (inductor) after one eager training forward, which pairs the CBN layers
-with their convolutions; the compile time is the wall time of the first compiled steps. Steps
+with their convolutions; the compile time is the wall time of the first compiled steps, with
+the compiler's caches off, so that it is the cold time whatever ran before. Steps
 are then timed round-robin with the eager models of the same seed; medians, ratios to the
 BatchNorm of the same mode.
 """
@@ -123,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
-    with statistic_gradient_layout(args.traced_layout):
+    with statistic_gradient_layout(args.traced_layout), torch.compiler.config.patch(force_disable_caches=True):
         rows, _ = run_section("compiled_step", "compiled", args, argv, measure, markdown)
     return rows
 

@@ -47,6 +47,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from benchmarks.authors_cbn import authors_resnet20
 from benchmarks.authors_cbn import window_bytes as authors_window_bytes
 from cbn.experiments.models import resnet20
+from cbn.functional.statistic_gradients import _in_compiled_convolution_layout
 
 # Environment variables that change CPU timings; recorded in the command line of the report.
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
@@ -76,7 +77,8 @@ class WeightGradFloor(nn.Module):
     weight-gradient convolution per normalized conv (see the maths note); everything else
     (the mean input patch, a few per-channel vectors) is small next to it. The gradient is
     written into a buffer, as CBN writes its window, so that a compiled graph keeps the
-    convolution instead of dropping it as dead code.
+    convolution instead of dropping it as dead code; inside a compiled graph its operands take
+    the layout that compiled CBN gives its own statistic-gradient convolutions.
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -89,8 +91,11 @@ class WeightGradFloor(nn.Module):
         if self.training:
             c = self.conv
             with torch.no_grad():
+                x, y_out = x.detach(), y.detach()
+                if torch.compiler.is_compiling():
+                    x, y_out = _in_compiled_convolution_layout(x, y_out)
                 _, weight_gradient, _ = torch.ops.aten.convolution_backward(
-                    y.detach(), x.detach(), c.weight.detach(), None, c.stride, c.padding,
+                    y_out, x, c.weight.detach(), None, c.stride, c.padding,
                     c.dilation, False, [0] * len(c.padding), c.groups, [False, True, False],
                 )
                 self.weight_gradient.copy_(weight_gradient)
