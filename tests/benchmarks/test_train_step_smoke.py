@@ -57,3 +57,22 @@ def test_python_variants_run_without_the_kernels(tmp_path):
     assert ops["cbn"]["cbn_kernel_calls"] >= 21 + 2
     assert ops["cbn-python"]["cbn_kernel_calls"] == 0
     assert "CBN (Python)" in (tmp_path / "perf.md").read_text()
+
+
+def test_floor_keeps_the_weight_gradient_of_its_output_eager_and_compiled():
+    """The floor's extra convolution must run, and in a compiled graph too (where a result that
+    nothing reads would be dropped): its buffer holds the weight gradient for ``dy = y``."""
+    import torch
+    from torch import nn
+
+    from benchmarks.train_step import WeightGradFloor
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for compiled in (False, True):
+        floor = WeightGradFloor(nn.Conv2d(3, 4, 3, padding=1).double()).train()
+        run = torch.compile(floor, backend="aot_eager", fullgraph=True) if compiled else floor
+        y = run(x)
+        weight = floor.conv.weight.detach().requires_grad_()
+        expected, = torch.autograd.grad(nn.functional.conv2d(x, weight, padding=1), weight, y.detach())
+        torch.testing.assert_close(floor.weight_gradient, expected, rtol=1e-12, atol=1e-12)
