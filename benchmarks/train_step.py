@@ -91,11 +91,11 @@ class WeightGradFloor(nn.Module):
         if self.training:
             c = self.conv
             with torch.no_grad():
-                x, y_out = x.detach(), y.detach()
+                conv_input, conv_output = x.detach(), y.detach()
                 if torch.compiler.is_compiling():
-                    x, y_out = _in_compiled_convolution_layout(x, y_out)
+                    conv_input, conv_output = _in_compiled_convolution_layout(conv_input, conv_output)
                 _, weight_gradient, _ = torch.ops.aten.convolution_backward(
-                    y_out, x, c.weight.detach(), None, c.stride, c.padding,
+                    conv_output, conv_input, c.weight.detach(), None, c.stride, c.padding,
                     c.dilation, False, [0] * len(c.padding), c.groups, [False, True, False],
                 )
                 self.weight_gradient.copy_(weight_gradient)

@@ -2,7 +2,10 @@
 
 import json
 
-from benchmarks.train_step import PYTHON_VARIANTS, VARIANTS, run
+import torch
+from torch import nn
+
+from benchmarks.train_step import PYTHON_VARIANTS, VARIANTS, WeightGradFloor, run
 
 
 def test_smoke_run_writes_json_and_markdown(tmp_path):
@@ -62,11 +65,6 @@ def test_python_variants_run_without_the_kernels(tmp_path):
 def test_floor_keeps_the_weight_gradient_of_its_output_eager_and_compiled():
     """The floor's extra convolution must run, and in a compiled graph too (where a result that
     nothing reads would be dropped): its buffer holds the weight gradient for ``dy = y``."""
-    import torch
-    from torch import nn
-
-    from benchmarks.train_step import WeightGradFloor
-
     torch.manual_seed(0)
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
     for compiled in (False, True):
