@@ -15,13 +15,12 @@ Two operations, each timed round-robin in both forms (``cbn.kernels.use_kernels`
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.train_step import interleave, rounded, run_section
+from benchmarks.train_step import median_microseconds, rounded, run_section
 
 
 def _in_form(fn, kernels: bool):
@@ -84,11 +83,8 @@ def measure(args, log) -> list[dict]:
     for case in cases:
         forms = case["forms"]
         rounds = args.rounds if case["shape"] != "512x4608" else max(3, args.rounds // 20)
-        for fn in forms.values():
-            fn()  # warm-up
-        times = interleave(forms, rounds)
         row = {"what": case["what"], "shape": case["shape"], "rounds": rounds,
-               **{f"{form}_us": 1e6 * statistics.median(samples) for form, samples in times.items()}}
+               **{f"{form}_us": us for form, us in median_microseconds(forms, rounds).items()}}
         rows.append(row)
         log(f"{row['what']} {row['shape']}: " + ", ".join(
             f"{form} {row[f'{form}_us']:.1f} us" for form in forms))

@@ -25,12 +25,11 @@ batch 2.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 
-from benchmarks.train_step import interleave, rounded, run_section
+from benchmarks.train_step import median_microseconds, rounded, run_section
 
 FORMS = ("producer", "separate", "stacked")
 RESNET20_STAGES = ((16, 28), (32, 14), (64, 7))
@@ -67,11 +66,8 @@ def measure(args, log) -> list[dict]:
     rows = []
     with torch.no_grad():
         for c in cases:
-            for fn in c["forms"].values():
-                fn()  # warm-up
-            times = interleave(c["forms"], args.rounds)
-            row = {"shape": c["shape"], "rounds": args.rounds,
-                   **{f"{form}_us": 1e6 * statistics.median(times[form]) for form in FORMS}}
+            medians = median_microseconds(c["forms"], args.rounds)
+            row = {"shape": c["shape"], "rounds": args.rounds, **{f"{form}_us": medians[form] for form in FORMS}}
             row["stacked_over_separate"] = row["stacked_us"] / row["separate_us"]
             rows.append(row)
             log(f"{row['shape']}: " + ", ".join(f"{form} {row[f'{form}_us']:.0f} us" for form in FORMS))

@@ -227,6 +227,13 @@ def interleave(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, l
     return times
 
 
+def median_microseconds(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Call every callable once to warm it up, then :func:`interleave` them; medians in us."""
+    for fn in fns.values():
+        fn()
+    return {key: 1e6 * statistics.median(samples) for key, samples in interleave(fns, rounds).items()}
+
+
 def measure_train(args, log) -> tuple[list[dict], list[dict]]:
     rows, memory = [], []
     conv_bytes = paired_conv_weight_bytes()
