@@ -19,6 +19,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from .functional.statistic_gradients import _CONVOLUTIONS, PRODUCER_TYPES, ConvolutionCall
@@ -33,6 +34,7 @@ class ProducerTap:
         self.keep_input = True  # until discovery is over, every producer is a candidate
         self.claimed = False
         self._output: weakref.ref | None = None
+        self._output_version = 0  # the output's version counter when the producer returned it
         self._input: Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -46,8 +48,16 @@ class ProducerTap:
         return self._record(module, args, output)
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self._output = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._remember_output(output)
         self._input = args[0] if self.keep_input and module.training else None
+
+    def _remember_output(self, output: object) -> None:
+        if isinstance(output, Tensor):
+            # Inference tensors have no version counter (and are never written in place by autograd code).
+            self._output = weakref.ref(output)
+            self._output_version = None if output.is_inference() else output._version
+        else:
+            self._output = None
 
     # Under torch.compile the tap runs eagerly: it keeps a weak reference to the very tensor object
     # the norm will receive, which only exists outside a graph.
@@ -56,15 +66,20 @@ class ProducerTap:
     def produced(self, tensor: Tensor) -> bool:
         return self._output is not None and self._output() is tensor
 
+    def modified_in_place(self, tensor: Tensor) -> bool:
+        """Whether ``tensor``, this producer's latest output, was written in place since."""
+        return self.produced(tensor) and self._output_version is not None and tensor._version != self._output_version
+
     def take_input(self, output: Tensor) -> Tensor | None:
         """The input behind ``output`` if it is this producer's latest output, released after reading."""
-        producer_input = self._input if self.produced(output) else None
+        producer_input = self._input if self.produced(output) and not self.modified_in_place(output) else None
         self._input = None
         return producer_input
 
     def __getstate__(self) -> dict:
         # Tensors of the last call are transient: copies and pickles start without them.
-        return {"keep_input": self.keep_input, "claimed": self.claimed, "_output": None, "_input": None}
+        return {"keep_input": self.keep_input, "claimed": self.claimed, "_output": None, "_output_version": 0,
+                "_input": None}
 
 
 _CONVOLUTION_FUNCTIONS = frozenset((F.conv1d, F.conv2d, F.conv3d))
@@ -79,6 +94,21 @@ def has_custom_forward(module: nn.Module) -> bool:
     ``weight`` attribute already is the effective weight.
     """
     return type(module).forward not in _STOCK_FORWARDS
+
+
+def weight_set_at_call(module: nn.Module) -> bool:
+    """Whether a forward pre-hook of ``module`` may set its ``weight`` at each call (the
+    pre-``parametrize`` ``weight_norm`` and ``spectral_norm``): the weight a call uses is then
+    known only once the module has run."""
+    return any(not isinstance(getattr(hook, "__self__", None), CapturingTap)
+               for hook in module._forward_pre_hooks.values())
+
+
+def _parametrized(module: nn.Module) -> bool:
+    """A parametrized weight is computed at each read, with the parametrization's side effects
+    (``spectral_norm`` runs a power iteration per read in training): the weight a forward used
+    is taken from its ``F.convNd`` call, never read again."""
+    return parametrize.is_parametrized(module, "weight")
 
 
 class _ConvolutionCapture(TorchFunctionMode):
@@ -130,7 +160,7 @@ class CapturingTap(ProducerTap):
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         capture, self._capture = self._capture, None
-        self._output = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._remember_output(output)
         self._input, self.call = None, None
         if capture is None:
             return
@@ -177,7 +207,7 @@ class ProducerRegistry:
         tapped = {id(module) for module, _ in registry.taps}
         for module in model.modules():
             if isinstance(module, PRODUCER_TYPES) and id(module) not in tapped:
-                if has_custom_forward(module) and isinstance(module, _CONVOLUTIONS):
+                if isinstance(module, _CONVOLUTIONS) and (has_custom_forward(module) or _parametrized(module)):
                     tap = CapturingTap()
                     module.register_forward_pre_hook(tap.enter)
                     # always_call: the capture mode is left even when the forward raises
