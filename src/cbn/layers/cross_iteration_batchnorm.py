@@ -362,7 +362,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
                 "no optimizer, a step was skipped, or model.eval() was forgotten before a validation "
                 "or no_grad pass: call model.eval() there), or one norm is applied to several inputs "
                 "outside one model forward (e.g. feature-pyramid levels), which would mix their "
-                "statistics in one window. For gradient accumulation over inputs of varying size, "
+                "statistics in one window: give each input its own norm layer. For gradient accumulation over inputs of varying size, "
                 "construct the layer (or convert_model) with check_shared_use=False."
             )
         self._iteration_shape = shape
@@ -552,7 +552,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
             # As nn.BatchNorm: an empty batch gives an empty output and changes no state.
             self._producer_input(input, warn=False)
             return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # A training step under inference_mode records like one under no_grad; its state
             # (window, lazily made buffers, caches) must not become inference tensors, which
             # every later training step would be refused to update.
