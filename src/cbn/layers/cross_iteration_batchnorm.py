@@ -110,6 +110,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
         self._producer_parameters: list[Tensor] = []
         self._call: ConvolutionCall | None = None  # the F.convNd call of a custom producer forward
         self._weight_set_at_call = False  # the producer's weight is set by a pre-hook at each call
+        self._through_view = False  # the input is a view of the producer's output (see producers.py)
         self._pairing = _UNRESOLVED
         self._unpaired_reason = ""
         self._layer_name = type(self).__name__
@@ -227,6 +228,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
             self._producer = found
             self._producer_parameters = list(found[0].parameters())
             self._weight_set_at_call = weight_set_at_call(found[0])
+            self._through_view = found[1].output_of(input) is not input
             watch_parameters(self._producer_parameters, self)
             found[1].claimed = True
             found[1].keep_input = True  # a norm paired after discovery closed (a late branch)
@@ -600,7 +602,13 @@ class _CrossIterationBatchNorm(_BatchNorm):
             )
             samples = input.numel() // self.num_features
         record = self._record_step_outside_graph if compiling else self._record_step
-        record(stats, samples, past, producer_input, input)
+        if producer_input is not None and self._through_view and not self._producer[1].channel_last:
+            # A convolution's statistic gradients are taken on its output in its own layout (a
+            # linear layer's on (M, C) rows, which the view already is).
+            output_of_producer = self._producer[1].output_of(input)
+            record(stats, samples, past, producer_input, output_of_producer if output_of_producer is not None else input)
+        else:
+            record(stats, samples, past, producer_input, input)
         return output
 
     def _recompute_forward(self, input: Tensor) -> Tensor:
@@ -651,7 +659,8 @@ class _CrossIterationBatchNorm(_BatchNorm):
         if samples <= 1 and not pooled:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         producer_input = None
-        observed = self._producer is not None and not self._custom_producer
+        # A view of the producer's output cannot be traced back to it inside a graph.
+        observed = self._producer is not None and not self._custom_producer and not self._through_view
         if observed:
             tap = self._producer[1]
             producer_input, tap._input = tap._input, None
