@@ -435,7 +435,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         # burn-in ends, and not at every step.
         self._burnin_over = count > self.burnin
 
-    def _advance_after_step(self) -> bool:
+    def count_weight_update(self) -> bool:
         """Count the iteration an optimizer step (or :func:`cbn.mark_step`) just made.
 
         Called by the step hook of :mod:`cbn.iterations` for every paired layer that has run a
@@ -457,7 +457,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
         self._positions_fixed = True
         self._unchanged_forwards, self._weight_probe = 0, None
         self._kept_pasts = []
-        return True  # the caller moves iteration_count on (for all layers in one kernel)
+        self.iteration_count.add_(1)
+        return True
 
     def _check_unmarked_updates(self, weight: Tensor) -> None:
         """Warn once if the producer's weight moves while its version counter does not.
@@ -757,7 +758,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         pairing (found by the first, eager or graph-breaking, forward), ``_burnin_over`` (one
         recompile when burn-in ends). The window slot is the ``window_next`` buffer, validity is
         a tensor mask, and iterations are counted by the optimizer step hook
-        (:meth:`_advance_after_step`). A producer with a custom ``forward`` is not observed here:
+        (:meth:`count_weight_update`). A producer with a custom ``forward`` is not observed here:
         its entries are stored uncompensated.
         """
         self._compiled_mode = True
