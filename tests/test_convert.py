@@ -137,7 +137,6 @@ def test_batched_window_summary_equals_per_layer_summary():
 # ----------------------------------------------------------------------------- every BatchNorm kind
 from timm.layers import BatchNormAct2d, SyncBatchNormAct, convert_sync_batchnorm as timm_convert_sync_batchnorm
 from timm.layers.split_batchnorm import SplitBatchNorm2d
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import FrozenBatchNorm2d
 
 from cbn.layers.norm_act import CrossIterationBatchNormAct, CrossIterationBatchNormAct2d

@@ -30,6 +30,7 @@ from cbn.layers.cross_iteration_batchnorm import _CrossIterationBatchNorm
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
+MODIFIED = "input modified in place after"
 WINDOW = 3
 STEPS = 3
 
@@ -88,12 +89,14 @@ def record_producer_feeds(model: nn.Module, run: Callable[[nn.Module], object]) 
     ``"direct"``: at every call, the input is the very tensor object a producer (an instance of
     :data:`PRODUCERS`) returned earlier in the same forward, with its channels (dim 1 of a
     convolution's output, the last dim of a linear layer's) on dim 1; ``"view"``: a view of such
-    a tensor (same ``._base``) with as many channels, not the tensor itself; ``"other"``:
+    a tensor (same ``._base``) with as many channels, not the tensor itself; ``"modified"``: one
+    of these, but modified in place since the producer returned it (e.g. ``x += identity``,
+    which changes its statistics); ``"other"``:
     anything else (after an activation, a concatenation, an addition, ...). ``run(model)``
     does one training forward, under ``no_grad`` here.
     """
-    outputs: dict[int, tuple[Tensor, int]] = {}  # id -> (output, its channel count)
-    storages: dict[int, tuple[Tensor, int]] = {}  # id of the output's base tensor -> (base, channels)
+    outputs: dict[int, tuple[Tensor, int, int]] = {}  # id -> (output, its channel count, its version)
+    storages: dict[int, tuple[Tensor, int, int]] = {}  # id of the output's base tensor -> (base, channels, version)
     calls: dict[str, list[str]] = {}
     hooks = []
 
@@ -103,19 +106,21 @@ def record_producer_feeds(model: nn.Module, run: Callable[[nn.Module], object]) 
     def keep_output(module, args, output):
         if isinstance(output, Tensor):
             channels = output.shape[-1] if isinstance(module, nn.Linear) else output.shape[1]
-            outputs[id(output)] = (output, channels)
-            storages[id(base_of(output))] = (base_of(output), channels)
+            outputs[id(output)] = (output, channels, output._version)
+            storages[id(base_of(output))] = (base_of(output), channels, base_of(output)._version)
 
-    def found(table, tensor) -> int | None:
+    def found(table, tensor) -> tuple[int, bool] | None:
+        """(channels, modified in place since) of a recorded tensor, or None."""
         entry = table.get(id(tensor))
-        return entry[1] if entry is not None and entry[0] is tensor else None
+        return (entry[1], tensor._version != entry[2]) if entry is not None and entry[0] is tensor else None
 
     def classify(name, module, args):
         x = args[0]
-        if found(outputs, x) == x.shape[1]:
-            kind = "direct"
-        elif found(storages, base_of(x)) == x.shape[1]:
-            kind = "view"
+        direct, view = found(outputs, x), found(storages, base_of(x))
+        if direct is not None and direct[0] == x.shape[1]:
+            kind = "modified" if direct[1] else "direct"
+        elif view is not None and view[0] == x.shape[1]:
+            kind = "modified" if view[1] else "view"
         else:
             kind = "other"
         calls.setdefault(name, []).append(kind)
@@ -165,7 +170,8 @@ def check_model(
         warnings.simplefilter("always")
         model = cbn.convert_model(copy.deepcopy(reference), window=WINDOW, burnin=0)
     assert not [w for w in caught if "left these norm layers" in str(w.message)], [str(w.message) for w in caught]
-    assert not any(isinstance(m, _BatchNorm) for m in model.modules())  # every kind converted
+    # Every kind converted (the CBN layers are _BatchNorm subclasses themselves).
+    assert all(isinstance(m, _CrossIterationBatchNorm) for m in model.modules() if isinstance(m, _BatchNorm))
 
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     with warnings.catch_warnings(record=True) as caught:
@@ -191,7 +197,8 @@ def check_model(
     assert direct <= compensated <= direct | views, (sorted(direct - compensated), sorted(compensated - direct - views))
     for row in rows:
         if not row.compensated and row.layer not in views:
-            assert row.reason == NO_PRODUCER, row
+            expected = MODIFIED if record[row.layer] == "modified" else NO_PRODUCER
+            assert row.reason.startswith(expected), row
     for name, layer in model.named_modules():
         if isinstance(layer, _CrossIterationBatchNorm):
             # The window is full: STEPS >= WINDOW training forwards stored WINDOW - 1 past entries.
@@ -213,4 +220,5 @@ def check_model(
     for a, b, c in zip(converted_out, reverted_out, reference_out):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         torch.testing.assert_close(c, a, rtol=0, atol=0)
-    return dict(norms=norm_count, compensated=len(compensated), direct=len(direct), view=len(views))
+    modified = sum(kind == "modified" for kind in record.values())
+    return dict(norms=norm_count, compensated=len(compensated), direct=len(direct), view=len(views), modified=modified)

@@ -152,13 +152,17 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
         >>> model = cbn.convert_model(timm.create_model("efficientnet_b0"), window=4, burnin=500)
     """
 
-    model = swap_norms(model, _cbn_factories(model, layer_kwargs), caller="cbn.convert_model", fix=_UNKNOWN_FIX)
+    # CBN layers are _BatchNorm too: those already in the model stay, silently, and are paired below.
+    model = swap_norms(model, _cbn_factories(model, layer_kwargs), caller="cbn.convert_model", fix=_UNKNOWN_FIX,
+                       keep=(_CrossIterationBatchNorm,))
+    named_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _CrossIterationBatchNorm)]
+    if not named_layers:
+        return model  # no norm to pair: no taps, which would keep every producer's input alive
     registry = ProducerRegistry.install(model)
     layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, _CrossIterationBatchNorm):
-            module.attach(registry, name or type(module).__name__)
-            layers.append(module)
+    for name, module in named_layers:
+        module.attach(registry, name or type(module).__name__)
+        layers.append(module)
     _remove_window_step(model)
     step = ModelWindowStep(layers)
     model.register_forward_pre_hook(step.before_forward)
