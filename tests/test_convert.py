@@ -253,16 +253,16 @@ def test_unknown_batchnorm_subclasses_are_left_and_named_in_one_warning():
     with pytest.warns(UserWarning) as record:
         model = cbn.convert_model(model)
     messages = [str(w.message) for w in record]
-    assert len(messages) == 1
-    assert "timm.layers.split_batchnorm.SplitBatchNorm2d (1: 1)" in messages[0]
-    assert "MyNorm (2: 3, 5)" in messages[0] and "test_convert" in messages[0]
+    assert len(messages) == 1 and record[0].filename == __file__  # points at the user's call
+    assert "timm.layers.split_batchnorm.SplitBatchNorm2d (1 layer: 1)" in messages[0]
+    assert "MyNorm (2 layers: 3, 5)" in messages[0] and "test_convert" in messages[0]
     assert [model[1], model[3], model[5]] == kept and type(model[7]) is cbn.CrossIterationBatchNorm2d
     assert [row.layer for row in cbn.pairing_report(model)] == ["7"]
 
 
 def test_baseline_converters_name_the_kinds_they_leave():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormAct2d(4), nn.BatchNorm2d(4))
-    with pytest.warns(UserWarning, match=r"cbn.convert_batchrenorm left .*BatchNormAct2d \(1: 1\)"):
+    with pytest.warns(UserWarning, match=r"cbn.convert_batchrenorm left .*BatchNormAct2d \(1 layer: 1\)"):
         model = cbn.convert_batchrenorm(model)
     assert type(model[2]) is cbn.BatchRenorm2d
     with warnings.catch_warnings():

@@ -50,7 +50,7 @@ _BN_FOR = {
     CrossIterationBatchNorm: nn.SyncBatchNorm,
 }
 _UNKNOWN_FIX = (
-    "Their forward is not BatchNorm's, so cbn cannot tell what replacing them would change: they keep "
+    "A subclass may change BatchNorm's forward, so cbn does not guess what replacing it would change: they keep "
     "their own statistics (cbn.pairing_report does not list them). To make one cross-iteration, replace "
     "it by an nn.BatchNorm of the same shape (sharing its state) before calling convert_model."
 )

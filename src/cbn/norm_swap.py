@@ -194,15 +194,19 @@ def refuse_uninitialized(model: nn.Module, types: tuple[type, ...] = (_BatchNorm
         )
 
 
-def warn_unconverted(names: Mapping[type, list[str]], caller: str, fix: str) -> None:
-    """One warning naming each class of ``names`` (with its Python module) and its layers."""
+def warn_unconverted(names: Mapping[type, list[str]], caller: str, fix: str, stacklevel: int = 3) -> None:
+    """One warning naming each class of ``names`` (with its Python module) and its layers.
+
+    ``stacklevel`` 3 points at the caller of the function that calls this one.
+    """
     if not names:
         return
     parts = []
     for cls, layers in names.items():
         shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
-        parts.append(f"{qualified_name(cls)} ({len(layers)}: {shown})")
-    warnings.warn(f"{caller} left these norm layers as they are: {'; '.join(parts)}. {fix}", stacklevel=3)
+        count = f"{len(layers)} layer" + ("s" if len(layers) > 1 else "")
+        parts.append(f"{qualified_name(cls)} ({count}: {shown})")
+    warnings.warn(f"{caller} left these norm layers as they are: {'; '.join(parts)}. {fix}", stacklevel=stacklevel)
 
 
 def swap_norms(
@@ -242,7 +246,7 @@ def swap_norms(
         if isinstance(module, types) and effective_class(module) not in factories and not isinstance(module, keep):
             unknown.setdefault(type(module), []).append(name or "(root)")
     root = replace_modules(model, lambda module: factories.get(effective_class(module), _keep)(module), types)
-    warn_unconverted(unknown, caller, fix)
+    warn_unconverted(unknown, caller, fix, stacklevel=4)  # the user's call of the converter
     return root
 
 
