@@ -35,9 +35,24 @@ CLASSIFIERS = {
     "regnet_x_400mf": lambda: torchvision.models.regnet_x_400mf(weights=None, num_classes=10),
     "shufflenet_v2_x0_5": lambda: torchvision.models.shufflenet_v2_x0_5(weights=None, num_classes=10),
 }
+
+
+def _retinanet_with_batchnorm_head() -> nn.Module:
+    """RetinaNet whose head (one convolution tower applied to every FPN level) has BatchNorm: each
+    head norm is called once per level in one forward, and keeps a window per level."""
+    model = detection.retinanet_resnet50_fpn(
+        weights=None, weights_backbone=None, num_classes=NUM_CLASSES, min_size=SIZE, max_size=SIZE,
+        topk_candidates=32, detections_per_img=8)
+    model.head = detection.retinanet.RetinaNetHead(
+        model.backbone.out_channels, model.anchor_generator.num_anchors_per_location()[0], NUM_CLASSES,
+        norm_layer=nn.BatchNorm2d)
+    return model
+
+
 DETECTORS = {
     "fasterrcnn_resnet50_fpn_v2": lambda: detection.fasterrcnn_resnet50_fpn_v2(**DETECTOR_OPTIONS),
     "maskrcnn_resnet50_fpn": lambda: detection.maskrcnn_resnet50_fpn(**DETECTOR_OPTIONS),
+    "retinanet_batchnorm_head": _retinanet_with_batchnorm_head,
 }
 
 

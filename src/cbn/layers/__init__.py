@@ -8,6 +8,7 @@ from .cross_iteration_batchnorm import (
     CrossIterationBatchNorm3d,
     CrossIterationBatchNormBase,
 )
+from .norm_act import CrossIterationBatchNormAct, CrossIterationBatchNormAct2d
 from .sync_batchnorm import SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, convert_sync_batchnorm
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "CrossIterationBatchNorm1d",
     "CrossIterationBatchNorm2d",
     "CrossIterationBatchNorm3d",
+    "CrossIterationBatchNormAct",
+    "CrossIterationBatchNormAct2d",
     "CrossIterationBatchNormBase",
     "SyncBatchNorm1d",
     "SyncBatchNorm2d",
