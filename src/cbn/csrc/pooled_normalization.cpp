@@ -13,6 +13,10 @@
 //   delta   = mu_t - c,   mu_bar = c + delta / n,   var_bar = var_t / n + P / n + (n - 1) / n^2 delta^2
 //   y       = (x - mu_bar) / sqrt(var_bar + eps) * gamma + beta
 //   dL/dx   = gamma s (g - (G + x_hat H) / (n m)),   dL/dgamma = H,   dL/dbeta = G
+//
+// Where the past summary carries gradients (differentiable compensation), both forms also return
+//   dL/dc = (1 - 1/n) (A - 2 B (mu_bar - c)),   dL/d(P/n) = B,
+// with A = -gamma s G and B = -gamma s^2 H / 2 (past_summary_gradients of the Python form).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,9 +47,9 @@ at::MemoryFormat memory_format_of(const Tensor& input) {
 
 // What both forms' backward needs, saved by the forward.
 struct Saved {
-  Tensor input, weight, mean, var, inv_entries;
+  Tensor input, weight, mean, var, inv_entries, center;
   double eps;
-  bool needs_input, needs_weight, needs_bias;
+  bool needs_input, needs_weight, needs_bias, needs_center, needs_share;
 };
 
 // Saves what the backward needs and returns the forward's outputs; the statistics carry no
@@ -53,12 +57,15 @@ struct Saved {
 variable_list finish_forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
                              const std::optional<Tensor>& bias, const Tensor& output, const Tensor& batch_mean,
                              const Tensor& batch_var, const Tensor& mean, const Tensor& var,
-                             const Tensor& inv_entries, double eps) {
+                             const Tensor& inv_entries, const Tensor& center, const Tensor& spread_share,
+                             double eps) {
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["needs_input"] = input.requires_grad();
   ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
   ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
-  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries});
+  ctx->saved_data["needs_center"] = center.requires_grad();
+  ctx->saved_data["needs_share"] = spread_share.requires_grad();
+  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries, center});
   ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
   return {output, batch_mean, batch_var, mean, var};
 }
@@ -67,9 +74,21 @@ Saved read_context(AutogradContext* ctx) {
   TORCH_CHECK(!at::GradMode::is_enabled(),
               "cbn: the backward of the pooled normalization is not differentiable (no double backward)");
   const auto saved = ctx->get_saved_variables();
-  return {saved[0], saved[1], saved[2], saved[3], saved[4], ctx->saved_data["eps"].toDouble(),
+  return {saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], ctx->saved_data["eps"].toDouble(),
           ctx->saved_data["needs_input"].toBool(), ctx->saved_data["needs_weight"].toBool(),
-          ctx->saved_data["needs_bias"].toBool()};
+          ctx->saved_data["needs_bias"].toBool(), ctx->saved_data["needs_center"].toBool(),
+          ctx->saved_data["needs_share"].toBool()};
+}
+
+// (dL/dc, dL/d(P/n)) of the past summary from the channel sums G = sum g, H = sum g x_hat.
+std::pair<Tensor, Tensor> past_summary_gradients(const Saved& saved, const Tensor& sum_g, const Tensor& sum_g_xhat) {
+  const auto dtype = saved.mean.scalar_type();
+  const Tensor invstd = at::rsqrt(saved.var + saved.eps);
+  const Tensor gamma_s = saved.weight.defined() ? invstd * saved.weight.to(dtype) : invstd;
+  const Tensor grad_mean = -gamma_s * sum_g.to(dtype);
+  const Tensor grad_var = -0.5 * gamma_s * invstd * sum_g_xhat.to(dtype);
+  const Tensor grad_center = (1 - saved.inv_entries) * (grad_mean - 2 * grad_var * (saved.mean - saved.center));
+  return {saved.needs_center ? grad_center : Tensor(), saved.needs_share ? grad_var : Tensor()};
 }
 
 struct PooledNormalization : public torch::autograd::Function<PooledNormalization> {
@@ -85,18 +104,22 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
     const Tensor var = at::addcmul(at::addcmul(spread_share, batch_var, inv_entries), delta.square(), delta_weight);
     Tensor output = std::get<0>(
         at::native_batch_norm(input, weight, bias, mean, var, false, 0.0, eps));
-    return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, eps);
+    return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, center,
+                          spread_share, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto [input, weight, mean, var, inv_entries, eps, needs_input, needs_weight, needs_bias] = read_context(ctx);
+    const Saved saved = read_context(ctx);
+    const auto& [input, weight, mean, var, inv_entries, center, eps, needs_input, needs_weight, needs_bias,
+                 needs_center, needs_share] = saved;
     const Tensor grad_output = grads[0].contiguous(memory_format_of(input));
     auto [grad_input, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
         grad_output, input, present(weight), mean, var, std::nullopt, std::nullopt, false, eps,
         {needs_input, true, true});
+    const auto [grad_center, grad_share] = past_summary_gradients(saved, sum_g, sum_g_xhat);
     if (!needs_input) {
       return {Tensor(), needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
-              Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+              grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor()};
     }
     // gamma s g from the kernel above, then - gamma s (G + x_hat H) / (n m): BatchNorm's forward
     // of the input with scale -gamma s^2 H / (n m) and shift -gamma s G / (n m).
@@ -109,7 +132,7 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
         input, scale * invstd * sum_g_xhat, scale * sum_g, mean, at::ones_like(var), false, 0.0, 0.0));
     grad_input.add_(correction);
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -212,11 +235,14 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
         }
       });
     });
-    return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, eps);
+    return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, center,
+                          spread_share, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto [input, weight, mean, var, inv_entries, eps, needs_input, needs_weight, needs_bias] = read_context(ctx);
+    const Saved saved = read_context(ctx);
+    const auto& [input, weight, mean, var, inv_entries, center, eps, needs_input, needs_weight, needs_bias,
+                 needs_center, needs_share] = saved;
     const Tensor inv = per_channel(inv_entries, input.size(1), input.options());
     const Tensor grad_output = grads[0].contiguous();
     const int64_t samples = input.size(0), channels = input.size(1);
@@ -260,8 +286,9 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
         }
       });
     });
+    const auto [grad_center, grad_share] = past_summary_gradients(saved, sum_g, sum_g_xhat);
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+            grad_center, Tensor(), grad_share, Tensor(), Tensor()};
   }
 };
 

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
+from ..functional.differentiable_compensation import differentiable_past, traceable_differentiable_past
 from ..functional.normalization import cross_iteration_batch_norm, traceable_cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     ConvolutionCall,
@@ -75,17 +76,22 @@ class _CrossIterationBatchNorm(_NormBase):
         bias: bool = True,
         process_group: dist.ProcessGroup | None = None,
         check_shared_use: bool = True,
+        differentiable_compensation: bool = False,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
         if not isinstance(burnin, int) or burnin < 0:
             raise ValueError(f"burnin must be an integer >= 0, got {burnin!r}")
+        if differentiable_compensation and not compensate:
+            raise ValueError("differentiable_compensation=True needs compensate=True: naive averaging "
+                             "(compensate=False) has no Taylor terms to differentiate")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.window = window
         self.burnin = burnin
         self.compensate = compensate
         self.process_group = process_group
         self.check_shared_use = check_shared_use
+        self.differentiable_compensation = differentiable_compensation
         self._iteration_shape: torch.Size | None = None
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         factory = {"device": device, "dtype": stats_dtype}
@@ -173,6 +179,7 @@ class _CrossIterationBatchNorm(_NormBase):
         return (
             f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, "
             f"compensate={self.compensate}"
+            + (", differentiable_compensation=True" if self.differentiable_compensation else "")
         )
 
     # ----------------------------------------------------------------------------- producer
@@ -414,10 +421,25 @@ class _CrossIterationBatchNorm(_NormBase):
         prepared, self._prepared_past = self._prepared_past, None
         if self.window == 1 or self._in_burnin:
             return None
+        if self._differentiates_past:
+            return self._differentiable_past()
         if prepared is not None:
             return prepared
         with torch.no_grad():
             return pool_window(self.window_stats, *self._current_shifts())
+
+    @property
+    def _differentiates_past(self) -> bool:
+        """Whether this forward's past summary carries gradients to the producer's weight and bias."""
+        return (self.differentiable_compensation and self._compensating and self._computation is not None
+                and torch.is_grad_enabled())
+
+    def _differentiable_past(self) -> PastStatistics:
+        """The past summary as a function of the producer's current weight and bias (eager)."""
+        mean_grad, var_grad, weight, bias = self._shift_operands()
+        with torch.no_grad():
+            (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
+        return differentiable_past(self.window_stats, mean_grad, var_grad, weight, bias, mean_now, var_now)
 
     @property
     def _will_pool(self) -> bool:
@@ -551,9 +573,12 @@ class _CrossIterationBatchNorm(_NormBase):
             tap = self._producer[1]
             producer_input, tap._input = tap._input, None
         dtype = self.window_stats.dtype
-        with torch.no_grad():
-            shifts = self._current_shifts() if observed else (None, None)
-            past = pool_window(self.window_stats, *shifts) if pooled else None
+        if pooled and observed and self._differentiates_past:
+            past = traceable_differentiable_past(self.window_stats, *self._shift_operands())
+        else:
+            with torch.no_grad():
+                shifts = self._current_shifts() if observed else (None, None)
+                past = pool_window(self.window_stats, *shifts) if pooled else None
         output, stats = traceable_cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)
         computation = self._producer[0] if observed else None
         record_step_in_graph(StepRecord(self, stats, samples, past.samples if past is not None else None,
@@ -672,6 +697,11 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             forward is one (see :mod:`cbn.iterations`). Default: 0
         compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
             Default: ``True``
+        differentiable_compensation: let the gradient flow through the Taylor-moved past
+            entries, which are functions of the producer's current weight and bias, into that
+            weight and bias (our extension; ``docs/method.md``); ``False`` is the paper's rule,
+            past entries constant in backward. Needs ``compensate=True`` (keyword only).
+            Default: ``False``
         process_group: pool each batch's statistics (and their weight gradients) over the ranks
             of this ``torch.distributed`` group before the window step (keyword only), so that
             ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;

@@ -74,7 +74,8 @@ def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
     groups: dict[tuple, list] = {}
     for layer in layers:
         layer._prepared_past = None
-        if layer._will_pool and not layer._custom_producer:  # a custom forward's weight is known late
+        # A custom forward's weight is known late; a differentiable past is made at the layer's forward.
+        if layer._will_pool and not layer._custom_producer and not layer.differentiable_compensation:
             key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
             groups.setdefault(key, []).append(layer)
     for (_, _, _, compensating), members in groups.items():

@@ -1,0 +1,195 @@
+"""Differentiable compensation against autograd of the explicit pooled formula (float64 oracle)."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import cbn
+from cbn import kernels
+from cbn.functional import PastStatistics, cross_iteration_batch_norm
+from cbn.functional.differentiable_compensation import differentiable_past, traceable_differentiable_past
+from cbn.functional.normalization import traceable_cross_iteration_batch_norm
+from cbn.functional.statistic_gradients import StatisticGradients, statistic_shifts
+from oracle import DenseJacobianCBN
+
+CASES = {
+    "conv2d_stride_groups": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2), (3, 4, 9, 9)),
+    "conv2d_no_bias": (lambda: nn.Conv2d(3, 4, 3, padding=1, bias=False), (2, 3, 6, 6)),
+    "linear": (lambda: nn.Linear(6, 5), (4, 6)),
+    "conv_transpose2d_groups": (
+        lambda: nn.ConvTranspose2d(4, 6, 3, stride=2, padding=1, output_padding=1, groups=2), (3, 4, 4, 4)),
+    "conv1d_batch8": (lambda: nn.Conv1d(3, 5, 3, stride=2), (8, 3, 9)),  # the split mean-patch form
+}
+
+
+def _out_channels(producer):
+    return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
+
+
+def _against_oracle(make_producer, input_shape, steps=7, lr=0.2, burnin=0, window=4, use_kernels=True, seed=0):
+    """Trains a converted producer + CBN(differentiable) and the oracle side by side, comparing the
+    output and every gradient at every step; returns the number of steps that pooled a clamped entry."""
+    torch.manual_seed(seed)
+    producer = make_producer().double()
+    norm = cbn.CrossIterationBatchNorm(_out_channels(producer), window=window, burnin=burnin,
+                                       differentiable_compensation=True, dtype=torch.float64)
+    model = cbn.convert_model(nn.Sequential(producer, norm))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    oracle = DenseJacobianCBN(producer, window=window, compensate=True, differentiable=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    clamped_steps = 0
+    with kernels.use_kernels(use_kernels):
+        for step in range(steps):
+            x = (torch.randn(input_shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+            if step > burnin and norm._next_slot is not None:
+                clamped_steps += int(bool((norm.window_statistics()["var_compensated"] == 0).any()))
+            out = model(x)
+            projection = torch.randn_like(out)
+            (out * projection).sum().backward()
+            grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+            x_oracle = x.detach().clone().requires_grad_()
+            gamma = norm.weight.detach().clone().requires_grad_()
+            beta = norm.bias.detach().clone().requires_grad_()
+            params = [producer.weight] + ([producer.bias] if producer.bias is not None else [])
+            expected, _, _ = oracle(x_oracle, gamma, beta, pool=step >= burnin)
+            torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+            expected_grads = torch.autograd.grad((expected * projection).sum(), params + [gamma, beta, x_oracle])
+            by_name = dict(zip([id(p) for p in params + [norm.weight, norm.bias]], expected_grads[:-1]))
+            for p, g in zip(model.parameters(), grads):
+                torch.testing.assert_close(g, by_name[id(p)], rtol=0, atol=1e-9)
+            torch.testing.assert_close(grads[-1], expected_grads[-1], rtol=0, atol=1e-9)
+            optimizer.step()
+            optimizer.zero_grad()
+    return clamped_steps
+
+
+@pytest.mark.parametrize("use_kernels", [True, False], ids=["cpp", "python"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_autograd_of_the_explicit_pooled_formula(case, use_kernels):
+    # Seven steps of window 4: fillings 1, 2, 3 and then a full ring that overwrites its oldest slot
+    # after each forward (before the backward reads what it needs).
+    make_producer, shape = CASES[case]
+    _against_oracle(make_producer, shape, use_kernels=use_kernels)
+
+
+def test_matches_oracle_across_burnin_and_window_two():
+    make_producer, shape = CASES["conv2d_stride_groups"]
+    _against_oracle(make_producer, shape, steps=6, burnin=3)
+    _against_oracle(make_producer, shape, steps=4, window=2)
+
+
+def test_matches_oracle_where_the_clamp_acts():
+    # A large step moves second moments below mu^2: those entries are clamped (the clamp's
+    # gradient is zero there, as autograd of max(nu, mu^2) gives), and the gradients still match.
+    clamped = _against_oracle(lambda: nn.Linear(3, 4), (3, 3), steps=8, lr=1.5, seed=3)
+    assert clamped > 0
+
+
+def test_input_gradients_equal_the_paper_variant_and_weight_gradients_do_not():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double()
+    paper = cbn.convert_model(copy.deepcopy(base), window=3)
+    differentiable = cbn.convert_model(copy.deepcopy(base), window=3, differentiable_compensation=True)
+    optimizer = torch.optim.SGD(paper.parameters(), lr=0.3)
+    for step in range(4):
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+        projection = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+        results = []
+        for model in (paper, differentiable):
+            x_leaf = x.clone().requires_grad_()
+            out = model(x_leaf)
+            (out * projection).sum().backward()
+            results.append((out.detach(), x_leaf.grad, model[0].weight.grad, model[0].bias.grad))
+        (out_p, dx_p, dw_p, db_p), (out_d, dx_d, dw_d, db_d) = results
+        torch.testing.assert_close(out_d, out_p, rtol=0, atol=1e-12)
+        torch.testing.assert_close(dx_d, dx_p, rtol=0, atol=1e-12)
+        if step > 0:  # past entries are pooled: the producer's gradients differ
+            assert (dw_d - dw_p).abs().max() > 1e-3
+            assert (db_d - db_p).abs().max() > 1e-3
+        # Both models take the paper model's step, so that they see the same weights.
+        optimizer.step()
+        with torch.no_grad():
+            for p_paper, p in zip(paper.parameters(), differentiable.parameters()):
+                p.copy_(p_paper)
+        paper.zero_grad()
+        differentiable.zero_grad()
+
+
+def _random_window(channels=4, entries=3, fan_in=5, groups=1, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(11)
+    stats = torch.randn(entries, 5, channels, generator=generator, dtype=dtype)
+    stats[:, 1] = stats[:, 1].abs() + 0.5  # variances
+    stats[:, 4] = 10.0
+    stats[-1, :] = 0.0  # an empty slot
+    mean_grad = torch.randn(groups, entries, fan_in, generator=generator, dtype=dtype)
+    var_grad = torch.randn(channels, entries, fan_in, generator=generator, dtype=dtype)
+    mean_grad[:, -1] = var_grad[:, -1] = 0.0
+    return stats, mean_grad, var_grad
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_hand_written_backward_equals_autograd_of_the_plain_operations(groups):
+    stats, mean_grad, var_grad = _random_window(groups=groups)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+    projection = torch.randn(3, 4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        shifts = statistic_shifts(StatisticGradients(mean_grad, var_grad), weight, bias)
+    results = []
+    for past in (differentiable_past(stats, mean_grad, var_grad, weight, bias, *shifts),
+                 traceable_differentiable_past(stats, mean_grad, var_grad, weight, bias)):
+        out, _ = traceable_cross_iteration_batch_norm(x, past, None, None, 1e-5, torch.float64)
+        results.append([out, *torch.autograd.grad((out * projection).sum(), (weight, bias))])
+    for hand, plain in zip(*results):
+        torch.testing.assert_close(hand, plain, rtol=0, atol=1e-12)
+    assert results[0][1].abs().max() > 0
+
+
+def test_gradcheck_through_the_past_summary():
+    stats, mean_grad, var_grad = _random_window(groups=2)
+    x = torch.randn(3, 4, 2, dtype=torch.float64)
+
+    def forward(weight, bias):
+        with torch.no_grad():
+            shifts = statistic_shifts(StatisticGradients(mean_grad, var_grad), weight, bias)
+        past = differentiable_past(stats, mean_grad, var_grad, weight, bias, *shifts)
+        return cross_iteration_batch_norm(x, past, None, None, 1e-5, torch.float64)[0]
+
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    with kernels.use_kernels(False):
+        assert torch.autograd.gradcheck(forward, (weight, bias))
+
+
+@pytest.mark.parametrize("form", ["python", "cpp_fused", "cpp_other"])
+def test_normalization_gradients_of_the_past_summary(form):
+    # dL/dc and dL/d(P/n) from the hand-written backwards against autograd of the plain formula.
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64) * 2 + 1
+    if form == "cpp_other":
+        x = x.transpose(0, 2).contiguous().transpose(0, 2)  # not contiguous: the unfused C++ form
+    gamma, beta = torch.rand(4, dtype=torch.float64) + 0.5, torch.randn(4, dtype=torch.float64)
+    center = torch.randn(4, dtype=torch.float64)
+    spread = torch.rand(4, dtype=torch.float64) * 3
+    count = torch.tensor([2.0, 2.0, 1.0, 2.0], dtype=torch.float64)
+    projection = torch.randn_like(x)
+    results = []
+    for function, active in ((cross_iteration_batch_norm, form != "python"), (traceable_cross_iteration_batch_norm, False)):
+        leaves = [t.clone().requires_grad_() for t in (x, gamma, beta, center, spread)]
+        past = PastStatistics(leaves[3], leaves[4], count)
+        with kernels.use_kernels(active):
+            out, _ = function(leaves[0], past, leaves[1], leaves[2], 1e-5, torch.float64)
+            results.append(torch.autograd.grad((out * projection).sum(), leaves))
+    for hand, plain in zip(*results):
+        torch.testing.assert_close(hand, plain, rtol=0, atol=1e-12)
+
+
+def test_naive_averaging_refuses_the_option():
+    with pytest.raises(ValueError, match="compensate=True"):
+        cbn.CrossIterationBatchNorm2d(4, compensate=False, differentiable_compensation=True)
