@@ -28,9 +28,9 @@ gives (``normalization.past_summary_gradients``)::
     dL/dW[c] = sum_tau (g_c w + g_P p)[tau] G_mu[tau] + g_P V[c],      V[c] = sum_tau q[tau] G_var[tau, c]
     dL/db[c] = sum_tau (g_c w + g_P p)[tau]
 
-One pass over the window. The forward forms ``V`` (weight-sized) and keeps a copy of the mean
-patches (``k x fan_in`` per group): the window's buffers are overwritten by the step's record
-before the backward runs, so the backward reads neither.
+One pass over the window, made in the forward: it forms the Jacobian rows ``dc/dW`` and ``dP/dW``
+(two weight-sized tensors), so that the backward reads none of the window's buffers, which the
+step's record overwrites before the backward runs.
 """
 
 from __future__ import annotations
@@ -64,53 +64,61 @@ def _moved_window(stats: Tensor, mean_shift_now: Tensor, var_shift_now: Tensor):
 class CompensatedPast(torch.autograd.Function):
     """``(center, spread)`` of a moved window, differentiable in the producer's weight and bias.
 
-    Forward: the same values as :func:`cbn.functional.window.pool_window`. Backward: the module
-    formula, one pass over the window.
+    Forward: the same values as :func:`cbn.functional.window.pool_window`, and the Jacobian rows
+    ``dc/dW`` and ``dP/dW`` (one pass over the window). Backward: ``g_c dc/dW + g_P dP/dW``.
     """
 
     @staticmethod
     def forward(ctx, weight, bias, stats, mean_grad, var_grad, mean_shift_now, var_shift_now):
         past, samples, center_weight, spread_weight, kept = _moved_window(stats, mean_shift_now, var_shift_now)
-        variance_rows = None
+        center_rows = spread_rows = None
         if ctx.needs_input_grad[0]:
-            # V[c] = sum_tau q[tau, c] G_var[tau, c]: one pass over the window's variance gradients,
-            # without a window-sized temporary.
-            variance_rows = torch.zeros(var_grad.shape[0], var_grad.shape[2], dtype=var_grad.dtype,
-                                        device=var_grad.device)
-            for tau in range(var_grad.shape[1]):
-                variance_rows.addcmul_(var_grad[:, tau], kept[tau].unsqueeze(1))
+            center_rows, spread_rows = _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept)
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(
-            center_weight, spread_weight, mean_grad.clone() if ctx.needs_input_grad[0] else None, variance_rows
-        )
+        ctx.save_for_backward(center_weight, spread_weight, center_rows, spread_rows)
         ctx.mark_non_differentiable(past.count, samples)
         return past.center, past.spread, past.count, samples
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_center, grad_spread, _count, _samples):
-        center_weight, spread_weight, mean_grad, variance_rows = ctx.saved_tensors
+        center_weight, spread_weight, center_rows, spread_rows = ctx.saved_tensors
         dtype = center_weight.dtype
         channels = center_weight.shape[1]
         grad_center = torch.zeros(channels, dtype=dtype, device=center_weight.device) \
             if grad_center is None else grad_center.to(dtype)
         grad_spread = torch.zeros_like(grad_center) if grad_spread is None else grad_spread.to(dtype)
-        # Per entry and channel: dL/dmu'[tau, c] with the variance's mean-patch term folded in.
-        coefficients = torch.addcmul(center_weight * grad_center, spread_weight, grad_spread)
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            groups, entries, fan_in = mean_grad.shape
-            if groups == 1:
-                rows = torch.mm(coefficients.t(), mean_grad[0])
-            else:
-                per_group = coefficients.t().reshape(groups, channels // groups, entries)
-                rows = torch.bmm(per_group, mean_grad).reshape(channels, fan_in)
-            rows.addcmul_(variance_rows, grad_spread.unsqueeze(1))
+            rows = torch.addcmul(center_rows * grad_center.unsqueeze(1), spread_rows, grad_spread.unsqueeze(1))
             grad_weight = rows.reshape(ctx.weight_shape).to(ctx.weight_dtype)
         if ctx.needs_input_grad[1]:
-            grad_bias = coefficients.sum(0).to(ctx.bias_dtype)
+            # d mu'/db = 1: the bias gradient sums the per-entry coefficients.
+            grad_bias = torch.addcmul(center_weight * grad_center, spread_weight, grad_spread).sum(0).to(ctx.bias_dtype)
         return grad_weight, grad_bias, None, None, None, None, None
+
+
+def _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept) -> tuple[Tensor, Tensor]:
+    """``(dc/dW, dP/dW)``, each ``(C, fan_in)``: ``sum_tau w G_mu`` and
+    ``sum_tau p G_mu + q G_var`` (module doc), one pass over the window."""
+    groups, entries, fan_in = mean_grad.shape
+    channels = center_weight.shape[1]
+    both = torch.cat((center_weight, spread_weight), dim=1).t()  # (2C, k)
+    if groups == 1:
+        rows = torch.mm(both, mean_grad[0])
+    else:
+        per_group = both.reshape(2, groups, channels // groups, entries).transpose(0, 1).reshape(groups, -1, entries)
+        rows = torch.bmm(per_group, mean_grad).reshape(groups, 2, channels // groups, fan_in).transpose(0, 1)
+        rows = rows.reshape(2 * channels, fan_in)
+    center_rows, spread_rows = rows.split(channels)
+    if torch.compiler.is_compiling():
+        # A matmul: see traceable_differentiable_past.
+        return center_rows, spread_rows + torch.bmm(kept.t().unsqueeze(1), var_grad).squeeze(1)
+    # + sum_tau q[tau, c] G_var[tau, c], without a window-sized temporary.
+    for tau in range(entries):
+        spread_rows.addcmul_(var_grad[:, tau], kept[tau].unsqueeze(1))
+    return center_rows, spread_rows
 
 
 def differentiable_past(
@@ -136,6 +144,7 @@ def differentiable_past(
     Returns:
         :class:`PastStatistics` with the values of :func:`cbn.functional.window.pool_window`;
         ``center``, ``spread`` and ``spread_share`` carry the gradients of the module formula.
+        Inside a ``torch.compile`` graph, :func:`traceable_differentiable_past` computes it.
 
     Example::
 
@@ -148,6 +157,8 @@ def differentiable_past(
         >>> past.center.requires_grad
         True
     """
+    if torch.compiler.is_compiling():
+        return traceable_differentiable_past(stats, mean_grad, var_grad, weight, bias, mean_shift_now, var_shift_now)
     center, spread, count, samples = CompensatedPast.apply(
         weight, bias, stats, mean_grad, var_grad, mean_shift_now, var_shift_now
     )
@@ -160,17 +171,37 @@ def traceable_differentiable_past(
     var_grad: Tensor,
     weight: Tensor,
     bias: Tensor | None,
+    mean_shift_now: Tensor,
+    var_shift_now: Tensor,
 ) -> PastStatistics:
-    """:func:`differentiable_past` as plain autograd operations, for a compiled graph.
+    """:func:`differentiable_past` as traceable operations, for a compiled graph.
 
-    The first-order terms are taken at ``weight`` and ``bias`` with autograd on, and the move and
-    the summary are the operations of :func:`cbn.functional.window.pool_window`, so autograd
-    derives the same gradients. The compiler keeps the values the backward needs even where the
-    window's buffers are overwritten later in the graph; eagerly, the in-place record would
-    invalidate them, which is why the eager form is :class:`CompensatedPast`.
+    The summary and its Jacobian rows are computed without gradients, then attached to the
+    weight and bias by terms whose value is zero::
+
+        c = c_0 + sum_f (dc/dW)[c, f] (W - sg(W))[c, f] + (dc/db)[c] (b - sg(b))
+
+    (``sg``: stop-gradient), and likewise ``P``: autograd then gives ``dL/dW = g_c dc/dW + g_P dP/dW``.
+    Why not :class:`CompensatedPast` in the graph: the compiler places computations that only the
+    backward needs in the backward graph, where they would read the window's buffers after the
+    step's record has overwritten them (the graph keeps no copy of a mutated input). Here the
+    Jacobian rows are needed by the forward, and come out of matrix products, which the
+    compiler's partitioner never recomputes in the backward: they are computed in the forward
+    and saved.
     """
-    from .statistic_gradients import StatisticGradients, statistic_shifts
-    from .window import pool_window
-
-    mean_shift_now, var_shift_now = statistic_shifts(StatisticGradients(mean_grad, var_grad), weight, bias)
-    return pool_window(stats, mean_shift_now, var_shift_now)
+    with torch.no_grad():
+        past, samples, center_weight, spread_weight, kept = _moved_window(stats, mean_shift_now, var_shift_now)
+        center_rows, spread_rows = _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept)
+        ones = center_weight.new_ones(center_weight.shape[0], 1)
+        center_bias, spread_bias = torch.mm(torch.cat((center_weight, spread_weight), dim=1).t(), ones).split(
+            center_weight.shape[1])
+    channels = center_rows.shape[0]
+    weight_step = (weight - weight.detach()).reshape(channels, -1).to(center_rows.dtype)
+    center = past.center + (center_rows * weight_step).sum(1)
+    spread = past.spread + (spread_rows * weight_step).sum(1)
+    if bias is not None:
+        bias_step = (bias - bias.detach()).to(center_rows.dtype)
+        center = center + center_bias[:, 0] * bias_step
+        spread = spread + spread_bias[:, 0] * bias_step
+    return PastStatistics(center, spread, past.count, samples,
+                          *pooling_weights(past.count, spread))

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
-from ..functional.differentiable_compensation import differentiable_past, traceable_differentiable_past
+from ..functional.differentiable_compensation import differentiable_past
 from ..functional.normalization import cross_iteration_batch_norm, traceable_cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     ConvolutionCall,
@@ -574,7 +574,7 @@ class _CrossIterationBatchNorm(_NormBase):
             producer_input, tap._input = tap._input, None
         dtype = self.window_stats.dtype
         if pooled and observed and self._differentiates_past:
-            past = traceable_differentiable_past(self.window_stats, *self._shift_operands())
+            past = self._differentiable_past()
         else:
             with torch.no_grad():
                 shifts = self._current_shifts() if observed else (None, None)
