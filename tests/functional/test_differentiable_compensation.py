@@ -300,3 +300,63 @@ def test_resume_from_state_dict_gives_the_same_gradients():
             for p, q in zip(model.parameters(), resumed.parameters()):
                 p.sub_(0.1 * torch.ones_like(p))
                 q.sub_(0.1 * torch.ones_like(q))
+
+
+def cross_process_worker(rank, world_size, out_dir, steps=4):
+    """In each of two gloo ranks: DDP + ``process_group`` with the option, against one process on
+    the concatenated batches (validated against the oracle above); errors to ``out_dir/rank.json``.
+    Nothing asserts between collectives, so a wrong result cannot leave the other rank waiting."""
+    import json
+    import os
+    import warnings
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    batch = (2, 3)  # unequal counts exercise the pooling weights
+
+    def make(**kwargs):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+        return cbn.convert_model(model.double(), window=3, differentiable_compensation=True, **kwargs)
+
+    reference, model = make(), make(process_group=dist.group.WORLD)
+    ddp = DistributedDataParallel(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9) for m in (model, reference)]
+    rows = slice(sum(batch[:rank]), sum(batch[: rank + 1]))
+    errors = dict(output=0.0, input_grad=0.0, param_grad=0.0)
+    for step in range(steps):
+        generator = torch.Generator().manual_seed(100 + step)
+        xs = [torch.randn(b, 3, 5, 5, generator=generator, dtype=torch.float64) * 2 + 1 for b in batch]
+        projections = [torch.randn(b, 2, 5, 5, generator=generator, dtype=torch.float64) for b in batch]
+        x = xs[rank].clone().requires_grad_()
+        out = ddp(x)
+        (out * projections[rank]).sum().backward()
+        x_cat = torch.cat(xs).requires_grad_()
+        out_cat = reference(x_cat)
+        # DDP averages the ranks' gradients: the reference loss is the mean of the ranks' losses.
+        ((out_cat * torch.cat(projections)).sum() / world_size).backward()
+        errors["output"] = max(errors["output"], float((out - out_cat[rows]).abs().max()))
+        errors["input_grad"] = max(errors["input_grad"],
+                                   float((x.grad - x_cat.grad[rows] * world_size).abs().max()))
+        for p, q in zip(model.parameters(), reference.parameters()):
+            errors["param_grad"] = max(errors["param_grad"], float((p.grad - q.grad).abs().max()))
+        for optimizer in optimizers:
+            optimizer.step()
+            optimizer.zero_grad()
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(errors, f)
+
+
+def test_cross_process_pooling_equals_one_process_on_the_concatenated_batches(tmp_path):
+    import json
+
+    from cbn.distributed import launch
+
+    launch(cross_process_worker, 2, str(tmp_path), timeout_s=90)
+    for rank in range(2):
+        errors = json.loads((tmp_path / f"{rank}.json").read_text())
+        for key, error in errors.items():
+            assert error < 1e-9, (rank, key, errors)
