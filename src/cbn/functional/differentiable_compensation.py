@@ -28,75 +28,99 @@ gives (``normalization.past_summary_gradients``)::
     dL/dW[c] = sum_tau (g_c w + g_P p)[tau] G_mu[tau] + g_P V[c],      V[c] = sum_tau q[tau] G_var[tau, c]
     dL/db[c] = sum_tau (g_c w + g_P p)[tau]
 
-One pass over the window, made in the forward: it forms the Jacobian rows ``dc/dW`` and ``dP/dW``
-(two weight-sized tensors), so that the backward reads none of the window's buffers, which the
-step's record overwrites before the backward runs.
+One pass over the window, made before the forward (:func:`compensation_jacobians`, with the
+per-channel work of all layers of a model in one chain): it forms the Jacobian rows ``dc/dW`` and
+``dP/dW`` (two weight-sized tensors per layer), so that the backward reads none of the window's
+buffers, which the step's record overwrites before the backward runs. The backward is then two
+products per layer (:func:`attach_to_producer`).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .window import PastStatistics, move_to_current_weights, pool_past, pooling_weights
+from .window import PastStatistics, move_to_current_weights, pool_past
 
 # Rows of a window's statistics tensor (as in ``window.pool_window``).
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 
 
-def _moved_window(stats: Tensor, mean_shift_now: Tensor, var_shift_now: Tensor):
-    """Moved entries, their summary (the values of :func:`cbn.functional.window.pool_window`,
-    computed by the same operations) and the backward's coefficients ``w``, ``p``, ``q``."""
+class CompensationJacobian(NamedTuple):
+    """A window's summary and its derivatives with respect to the producer's weight rows and bias.
+
+    ``past`` holds the values of :func:`cbn.functional.window.pool_window` (no gradients);
+    ``center_rows`` ``= dc/dW`` and ``spread_rows`` ``= dP/dW`` have shape ``(C, fan_in)``,
+    ``center_bias`` ``= dc/db`` and ``spread_bias`` ``= dP/db`` shape ``(C,)``.
+    """
+
+    past: PastStatistics
+    center_rows: Tensor
+    spread_rows: Tensor
+    center_bias: Tensor
+    spread_bias: Tensor
+
+
+@torch.no_grad()
+def compensation_jacobians(
+    stats: Tensor, mean_shift_now: Tensor, var_shift_now: Tensor, gradients: list[tuple[Tensor, Tensor]]
+) -> list[CompensationJacobian]:
+    """Summaries of moved windows and their Jacobians, for one layer or several at once.
+
+    Args:
+        stats: ``(k, 5, C)`` window (rows ``mean, var, mean_shift, var_shift, samples``); the
+            windows of several layers concatenated along ``C``.
+        mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at the current weights
+            (:func:`cbn.functional.statistic_shifts`), concatenated likewise.
+        gradients: per layer, its window's statistic gradients ``(mean_grad, var_grad)``,
+            ``(groups, k, fan_in)`` and ``(C_l, k, fan_in)``, in the order of the concatenation.
+
+    Returns:
+        One :class:`CompensationJacobian` per layer. The per-channel work is done once for the
+        concatenation; only the Jacobian rows (one pass over a layer's window) are per layer.
+
+    Example::
+
+        >>> stats = torch.zeros(2, 5, 4); stats[:, 4] = 18.0  # two valid entries
+        >>> mean_grad, var_grad = torch.randn(1, 2, 27), torch.randn(4, 2, 27)
+        >>> shifts = statistic_shifts(StatisticGradients(mean_grad, var_grad), torch.randn(4, 27), None)
+        >>> (jacobian,) = compensation_jacobians(stats, *shifts, [(mean_grad, var_grad)])
+        >>> jacobian.spread_rows.shape
+        torch.Size([4, 27])
+    """
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     moved_mean, moved_var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
     valid = (samples > 0).to(mean.dtype)
-    past = pool_past(moved_mean, moved_var, valid)
+    past = pool_past(moved_mean, moved_var, valid)._replace(samples=samples.sum(0))
     delta = mean_shift_now - mean_shift
     # The clamp's gradient is zero where it acts (var' = 0 after the clamp; at exactly zero
     # either side is a valid subgradient).
     kept = valid * (moved_var > 0).to(mean.dtype)
-    center_weight = valid / past.count.clamp_min(1)
-    spread_weight = 2 * (valid * (moved_mean - past.center) - kept * delta)
-    return past, samples.sum(0), center_weight, spread_weight, kept
-
-
-class CompensatedPast(torch.autograd.Function):
-    """``(center, spread)`` of a moved window, differentiable in the producer's weight and bias.
-
-    Forward: the same values as :func:`cbn.functional.window.pool_window`, and the Jacobian rows
-    ``dc/dW`` and ``dP/dW`` (one pass over the window). Backward: ``g_c dc/dW + g_P dP/dW``.
-    """
-
-    @staticmethod
-    def forward(ctx, weight, bias, stats, mean_grad, var_grad, mean_shift_now, var_shift_now):
-        past, samples, center_weight, spread_weight, kept = _moved_window(stats, mean_shift_now, var_shift_now)
-        center_rows = spread_rows = None
-        if ctx.needs_input_grad[0]:
-            center_rows, spread_rows = _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept)
-        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(center_weight, spread_weight, center_rows, spread_rows)
-        ctx.mark_non_differentiable(past.count, samples)
-        return past.center, past.spread, past.count, samples
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_center, grad_spread, _count, _samples):
-        center_weight, spread_weight, center_rows, spread_rows = ctx.saved_tensors
-        dtype = center_weight.dtype
-        channels = center_weight.shape[1]
-        grad_center = torch.zeros(channels, dtype=dtype, device=center_weight.device) \
-            if grad_center is None else grad_center.to(dtype)
-        grad_spread = torch.zeros_like(grad_center) if grad_spread is None else grad_spread.to(dtype)
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            rows = torch.addcmul(center_rows * grad_center.unsqueeze(1), spread_rows, grad_spread.unsqueeze(1))
-            grad_weight = rows.reshape(ctx.weight_shape).to(ctx.weight_dtype)
-        if ctx.needs_input_grad[1]:
-            # d mu'/db = 1: the bias gradient sums the per-entry coefficients.
-            grad_bias = torch.addcmul(center_weight * grad_center, spread_weight, grad_spread).sum(0).to(ctx.bias_dtype)
-        return grad_weight, grad_bias, None, None, None, None, None
+    center_weight = valid / past.count.clamp_min(1)  # w
+    spread_weight = 2 * (valid * (moved_mean - past.center) - kept * delta)  # p
+    # d mu'/db = 1: the bias derivatives sum the per-entry coefficients (as a product in a
+    # compiled graph: see attach_to_producer).
+    both = torch.cat((center_weight, spread_weight), dim=1)
+    if torch.compiler.is_compiling():
+        bias_sums = torch.mm(both.t(), both.new_ones(both.shape[0], 1))[:, 0]
+    else:
+        bias_sums = both.sum(0)
+    center_bias, spread_bias = bias_sums.split(center_weight.shape[1])
+    jacobians = []
+    start = 0
+    for mean_grad, var_grad in gradients:
+        size = var_grad.shape[0]
+        part = slice(start, start + size)
+        start += size
+        center_rows, spread_rows = _jacobian_rows(
+            mean_grad, var_grad, center_weight[:, part], spread_weight[:, part], kept[:, part])
+        layer_past = PastStatistics(*(None if t is None else t[part] for t in past))
+        jacobians.append(CompensationJacobian(layer_past, center_rows, spread_rows, center_bias[part],
+                                              spread_bias[part]))
+    return jacobians
 
 
 def _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept) -> tuple[Tensor, Tensor]:
@@ -113,12 +137,85 @@ def _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept) -> t
         rows = rows.reshape(2 * channels, fan_in)
     center_rows, spread_rows = rows.split(channels)
     if torch.compiler.is_compiling():
-        # A matmul: see traceable_differentiable_past.
+        # A matrix product: see attach_to_producer.
         return center_rows, spread_rows + torch.bmm(kept.t().unsqueeze(1), var_grad).squeeze(1)
     # + sum_tau q[tau, c] G_var[tau, c], without a window-sized temporary.
     for tau in range(entries):
         spread_rows.addcmul_(var_grad[:, tau], kept[tau].unsqueeze(1))
     return center_rows, spread_rows
+
+
+class _AttachedPast(torch.autograd.Function):
+    """``(c, P, P/n)`` as functions of the producer's weight and bias, with Jacobians given."""
+
+    @staticmethod
+    def forward(ctx, weight, bias, center, spread, spread_share, inv_entries, center_rows, spread_rows,
+                center_bias, spread_bias):
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(inv_entries, center_rows, spread_rows, center_bias, spread_bias)
+        return center.clone(), spread.clone(), spread_share.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_center, grad_spread, grad_share):
+        inv_entries, center_rows, spread_rows, center_bias, spread_bias = ctx.saved_tensors
+        zeros = torch.zeros_like(center_bias)
+        grad_center = zeros if grad_center is None else grad_center.to(zeros.dtype)
+        # dL/dP in all: directly, and through P/n.
+        grad_spread = zeros if grad_spread is None else grad_spread.to(zeros.dtype)
+        if grad_share is not None:
+            grad_spread = torch.addcmul(grad_spread, grad_share.to(zeros.dtype), inv_entries)
+        grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            rows = torch.addcmul(center_rows * grad_center.unsqueeze(1), spread_rows, grad_spread.unsqueeze(1))
+            grad_weight = rows.reshape(ctx.weight_shape).to(ctx.weight_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = torch.addcmul(center_bias * grad_center, spread_bias, grad_spread).to(ctx.bias_dtype)
+        return grad_weight, grad_bias, *([None] * 8)
+
+
+def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Tensor | None) -> PastStatistics:
+    """``jacobian.past`` with ``center``, ``spread`` and ``spread_share`` differentiable in ``weight``, ``bias``.
+
+    Args:
+        jacobian: from :func:`compensation_jacobians`, at these weights.
+        weight: the producer's weight as :func:`cbn.functional.statistic_gradients.shift_weight`
+            gives it (``C`` rows of ``fan_in`` up to a reshape), carrying gradients.
+        bias: the producer's bias, or ``None``.
+
+    Eagerly a custom autograd function whose backward is ``g_c dc/dW + g_P dP/dW`` (and the same
+    for the bias). In a compiled graph, terms whose value is zero::
+
+        c = c_0 + sum_f (dc/dW)[c, f] (W - sg(W))[c, f] + (dc/db)[c] (b - sg(b))
+
+    (``sg``: stop-gradient), and likewise ``P``, from which autograd derives the same gradients.
+    Why not the function there: the compiler places computations that only the backward needs
+    in the backward graph, where they would read the window's buffers after the step's record
+    has overwritten them (the graph keeps no copy of a mutated input). Here the Jacobians are
+    needed by the forward, and come out of matrix products, which the compiler's partitioner
+    never recomputes in the backward: they are computed in the forward and saved.
+    """
+    past = jacobian.past
+    if past.inv_entries is None:
+        from .window import with_pooling_weights
+
+        past = with_pooling_weights(past)
+    if torch.compiler.is_compiling():
+        channels = jacobian.center_rows.shape[0]
+        weight_step = (weight - weight.detach()).reshape(channels, -1).to(jacobian.center_rows.dtype)
+        center = past.center + (jacobian.center_rows * weight_step).sum(1)
+        spread = past.spread + (jacobian.spread_rows * weight_step).sum(1)
+        if bias is not None:
+            bias_step = (bias - bias.detach()).to(jacobian.center_rows.dtype)
+            center = center + jacobian.center_bias * bias_step
+            spread = spread + jacobian.spread_bias * bias_step
+        return past._replace(center=center, spread=spread, spread_share=spread * past.inv_entries)
+    center, spread, spread_share = _AttachedPast.apply(
+        weight, bias, past.center, past.spread, past.spread_share, past.inv_entries,
+        jacobian.center_rows, jacobian.spread_rows, jacobian.center_bias, jacobian.spread_bias,
+    )
+    return past._replace(center=center, spread=spread, spread_share=spread_share)
 
 
 def differentiable_past(
@@ -130,21 +227,20 @@ def differentiable_past(
     mean_shift_now: Tensor,
     var_shift_now: Tensor,
 ) -> PastStatistics:
-    """The summary of a window moved to the current weights, differentiable in ``weight`` and ``bias``.
+    """The summary of one layer's window moved to the current weights, differentiable in
+    ``weight`` and ``bias``: :func:`compensation_jacobians` then :func:`attach_to_producer`.
 
     Args:
         stats: ``(k, 5, C)`` window (rows ``mean, var, mean_shift, var_shift, samples``).
         mean_grad, var_grad: its statistic gradients, ``(groups, k, fan_in)`` and ``(C, k, fan_in)``.
         weight: the producer's weight as :func:`cbn.functional.statistic_gradients.shift_weight`
-            gives it (``C`` rows of ``fan_in`` up to a reshape), carrying gradients.
-        bias: the producer's bias, or ``None``.
+            gives it, carrying gradients; ``bias``: its bias, or ``None``.
         mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at ``weight``, ``bias``
             (:func:`cbn.functional.statistic_shifts`, computed without gradients).
 
     Returns:
         :class:`PastStatistics` with the values of :func:`cbn.functional.window.pool_window`;
         ``center``, ``spread`` and ``spread_share`` carry the gradients of the module formula.
-        Inside a ``torch.compile`` graph, :func:`traceable_differentiable_past` computes it.
 
     Example::
 
@@ -157,51 +253,5 @@ def differentiable_past(
         >>> past.center.requires_grad
         True
     """
-    if torch.compiler.is_compiling():
-        return traceable_differentiable_past(stats, mean_grad, var_grad, weight, bias, mean_shift_now, var_shift_now)
-    center, spread, count, samples = CompensatedPast.apply(
-        weight, bias, stats, mean_grad, var_grad, mean_shift_now, var_shift_now
-    )
-    return PastStatistics(center, spread, count, samples, *pooling_weights(count, spread))
-
-
-def traceable_differentiable_past(
-    stats: Tensor,
-    mean_grad: Tensor,
-    var_grad: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    mean_shift_now: Tensor,
-    var_shift_now: Tensor,
-) -> PastStatistics:
-    """:func:`differentiable_past` as traceable operations, for a compiled graph.
-
-    The summary and its Jacobian rows are computed without gradients, then attached to the
-    weight and bias by terms whose value is zero::
-
-        c = c_0 + sum_f (dc/dW)[c, f] (W - sg(W))[c, f] + (dc/db)[c] (b - sg(b))
-
-    (``sg``: stop-gradient), and likewise ``P``: autograd then gives ``dL/dW = g_c dc/dW + g_P dP/dW``.
-    Why not :class:`CompensatedPast` in the graph: the compiler places computations that only the
-    backward needs in the backward graph, where they would read the window's buffers after the
-    step's record has overwritten them (the graph keeps no copy of a mutated input). Here the
-    Jacobian rows are needed by the forward, and come out of matrix products, which the
-    compiler's partitioner never recomputes in the backward: they are computed in the forward
-    and saved.
-    """
-    with torch.no_grad():
-        past, samples, center_weight, spread_weight, kept = _moved_window(stats, mean_shift_now, var_shift_now)
-        center_rows, spread_rows = _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept)
-        ones = center_weight.new_ones(center_weight.shape[0], 1)
-        center_bias, spread_bias = torch.mm(torch.cat((center_weight, spread_weight), dim=1).t(), ones).split(
-            center_weight.shape[1])
-    channels = center_rows.shape[0]
-    weight_step = (weight - weight.detach()).reshape(channels, -1).to(center_rows.dtype)
-    center = past.center + (center_rows * weight_step).sum(1)
-    spread = past.spread + (spread_rows * weight_step).sum(1)
-    if bias is not None:
-        bias_step = (bias - bias.detach()).to(center_rows.dtype)
-        center = center + center_bias[:, 0] * bias_step
-        spread = spread + spread_bias[:, 0] * bias_step
-    return PastStatistics(center, spread, past.count, samples,
-                          *pooling_weights(past.count, spread))
+    (jacobian,) = compensation_jacobians(stats, mean_shift_now, var_shift_now, [(mean_grad, var_grad)])
+    return attach_to_producer(jacobian, weight, bias)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
-from ..functional.differentiable_compensation import differentiable_past
+from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
 from ..functional.normalization import cross_iteration_batch_norm, traceable_cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     ConvolutionCall,
@@ -421,8 +421,8 @@ class _CrossIterationBatchNorm(_NormBase):
         prepared, self._prepared_past = self._prepared_past, None
         if self.window == 1 or self._in_burnin:
             return None
-        if self._differentiates_past:
-            return self._differentiable_past()
+        if self._differentiates_past:  # (a summary prepared before the layer paired is not used)
+            return self._differentiable_past(prepared if isinstance(prepared, CompensationJacobian) else None)
         if prepared is not None:
             return prepared
         with torch.no_grad():
@@ -430,16 +430,20 @@ class _CrossIterationBatchNorm(_NormBase):
 
     @property
     def _differentiates_past(self) -> bool:
-        """Whether this forward's past summary carries gradients to the producer's weight and bias."""
-        return (self.differentiable_compensation and self._compensating and self._computation is not None
-                and torch.is_grad_enabled())
+        """Whether the past summary is a function of the producer's current weight and bias."""
+        return self.differentiable_compensation and self._compensating and self._computation is not None
 
-    def _differentiable_past(self) -> PastStatistics:
-        """The past summary as a function of the producer's current weight and bias (eager)."""
+    def _differentiable_past(self, prepared=None) -> PastStatistics:
+        """The past summary, carrying gradients to the producer's weight and bias where autograd
+        is on; ``prepared``: its :class:`CompensationJacobian` from the model's window step."""
         mean_grad, var_grad, weight, bias = self._shift_operands()
-        with torch.no_grad():
-            (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
-        return differentiable_past(self.window_stats, mean_grad, var_grad, weight, bias, mean_now, var_now)
+        if prepared is None:
+            with torch.no_grad():
+                (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
+            (prepared,) = compensation_jacobians(self.window_stats, mean_now, var_now, [(mean_grad, var_grad)])
+        if not torch.is_grad_enabled():
+            return prepared.past
+        return attach_to_producer(prepared, weight, bias)
 
     @property
     def _will_pool(self) -> bool:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from .. import kernels
 from .._cache import bounded_get
+from ..functional.differentiable_compensation import compensation_jacobians
 from ..functional.normalization import PooledStatistics
 from ..functional.statistic_gradients import (
     producer_statistic_gradients,
@@ -74,11 +75,11 @@ def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
     groups: dict[tuple, list] = {}
     for layer in layers:
         layer._prepared_past = None
-        # A custom forward's weight is known late; a differentiable past is made at the layer's forward.
-        if layer._will_pool and not layer._custom_producer and not layer.differentiable_compensation:
-            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating)
+        if layer._will_pool and not layer._custom_producer:  # a custom forward's weight is known late
+            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating,
+                   layer._differentiates_past)
             groups.setdefault(key, []).append(layer)
-    for (_, _, _, compensating), members in groups.items():
+    for (_, _, _, compensating, differentiable), members in groups.items():
         if len(members) == 1:
             continue  # nothing to batch: the layer computes its own summary
         stats = torch.cat([layer._buffers["window_stats"] for layer in members], dim=2)
@@ -87,6 +88,12 @@ def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
             if any(operand is None for operand in operands):
                 continue  # an unpaired layer among them: each computes its own
             mean_now, var_now = statistic_shifts_of_layers(operands)
+            if differentiable:  # the layers attach the summaries to their producers at their forward
+                jacobians = compensation_jacobians(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
+                                                   [operand[:2] for operand in operands])
+                for layer, jacobian in zip(members, jacobians):
+                    layer._prepared_past = jacobian
+                continue
             past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
         else:
             past = pool_window(stats, None, None)
