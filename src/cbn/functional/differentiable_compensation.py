@@ -98,85 +98,94 @@ def compensation_jacobians(
     delta = mean_shift_now - mean_shift
     # The clamp's gradient is zero where it acts (var' = 0 after the clamp; at exactly zero
     # either side is a valid subgradient).
-    kept = valid * (moved_var > 0).to(mean.dtype)
+    kept = valid * (moved_var > 0).to(mean.dtype)  # q
     center_weight = valid / past.count.clamp_min(1)  # w
     spread_weight = 2 * (valid * (moved_mean - past.center) - kept * delta)  # p
+    # (2, C, k): the coefficients of the mean patches, a layer's rows contiguous in the last dim.
+    coefficients = torch.stack((center_weight, spread_weight)).transpose(1, 2).contiguous()
     # d mu'/db = 1: the bias derivatives sum the per-entry coefficients (as a product in a
     # compiled graph: see attach_to_producer).
-    both = torch.cat((center_weight, spread_weight), dim=1)
     if torch.compiler.is_compiling():
-        bias_sums = torch.mm(both.t(), both.new_ones(both.shape[0], 1))[:, 0]
+        bias_sums = torch.matmul(coefficients, coefficients.new_ones(coefficients.shape[2], 1))[..., 0]
     else:
-        bias_sums = both.sum(0)
-    center_bias, spread_bias = bias_sums.split(center_weight.shape[1])
+        bias_sums = coefficients.sum(2)
+    sizes = [var_grad.shape[0] for _, var_grad in gradients]
+    parts = zip(
+        zip(*(t.split(sizes) if t is not None else [None] * len(sizes) for t in past)),
+        coefficients.split(sizes, dim=1), kept.unsqueeze(2).split(sizes, dim=1), bias_sums.split(sizes, dim=1),
+        gradients,
+    )
     jacobians = []
-    start = 0
-    for mean_grad, var_grad in gradients:
-        size = var_grad.shape[0]
-        part = slice(start, start + size)
-        start += size
-        center_rows, spread_rows = _jacobian_rows(
-            mean_grad, var_grad, center_weight[:, part], spread_weight[:, part], kept[:, part])
-        layer_past = PastStatistics(*(None if t is None else t[part] for t in past))
-        jacobians.append(CompensationJacobian(layer_past, center_rows, spread_rows, center_bias[part],
-                                              spread_bias[part]))
+    for layer_past, layer_coefficients, layer_kept, (center_bias, spread_bias), (mean_grad, var_grad) in parts:
+        center_rows, spread_rows = _jacobian_rows(mean_grad, var_grad, layer_coefficients, layer_kept)
+        jacobians.append(CompensationJacobian(PastStatistics(*layer_past), center_rows, spread_rows,
+                                              center_bias, spread_bias))
     return jacobians
 
 
-def _jacobian_rows(mean_grad, var_grad, center_weight, spread_weight, kept) -> tuple[Tensor, Tensor]:
-    """``(dc/dW, dP/dW)``, each ``(C, fan_in)``: ``sum_tau w G_mu`` and
-    ``sum_tau p G_mu + q G_var`` (module doc), one pass over the window."""
+def _jacobian_rows(mean_grad: Tensor, var_grad: Tensor, coefficients: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dc/dW, dP/dW)``, each ``(C, fan_in)``: ``sum_tau w G_mu`` and ``sum_tau p G_mu + q G_var``
+    (module doc), one pass over the window. ``coefficients``: ``(2, C, k)``, ``w`` and ``p``;
+    ``kept``: ``(k, C, 1)``, ``q``."""
     groups, entries, fan_in = mean_grad.shape
-    channels = center_weight.shape[1]
-    both = torch.cat((center_weight, spread_weight), dim=1).t()  # (2C, k)
+    channels = coefficients.shape[1]
+    # Contiguous whether the layer was prepared alone or with others: the same product, bit for bit.
+    coefficients = coefficients.contiguous()
     if groups == 1:
-        rows = torch.mm(both, mean_grad[0])
+        rows = torch.matmul(coefficients, mean_grad[0])
     else:
-        per_group = both.reshape(2, groups, channels // groups, entries).transpose(0, 1).reshape(groups, -1, entries)
-        rows = torch.bmm(per_group, mean_grad).reshape(groups, 2, channels // groups, fan_in).transpose(0, 1)
-        rows = rows.reshape(2 * channels, fan_in)
-    center_rows, spread_rows = rows.split(channels)
+        per_group = coefficients.reshape(2, groups, channels // groups, entries).transpose(0, 1)
+        rows = torch.bmm(per_group.reshape(groups, -1, entries), mean_grad)
+        rows = rows.reshape(groups, 2, channels // groups, fan_in).transpose(0, 1).reshape(2, channels, fan_in)
+    center_rows, spread_rows = rows.unbind(0)
     if torch.compiler.is_compiling():
         # A matrix product: see attach_to_producer.
-        return center_rows, spread_rows + torch.bmm(kept.t().unsqueeze(1), var_grad).squeeze(1)
-    # + sum_tau q[tau, c] G_var[tau, c], without a window-sized temporary.
-    for tau in range(entries):
-        spread_rows.addcmul_(var_grad[:, tau], kept[tau].unsqueeze(1))
+        return center_rows, spread_rows + torch.bmm(kept.permute(1, 2, 0), var_grad).squeeze(1)
+    # + sum_tau q[tau, c] G_var[tau, c], without a window-sized temporary (faster than a
+    # batched product on CPU).
+    for slot, weight in zip(var_grad.unbind(1), kept.unbind(0)):
+        spread_rows.addcmul_(slot, weight)
     return center_rows, spread_rows
 
 
 class _AttachedPast(torch.autograd.Function):
-    """``(c, P, P/n)`` as functions of the producer's weight and bias, with Jacobians given."""
+    """``(c, P/n)`` as functions of the producer's weight and bias, with Jacobians given."""
 
     @staticmethod
-    def forward(ctx, weight, bias, center, spread, spread_share, inv_entries, center_rows, spread_rows,
+    def forward(ctx, weight, bias, center, spread_share, inv_entries, center_rows, spread_rows,
                 center_bias, spread_bias):
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
         ctx.save_for_backward(inv_entries, center_rows, spread_rows, center_bias, spread_bias)
-        return center.clone(), spread.clone(), spread_share.clone()
+        return center.clone(), spread_share.clone()
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_center, grad_spread, grad_share):
+    def backward(ctx, grad_center, grad_share):
         inv_entries, center_rows, spread_rows, center_bias, spread_bias = ctx.saved_tensors
-        zeros = torch.zeros_like(center_bias)
-        grad_center = zeros if grad_center is None else grad_center.to(zeros.dtype)
-        # dL/dP in all: directly, and through P/n.
-        grad_spread = zeros if grad_spread is None else grad_spread.to(zeros.dtype)
-        if grad_share is not None:
-            grad_spread = torch.addcmul(grad_spread, grad_share.to(zeros.dtype), inv_entries)
+        if grad_center is None:
+            grad_center = torch.zeros_like(center_bias)
+        if grad_share is None:
+            grad_share = torch.zeros_like(center_bias)
+        grad_spread = grad_share * inv_entries  # dL/dP, through P/n
         grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             rows = torch.addcmul(center_rows * grad_center.unsqueeze(1), spread_rows, grad_spread.unsqueeze(1))
-            grad_weight = rows.reshape(ctx.weight_shape).to(ctx.weight_dtype)
+            grad_weight = rows.view(ctx.weight_shape)
+            if grad_weight.dtype != ctx.weight_dtype:
+                grad_weight = grad_weight.to(ctx.weight_dtype)
         if ctx.needs_input_grad[1]:
-            grad_bias = torch.addcmul(center_bias * grad_center, spread_bias, grad_spread).to(ctx.bias_dtype)
-        return grad_weight, grad_bias, *([None] * 8)
+            grad_bias = torch.addcmul(center_bias * grad_center, spread_bias, grad_spread)
+            if grad_bias.dtype != ctx.bias_dtype:
+                grad_bias = grad_bias.to(ctx.bias_dtype)
+        return grad_weight, grad_bias, *([None] * 7)
 
 
 def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Tensor | None) -> PastStatistics:
-    """``jacobian.past`` with ``center``, ``spread`` and ``spread_share`` differentiable in ``weight``, ``bias``.
+    """``jacobian.past`` with ``center`` and ``spread_share`` differentiable in ``weight``, ``bias``.
+
+    The pooling reads the spread as ``spread_share = P/n`` (:func:`cbn.functional.window.pooling_weights`);
+    ``spread`` itself is left as a value (in a compiled graph it carries gradients too).
 
     Args:
         jacobian: from :func:`compensation_jacobians`, at these weights.
@@ -211,11 +220,11 @@ def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Ten
             center = center + jacobian.center_bias * bias_step
             spread = spread + jacobian.spread_bias * bias_step
         return past._replace(center=center, spread=spread, spread_share=spread * past.inv_entries)
-    center, spread, spread_share = _AttachedPast.apply(
-        weight, bias, past.center, past.spread, past.spread_share, past.inv_entries,
+    center, spread_share = _AttachedPast.apply(
+        weight, bias, past.center, past.spread_share, past.inv_entries,
         jacobian.center_rows, jacobian.spread_rows, jacobian.center_bias, jacobian.spread_bias,
     )
-    return past._replace(center=center, spread=spread, spread_share=spread_share)
+    return past._replace(center=center, spread_share=spread_share)
 
 
 def differentiable_past(
@@ -240,7 +249,8 @@ def differentiable_past(
 
     Returns:
         :class:`PastStatistics` with the values of :func:`cbn.functional.window.pool_window`;
-        ``center``, ``spread`` and ``spread_share`` carry the gradients of the module formula.
+        ``center`` and ``spread_share`` (what the pooling reads) carry the gradients of the
+        module formula.
 
     Example::
 
