@@ -394,3 +394,36 @@ def test_cross_process_pooling_equals_one_process_on_the_concatenated_batches(tm
         errors = json.loads((tmp_path / f"{rank}.json").read_text())
         for key, error in errors.items():
             assert error < 1e-9, (rank, key, errors)
+
+
+@pytest.mark.parametrize("case", ["weight_standardized", "weight_norm_parametrization"])
+def test_custom_producers_match_the_oracle(case):
+    # The gradient reaches the producer's raw parameters through the weight its convolution really
+    # used (a standardized weight, a weight_norm parametrization).
+    from test_producers import CASES as PRODUCERS
+
+    make_producer, description, shape = PRODUCERS[case]
+    torch.manual_seed(0)
+    producer = make_producer().double()
+    norm = cbn.CrossIterationBatchNorm2d(4, window=4, differentiable_compensation=True, dtype=torch.float64)
+    model = cbn.convert_model(nn.Sequential(producer, norm))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    oracle = DenseJacobianCBN(producer, window=4, compensate=True, differentiable=True, **description)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    producer_params = list(producer.parameters())
+    for _ in range(6):
+        x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
+        out = model(x)
+        projection = torch.randn_like(out)
+        (out * projection).sum().backward()
+        gamma = norm.weight.detach().clone().requires_grad_()
+        beta = norm.bias.detach().clone().requires_grad_()
+        expected, _, _ = oracle(x, gamma, beta)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+        expected_grads = torch.autograd.grad((expected * projection).sum(), producer_params + [gamma, beta])
+        for got, want in zip([p.grad for p in producer_params] + [norm.weight.grad, norm.bias.grad], expected_grads):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+        optimizer.step()
+        optimizer.zero_grad()

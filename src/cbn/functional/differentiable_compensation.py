@@ -148,44 +148,54 @@ def _jacobian_rows(mean_grad: Tensor, var_grad: Tensor, coefficients: Tensor, ke
     return center_rows, spread_rows
 
 
+def producer_gradients(
+    jacobian: CompensationJacobian, grad_center: Tensor, grad_share: Tensor, inv_entries: Tensor,
+    weight: Tensor, bias: Tensor | None, needs_weight: bool = True, needs_bias: bool = True,
+) -> tuple[Tensor | None, Tensor | None]:
+    """``(dL/dW, dL/db)`` of the producer from ``dL/dc`` and ``dL/d(P/n)`` (``(C,)`` each)::
+
+        dL/dW = dL/dc dc/dW + dL/dP dP/dW,   dL/db = dL/dc dc/db + dL/dP dP/db,   dL/dP = dL/d(P/n) / n
+
+    ``weight``, ``bias``: the producer's (for the shape and dtype of their gradients).
+    """
+    grad_spread = grad_share * inv_entries
+    grad_weight = grad_bias = None
+    if needs_weight:
+        rows = torch.addcmul(jacobian.center_rows * grad_center.unsqueeze(1), jacobian.spread_rows,
+                             grad_spread.unsqueeze(1))
+        grad_weight = rows.view(weight.shape)
+        if grad_weight.dtype != weight.dtype:
+            grad_weight = grad_weight.to(weight.dtype)
+    if needs_bias and bias is not None:
+        grad_bias = torch.addcmul(jacobian.center_bias * grad_center, jacobian.spread_bias, grad_spread)
+        if grad_bias.dtype != bias.dtype:
+            grad_bias = grad_bias.to(bias.dtype)
+    return grad_weight, grad_bias
+
+
 class _AttachedPast(torch.autograd.Function):
     """``(c, P/n)`` as functions of the producer's weight and bias, with Jacobians given."""
 
     @staticmethod
-    def forward(ctx, weight, bias, center, spread_share, inv_entries, center_rows, spread_rows,
-                center_bias, spread_bias):
-        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.save_for_backward(inv_entries, center_rows, spread_rows, center_bias, spread_bias)
+    def forward(ctx, weight, bias, center, spread_share, inv_entries, jacobian):
+        ctx.jacobian, ctx.weight, ctx.bias = jacobian, weight.detach(), None if bias is None else bias.detach()
+        ctx.save_for_backward(inv_entries)
         return center.clone(), spread_share.clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_center, grad_share):
-        inv_entries, center_rows, spread_rows, center_bias, spread_bias = ctx.saved_tensors
-        if grad_center is None:
-            grad_center = torch.zeros_like(center_bias)
-        if grad_share is None:
-            grad_share = torch.zeros_like(center_bias)
-        grad_spread = grad_share * inv_entries  # dL/dP, through P/n
-        grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            rows = torch.addcmul(center_rows * grad_center.unsqueeze(1), spread_rows, grad_spread.unsqueeze(1))
-            grad_weight = rows.view(ctx.weight_shape)
-            if grad_weight.dtype != ctx.weight_dtype:
-                grad_weight = grad_weight.to(ctx.weight_dtype)
-        if ctx.needs_input_grad[1]:
-            grad_bias = torch.addcmul(center_bias * grad_center, spread_bias, grad_spread)
-            if grad_bias.dtype != ctx.bias_dtype:
-                grad_bias = grad_bias.to(ctx.bias_dtype)
-        return grad_weight, grad_bias, *([None] * 7)
+        (inv_entries,) = ctx.saved_tensors
+        zeros = torch.zeros_like(ctx.jacobian.center_bias)
+        grads = producer_gradients(
+            ctx.jacobian, zeros if grad_center is None else grad_center, zeros if grad_share is None else grad_share,
+            inv_entries, ctx.weight, ctx.bias, *ctx.needs_input_grad[:2],
+        )
+        return *grads, None, None, None, None
 
 
 def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Tensor | None) -> PastStatistics:
-    """``jacobian.past`` with ``center`` and ``spread_share`` differentiable in ``weight``, ``bias``.
-
-    The pooling reads the spread as ``spread_share = P/n`` (:func:`cbn.functional.window.pooling_weights`);
-    ``spread`` itself is left as a value (in a compiled graph it carries gradients too).
+    """``jacobian.past`` as a function of the producer's ``weight`` and ``bias``.
 
     Args:
         jacobian: from :func:`compensation_jacobians`, at these weights.
@@ -193,17 +203,24 @@ def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Ten
             gives it (``C`` rows of ``fan_in`` up to a reshape), carrying gradients.
         bias: the producer's bias, or ``None``.
 
-    Eagerly a custom autograd function whose backward is ``g_c dc/dW + g_P dP/dW`` (and the same
-    for the bias). In a compiled graph, terms whose value is zero::
+    Returns:
+        Eagerly, the summary with ``attachment = (weight, bias, jacobian)``: the normalization
+        (:func:`cbn.functional.cross_iteration_batch_norm`, C++ kernel or Python) turns its
+        ``dL/dc`` and ``dL/d(P/n)`` into the producer's gradients in its own backward (no extra
+        autograd node); :func:`apply_attachment` makes ``center`` and ``spread_share`` carry them
+        for any other consumer (:func:`cbn.functional.normalization.pooled_normalization` calls it).
 
-        c = c_0 + sum_f (dc/dW)[c, f] (W - sg(W))[c, f] + (dc/db)[c] (b - sg(b))
+        In a compiled graph, ``center``, ``spread`` and ``spread_share`` with terms whose value is zero::
 
-    (``sg``: stop-gradient), and likewise ``P``, from which autograd derives the same gradients.
-    Why not the function there: the compiler places computations that only the backward needs
-    in the backward graph, where they would read the window's buffers after the step's record
-    has overwritten them (the graph keeps no copy of a mutated input). Here the Jacobians are
-    needed by the forward, and come out of matrix products, which the compiler's partitioner
-    never recomputes in the backward: they are computed in the forward and saved.
+            c = c_0 + sum_f (dc/dW)[c, f] (W - sg(W))[c, f] + (dc/db)[c] (b - sg(b))
+
+        (``sg``: stop-gradient), and likewise ``P``, from which autograd derives the same gradients.
+        Why not the attachment there: the compiler places computations that only the backward
+        needs in the backward graph, where they would read the window's buffers after the step's
+        record has overwritten them (the graph keeps no copy of a mutated input). Here the
+        Jacobians are needed by the forward, and come out of matrix products, which the
+        compiler's partitioner never recomputes in the backward: they are computed in the
+        forward and saved.
     """
     past = jacobian.past
     if past.inv_entries is None:
@@ -220,11 +237,18 @@ def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Ten
             center = center + jacobian.center_bias * bias_step
             spread = spread + jacobian.spread_bias * bias_step
         return past._replace(center=center, spread=spread, spread_share=spread * past.inv_entries)
-    center, spread_share = _AttachedPast.apply(
-        weight, bias, past.center, past.spread_share, past.inv_entries,
-        jacobian.center_rows, jacobian.spread_rows, jacobian.center_bias, jacobian.spread_bias,
-    )
-    return past._replace(center=center, spread_share=spread_share)
+    return past._replace(attachment=(weight, bias, jacobian))
+
+
+def apply_attachment(past: PastStatistics) -> PastStatistics:
+    """``past`` with its attachment turned into gradients of ``center`` and ``spread_share`` (a small
+    autograd function), for consumers that pool it with plain autograd operations."""
+    if past.attachment is None:
+        return past
+    weight, bias, jacobian = past.attachment
+    center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries,
+                                               jacobian)
+    return past._replace(center=center, spread_share=spread_share, attachment=None)
 
 
 def differentiable_past(
@@ -248,9 +272,8 @@ def differentiable_past(
             (:func:`cbn.functional.statistic_shifts`, computed without gradients).
 
     Returns:
-        :class:`PastStatistics` with the values of :func:`cbn.functional.window.pool_window`;
-        ``center`` and ``spread_share`` (what the pooling reads) carry the gradients of the
-        module formula.
+        :class:`PastStatistics` with the values of :func:`cbn.functional.window.pool_window`,
+        attached to ``weight`` and ``bias`` (:func:`attach_to_producer`).
 
     Example::
 
@@ -260,8 +283,8 @@ def differentiable_past(
         >>> with torch.no_grad():
         ...     shifts = statistic_shifts(StatisticGradients(mean_grad, var_grad), conv.weight, conv.bias)
         >>> past = differentiable_past(stats, mean_grad, var_grad, conv.weight, conv.bias, *shifts)
-        >>> past.center.requires_grad
-        True
+        >>> out, _ = cross_iteration_batch_norm(torch.randn(2, 4, 5, 5), past, None, None, 1e-5)
+        >>> out.square().sum().backward()  # conv.weight.grad: through the past summary
     """
     (jacobian,) = compensation_jacobians(stats, mean_shift_now, var_shift_now, [(mean_grad, var_grad)])
     return attach_to_producer(jacobian, weight, bias)

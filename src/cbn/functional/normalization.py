@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from .._cache import bounded_get
+from .differentiable_compensation import apply_attachment, producer_gradients
 from .window import PastStatistics, with_pooling_weights
 
 
@@ -98,10 +99,14 @@ class CrossIterationNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, center, spread_share, past, eps, stats_dtype):
+    def forward(ctx, input, weight, bias, center, spread_share, past, eps, stats_dtype,
+                producer_weight=None, producer_bias=None, jacobian=None):
         # ``center`` and ``spread_share`` are ``past``'s own, passed apart so that autograd sees
-        # them when they carry gradients (differentiable compensation); ``None`` without a past.
+        # them when they carry gradients; ``None`` without a past. ``producer_weight``,
+        # ``producer_bias``, ``jacobian``: ``past``'s attachment (differentiable compensation).
         ctx.eps = eps
+        ctx.attachment = (producer_weight.detach(), None if producer_bias is None else producer_bias.detach(),
+                          jacobian) if jacobian is not None else None
         if past is None and input.dtype == stats_dtype:
             output, batch_mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             batch_var = invstd.pow(-2).sub_(eps)
@@ -130,6 +135,8 @@ class CrossIterationNorm(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output, *unused):
         needs_input, needs_weight, needs_bias, needs_center, needs_share = ctx.needs_input_grad[:5]
+        needs_producer_weight, needs_producer_bias = ctx.needs_input_grad[8:10]
+        needs_summary = needs_center or needs_share or needs_producer_weight or needs_producer_bias
         saved = ctx.saved_tensors
         input = saved[0]
         grad_output = grad_output.contiguous(memory_format=_memory_format(input))
@@ -139,17 +146,23 @@ class CrossIterationNorm(torch.autograd.Function):
                 grad_output, input, weight, None, None, batch_mean, invstd, True, ctx.eps,
                 [needs_input, needs_weight, needs_bias],
             )
-            return (*grads, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None, None)
         input, weight, mean, var, inv_entries, center = saved
-        needs_sums = needs_input or needs_center or needs_share
+        needs_sums = needs_input or needs_summary
         grad_input, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_output, input, weight, mean, var, None, None, False, ctx.eps,
             [needs_input, needs_weight or needs_sums, needs_bias or needs_sums],
         )
-        grad_center = grad_share = None
-        if needs_center or needs_share:
+        grad_center = grad_share = grad_producer_weight = grad_producer_bias = None
+        if needs_summary:
             grad_center, grad_share = past_summary_gradients(
                 sum_g, sum_g_xhat, weight, mean, var, inv_entries, center, ctx.eps
+            )
+        if needs_producer_weight or needs_producer_bias:
+            producer_weight, producer_bias, jacobian = ctx.attachment
+            grad_producer_weight, grad_producer_bias = producer_gradients(
+                jacobian, grad_center, grad_share, inv_entries, producer_weight, producer_bias,
+                needs_producer_weight, needs_producer_bias,
             )
         if needs_input:
             # gamma s g from the kernel above, then - gamma s (G + x_hat H) / (n m), which is
@@ -170,6 +183,7 @@ class CrossIterationNorm(torch.autograd.Function):
             grad_center if needs_center else None,
             grad_share if needs_share else None,
             None, None, None,
+            grad_producer_weight, grad_producer_bias, None,
         )
 
 
@@ -234,8 +248,10 @@ def cross_iteration_batch_norm(
     Args:
         input: ``(N, C, *)`` tensor.
         past: summary of the past entries (``window.pool_past``); ``None`` (or ``count = 0``)
-            gives BatchNorm. Where its ``center`` and ``spread_share`` carry gradients
-            (:func:`cbn.functional.differentiable_past`), the backward gives them theirs.
+            gives BatchNorm. Where its ``center`` and ``spread_share`` carry gradients, the
+            backward gives them theirs; where it has an ``attachment`` (differentiable
+            compensation, :func:`cbn.functional.differentiable_compensation.attach_to_producer`),
+            the backward gives the producer's weight and bias theirs.
         weight, bias: optional affine parameters ``(C,)``.
         eps: added to the pooled variance inside the square root.
         stats_dtype: dtype of the statistics (float32 or wider).
@@ -251,15 +267,22 @@ def cross_iteration_batch_norm(
         >>> past = PastStatistics(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
         >>> out, stats = cross_iteration_batch_norm(torch.randn(4, 3, 5), past, None, None, 1e-5)
     """
+    attachment = (None, None, None)
     if past is not None:
         past = with_pooling_weights(past)
+        if past.attachment is not None:
+            attachment = past.attachment
     if past is not None and kernels.active():
+        producer_weight, producer_bias, jacobian = attachment
+        jacobians = (None,) * 4 if jacobian is None else jacobian[1:]
         output, *stats = torch.ops.cbn.pooled_normalization(
-            input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype
+            input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype,
+            producer_weight, producer_bias, *jacobians,
         )
     else:
         center, share = (None, None) if past is None else (past.center, past.spread_share)
-        output, *stats = CrossIterationNorm.apply(input, weight, bias, center, share, past, eps, stats_dtype)
+        output, *stats = CrossIterationNorm.apply(input, weight, bias, center, share, past, eps, stats_dtype,
+                                                  *attachment)
     return output, PooledStatistics(*stats)
 
 
@@ -276,7 +299,7 @@ def pooled_normalization(
     if past is None:
         mean, var = batch_mean, batch_var
     else:
-        mean, var = pool_with_past(batch_mean, batch_var, past)
+        mean, var = pool_with_past(batch_mean, batch_var, apply_attachment(past))
     return normalize(input, mean, var, weight, bias, eps), PooledStatistics(batch_mean, batch_var, mean, var)
 
 

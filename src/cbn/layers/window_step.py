@@ -98,7 +98,8 @@ def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
         else:
             past = pool_window(stats, None, None)
         sizes = [layer.num_features for layer in members]
-        for layer, *summary in zip(members, *(part.split(sizes) for part in past)):
+        for layer, *summary in zip(members, *(part.split(sizes) if part is not None else [None] * len(sizes)
+                                               for part in past)):
             layer._prepared_past = PastStatistics(*summary)
 
 
