@@ -103,23 +103,31 @@ Saved read_context(AutogradContext* ctx) {
           ctx->saved_data["needs_producer_weight"].toBool(), ctx->saved_data["needs_producer_bias"].toBool()};
 }
 
-// The gradients of the past summary and of the producer, from the channel sums G = sum g,
-// H = sum g x_hat: {dL/dc, dL/d(P/n), dL/dW, dL/db}, each undefined where not needed.
-std::array<Tensor, 4> past_summary_gradients(AutogradContext* ctx, const Saved& saved, const Tensor& sum_g,
-                                             const Tensor& sum_g_xhat) {
-  const bool producer = saved.needs_producer_weight || saved.needs_producer_bias;
-  if (!saved.needs_center && !saved.needs_share && !producer) {
-    return {Tensor(), Tensor(), Tensor(), Tensor()};
-  }
+bool needs_summary(const Saved& saved) {
+  return saved.needs_center || saved.needs_share || saved.needs_producer_weight || saved.needs_producer_bias;
+}
+
+// (dL/dc, dL/d(P/n)) of the past summary from the channel sums G = sum g, H = sum g x_hat.
+std::pair<Tensor, Tensor> summary_gradients(const Saved& saved, const Tensor& sum_g, const Tensor& sum_g_xhat) {
   const auto dtype = saved.mean.scalar_type();
   const Tensor invstd = at::rsqrt(saved.var + saved.eps);
   const Tensor gamma_s = saved.weight.defined() ? invstd * saved.weight.to(dtype) : invstd;
   const Tensor grad_mean = -gamma_s * sum_g.to(dtype);
   const Tensor grad_var = -0.5 * gamma_s * invstd * sum_g_xhat.to(dtype);
   const Tensor grad_center = (1 - saved.inv_entries) * (grad_mean - 2 * grad_var * (saved.mean - saved.center));
+  return {grad_center, grad_var};
+}
+
+// The backward's gradients of the past summary and of the producer from (dL/dc, dL/d(P/n)):
+// {dL/dc, dL/d(P/n), dL/dW, dL/db}, each undefined where not needed.
+std::array<Tensor, 4> attached_gradients(AutogradContext* ctx, const Saved& saved, const Tensor& grad_center,
+                                         const Tensor& grad_share) {
+  if (!needs_summary(saved)) {
+    return {Tensor(), Tensor(), Tensor(), Tensor()};
+  }
   Tensor grad_producer_weight, grad_producer_bias;
-  if (producer) {
-    const Tensor grad_spread = grad_var * saved.inv_entries;  // dL/dP, through P/n
+  if (saved.needs_producer_weight || saved.needs_producer_bias) {
+    const Tensor grad_spread = grad_share * saved.inv_entries;  // dL/dP, through P/n
     if (saved.needs_producer_weight) {
       grad_producer_weight = at::addcmul(saved.center_rows * grad_center.unsqueeze(1), saved.spread_rows,
                                          grad_spread.unsqueeze(1))
@@ -131,7 +139,7 @@ std::array<Tensor, 4> past_summary_gradients(AutogradContext* ctx, const Saved& 
                                .to(static_cast<at::ScalarType>(ctx->saved_data["producer_bias_dtype"].toInt()));
     }
   }
-  return {saved.needs_center ? grad_center : Tensor(), saved.needs_share ? grad_var : Tensor(), grad_producer_weight,
+  return {saved.needs_center ? grad_center : Tensor(), saved.needs_share ? grad_share : Tensor(), grad_producer_weight,
           grad_producer_bias};
 }
 
@@ -165,8 +173,12 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
     auto [grad_input, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
         grad_output, input, present(weight), mean, var, std::nullopt, std::nullopt, false, eps,
         {needs_input, true, true});
-    const auto [grad_center, grad_share, grad_producer_weight, grad_producer_bias] =
-        past_summary_gradients(ctx, saved, sum_g, sum_g_xhat);
+    std::array<Tensor, 4> attached = {Tensor(), Tensor(), Tensor(), Tensor()};
+    if (needs_summary(saved)) {
+      const auto [summary_center, summary_share] = summary_gradients(saved, sum_g, sum_g_xhat);
+      attached = attached_gradients(ctx, saved, summary_center, summary_share);
+    }
+    const auto& [grad_center, grad_share, grad_producer_weight, grad_producer_bias] = attached;
     if (!needs_input) {
       return {Tensor(), needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
               grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor(),
@@ -309,6 +321,11 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     Tensor grad_input = needs_input ? at::empty_like(input) : Tensor();
     Tensor sum_g_xhat = at::empty({channels}, options), sum_g = at::empty({channels}, options);
     const Tensor gamma = weight.defined() ? per_channel(weight, channels, options) : Tensor();
+    // dL/dc and dL/d(P/n), per channel in the loop below, where the past summary or the producer needs them.
+    const bool summary = needs_summary(saved);
+    const Tensor centers = summary ? per_channel(center, channels, options) : Tensor();
+    Tensor summary_center = summary ? at::empty({channels}, options) : Tensor();
+    Tensor summary_share = summary ? at::empty({channels}, options) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cbn_fused_pooled_normalization_backward", [&] {
       const scalar_t *x = input.const_data_ptr<scalar_t>(), *dy = grad_output.const_data_ptr<scalar_t>();
       const scalar_t *pm = mean.const_data_ptr<scalar_t>(), *pv = var.const_data_ptr<scalar_t>();
@@ -316,6 +333,9 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       const scalar_t* g = gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr;
       scalar_t *h_out = sum_g_xhat.mutable_data_ptr<scalar_t>(), *g_out = sum_g.mutable_data_ptr<scalar_t>();
       scalar_t* dx = needs_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* c0 = summary ? centers.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gc_out = summary ? summary_center.mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* gs_out = summary ? summary_share.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           const double center = static_cast<double>(pm[c]);
@@ -329,9 +349,16 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
           const double h = centred * invstd;  // sum g x_hat
           g_out[c] = static_cast<scalar_t>(total);
           h_out[c] = static_cast<scalar_t>(h);
+          const double gamma_s = (g != nullptr ? static_cast<double>(g[c]) : 1.0) * invstd;
+          if (gc_out != nullptr) {
+            // A = dL/dmu_bar, B = dL/dvar_bar; dL/dc = (1 - 1/n) (A - 2 B (mu_bar - c)), dL/d(P/n) = B.
+            const double grad_mean = -gamma_s * total, grad_var = -0.5 * gamma_s * invstd * h;
+            gc_out[c] = static_cast<scalar_t>((1.0 - static_cast<double>(n_inv[c])) *
+                                              (grad_mean - 2.0 * grad_var * (center - static_cast<double>(c0[c]))));
+            gs_out[c] = static_cast<scalar_t>(grad_var);
+          }
           if (dx == nullptr) continue;
           // dL/dx = gamma s (g - (G + x_hat H) / (n m)) = A g + B x + D.
-          const double gamma_s = (g != nullptr ? static_cast<double>(g[c]) : 1.0) * invstd;
           const double per_value = static_cast<double>(n_inv[c]) / count;  // 1 / (n m)
           const double slope = -gamma_s * invstd * h * per_value;
           const scalar_t a = static_cast<scalar_t>(gamma_s), bx = static_cast<scalar_t>(slope);
@@ -344,7 +371,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       });
     });
     const auto [grad_center, grad_share, grad_producer_weight, grad_producer_bias] =
-        past_summary_gradients(ctx, saved, sum_g, sum_g_xhat);
+        attached_gradients(ctx, saved, summary_center, summary_share);
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
             grad_center, Tensor(), grad_share, Tensor(), Tensor(),
             grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor(), Tensor()};
