@@ -427,3 +427,19 @@ def test_custom_producers_match_the_oracle(case):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
         optimizer.step()
         optimizer.zero_grad()
+
+
+def test_training_forward_without_autograd_equals_the_paper_variant():
+    # Under torch.no_grad() the option changes nothing: the same values as the paper's rule.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
+                         nn.BatchNorm2d(4)).double()
+    paper = cbn.convert_model(copy.deepcopy(base), window=3)
+    differentiable = cbn.convert_model(copy.deepcopy(base), window=3, differentiable_compensation=True)
+    for step in range(4):
+        x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+        with torch.no_grad():
+            torch.testing.assert_close(differentiable(x), paper(x), rtol=0, atol=1e-12)
+            for model in (paper, differentiable):
+                for p in model.parameters():
+                    p.add_(0.05 * (step + 1))
