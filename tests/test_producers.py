@@ -163,3 +163,57 @@ def test_capture_is_left_when_the_forward_raises_and_hooks_are_removed_on_revert
     assert not torch.overrides._get_current_function_mode_stack()
     model = cbn.revert_model(model)
     assert not conv._forward_pre_hooks and not conv._forward_hooks
+
+
+class _NormOfAView(nn.Module):
+    """``norm(view(producer(x)))``: LeViT's ``bn(linear(x).flatten(0, 1))`` and its relatives."""
+
+    def __init__(self, producer: nn.Module, norm: nn.Module, view) -> None:
+        super().__init__()
+        self.producer, self.norm, self.view = producer, norm, view
+
+    def forward(self, x):
+        return self.norm(self.view(self.producer(x)))
+
+
+VIEW_CASES = {
+    # LeViT: a linear layer over tokens (B, N, C), normalized as (B * N, C) rows.
+    "linear-tokens": (lambda: nn.Linear(5, 6), lambda y: y.flatten(0, 1), (3, 4, 5)),
+    # A convolution's (N, C, H, W) output normalized as (N, C, H * W).
+    "conv-flattened": (lambda: nn.Conv2d(3, 6, 3), lambda y: y.flatten(2), (2, 3, 6, 6)),
+}
+
+
+@pytest.mark.parametrize("case", list(VIEW_CASES))
+def test_a_norm_of_a_view_that_keeps_the_channels_matches_the_oracle(case):
+    make_producer, view, input_shape = VIEW_CASES[case]
+    producer = make_producer().double()
+    norm = nn.BatchNorm1d(6, dtype=torch.float64)
+    model = cbn.convert_model(_NormOfAView(producer, norm, view), window=3)
+    norm = model.norm
+    oracle = DenseJacobianCBN(producer, window=3, compensate=True,
+                              apply=lambda module, x, w, b: view(module._conv_forward(x, w, b)
+                                                                 if isinstance(module, nn.Conv2d) else F.linear(x, w, b)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
+    for _ in range(5):
+        x = torch.randn(input_shape, dtype=torch.float64) * 2 + 0.5
+        out = model(x)
+        projection = torch.randn_like(out)
+        (out * projection).sum().backward()
+        expected, _, _ = oracle(x, norm.weight.detach(), norm.bias.detach())
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+        optimizer.step()
+        optimizer.zero_grad()
+    (row,) = cbn.pairing_report(model)
+    assert row.compensated and row.producer == "producer"
+
+
+def test_a_view_that_moves_the_channel_axis_is_not_a_producer_output():
+    producer = nn.Conv2d(3, 4, 3)
+    # (N, C, H, W) -> (N, H, C, W): dim 1 of the view is H = 4, not the channels.
+    model = cbn.convert_model(_NormOfAView(producer, nn.BatchNorm2d(4), lambda y: y.transpose(1, 2)), window=3)
+    with pytest.warns(UserWarning, match="uncompensated"):
+        model(torch.randn(2, 3, 6, 6)).sum().backward()
+    (row,) = cbn.pairing_report(model)
+    assert not row.compensated
+    assert row.reason == "input is not the direct output of a convolution or linear layer"

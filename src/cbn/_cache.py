@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Callable, TypeVar
 
+import torch
+
 Value = TypeVar("Value")
 
 
@@ -15,5 +17,8 @@ def bounded_get(cache: dict, key, make: Callable[[], Value], limit: int) -> Valu
     if found is None:
         if len(cache) > limit:
             cache.clear()
-        found = cache[key] = make()
+        # A tensor made under torch.inference_mode would be an inference tensor, which every
+        # later autograd use of the cache (in any model of the process) would reject.
+        with torch.inference_mode(False):
+            found = cache[key] = make()
     return found

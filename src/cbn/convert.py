@@ -143,12 +143,14 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     """
 
     model = convert_norms(model, _CBN_FOR, **layer_kwargs)
+    named_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _CrossIterationBatchNorm)]
+    if not named_layers:
+        return model  # no norm to pair: no taps, which would keep every producer's input alive
     registry = ProducerRegistry.install(model)
     layers = []
-    for name, module in model.named_modules():
-        if isinstance(module, _CrossIterationBatchNorm):
-            module.attach(registry, name or type(module).__name__)
-            layers.append(module)
+    for name, module in named_layers:
+        module.attach(registry, name or type(module).__name__)
+        layers.append(module)
     _remove_window_step(model)
     step = ModelWindowStep(layers)
     model.register_forward_pre_hook(step.before_forward)

@@ -47,6 +47,12 @@ _watched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _layers: weakref.WeakSet = weakref.WeakSet()
 
 
+def in_backward_recompute() -> bool:
+    """Whether the caller runs inside a backward pass: activation checkpointing recomputes its
+    forward there (either ``use_reentrant``). Such a forward repeats a step; it is no new one."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def watch_parameters(parameters: Iterable[Tensor], layer: nn.Module | None = None) -> None:
     """Have every optimizer step mark these parameters (a producer's, when a layer pairs with it)."""
     _watched.update((id(p), p) for p in parameters)

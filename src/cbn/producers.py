@@ -19,6 +19,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.overrides import TorchFunctionMode
 
 from .functional.statistic_gradients import _CONVOLUTIONS, PRODUCER_TYPES, ConvolutionCall
@@ -29,10 +30,16 @@ _STOCK_FORWARDS = {cls.forward for cls in PRODUCER_TYPES}
 class ProducerTap:
     """Forward hook on a producer: its latest output (weakly) and, while wanted, its input."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel_last: bool = False) -> None:
+        self.channel_last = channel_last  # a linear layer: channels on the last axis of its output
         self.keep_input = True  # until discovery is over, every producer is a candidate
         self.claimed = False
         self._output: weakref.ref | None = None
+        self._output_version = 0  # the output's version counter when the producer returned it
+        # When the output is itself a view (a linear layer's (B, N, C) output): what it is a view
+        # of, and its shape, contiguity and address, since a view taken of it may outlive it.
+        self._output_root: weakref.ref | None = None
+        self._output_geometry: tuple | None = None
         self._input: Tensor | None = None
 
     def __call__(self, module: nn.Module, args: tuple, output: Tensor) -> None:
@@ -46,30 +53,91 @@ class ProducerTap:
         return self._record(module, args, output)
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        self._output = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._remember_output(output)
         self._input = args[0] if self.keep_input and module.training else None
+
+    def _remember_output(self, output: object) -> None:
+        if isinstance(output, Tensor):
+            # Inference tensors have no version counter (and are never written in place by autograd code).
+            self._output = weakref.ref(output)
+            self._output_version = None if output.is_inference() else output._version
+            root = output._base
+            if root is not None:
+                self._output_root = weakref.ref(root)
+                self._output_geometry = (output.shape, output.is_contiguous(), output.data_ptr())
+            else:
+                self._output_root = None
+        else:
+            self._output = None
 
     # Under torch.compile the tap runs eagerly: it keeps a weak reference to the very tensor object
     # the norm will receive, which only exists outside a graph.
     _record_outside_graph = torch.compiler.disable(_record)
 
     def produced(self, tensor: Tensor) -> bool:
-        return self._output is not None and self._output() is tensor
+        return self.output_of(tensor) is not None
+
+    def output_of(self, tensor: Tensor) -> Tensor | None:
+        """This producer's latest output, if ``tensor`` is it or a view of it whose channels hold
+        the same values (a reshape that keeps the channel axis, e.g. ``linear(x).flatten(0, 1)``
+        for a ``BatchNorm1d``); else ``None``."""
+        output = self._output() if self._output is not None else None
+        if output is not None and tensor is output:
+            return output
+        base = tensor._base
+        if base is None:
+            return None
+        if output is not None and base is output:
+            geometry = (output.shape, output.is_contiguous(), output.data_ptr())
+        elif self._output_root is not None and base is self._output_root():
+            # Views of a view share its root, and the output itself may be gone by now.
+            geometry = self._output_geometry
+        else:
+            return None
+        if not keeps_channel_values(tensor, *geometry, self.channel_last):
+            return None
+        return output if output is not None else tensor.view(geometry[0])
+
+    def modified_in_place(self, tensor: Tensor) -> bool:
+        """Whether ``tensor``, this producer's latest output (or a view of it), was written in
+        place since the producer returned it (a view shares its base's version counter)."""
+        return self.produced(tensor) and self._output_version is not None and tensor._version != self._output_version
 
     def take_input(self, output: Tensor) -> Tensor | None:
         """The input behind ``output`` if it is this producer's latest output, released after reading."""
-        producer_input = self._input if self.produced(output) else None
+        producer_input = self._input if self.produced(output) and not self.modified_in_place(output) else None
         self._input = None
+        if producer_input is not None and self.channel_last and producer_input.dim() > 2:
+            producer_input = producer_input.reshape(-1, producer_input.shape[-1])  # rows of an (M, C) view
         return producer_input
 
     def __getstate__(self) -> dict:
         # Tensors of the last call are transient: copies and pickles start without them.
-        return {"keep_input": self.keep_input, "claimed": self.claimed, "_output": None, "_input": None}
+        return {"channel_last": self.channel_last, "keep_input": self.keep_input, "claimed": self.claimed,
+                "_output": None, "_output_version": 0, "_output_root": None, "_output_geometry": None,
+                "_input": None}
 
 
 _CONVOLUTION_FUNCTIONS = frozenset((F.conv1d, F.conv2d, F.conv3d))
 _CALL_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CALL_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+
+def keeps_channel_values(
+    view: Tensor, output_shape: torch.Size, output_contiguous: bool, output_address: int, channel_last: bool
+) -> bool:
+    """Whether each channel of ``view`` (its dim 1) holds exactly the values of the same channel
+    of a producer's output it is a view of (given by shape, contiguity and address): both
+    contiguous over the same memory, and either ``(N, C, *)`` with the same ``N`` and ``C``
+    (spatial dims reshaped), or, for an output with channels last (a linear layer's
+    ``(..., C)``), the ``(M, C)`` matrix of its rows."""
+    if not (view.is_contiguous() and output_contiguous) or view.dim() < 2:
+        return False
+    if view.numel() != output_shape.numel() or view.data_ptr() != output_address:
+        return False
+    if channel_last:
+        return view.dim() == 2 and view.shape[1] == output_shape[-1]
+    return len(output_shape) >= 2 and view.shape[:2] == output_shape[:2]
 
 
 def has_custom_forward(module: nn.Module) -> bool:
@@ -79,6 +147,21 @@ def has_custom_forward(module: nn.Module) -> bool:
     ``weight`` attribute already is the effective weight.
     """
     return type(module).forward not in _STOCK_FORWARDS
+
+
+def weight_set_at_call(module: nn.Module) -> bool:
+    """Whether a forward pre-hook of ``module`` may set its ``weight`` at each call (the
+    pre-``parametrize`` ``weight_norm`` and ``spectral_norm``): the weight a call uses is then
+    known only once the module has run."""
+    return any(not isinstance(getattr(hook, "__self__", None), CapturingTap)
+               for hook in module._forward_pre_hooks.values())
+
+
+def _parametrized(module: nn.Module) -> bool:
+    """A parametrized weight is computed at each read, with the parametrization's side effects
+    (``spectral_norm`` runs a power iteration per read in training): the weight a forward used
+    is taken from its ``F.convNd`` call, never read again."""
+    return parametrize.is_parametrized(module, "weight")
 
 
 class _ConvolutionCapture(TorchFunctionMode):
@@ -130,7 +213,7 @@ class CapturingTap(ProducerTap):
 
     def _record(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         capture, self._capture = self._capture, None
-        self._output = weakref.ref(output) if isinstance(output, Tensor) else None
+        self._remember_output(output)
         self._input, self.call = None, None
         if capture is None:
             return
@@ -177,13 +260,13 @@ class ProducerRegistry:
         tapped = {id(module) for module, _ in registry.taps}
         for module in model.modules():
             if isinstance(module, PRODUCER_TYPES) and id(module) not in tapped:
-                if has_custom_forward(module) and isinstance(module, _CONVOLUTIONS):
+                if isinstance(module, _CONVOLUTIONS) and (has_custom_forward(module) or _parametrized(module)):
                     tap = CapturingTap()
                     module.register_forward_pre_hook(tap.enter)
                     # always_call: the capture mode is left even when the forward raises
                     module.register_forward_hook(tap, always_call=True)
                 else:
-                    tap = ProducerTap()
+                    tap = ProducerTap(channel_last=isinstance(module, nn.Linear))
                     module.register_forward_hook(tap)
                 registry.taps.append((module, tap))
         return registry

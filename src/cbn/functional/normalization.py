@@ -49,6 +49,8 @@ from .._cache import bounded_get
 from .differentiable_compensation import apply_attachment, producer_gradients
 from .window import PastStatistics, with_pooling_weights
 
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
 
 class PooledStatistics(NamedTuple):
     """Per-channel statistics of one training forward: ``(C,)`` tensors in the statistics dtype."""
@@ -267,6 +269,11 @@ def cross_iteration_batch_norm(
         >>> past = PastStatistics(torch.zeros(3), torch.zeros(3), torch.tensor(0.0))
         >>> out, stats = cross_iteration_batch_norm(torch.randn(4, 3, 5), past, None, None, 1e-5)
     """
+    if weight is not None and weight.dtype in _LOW_PRECISION:
+        # A model cast with .half(): BatchNorm's kernels take low-precision inputs with
+        # parameters in the statistics' dtype, not low-precision parameters beside float statistics.
+        weight = weight.to(stats_dtype)
+        bias = bias.to(stats_dtype) if bias is not None else None
     attachment = (None, None, None)
     if past is not None:
         past = with_pooling_weights(past)

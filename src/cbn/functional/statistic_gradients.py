@@ -228,8 +228,9 @@ def _centred_and_uniform(output: Tensor, channel_mean: Tensor) -> Tensor:
     buffers = _SCRATCH.__dict__.setdefault("grad_outputs", {})
     grad_output = buffers.get(key)
     if grad_output is None:
-        grad_output = output.new_empty(shape)
-        grad_output.narrow(1, channels, 1).fill_(0.5)
+        with torch.inference_mode(False):  # kept between calls: never an inference tensor
+            grad_output = output.new_empty(shape)
+            grad_output.narrow(1, channels, 1).fill_(0.5)
         if grad_output.numel() <= _SCRATCH_NUMEL:
             if len(buffers) > 16:
                 buffers.clear()

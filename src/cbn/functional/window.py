@@ -24,6 +24,10 @@ from typing import NamedTuple
 from torch import Tensor
 
 
+# Rows of a window ``(k, 5, C)``: one entry's statistics, first-order terms and values per channel.
+MEAN, VAR, MEAN_SHIFT, VAR_SHIFT, SAMPLES = range(5)
+
+
 class PastStatistics(NamedTuple):
     """Constants that summarize the valid past entries of a window, per channel.
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
 from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
@@ -21,12 +21,12 @@ from ..functional.statistic_gradients import (
     statistic_shifts_of_layers,
     weight_rows,
 )
-from ..functional.window import PastStatistics, move_to_current_weights, pool_window
-from ..iterations import SUSPICIOUS_FORWARDS, watch_parameters
-from ..producers import CapturingTap, ProducerRegistry, ProducerTap
+from ..functional.window import MEAN as _MEAN, MEAN_SHIFT as _MEAN_SHIFT, SAMPLES as _SAMPLES, VAR as _VAR
+from ..functional.window import VAR_SHIFT as _VAR_SHIFT, PastStatistics, move_to_current_weights, pool_window
+from ..iterations import SUSPICIOUS_FORWARDS, in_backward_recompute, watch_parameters
+from ..producers import CapturingTap, ProducerRegistry, ProducerTap, weight_set_at_call
 from .input_rank import Input1d, Input2d, Input3d
-from .window_step import MEAN as _MEAN, MEAN_SHIFT as _MEAN_SHIFT, SAMPLES as _SAMPLES, VAR as _VAR
-from .window_step import VAR_SHIFT as _VAR_SHIFT, ModelWindowStep, StepRecord, record_step_in_graph, record_steps
+from .window_step import ModelWindowStep, StepRecord, record_step_in_graph, record_steps
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
 _NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
@@ -36,10 +36,11 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _HOST_STATE = frozenset({
     "_prepared_past", "_iteration_shape", "_weight_versions", "_iterations", "_unchanged_forwards",
     "_weight_probe", "_next_slot", "_call", "_burnin_over", "_compiled_mode", "_forward_since_count",
+    "_kept_pasts",
 })
 
 
-class _CrossIterationBatchNorm(_NormBase):
+class _CrossIterationBatchNorm(_BatchNorm):
     r"""Base of the Cross-Iteration BatchNorm layers; see :class:`CrossIterationBatchNorm2d`.
 
     The window is a ring of ``window - 1`` slots in three buffers, written in place:
@@ -55,6 +56,9 @@ class _CrossIterationBatchNorm(_NormBase):
     """
 
     _version = 2
+    # Pooled statistics kept per layer for activation checkpointing's recompute (see
+    # ``_recompute_forward``): the latest forwards of the iteration, one per input shape.
+    _kept_pasts_limit = 16
     _float_window_buffers = ("window_stats", "window_mean_grad", "window_var_grad")
     _window_buffers = (*_float_window_buffers, "window_next", "num_iterations")
     # Also per rank under DDP, but not saved: the iteration count a compiled forward records.
@@ -111,6 +115,8 @@ class _CrossIterationBatchNorm(_NormBase):
         self._producer: tuple[nn.Module, ProducerTap] | None = None
         self._producer_parameters: list[Tensor] = []
         self._call: ConvolutionCall | None = None  # the F.convNd call of a custom producer forward
+        self._weight_set_at_call = False  # the producer's weight is set by a pre-hook at each call
+        self._through_view = False  # the input is a view of the producer's output (see producers.py)
         self._pairing = _UNRESOLVED
         self._unpaired_reason = ""
         self._layer_name = type(self).__name__
@@ -120,6 +126,8 @@ class _CrossIterationBatchNorm(_NormBase):
         self._weight_probe: Tensor | None = None
         self._warned_unmarked = False
         self._window_step: ModelWindowStep | None = None  # set by convert_model
+        # (input shape, past statistics) of this iteration's training forwards, newest last.
+        self._kept_pasts: list[tuple[torch.Size, PastStatistics | None]] = []
 
     # ----------------------------------------------------------------------------- state
     def __setattr__(self, name: str, value) -> None:
@@ -129,22 +137,32 @@ class _CrossIterationBatchNorm(_NormBase):
             super().__setattr__(name, value)
 
     def reset_running_stats(self) -> None:
+        """Reset the running statistics and empty the window (the iteration count, and so
+        burn-in, goes on).
+
+        What ``torch.optim.swa_utils.update_bn`` calls before recomputing the running statistics
+        over a data set: the following training forwards then estimate them from that data at
+        the current weights only, with no stored entry of older weights.
+        """
         super().reset_running_stats()
-        self.reset_window()
+        if hasattr(self, "window_stats"):  # called from _NormBase.__init__, before the window exists
+            self._empty_window()
 
     def reset_window(self) -> None:
         """Empty the window of past statistics and restart the iteration count (and burn-in)."""
-        if not hasattr(self, "window_stats"):
-            return  # called from _NormBase.__init__, before the window exists
+        self._empty_window()
+        self.num_iterations.zero_()
+        self.iteration_count.zero_()
+        self._set_iterations(0)
+        self._weight_versions = None
+
+    def _empty_window(self) -> None:
         self.window_stats.zero_()
         self.window_mean_grad.zero_()
         self.window_var_grad.zero_()
         self.window_next.zero_()
-        self.num_iterations.zero_()
-        self.iteration_count.zero_()
         self._next_slot = 0
-        self._set_iterations(0)
-        self._weight_versions = None
+        self._kept_pasts = []
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
@@ -175,6 +193,19 @@ class _CrossIterationBatchNorm(_NormBase):
         self.iteration_count.copy_(self.num_iterations)
         self._weight_versions = None
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # A copy (deepcopy, pickle) pairs with the copy of its producer: have optimizer steps
+        # mark those parameters too, or an optimizer writing through .data counts no iteration.
+        if self._producer_parameters:
+            watch_parameters(self._producer_parameters, self)
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be scripted: its training step keeps a window in Python. "
+            "Call cbn.revert_model(model) first: in eval mode the layer is nn.BatchNorm."
+        )
+
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, "
@@ -203,10 +234,13 @@ class _CrossIterationBatchNorm(_NormBase):
         if refusal is None:
             self._producer = found
             self._producer_parameters = list(found[0].parameters())
+            self._weight_set_at_call = weight_set_at_call(found[0])
+            self._through_view = found[1].output_of(input) is not input
             watch_parameters(self._producer_parameters, self)
             found[1].claimed = True
+            found[1].keep_input = True  # a norm paired after discovery closed (a late branch)
             self._pairing = _PAIRED
-            self._allocate_gradient_window(found[0])
+            self._allocate_gradient_window(found[0], found[1])
             return
         self._pairing = _UNPAIRED
         self._unpaired_reason = refusal
@@ -222,6 +256,9 @@ class _CrossIterationBatchNorm(_NormBase):
     def _refuse_producer(self, producer: nn.Module, tap: ProducerTap, input: Tensor) -> str | None:
         """Why ``producer`` (whose output is ``input``) cannot be paired, or ``None`` if it can."""
         name = type(producer).__name__
+        if tap.modified_in_place(input):
+            return (f"input modified in place after {name} (e.g. an in-place activation between them): "
+                    "not the producer's output")
         if isinstance(tap, CapturingTap) and tap.call is None:
             return tap.failure or f"custom forward of {name} could not be observed"
         if isinstance(producer, nn.Linear):
@@ -247,11 +284,14 @@ class _CrossIterationBatchNorm(_NormBase):
             return False, self.producer, "producer frozen (no trainable weight: nothing to compensate)"
         return True, self.producer, ""
 
-    def _allocate_gradient_window(self, producer: nn.Module) -> None:
+    def _allocate_gradient_window(self, producer: nn.Module, tap: ProducerTap) -> None:
         if not self.compensate or self.window == 1:
             return
         past = self.window - 1
-        fan_in = weight_rows(producer, producer.weight.detach()).shape[1]
+        # The weight of the observed call: reading a parametrized weight again would run the
+        # parametrization (a spectral norm's power iteration) once more.
+        weight = tap.call.weight if isinstance(tap, CapturingTap) else producer.weight
+        fan_in = weight_rows(producer, weight.detach()).shape[1]
         shapes = {
             "window_mean_grad": (producer_groups(producer), past, fan_in),
             "window_var_grad": (self.num_features, past, fan_in),
@@ -262,19 +302,28 @@ class _CrossIterationBatchNorm(_NormBase):
                 setattr(self, name, buffer.new_zeros(shape))
                 self.window_stats[:, _MEAN_SHIFT:_SAMPLES].zero_()
 
-    def _producer_input(self, input: Tensor) -> Tensor | None:
-        """The input of the convolution that made ``input`` (and, for a custom forward, its call)."""
+    def _producer_input(self, input: Tensor, warn: bool = True) -> Tensor | None:
+        """The input of the convolution that made ``input`` (and, for a custom forward, its call).
+
+        ``None`` (the entry is stored uncompensated) when ``input`` is not the producer's latest
+        output as the producer returned it: another tensor, or the same one modified in place
+        since (an in-place activation between them), whose statistics the producer's derivative
+        does not describe. The first forward of a layer paired late has no kept input either.
+        """
         if self._producer is None:
             return None
         tap = self._producer[1]
+        produced, modified = tap.produced(input), tap.modified_in_place(input)
         producer_input = tap.take_input(input)
         if isinstance(tap, CapturingTap):
             self._call = tap.call
-        if producer_input is None and not self._warned_mismatch:
+        if warn and (not produced or modified) and not self._warned_mismatch:
             self._warned_mismatch = True
+            what = ("was modified in place after its producer" if produced
+                    else "is not the latest output of its producer")
             warnings.warn(
-                f"{self._layer_name}: this input is not the latest output of its producer "
-                f"{type(self.producer).__name__}; its statistics are stored uncompensated.",
+                f"{self._layer_name}: this input {what} {type(self.producer).__name__}; its statistics "
+                "are stored uncompensated.",
                 stacklevel=3,
             )
         return producer_input
@@ -290,6 +339,12 @@ class _CrossIterationBatchNorm(_NormBase):
         if self._producer is None:
             return None
         return self._call if self._custom_producer else self._producer[0]
+
+    @property
+    def _weight_known_late(self) -> bool:
+        """The weight the producer uses in a forward is known only once it has run (a custom
+        ``forward``, or a pre-hook that sets it): the window is summarized at the layer's forward."""
+        return self._custom_producer or self._weight_set_at_call
 
     @property
     def _custom_producer(self) -> bool:
@@ -311,17 +366,20 @@ class _CrossIterationBatchNorm(_NormBase):
         if not new_iteration and self.check_shared_use and self._iteration_shape not in (None, shape):
             raise ValueError(
                 f"{self._layer_name} got inputs of spatial sizes {tuple(self._iteration_shape)} and "
-                f"{tuple(shape)} in one iteration (unchanged producer weights). One Cross-Iteration "
-                "BatchNorm applied to several inputs, e.g. the levels of a feature pyramid, would mix "
-                "their statistics in one window: give each input its own norm layer (the producer may "
-                "stay shared). For gradient accumulation over inputs of varying size, construct the "
-                "layer (or convert_model) with check_shared_use=False."
+                f"{tuple(shape)} with unchanged producer weights, so both count as one iteration. "
+                "Either no weight update happened between two training forwards (the producer is in "
+                "no optimizer, a step was skipped, or model.eval() was forgotten before a validation "
+                "or no_grad pass: call model.eval() there), or one norm is applied to several inputs "
+                "outside one model forward (e.g. feature-pyramid levels), which would mix their "
+                "statistics in one window: give each input its own norm layer. For gradient accumulation over inputs of varying size, "
+                "construct the layer (or convert_model) with check_shared_use=False."
             )
         self._iteration_shape = shape
         self._forward_since_count = True
         if new_iteration:
             self._set_iterations(self._iterations + 1)
             self._unchanged_forwards, self._weight_probe = 0, None
+            self._kept_pasts = []
         elif not self._warned_unmarked:
             self._unchanged_forwards += 1
             self._check_unmarked_updates(weights[0])
@@ -353,6 +411,7 @@ class _CrossIterationBatchNorm(_NormBase):
         self._set_iterations(self._iterations + 1)
         self._iteration_shape = None
         self._unchanged_forwards, self._weight_probe = 0, None
+        self._kept_pasts = []
         return True  # the caller moves iteration_count on (for all layers in one kernel)
 
     def _check_unmarked_updates(self, weight: Tensor) -> None:
@@ -493,6 +552,12 @@ class _CrossIterationBatchNorm(_NormBase):
         raise NotImplementedError  # given by the Input1d/2d/3d mixins of the public classes
 
     def forward(self, input: Tensor) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            raise TypeError(
+                f"{type(self).__name__} cannot be traced by torch.fx: its training step keeps a window "
+                "in Python. Call cbn.revert_model(model) first (eval-mode CBN is BatchNorm), or make "
+                "the tracer treat it as a leaf module."
+            )
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
@@ -511,6 +576,16 @@ class _CrossIterationBatchNorm(_NormBase):
                 0.0,
                 self.eps,
             )
+        if input.numel() == 0:
+            # As nn.BatchNorm: an empty batch gives an empty output and changes no state.
+            self._producer_input(input, warn=False)
+            return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+            # A training step under inference_mode records like one under no_grad; its state
+            # (window, lazily made buffers, caches) must not become inference tensors, which
+            # every later training step would be refused to update.
+            with torch.inference_mode(False), torch.no_grad():
+                return self.forward(input)
         if torch.is_autocast_enabled(input.device.type):
             # Statistics, windows and Taylor terms stay in float32: autocast would run the
             # matmuls of the statistic shifts in half precision.
@@ -533,6 +608,8 @@ class _CrossIterationBatchNorm(_NormBase):
         this is ``nn.SyncBatchNorm``.
         """
         compiling = torch.compiler.is_compiling()
+        if not compiling and in_backward_recompute():
+            return self._recompute_forward(input)
         if compiling and self._pairing != _UNRESOLVED and not self._cross_process:
             return self._compiled_training_forward(input)
         if self._next_slot is None:  # compiled steps moved the slot on the device
@@ -551,7 +628,43 @@ class _CrossIterationBatchNorm(_NormBase):
             )
             samples = input.numel() // self.num_features
         record = self._record_step_outside_graph if compiling else self._record_step
-        record(stats, samples, past, producer_input, input)
+        if producer_input is not None and self._through_view and not self._producer[1].channel_last:
+            # A convolution's statistic gradients are taken on its output in its own layout (a
+            # linear layer's on (M, C) rows, which the view already is).
+            output_of_producer = self._producer[1].output_of(input)
+            record(stats, samples, past, producer_input, output_of_producer if output_of_producer is not None else input)
+        else:
+            record(stats, samples, past, producer_input, input)
+        return output
+
+    def _recompute_forward(self, input: Tensor) -> Tensor:
+        """The forward again, as activation checkpointing (``torch.utils.checkpoint``, either
+        ``use_reentrant``) runs it during backward: the same output as the original forward.
+
+        It normalizes with the past statistics that forward used (the window has since received
+        its entry), records nothing and counts no iteration. The original forward is the latest
+        of this iteration with an input of the same shape (gradient accumulation runs each
+        micro-batch's backward before the next forward; the levels of a feature pyramid differ
+        in shape).
+        """
+        self._producer_input(input, warn=False)  # release what the producer's tap kept
+        for shape, past in reversed(self._kept_pasts):
+            if shape == input.shape:
+                break
+        else:
+            raise RuntimeError(
+                f"{self._layer_name} is recomputed during backward (activation checkpointing) with an "
+                f"input of shape {tuple(input.shape)} that no training forward of this iteration had; "
+                "the statistics of the original forward cannot be found."
+            )
+        if self._cross_process:
+            output, _, _ = cross_process_batch_norm(
+                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
+            )
+            return output
+        output, _ = cross_iteration_batch_norm(
+            input, past, self.weight, self.bias, self.eps, self._buffers["window_stats"].dtype
+        )
         return output
 
     def _compiled_training_forward(self, input: Tensor) -> Tensor:
@@ -572,7 +685,8 @@ class _CrossIterationBatchNorm(_NormBase):
         if samples <= 1 and not pooled:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
         producer_input = None
-        observed = self._producer is not None and not self._custom_producer
+        # A view of the producer's output cannot be traced back to it inside a graph.
+        observed = self._producer is not None and not self._custom_producer and not self._through_view
         if observed:
             tap = self._producer[1]
             producer_input, tap._input = tap._input, None
@@ -605,7 +719,12 @@ class _CrossIterationBatchNorm(_NormBase):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
-        return self._past_statistics(), producer_input
+        past = self._past_statistics()
+        kept = self._kept_pasts
+        if len(kept) >= self._kept_pasts_limit:
+            del kept[0]
+        kept.append((input.shape, past))
+        return past, producer_input
 
     def _record_step(self, stats, samples: int | Tensor, past, producer_input, input: Tensor) -> None:
         """Record the step: window entry and running statistics (:mod:`cbn.layers.window_step`).

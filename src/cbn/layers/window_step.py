@@ -34,13 +34,12 @@ from ..functional.statistic_gradients import (
     statistic_shifts,
     statistic_shifts_of_layers,
 )
-from ..functional.window import PastStatistics, pool_window
+from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, pool_window
+from ..iterations import in_backward_recompute
 
 if TYPE_CHECKING:
     from .cross_iteration_batchnorm import _CrossIterationBatchNorm
 
-# Rows of ``window_stats``.
-MEAN, VAR, MEAN_SHIFT, VAR_SHIFT, SAMPLES = range(5)
 
 
 class StepRecord(NamedTuple):
@@ -75,7 +74,7 @@ def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
     groups: dict[tuple, list] = {}
     for layer in layers:
         layer._prepared_past = None
-        if layer._will_pool and not layer._custom_producer:  # a custom forward's weight is known late
+        if layer._will_pool and not layer._weight_known_late:
             key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating,
                    layer._differentiates_past)
             groups.setdefault(key, []).append(layer)
@@ -503,14 +502,16 @@ class ModelWindowStep:
             record_steps(pending)
 
     def before_forward(self, module: nn.Module, args: tuple) -> None:
-        if torch.compiler.is_compiling():  # compiled layers summarize and record their own
+        # Compiled layers summarize and record their own; a recompute in backward (activation
+        # checkpointing) records nothing; under inference_mode the layers step under no_grad.
+        if torch.compiler.is_compiling() or in_backward_recompute() or torch.is_inference_mode_enabled():
             return
         self.flush()
         self.pending = []
         prepare_past_statistics(self.layers)
 
     def after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or in_backward_recompute() or torch.is_inference_mode_enabled():
             return
         self.flush()
         self.pending = None

@@ -1,0 +1,283 @@
+"""The paths a real training stack takes around a converted model (see docs/reliability.md).
+
+Each test compares with an independent reference: the same model without the wrapper
+(checkpointing), nn.BatchNorm or the documented estimate computed here from the producer's
+outputs (update_bn), the exact property of a compensated entry (its first-order mean term
+equals its mean for y = W u + b), or an equivalent model on a path known to be correct.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.checkpoint import checkpoint
+
+import cbn
+from cbn.functional.window import MEAN, MEAN_SHIFT, SAMPLES
+
+
+def _block() -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8))
+
+
+def _batches(count: int, batch: int = 2, size: int = 6, seed: int = 1) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, 3, size, size, generator=generator) for _ in range(count)]
+
+
+def _train(model: nn.Module, batches, forward=None) -> list[list[torch.Tensor]]:
+    """SGD steps; returns every step's gradients."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    gradients = []
+    for x in batches:
+        out = model(x) if forward is None else forward(model, x)
+        out.square().mean().backward()
+        gradients.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        optimizer.step()
+        optimizer.zero_grad()
+    return gradients
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_gives_the_gradients_of_the_plain_model(use_reentrant):
+    model = cbn.convert_model(_block(), window=3)
+    checkpointed = copy.deepcopy(model)
+
+    def forward(module, x):
+        return checkpoint(module, x.requires_grad_(use_reentrant), use_reentrant=use_reentrant)
+
+    plain = _train(model, _batches(5))
+    recomputed = _train(checkpointed, _batches(5), forward)
+    for step_plain, step_recomputed in zip(plain, recomputed):
+        for a, b in zip(step_plain, step_recomputed):
+            torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
+    for layer, twin in ((model[1], checkpointed[1]), (model[4], checkpointed[4])):
+        # One window entry per step: the recompute records nothing.
+        torch.testing.assert_close(twin.window_stats, layer.window_stats)
+        assert int(twin.window_next) == int(layer.window_next)
+        assert torch.equal(twin.running_mean, layer.running_mean)
+
+
+def test_update_bn_recomputes_the_running_statistics():
+    model = cbn.convert_model(_block(), window=3)
+    assert isinstance(model[1], nn.modules.batchnorm._BatchNorm)  # what update_bn looks for
+    _train(model, _batches(4))
+    layer = model[1]
+    layer.running_mean.fill_(5.0)
+    layer.running_var.fill_(5.0)
+    loader = _batches(4, seed=7)
+    update_bn(loader, model)
+
+    # The documented estimate, from the producer's outputs: the window is emptied, every forward
+    # pools its batch with the previous ones of the loader (same weights, so exact), and the
+    # running statistics are the cumulative average (momentum None) of the pooled estimates,
+    # the variance unbiased over all pooled values.
+    with torch.no_grad():
+        outputs = [model[0](x).double() for x in loader]
+    means, variances = [], []
+    for j in range(len(outputs)):
+        pooled = torch.cat(outputs[max(0, j - 2): j + 1])
+        values = pooled.transpose(0, 1).reshape(8, -1)
+        means.append(values.mean(1))
+        variances.append(values.var(1, unbiased=True))
+    torch.testing.assert_close(layer.running_mean.double(), torch.stack(means).mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.running_var.double(), torch.stack(variances).mean(0), rtol=1e-5, atol=1e-6)
+    assert layer.momentum == 0.1  # restored by update_bn
+
+
+def test_an_in_place_op_between_producer_and_norm_is_not_compensated():
+    model = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(8)),
+                              window=3)
+    with pytest.warns(UserWarning, match="modified in place"):
+        _train(model, _batches(3))
+    (row,) = cbn.pairing_report(model)
+    assert not row.compensated and "in place" in row.reason
+    # The entries hold no first-order terms of the convolution.
+    assert model[2].window_var_grad.numel() == 0
+
+
+class _LateBranch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.late_conv, self.late_norm = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8)
+        self.late = False
+
+    def forward(self, x):
+        y = self.norm(self.conv(x))
+        return y + self.late_norm(self.late_conv(x)) if self.late else y
+
+
+def test_a_norm_reached_after_the_first_training_forward_is_compensated():
+    model = cbn.convert_model(_LateBranch(), window=3)
+    _train(model, _batches(2))
+    model.late = True
+    _train(model, _batches(2, seed=3))
+    report = {row.layer: row for row in cbn.pairing_report(model)}
+    assert report["late_norm"].compensated
+    # Its first forward found no kept producer input (slot 0, stored uncompensated); the one
+    # after it is an exact compensated entry.
+    stats = model.late_norm.window_stats
+    torch.testing.assert_close(stats[1, MEAN_SHIFT], stats[1, MEAN], atol=1e-5, rtol=0)
+    assert not torch.allclose(stats[0, MEAN_SHIFT], stats[0, MEAN], atol=1e-5)
+
+
+class _DataSGD(torch.optim.Optimizer):
+    """An optimizer that writes through ``.data`` (invisible to version counters)."""
+
+    def __init__(self, params) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-0.1)
+
+
+@pytest.mark.parametrize("make_copy", [copy.deepcopy, lambda m: __import__("pickle").loads(__import__("pickle").dumps(m))])
+def test_a_copy_of_a_paired_model_counts_the_steps_of_a_data_writing_optimizer(make_copy):
+    model = cbn.convert_model(_block(), window=3)
+    _train(model, _batches(1))
+    twin = make_copy(model)
+    before = int(twin[1].num_iterations)
+    optimizer = _DataSGD(twin.parameters())
+    for x in _batches(3):
+        twin(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    twin(_batches(1)[0])  # the forward after the last step records the count
+    # Three steps are three iterations (the copy's new parameters also count as one change).
+    assert int(twin[1].num_iterations) - before >= 3
+
+
+def test_a_training_forward_under_inference_mode_then_training():
+    model = cbn.convert_model(_block(), window=3)
+    reference = copy.deepcopy(model)
+    x = _batches(1, seed=5)[0]
+    with torch.inference_mode():
+        out = model(x)
+    with torch.no_grad():
+        expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    _train(model, _batches(3))
+    _train(reference, _batches(3))
+    for a, b in zip(model.state_dict().values(), reference.state_dict().values()):
+        assert not a.is_inference()
+        torch.testing.assert_close(a, b)
+
+
+def test_a_half_precision_model_trains_on_the_cpu():
+    model = cbn.convert_model(_block(), window=3)
+    reference = copy.deepcopy(model)
+    model.half()
+    _train(model, [x.half() for x in _batches(3)])
+    _train(reference, _batches(3))
+    x = _batches(1, seed=9)[0]
+    out, expected = model(x.half()), reference(x)
+    assert out.dtype == torch.float16 and model[1].window_stats.dtype == torch.float32
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.05)
+
+
+def test_an_empty_batch_gives_an_empty_output_and_changes_no_state():
+    model = cbn.convert_model(_block(), window=3)
+    _train(model, _batches(3))
+    state = copy.deepcopy(model.state_dict())
+    out = model(torch.randn(0, 3, 6, 6))
+    assert out.shape == (0, 8, 6, 6)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_a_forgotten_eval_before_a_no_grad_pass_is_named_in_the_error():
+    model = cbn.convert_model(_block(), window=3)
+    _train(model, _batches(2))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match=r"model\.eval\(\)"):
+        model(torch.randn(2, 3, 7, 7))
+
+
+def test_script_and_fx_say_to_revert_first():
+    model = cbn.convert_model(_block())
+    with pytest.raises(RuntimeError, match="revert_model"):
+        torch.jit.script(model)
+    with pytest.raises(TypeError, match="revert_model"):
+        torch.fx.symbolic_trace(model)
+    torch.jit.script(cbn.revert_model(copy.deepcopy(model)))
+
+
+def test_nothing_stays_alive_without_the_cyclic_collector():
+    gc.collect()
+    gc.disable()
+    try:
+        model = cbn.convert_model(_block(), window=3)
+        _train(model, _batches(2))
+        dead_model = weakref.ref(model)
+        del model
+        assert dead_model() is None
+        plain = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()))  # no BatchNorm
+        x = torch.randn(2, 3, 6, 6)
+        dead_input = weakref.ref(x)
+        plain(x).sum().backward()
+        del x
+        assert dead_input() is None
+    finally:
+        gc.enable()
+
+
+def _spectral_normed(kind: str, conv: nn.Conv2d) -> nn.Conv2d:
+    conv = copy.deepcopy(conv)
+    if kind == "pre-hook":  # the original spectral_norm: a forward pre-hook sets ``weight``
+        return nn.utils.spectral_norm(conv)
+    return nn.utils.parametrizations.spectral_norm(conv)  # ``weight`` computed at each read
+
+
+def _spectral_u(conv: nn.Conv2d) -> torch.Tensor:
+    return conv.weight_u if hasattr(conv, "weight_u") else conv.parametrizations.weight[0]._u
+
+
+@pytest.mark.parametrize("kind", ["pre-hook", "parametrization"])
+def test_a_spectral_normed_producer_runs_one_power_iteration_per_forward(kind):
+    """With a zero learning rate only the power iterations move ``u``: the converted model must
+    run exactly as many as the original (reading the weight again would run more)."""
+    conv = nn.Conv2d(3, 8, 3)
+    original = nn.Sequential(_spectral_normed(kind, conv), nn.BatchNorm2d(8))
+    converted = cbn.convert_model(copy.deepcopy(original), window=3)
+    for model in (original, converted):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        for x in _batches(4):
+            model(x).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    torch.testing.assert_close(_spectral_u(converted[0]), _spectral_u(original[0]), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["pre-hook", "parametrization"])
+def test_a_spectral_normed_producer_is_compensated_in_the_weight_of_the_forward(kind):
+    """The mean is linear in the weight, so the Taylor-moved mean of the previous entry is
+    exactly the mean of the producer applied to that batch with the weight of this forward."""
+    producer = _spectral_normed(kind, nn.Conv2d(3, 8, 3))
+    model = cbn.convert_model(nn.Sequential(producer, nn.BatchNorm2d(8)), window=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    first, second = _batches(2)
+    model(first).square().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    used = {}
+    hook = producer.register_forward_hook(lambda module, args, out: used.update(weight=module.weight.detach()))
+    with nn.utils.parametrize.cached():  # the hook reads the weight of the call, not a new one
+        model(second)
+    hook.remove()
+    expected = nn.functional.conv2d(first, used["weight"], producer.bias.detach()).mean((0, 2, 3))
+    moved = model[1].window_statistics()["mean_compensated"][1]  # newest first: the second is the first batch
+    raw = model[1].window_statistics()["mean"][1]
+    assert not torch.allclose(raw, expected, atol=1e-4)  # the weights did move
+    torch.testing.assert_close(moved, expected, rtol=0, atol=1e-5)
