@@ -51,12 +51,14 @@ from cbn.functional.statistic_gradients import _in_compiled_convolution_layout
 
 # Environment variables that change CPU timings; recorded in the command line of the report.
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
-VARIANTS = ("bn", "floor", "cbn", "cbn-diff", "naive", "cbn-python", "naive-python", "authors")
+VARIANTS = ("bn", "floor", "cbn", "naive", "cbn-python", "naive-python", "authors")
 WINDOWED = ("cbn", "cbn-diff", "naive", "cbn-python", "naive-python", "authors")
 # Run on request (--variants): CBN without its C++ kernels, for an interleaved comparison.
 PYTHON_VARIANTS = ("cbn-python", "naive-python")
-# Run on request too: CBN with differentiable compensation (an option, not yet the default).
-ON_REQUEST = (*PYTHON_VARIANTS, "cbn-diff")
+# Run on request too (--variants), outside VARIANTS: CBN with differentiable compensation (an
+# option, not yet the default). ALL_VARIANTS: every choice, in the order of the report's columns.
+EXTRA_VARIANTS = ("cbn-diff",)
+ALL_VARIANTS = (*VARIANTS[:3], *EXTRA_VARIANTS, *VARIANTS[3:])
 LABELS = {
     "bn": "BatchNorm",
     "floor": "floor (BN + 1 wgrad conv)",
@@ -494,7 +496,7 @@ def markdown(result: dict) -> str:
         "warm-up steps (windows full); in brackets the ratio to BatchNorm of the same batch size.",
         "",
     ]
-    present = [v for v in VARIANTS if v in a["variants"]]
+    present = [v for v in ALL_VARIANTS if v in a["variants"]]
     lines.append("| batch | window | " + " | ".join(LABELS[v] for v in present) + " |")
     lines.append("|---|---|" + "---|" * len(present))
     train = result["train"]
@@ -578,8 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     p.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS,
-                   default=[v for v in VARIANTS if v not in ON_REQUEST])
+    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
+                   default=[v for v in VARIANTS if v not in PYTHON_VARIANTS])
     p.add_argument("--steps", type=int, default=30, help="timed round-robin rounds per batch size")
     p.add_argument("--warmup", type=int, default=10,
                    help="untimed steps per model before timing (at least max window + 1)")
