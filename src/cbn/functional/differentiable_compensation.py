@@ -243,8 +243,8 @@ def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Ten
 def apply_attachment(past: PastStatistics) -> PastStatistics:
     """``past`` with its attachment turned into gradients of ``center`` and ``spread_share`` (a small
     autograd function), for consumers that pool it with plain autograd operations."""
-    if past.attachment is None:
-        return past
+    if past.attachment is None or past.attachment[0] is None:  # (unattached: values only)
+        return past._replace(attachment=None)
     weight, bias, jacobian = past.attachment
     center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries,
                                                jacobian)

@@ -277,7 +277,7 @@ def cross_iteration_batch_norm(
     attachment = (None, None, None)
     if past is not None:
         past = with_pooling_weights(past)
-        if past.attachment is not None:
+        if past.attachment is not None and past.attachment[0] is not None:  # (unattached: values only)
             attachment = past.attachment
     if past is not None and kernels.active():
         producer_weight, producer_bias, jacobian = attachment

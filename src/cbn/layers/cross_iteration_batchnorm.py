@@ -501,7 +501,9 @@ class _CrossIterationBatchNorm(_BatchNorm):
                 (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
             (prepared,) = compensation_jacobians(self.window_stats, mean_now, var_now, [(mean_grad, var_grad)])
         if not torch.is_grad_enabled():
-            return prepared.past
+            # The Jacobians stay with the summary, unattached: a recompute under autograd
+            # (reentrant activation checkpointing) attaches them (``_recompute_forward``).
+            return prepared.past._replace(attachment=(None, None, prepared))
         return attach_to_producer(prepared, weight, bias)
 
     @property
@@ -657,6 +659,11 @@ class _CrossIterationBatchNorm(_BatchNorm):
                 f"input of shape {tuple(input.shape)} that no training forward of this iteration had; "
                 "the statistics of the original forward cannot be found."
             )
+        if past is not None and past.attachment is not None and past.attachment[0] is None and torch.is_grad_enabled():
+            # The original forward ran without autograd (reentrant checkpointing): differentiable
+            # compensation attaches its Jacobians to the weights of this recompute.
+            _, _, weight, bias = self._shift_operands()
+            past = attach_to_producer(past.attachment[2], weight, bias)
         if self._cross_process:
             output, _, _ = cross_process_batch_norm(
                 input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
