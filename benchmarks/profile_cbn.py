@@ -55,18 +55,20 @@ def wrap_phases() -> Callable[[], None]:
     """Wrap the CBN layer's internal steps in ``record_function`` ranges (monkeypatching the
     imported names; the core's source is not changed). Returns a function that undoes it."""
     from cbn.layers import cross_iteration_batchnorm as layer_module
-    from cbn.layers import window_step
+    from cbn import model_step
+    from cbn.layers import window_record
 
     targets = [
-        (window_step, "prepare_past_statistics"),  # model pre-hook: outside the norm forwards
-        (window_step, "record_steps"),  # model hook (all layers) or a layer's own step
+        (model_step, "prepare_past_statistics"),  # model pre-hook: outside the norm forwards
+        (model_step, "record_steps"),  # model hook: all layers' steps
+        (window_record, "record_steps"),  # a layer's own step
         (layer_module._CrossIterationBatchNorm, "_prepare_step"),
         (layer_module._CrossIterationBatchNorm, "_record_step"),
         (layer_module._CrossIterationBatchNorm, "_producer_input"),
         (layer_module._CrossIterationBatchNorm, "_advance_iteration"),
         (layer_module._CrossIterationBatchNorm, "_past_statistics"),
         (layer_module, "cross_iteration_batch_norm"),
-        (window_step, "_update_running_stats"),
+        (window_record, "_update_running_stats"),
         (layer_module, "record_steps"),
         (layer_module, "producer_statistic_gradients"),
         (layer_module, "statistic_shifts"),

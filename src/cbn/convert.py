@@ -14,7 +14,7 @@ from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm3d,
     _CrossIterationBatchNorm,
 )
-from .layers.window_step import ModelWindowStep
+from . import model_step
 from .distributed import ignore_windows_in_ddp
 from .producers import ProducerRegistry, remove_hooks
 
@@ -97,14 +97,6 @@ def convert_norms(
     return replace_batchnorm(model, make_layer, types)
 
 
-def _remove_window_step(model: nn.Module) -> None:
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key, hook in list(hooks.items()):
-            if isinstance(getattr(hook, "__self__", None), ModelWindowStep):
-                del hooks[key]
-                model._forward_hooks_always_called.pop(key, None)
-
-
 def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` by CBN layers.
 
@@ -115,7 +107,7 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     :mod:`cbn.producers`); layers whose input is not directly such an output average
     uncompensated statistics, and one warning names them.
     CBN layers already in the model are kept and paired the same way. Two hooks on ``model``
-    (:class:`cbn.layers.window_step.ModelWindowStep`) summarize all windows at once before each
+    (:class:`cbn.model_step.ModelWindowStep`) summarize all windows at once before each
     training forward and record all layers' steps at once after it, which saves most of the small
     per-layer operations; layers called outside ``model.forward`` summarize and record their own.
 
@@ -151,10 +143,7 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     for name, module in named_layers:
         module.attach(registry, name or type(module).__name__)
         layers.append(module)
-    _remove_window_step(model)
-    step = ModelWindowStep(layers)
-    model.register_forward_pre_hook(step.before_forward)
-    model.register_forward_hook(step.after_forward, always_call=True)
+    model_step.install(model, layers)
     # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
     ignore_windows_in_ddp(model)
     return model
@@ -171,5 +160,5 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     model = convert_norms(model, _BN_FOR, (_CrossIterationBatchNorm,))
     remove_hooks(model)
-    _remove_window_step(model)
+    model_step.remove(model)
     return model

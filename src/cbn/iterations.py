@@ -72,9 +72,8 @@ def _bump_optimizer_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -
 
 def _count_step() -> None:
     """Let the paired layers count the iteration now (a compiled forward cannot read versions)."""
-    counted = [layer._buffers["iteration_count"] for layer in list(_layers) if layer._advance_after_step()]
-    if counted:
-        torch._foreach_add_(counted, 1)
+    for layer in list(_layers):
+        layer.count_weight_update()
 
 
 def install_optimizer_step_hook() -> None:

@@ -14,7 +14,7 @@ The C++ kernels run the per-step work from C++:
   products summed in one pass, without the window-sized temporary of the Python form;
 - ``torch.ops.cbn.write_entries``, ``copy_into_slots`` and ``write_counters``: the record of a
   converted model's forward (window entries, gradient slots, counters, running statistics) on
-  the CPU (:mod:`cbn.layers.window_step`).
+  the CPU (:mod:`cbn.layers.window_record`).
 
 Two are fused loops that sum in another order than the Python implementation, so they agree
 with it to float rounding (tested): the normalization of contiguous float inputs (statistics

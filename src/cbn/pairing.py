@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from .layers.cross_iteration_batchnorm import _CrossIterationBatchNorm
+from .layers.cross_iteration_batchnorm import CrossIterationBatchNormBase
 
 
 class Pairing(NamedTuple):
@@ -39,7 +39,7 @@ def pairing_report(model: nn.Module) -> list[Pairing]:
     names = {module: name for name, module in model.named_modules()}
     rows = []
     for name, layer in model.named_modules():
-        if isinstance(layer, _CrossIterationBatchNorm):
+        if isinstance(layer, CrossIterationBatchNormBase):
             compensated, producer, reason = layer.pairing_status()
             producer_name = None if producer is None else names.get(producer, type(producer).__name__)
             rows.append(Pairing(name or type(layer).__name__, compensated, producer_name, reason))

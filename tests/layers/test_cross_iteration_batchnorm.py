@@ -275,7 +275,7 @@ def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(mo
     # The entry's first-order terms are products with every gradient value: a NaN in the mean
     # patch or in one variance row marks the entry invalid although its statistics are finite,
     # in the batched eager record and in the record of a compiled graph (aot_eager, fullgraph).
-    from cbn.layers import window_step
+    from cbn.layers import window_record as window_step
 
     model = _paired_conv_model(window=3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

@@ -6,6 +6,7 @@ from .cross_iteration_batchnorm import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
     CrossIterationBatchNorm3d,
+    CrossIterationBatchNormBase,
 )
 from .sync_batchnorm import SyncBatchNorm1d, SyncBatchNorm2d, SyncBatchNorm3d, convert_sync_batchnorm
 
@@ -17,6 +18,7 @@ __all__ = [
     "CrossIterationBatchNorm1d",
     "CrossIterationBatchNorm2d",
     "CrossIterationBatchNorm3d",
+    "CrossIterationBatchNormBase",
     "SyncBatchNorm1d",
     "SyncBatchNorm2d",
     "SyncBatchNorm3d",

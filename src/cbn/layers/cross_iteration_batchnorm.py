@@ -26,7 +26,8 @@ from ..functional.window import VAR_SHIFT as _VAR_SHIFT, PastStatistics, move_to
 from ..iterations import SUSPICIOUS_FORWARDS, in_backward_recompute, watch_parameters
 from ..producers import CapturingTap, ProducerRegistry, ProducerTap, weight_set_at_call
 from .input_rank import Input1d, Input2d, Input3d
-from .window_step import ModelWindowStep, StepRecord, record_step_in_graph, record_steps
+from .._step_context import collector_for
+from .window_record import StepRecord, record_step_in_graph, record_steps
 
 _UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
 _NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
@@ -36,12 +37,16 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _HOST_STATE = frozenset({
     "_prepared_past", "_iteration_shape", "_weight_versions", "_iterations", "_unchanged_forwards",
     "_weight_probe", "_next_slot", "_call", "_burnin_over", "_compiled_mode", "_forward_since_count",
-    "_kept_pasts",
+    "_kept_pasts", "_call_position", "_extra_slots",
 })
 
 
-class _CrossIterationBatchNorm(_BatchNorm):
+class CrossIterationBatchNormBase(_BatchNorm):
     r"""Base of the Cross-Iteration BatchNorm layers; see :class:`CrossIterationBatchNorm2d`.
+
+    A ``torch.nn.modules.batchnorm._BatchNorm``, so that what recognises BatchNorm by that test
+    (``torch.optim.swa_utils.update_bn``, ``torch.ao`` and ``fuse_conv_bn_eval`` fusers, weight
+    decay filters) recognises these layers; in eval mode they are BatchNorm.
 
     The window is a ring of ``window - 1`` slots in three buffers, written in place:
 
@@ -96,7 +101,16 @@ class _CrossIterationBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.check_shared_use = check_shared_use
         self.differentiable_compensation = differentiable_compensation
-        self._iteration_shape: torch.Size | None = None
+        # Spatial size of this iteration's inputs, per call position.
+        self._iteration_shape: dict[int, torch.Size] = {}
+        # A norm called several times in one model forward (a head shared over the levels of a
+        # feature pyramid) keeps one window per call position: rows p * (window - 1) onwards of
+        # the window buffers. The count is set by the first iteration; position 0's slot is
+        # ``_next_slot``, the others' ``_extra_slots``.
+        self._call_position = 0
+        self._positions = 1
+        self._positions_fixed = False
+        self._extra_slots: list[int] = []
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
         factory = {"device": device, "dtype": stats_dtype}
         self.register_buffer("window_stats", torch.zeros(window - 1, 5, num_features, **factory))
@@ -125,7 +139,6 @@ class _CrossIterationBatchNorm(_BatchNorm):
         self._unchanged_forwards = 0
         self._weight_probe: Tensor | None = None
         self._warned_unmarked = False
-        self._window_step: ModelWindowStep | None = None  # set by convert_model
         # (input shape, past statistics) of this iteration's training forwards, newest last.
         self._kept_pasts: list[tuple[torch.Size, PastStatistics | None]] = []
 
@@ -162,7 +175,36 @@ class _CrossIterationBatchNorm(_BatchNorm):
         self.window_var_grad.zero_()
         self.window_next.zero_()
         self._next_slot = 0
+        self._extra_slots = [0] * (self._positions - 1)
         self._kept_pasts = []
+
+    def _rows(self, position: int) -> slice:
+        """The window rows of call position ``position``."""
+        past = self.window - 1
+        return slice(position * past, (position + 1) * past)
+
+    def _add_call_position(self) -> None:
+        """One more window, for a further call of this norm in one model forward."""
+        if self._positions_fixed:
+            raise ValueError(
+                f"{self._layer_name} is called {self._positions + 1} or more times in one model forward, "
+                f"but {self._positions} times in the forwards of its first training iteration. Each call "
+                "position (e.g. a feature-pyramid level) keeps its own window, so the number of calls "
+                "per forward must not grow after the first iteration; give the extra input its own norm "
+                "layer."
+            )
+        past = self.window - 1
+        self.window_stats = torch.cat((self.window_stats, self.window_stats.new_zeros(past, *self.window_stats.shape[1:])))
+        for name in ("window_mean_grad", "window_var_grad"):
+            buffer = getattr(self, name)
+            if buffer.dim() == 3:
+                setattr(self, name, torch.cat((buffer, buffer.new_zeros(buffer.shape[0], past, buffer.shape[2])), dim=1))
+        self._positions += 1
+        self._extra_slots.append(0)
+        self.window_next = self.window_next.new_zeros(self._positions)
+        self.window_next[0] = self._next_slot
+        for position, slot in enumerate(self._extra_slots, start=1):
+            self.window_next[position] = slot
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
@@ -181,14 +223,17 @@ class _CrossIterationBatchNorm(_BatchNorm):
             self.reset_window()
             for key in self._window_buffers:
                 state_dict[prefix + key] = getattr(self, key)
-        for key in ("window_mean_grad", "window_var_grad"):
+        for key in ("window_stats", "window_mean_grad", "window_var_grad", "window_next"):
             incoming = state_dict.get(prefix + key)
             if incoming is not None and incoming.shape != getattr(self, key).shape:
                 setattr(self, key, torch.zeros_like(incoming, dtype=getattr(self, key).dtype))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        self._next_slot = int(self.window_next)
+        slots = self.window_next.view(-1).tolist()
+        self._next_slot, self._extra_slots = slots[0], slots[1:]
+        self._positions = len(slots)
+        self._positions_fixed = self._positions > 1
         self._set_iterations(int(self.num_iterations))
         self.iteration_count.copy_(self.num_iterations)
         self._weight_versions = None
@@ -292,9 +337,10 @@ class _CrossIterationBatchNorm(_BatchNorm):
         # parametrization (a spectral norm's power iteration) once more.
         weight = tap.call.weight if isinstance(tap, CapturingTap) else producer.weight
         fan_in = weight_rows(producer, weight.detach()).shape[1]
+        rows = past * self._positions
         shapes = {
-            "window_mean_grad": (producer_groups(producer), past, fan_in),
-            "window_var_grad": (self.num_features, past, fan_in),
+            "window_mean_grad": (producer_groups(producer), rows, fan_in),
+            "window_var_grad": (self.num_features, rows, fan_in),
         }
         for name, shape in shapes.items():
             buffer = getattr(self, name)
@@ -351,7 +397,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
         """Paired with a convolution whose custom ``forward`` is observed call by call."""
         return self._producer is not None and isinstance(self._producer[1], CapturingTap)
 
-    def _advance_iteration(self, input: Tensor) -> None:
+    def _advance_iteration(self, input: Tensor, position: int = 0) -> None:
         """Count an iteration when the producer's weights changed since the last training forward.
 
         A frozen or unknown producer counts every training forward as an iteration. Within one
@@ -363,18 +409,23 @@ class _CrossIterationBatchNorm(_BatchNorm):
         versions = tuple(w._version for w in weights) if weights else None
         new_iteration = versions is None or versions != self._weight_versions
         shape = input.shape[2:]
-        if not new_iteration and self.check_shared_use and self._iteration_shape not in (None, shape):
+        seen = self._iteration_shape.get(position)
+        if not new_iteration and self.check_shared_use and seen not in (None, shape):
             raise ValueError(
-                f"{self._layer_name} got inputs of spatial sizes {tuple(self._iteration_shape)} and "
+                f"{self._layer_name} got inputs of spatial sizes {tuple(seen)} and "
                 f"{tuple(shape)} with unchanged producer weights, so both count as one iteration. "
                 "Either no weight update happened between two training forwards (the producer is in "
                 "no optimizer, a step was skipped, or model.eval() was forgotten before a validation "
                 "or no_grad pass: call model.eval() there), or one norm is applied to several inputs "
-                "outside one model forward (e.g. feature-pyramid levels), which would mix their "
-                "statistics in one window: give each input its own norm layer. For gradient accumulation over inputs of varying size, "
-                "construct the layer (or convert_model) with check_shared_use=False."
+                "outside one model forward (e.g. feature-pyramid levels, which inside a converted "
+                "model's forward get one window each), which would mix their statistics in one "
+                "window: give each input its own norm layer. For gradient accumulation over inputs "
+                "of varying size, construct the layer (or convert_model) with check_shared_use=False."
             )
-        self._iteration_shape = shape
+        if new_iteration:
+            self._iteration_shape = {}
+            self._positions_fixed = self._positions_fixed or self._iterations > 0
+        self._iteration_shape[position] = shape
         self._forward_since_count = True
         if new_iteration:
             self._set_iterations(self._iterations + 1)
@@ -391,7 +442,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
         # burn-in ends, and not at every step.
         self._burnin_over = count > self.burnin
 
-    def _advance_after_step(self) -> bool:
+    def count_weight_update(self) -> bool:
         """Count the iteration an optimizer step (or :func:`cbn.mark_step`) just made.
 
         Called by the step hook of :mod:`cbn.iterations` for every paired layer that has run a
@@ -409,10 +460,12 @@ class _CrossIterationBatchNorm(_BatchNorm):
         self._weight_versions = versions
         self._forward_since_count = False
         self._set_iterations(self._iterations + 1)
-        self._iteration_shape = None
+        self._iteration_shape = {}
+        self._positions_fixed = True
         self._unchanged_forwards, self._weight_probe = 0, None
         self._kept_pasts = []
-        return True  # the caller moves iteration_count on (for all layers in one kernel)
+        self.iteration_count.add_(1)
+        return True
 
     def _check_unmarked_updates(self, weight: Tensor) -> None:
         """Warn once if the producer's weight moves while its version counter does not.
@@ -475,31 +528,46 @@ class _CrossIterationBatchNorm(_BatchNorm):
             stats[:, _MEAN], stats[:, _VAR], stats[:, _MEAN_SHIFT], stats[:, _VAR_SHIFT], mean_now, var_now
         )
 
-    def _past_statistics(self) -> PastStatistics | None:
-        """Summary of the valid past entries, or ``None`` when this step is plain BatchNorm."""
+    def _past_statistics(self, position: int = 0) -> PastStatistics | None:
+        """Summary of the valid past entries of a call position, or ``None`` when this step is
+        plain BatchNorm. The model-level summary (:mod:`cbn.model_step`) is position 0's."""
         prepared, self._prepared_past = self._prepared_past, None
         if self.window == 1 or self._in_burnin:
             return None
         if self._differentiates_past:  # (a summary prepared before the layer paired is not used)
-            return self._differentiable_past(prepared if isinstance(prepared, CompensationJacobian) else None)
-        if prepared is not None:
+            usable = isinstance(prepared, CompensationJacobian) and position == 0
+            return self._differentiable_past(prepared if usable else None, position)
+        if prepared is not None and position == 0:
             return prepared
         with torch.no_grad():
-            return pool_window(self.window_stats, *self._current_shifts())
+            stats = self.window_stats
+            mean_now, var_now = self._current_shifts()
+            if self._positions > 1:
+                rows = self._rows(position)
+                stats = stats[rows]
+                if mean_now is not None:
+                    mean_now, var_now = mean_now[rows], var_now[rows]
+            return pool_window(stats, mean_now, var_now)
 
     @property
     def _differentiates_past(self) -> bool:
         """Whether the past summary is a function of the producer's current weight and bias."""
         return self.differentiable_compensation and self._compensating and self._computation is not None
 
-    def _differentiable_past(self, prepared=None) -> PastStatistics:
-        """The past summary, carrying gradients to the producer's weight and bias where autograd
-        is on; ``prepared``: its :class:`CompensationJacobian` from the model's window step."""
+    def _differentiable_past(self, prepared=None, position: int = 0) -> PastStatistics:
+        """The past summary of a call position, carrying gradients to the producer's weight and
+        bias where autograd is on; ``prepared``: its :class:`CompensationJacobian` from the
+        model-level step."""
         mean_grad, var_grad, weight, bias = self._shift_operands()
         if prepared is None:
+            stats = self.window_stats
             with torch.no_grad():
                 (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
-            (prepared,) = compensation_jacobians(self.window_stats, mean_now, var_now, [(mean_grad, var_grad)])
+            if self._positions > 1:
+                rows = self._rows(position)
+                stats, mean_now, var_now = stats[rows], mean_now[rows], var_now[rows]
+                mean_grad, var_grad = mean_grad[:, rows], var_grad[:, rows]
+            (prepared,) = compensation_jacobians(stats, mean_now, var_now, [(mean_grad, var_grad)])
         if not torch.is_grad_enabled():
             # The Jacobians stay with the summary, unattached: a recompute under autograd
             # (reentrant activation checkpointing) attaches them (``_recompute_forward``).
@@ -600,7 +668,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
 
         Eager: the bookkeeping reads and writes Python state (producer taps, host counters,
         weight versions); in a converted model's forward the recording is written with all
-        layers' at once (:mod:`cbn.layers.window_step`). Under ``torch.compile`` a paired layer
+        layers' at once (:mod:`cbn.layers.window_record`). Under ``torch.compile`` a paired layer
         runs :meth:`_compiled_training_forward` (no graph break); the first forward, which pairs
         the layers, runs the bookkeeping eagerly (``torch.compiler.disable``, graph breaks).
 
@@ -612,14 +680,13 @@ class _CrossIterationBatchNorm(_BatchNorm):
         compiling = torch.compiler.is_compiling()
         if not compiling and in_backward_recompute():
             return self._recompute_forward(input)
-        if compiling and self._pairing != _UNRESOLVED and not self._cross_process:
+        if compiling and self._pairing != _UNRESOLVED and not self._cross_process and self._positions == 1:
             return self._compiled_training_forward(input)
         if self._next_slot is None:  # compiled steps moved the slot on the device
-            self._next_slot = int(self.window_next)
-        if not compiling and self._window_step is not None and self._window_step.holds(self):
-            self._window_step.flush()  # called twice in one forward: its first step is written first
+            self._next_slot = int(self.window_next.view(-1)[0])
+        position = self._next_call_position_outside_graph() if compiling else self._next_call_position()
         prepare = self._prepare_step_outside_graph if compiling else self._prepare_step
-        past, producer_input = prepare(input)
+        past, producer_input = prepare(input, position)
         if self._cross_process:
             output, stats, samples = cross_process_batch_norm(
                 input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
@@ -630,14 +697,66 @@ class _CrossIterationBatchNorm(_BatchNorm):
             )
             samples = input.numel() // self.num_features
         record = self._record_step_outside_graph if compiling else self._record_step
+        output_of_producer = input
         if producer_input is not None and self._through_view and not self._producer[1].channel_last:
             # A convolution's statistic gradients are taken on its output in its own layout (a
             # linear layer's on (M, C) rows, which the view already is).
             output_of_producer = self._producer[1].output_of(input)
-            record(stats, samples, past, producer_input, output_of_producer if output_of_producer is not None else input)
-        else:
-            record(stats, samples, past, producer_input, input)
+            output_of_producer = input if output_of_producer is None else output_of_producer
+        record(stats, samples, past, producer_input, output_of_producer, position)
         return output
+
+    def _next_call_position(self) -> int:
+        """This call's position in the running model forward (0 outside one), with a window
+        allocated for it. Positions restart at each forward of a converted model."""
+        if collector_for(self) is None:
+            return 0
+        position = self._call_position
+        self._call_position = position + 1
+        if position >= self._positions and self.window > 1:
+            self._add_call_position()
+        return position
+
+    _next_call_position_outside_graph = torch.compiler.disable(_next_call_position)
+
+    def start_model_forward(self) -> tuple[tuple, Tensor, tuple | None] | None:
+        """Called by the model-level step when a converted model's forward begins: the next call
+        of this norm is its first of that forward, and no summary is prepared yet.
+
+        Returns what a summary of the window for that first call is computed from, when the model
+        step may compute it with other layers' (:func:`cbn.model_step.prepare_past_statistics`):
+        ``(group key, window, statistic-shift operands or None)``; else ``None``.
+        """
+        self._call_position = 0
+        self._prepared_past = None
+        # Late weights are known at the call only; several call positions summarize at each call.
+        if not self._will_pool or self._weight_known_late or self._positions > 1:
+            return None
+        stats = self._buffers["window_stats"]
+        compensating = self._compensating
+        # (differentiable compensation: the model step prepares CompensationJacobians instead)
+        key = (self.window, stats.dtype, stats.device, self._differentiates_past, compensating)
+        return key, stats, self._shift_operands() if compensating else None
+
+    def use_prepared_past(self, past: PastStatistics | CompensationJacobian) -> None:
+        """Take ``past``, the summary of this layer's window computed with other layers' by the
+        model-level step (with its Jacobians, under differentiable compensation), for this
+        forward's first call."""
+        self._prepared_past = past
+
+    def claim_entry_row(self, position: int) -> tuple[int, Tensor, int]:
+        """Where the next entry of call position ``position`` goes, and advance that position's
+        slot: ``(row of the window buffers, the position's slot counter buffer, its new value)``.
+        The caller writes the counter (with other layers', at once)."""
+        past = self.window - 1
+        if position == 0:
+            slot = self._next_slot
+            self._next_slot = (slot + 1) % past
+            counter = self._buffers["window_next"] if self._positions == 1 else self.window_next[0]
+            return slot, counter, self._next_slot
+        slot = self._extra_slots[position - 1]
+        self._extra_slots[position - 1] = (slot + 1) % past
+        return position * past + slot, self.window_next[position], self._extra_slots[position - 1]
 
     def _recompute_forward(self, input: Tensor) -> Tensor:
         """The forward again, as activation checkpointing (``torch.utils.checkpoint``, either
@@ -681,7 +800,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
         pairing (found by the first, eager or graph-breaking, forward), ``_burnin_over`` (one
         recompile when burn-in ends). The window slot is the ``window_next`` buffer, validity is
         a tensor mask, and iterations are counted by the optimizer step hook
-        (:meth:`_advance_after_step`). A producer with a custom ``forward`` is not observed here:
+        (:meth:`count_weight_update`). A producer with a custom ``forward`` is not observed here:
         its entries are stored uncompensated.
         """
         self._compiled_mode = True
@@ -710,31 +829,31 @@ class _CrossIterationBatchNorm(_BatchNorm):
                                         producer_input, input, computation))
         return output
 
-    def _prepare_step(self, input: Tensor) -> tuple[PastStatistics | None, Tensor | None]:
+    def _prepare_step(self, input: Tensor, position: int = 0) -> tuple[PastStatistics | None, Tensor | None]:
         """Producer pairing, iteration count and the past entries moved to the current weights."""
         if self._pairing == _UNRESOLVED:
             self._discover_producer(input)
         producer_input = self._producer_input(input)
-        self._advance_iteration(input)
+        self._advance_iteration(input, position)
         pooled = self.window > 1 and not self._in_burnin
         samples = input.numel() // self.num_features
         if (
             samples <= 1
             and not self._cross_process
-            and not (pooled and bool((self.window_stats[:, _SAMPLES, 0] > 0).any()))
+            and not (pooled and bool((self.window_stats[self._rows(position), _SAMPLES, 0] > 0).any()))
         ):
             raise ValueError(
                 f"Expected more than 1 value per channel when training, got input size {input.size()}"
             )
-        past = self._past_statistics()
+        past = self._past_statistics(position)
         kept = self._kept_pasts
         if len(kept) >= self._kept_pasts_limit:
             del kept[0]
         kept.append((input.shape, past))
         return past, producer_input
 
-    def _record_step(self, stats, samples: int | Tensor, past, producer_input, input: Tensor) -> None:
-        """Record the step: window entry and running statistics (:mod:`cbn.layers.window_step`).
+    def _record_step(self, stats, samples: int | Tensor, past, producer_input, input: Tensor, position: int = 0) -> None:
+        """Record the step: window entry and running statistics (:mod:`cbn.layers.window_record`).
 
         In a converted model's training forward with autograd on, the record is written with all
         layers' after the forward (autograd keeps the tensors it holds unmodified until then);
@@ -742,10 +861,10 @@ class _CrossIterationBatchNorm(_BatchNorm):
         """
         record = StepRecord(
             self, stats, samples, past.samples if past is not None else None,
-            producer_input, input, self._computation,
+            producer_input, input, self._computation, position,
         )
-        step = self._window_step
-        if step is not None and step.collecting() and torch.is_grad_enabled() and not isinstance(samples, Tensor):
+        step = collector_for(self)
+        if step is not None and torch.is_grad_enabled() and not isinstance(samples, Tensor):
             step.defer(record)
         else:
             record_steps([record])
@@ -763,7 +882,7 @@ class _CrossIterationBatchNorm(_BatchNorm):
         """
         past = self.window - 1
         if self._next_slot is None:
-            self._next_slot = int(self.window_next)
+            self._next_slot = int(self.window_next.view(-1)[0])
         order = [(self._next_slot - offset) % past for offset in range(1, past + 1)] if past else []
         order = [slot for slot in order if float(self.window_stats[slot, _SAMPLES, 0]) > 0]
         moved_mean, moved_var = self._moved_window()
@@ -880,6 +999,10 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         >>> model = cbn.convert_model(nn.Sequential({producer}, nn.ReLU()))
         >>> out = model(torch.randn({example}))
 """
+
+
+# The name used inside the package and by earlier code.
+_CrossIterationBatchNorm = CrossIterationBatchNormBase
 
 
 class CrossIterationBatchNorm1d(Input1d, _CrossIterationBatchNorm):

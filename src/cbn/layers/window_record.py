@@ -1,31 +1,24 @@
-"""The window step of a whole model: every layer's window summarized before the forward and
-recorded after it, in a few batched operations instead of a chain of small ones per layer.
+"""Writing a training step into a layer's window: entries, statistic gradients, running statistics.
 
-A training step of a Cross-Iteration BatchNorm layer reads its window before the normalization
-(the past entries moved to the current weights and summarized, :func:`prepare_past_statistics`)
-and writes it afterwards (the new entry, its statistic gradients, the running statistics,
-:func:`record_steps`). Both depend only on values that are fixed for the whole forward, so for
-the layers of one model they are done together: the per-channel vectors of all layers are
-concatenated, and the writes go through ``torch._foreach_*`` kernels. Only what needs a layer's
-own tensors stays per layer: the products with its producer's weights (reading) and the
-weight-gradient convolution (recording).
-
-:class:`ModelWindowStep` is the pair of hooks ``convert_model`` puts on the model. While the
-model's forward runs, the layers hand their records to it; it writes them when the forward
-returns (or raises). A layer called outside that forward, or under ``torch.no_grad()``, records
-its own step at once, with the same function.
+A training step of a Cross-Iteration BatchNorm layer leaves a :class:`StepRecord`: its batch
+statistics and what the new entry's statistic gradients are computed from. :func:`record_steps`
+writes the records of many layers in a few batched operations (the per-channel vectors of all
+layers concatenated, the writes through ``torch._foreach_*`` kernels or one C++ call); only what
+needs a layer's own tensors stays per layer (the weight-gradient convolution). A layer records
+its own step with it, or the model-level step (:mod:`cbn.model_step`) records all layers' after
+a converted model's forward. :func:`record_step_in_graph` is the same write as tensor
+operations only, for a compiled graph.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from .. import kernels
 from .._cache import bounded_get
-from ..functional.differentiable_compensation import compensation_jacobians
 from ..functional.normalization import PooledStatistics
 from ..functional.statistic_gradients import (
     producer_statistic_gradients,
@@ -34,12 +27,7 @@ from ..functional.statistic_gradients import (
     statistic_shifts,
     statistic_shifts_of_layers,
 )
-from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, pool_window
-from ..iterations import in_backward_recompute
-
-if TYPE_CHECKING:
-    from .cross_iteration_batchnorm import _CrossIterationBatchNorm
-
+from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT
 
 
 class StepRecord(NamedTuple):
@@ -52,54 +40,14 @@ class StepRecord(NamedTuple):
     layer's input) are kept to compute them at recording time.
     """
 
-    layer: "_CrossIterationBatchNorm"
+    layer: nn.Module  # the Cross-Iteration BatchNorm layer that ran the step
     stats: PooledStatistics
     samples: int | Tensor
     window_samples: Tensor | None
     producer_input: Tensor | None
     output: Tensor
     computation: object
-
-
-@torch.no_grad()
-def prepare_past_statistics(layers: list["_CrossIterationBatchNorm"]) -> None:
-    """Summarize the windows of many layers at once, before a training forward.
-
-    The past entries are constants of the step, known as soon as the optimizer has moved the
-    weights. Concatenating the windows of all layers along channels turns the per-layer chain of
-    small operations (Taylor step, clamp, masking, pooling) into one chain for the whole model;
-    only the products with each producer's weights remain per layer. Each layer takes its
-    summary at its forward; a layer called again in the same forward computes its own.
-    """
-    groups: dict[tuple, list] = {}
-    for layer in layers:
-        layer._prepared_past = None
-        if layer._will_pool and not layer._weight_known_late:
-            key = (layer.window, layer.window_stats.dtype, layer.window_stats.device, layer._compensating,
-                   layer._differentiates_past)
-            groups.setdefault(key, []).append(layer)
-    for (_, _, _, compensating, differentiable), members in groups.items():
-        if len(members) == 1:
-            continue  # nothing to batch: the layer computes its own summary
-        stats = torch.cat([layer._buffers["window_stats"] for layer in members], dim=2)
-        if compensating:
-            operands = [layer._shift_operands() for layer in members]
-            if any(operand is None for operand in operands):
-                continue  # an unpaired layer among them: each computes its own
-            mean_now, var_now = statistic_shifts_of_layers(operands)
-            if differentiable:  # the layers attach the summaries to their producers at their forward
-                jacobians = compensation_jacobians(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
-                                                   [operand[:2] for operand in operands])
-                for layer, jacobian in zip(members, jacobians):
-                    layer._prepared_past = jacobian
-                continue
-            past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
-        else:
-            past = pool_window(stats, None, None)
-        sizes = [layer.num_features for layer in members]
-        for layer, *summary in zip(members, *(part.split(sizes) if part is not None else [None] * len(sizes)
-                                               for part in past)):
-            layer._prepared_past = PastStatistics(*summary)
+    position: int = 0  # call position in the model forward: which of the layer's windows
 
 
 @torch.no_grad()
@@ -150,16 +98,15 @@ def _record_group(records: list[StepRecord]) -> None:
     else:  # naive averaging only: every entry's first-order terms are zero
         mean_shift = var_shift = None
     windowed = [i for i, layer in enumerate(layers) if layer.window > 1]
-    slots = [layers[i]._next_slot for i in windowed]
+    claims = [layers[i].claim_entry_row(records[i].position) for i in windowed]
+    slots = [row for row, _, _ in claims]
     write = _write_entries_in_one_call if _in_one_call(records) else _write_entries
     finite = write(records, mean_shift, var_shift, windowed, slots)
     if windowed:
         _write_gradient_slots(records, gradients, windowed, slots, finite)
-        for i, slot in zip(windowed, slots):
-            layers[i]._next_slot = (slot + 1) % (layers[i].window - 1)
     # Every counter buffer of the group from its host value, at once.
-    buffers = [layers[i]._buffers["window_next"] for i in windowed]
-    values = [layers[i]._next_slot for i in windowed]
+    buffers = [counter for _, counter, _ in claims]
+    values = [value for _, _, value in claims]
     for layer in layers:
         layer_buffers = layer._buffers
         buffers += (layer_buffers["num_iterations"], layer_buffers["iteration_count"])
@@ -463,58 +410,3 @@ def record_step_in_graph(record: StepRecord) -> None:
         unbiased_var = stats.var * (pooled / (pooled - 1))
         for running, estimate in ((layer.running_mean, stats.mean), (layer.running_var, unbiased_var)):
             running.lerp_(estimate.nan_to_num(0.0, 0.0, 0.0).to(running.dtype), weight.to(running.dtype))
-
-
-class ModelWindowStep:
-    """The two hooks of a converted model that batch its layers' window steps.
-
-    As a forward pre-hook (:meth:`before_forward`): summarize all windows
-    (:func:`prepare_past_statistics`) and start collecting the layers' records. As a forward
-    hook called even when the forward raises (:meth:`after_forward`): write them
-    (:func:`record_steps`). Under ``torch.compile`` both stand aside and each layer records its
-    own step.
-    """
-
-    def __init__(self, layers: list["_CrossIterationBatchNorm"]) -> None:
-        self.layers = layers
-        self.pending: list[StepRecord] | None = None  # collecting while not None
-        self._pending_layers: set[int] = set()
-        for layer in layers:
-            layer._window_step = self
-
-    def collecting(self) -> bool:
-        return self.pending is not None
-
-    def holds(self, layer: "_CrossIterationBatchNorm") -> bool:
-        """Whether a record of ``layer`` waits to be written."""
-        return id(layer) in self._pending_layers
-
-    def defer(self, record: StepRecord) -> None:
-        self.pending.append(record)
-        self._pending_layers.add(id(record.layer))
-
-    def flush(self) -> None:
-        """Write the records collected so far (a layer called twice in one forward needs its first
-        step written before its second)."""
-        if self.pending:
-            pending, self.pending = self.pending, []
-            self._pending_layers = set()
-            record_steps(pending)
-
-    def before_forward(self, module: nn.Module, args: tuple) -> None:
-        # Compiled layers summarize and record their own; a recompute in backward (activation
-        # checkpointing) records nothing; under inference_mode the layers step under no_grad.
-        if torch.compiler.is_compiling() or in_backward_recompute() or torch.is_inference_mode_enabled():
-            return
-        self.flush()
-        self.pending = []
-        prepare_past_statistics(self.layers)
-
-    def after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        if torch.compiler.is_compiling() or in_backward_recompute() or torch.is_inference_mode_enabled():
-            return
-        self.flush()
-        self.pending = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "pending": None, "_pending_layers": set()}
