@@ -476,3 +476,31 @@ def test_activation_checkpointing_gives_the_gradients_of_the_plain_model(use_ree
         for a, b in zip(step_plain, step_recomputed):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     assert (plain[-1][0] - paper[-1][0]).abs().max() > 1e-4  # the option was at work
+
+
+def test_a_norm_shared_over_levels_matches_one_oracle_per_level():
+    # One convolution and one norm applied to three feature-pyramid levels: each call position
+    # keeps its own window, and the producer's gradient sums the levels' (each level's oracle).
+    from test_shared_norms import LEVEL_SIZES, _levels, _SharedHead
+
+    model = cbn.convert_model(_SharedHead(nn.BatchNorm2d(4)).double(), window=3, differentiable_compensation=True)
+    oracles = [DenseJacobianCBN(model.conv, window=3, compensate=True, differentiable=True) for _ in LEVEL_SIZES]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        levels = _levels(generator)
+        gamma = model.norm.weight.detach().clone().requires_grad_()
+        beta = model.norm.bias.detach().clone().requires_grad_()
+        expected = [oracle(x, gamma, beta)[0] for oracle, x in zip(oracles, levels)]
+        projections = [torch.linspace(-1, 1, e.numel(), dtype=e.dtype).view_as(e) for e in expected]
+        leaves = [model.conv.weight, model.conv.bias, gamma, beta]
+        expected_grads = torch.autograd.grad(sum((e * p).sum() for e, p in zip(expected, projections)), leaves)
+        outputs = model(levels)
+        sum((out * p).sum() for out, p in zip(outputs, projections)).backward()
+        for out, reference in zip(outputs, expected):
+            torch.testing.assert_close(out, reference, rtol=0, atol=1e-9)
+        actual = [model.conv.weight.grad, model.conv.bias.grad, model.norm.weight.grad, model.norm.bias.grad]
+        for a, b in zip(actual, expected_grads):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
+        optimizer.step()
+        optimizer.zero_grad()
