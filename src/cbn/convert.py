@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable
-
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm,
@@ -14,9 +12,23 @@ from .layers.cross_iteration_batchnorm import (
     CrossIterationBatchNorm3d,
     _CrossIterationBatchNorm,
 )
+from .layers.norm_act import CrossIterationBatchNormAct, CrossIterationBatchNormAct2d
 from . import model_step
 from .distributed import ignore_windows_in_ddp
+from .norm_swap import (
+    layer_factory,
+    original_of,
+    qualified_name,
+    replace_modules,
+    share_norm_state,
+    swap_norms,
+    warn_unconverted,
+)
 from .producers import ProducerRegistry, remove_hooks
+
+# Kept under their former names (public since the first release).
+replace_batchnorm = replace_modules
+__all__ = ["convert_model", "revert_model", "convert_norms", "replace_batchnorm", "share_norm_state"]
 
 _CBN_FOR = {
     nn.BatchNorm1d: CrossIterationBatchNorm1d,
@@ -24,54 +36,24 @@ _CBN_FOR = {
     nn.BatchNorm3d: CrossIterationBatchNorm3d,
     nn.SyncBatchNorm: CrossIterationBatchNorm,
 }
+# Norm + activation classes of timm, known by name (timm is not a dependency). Their forward is
+# BatchNorm's, then their ``drop`` submodule, then their ``act`` submodule.
+_CBN_ACT_FOR = {
+    "timm.layers.norm_act.BatchNormAct2d": CrossIterationBatchNormAct2d,
+    "timm.models.layers.norm_act.BatchNormAct2d": CrossIterationBatchNormAct2d,  # timm < 0.9
+    "timm.layers.norm_act.SyncBatchNormAct": CrossIterationBatchNormAct,
+}
 _BN_FOR = {
     CrossIterationBatchNorm1d: nn.BatchNorm1d,
     CrossIterationBatchNorm2d: nn.BatchNorm2d,
     CrossIterationBatchNorm3d: nn.BatchNorm3d,
     CrossIterationBatchNorm: nn.SyncBatchNorm,
 }
-
-
-def replace_batchnorm(
-    module: nn.Module,
-    factory: Callable[[nn.Module], nn.Module],
-    types: tuple[type, ...] = (_BatchNorm,),
-) -> nn.Module:
-    """Replace every submodule of one of ``types`` by ``factory(submodule)``, recursively.
-
-    Returns the module itself, or its replacement when ``module`` is of one of ``types``.
-    """
-    if isinstance(module, types):
-        return factory(module)
-    for name, child in module.named_children():
-        replacement = replace_batchnorm(child, factory, types)
-        if replacement is not child:
-            module.add_module(name, replacement)
-    return module
-
-
-def share_norm_state(source: _NormBase, target: _NormBase) -> _NormBase:
-    """Give ``target`` the parameters and running-statistics buffers of ``source`` (no copy)."""
-    if source.affine:
-        target.weight = source.weight
-        target.bias = source.bias
-    if source.track_running_stats and target.track_running_stats:
-        target.running_mean = source.running_mean
-        target.running_var = source.running_var
-        target.num_batches_tracked = source.num_batches_tracked
-    target.train(source.training)
-    return target
-
-
-def _norm_factory_kwargs(norm: _NormBase) -> dict:
-    reference = norm.weight if norm.affine else norm.running_mean
-    kwargs = dict(eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                  track_running_stats=norm.track_running_stats)
-    if reference is not None:
-        kwargs.update(device=reference.device, dtype=reference.dtype)
-    if norm.affine and norm.bias is None:
-        kwargs.update(bias=False)
-    return kwargs
+_UNKNOWN_FIX = (
+    "A subclass may change BatchNorm's forward, so cbn does not guess what replacing it would change: they keep "
+    "their own statistics (cbn.pairing_report does not list them). To make one cross-iteration, replace "
+    "it by an nn.BatchNorm of the same shape (sharing its state) before calling convert_model."
+)
 
 
 def convert_norms(
@@ -83,26 +65,54 @@ def convert_norms(
     """Replace each norm whose exact type is a key of ``classes`` by an instance of its value.
 
     The new layer gets the old one's ``num_features, eps, momentum, affine,
-    track_running_stats, device, dtype`` (overridden by ``layer_kwargs``) and shares its
-    parameters and running statistics. Returns the root (a new module if ``model`` is a norm).
+    track_running_stats, device, dtype`` (and ``bias=False`` if it has no bias), overridden by
+    ``layer_kwargs``, and shares its parameters and running statistics. A norm of ``types``
+    whose class is not a key is left as it is and named in one warning (values of ``classes``
+    excepted). Returns the root (a new module if ``model`` is a norm).
+
+    Example::
+
+        >>> model = cbn.convert_norms(model, {nn.BatchNorm2d: cbn.BatchRenorm2d}, warmup_steps=100)
     """
+    factories = {old: layer_factory(new, **layer_kwargs) for old, new in classes.items()}
+    return swap_norms(model, factories, types, caller="cbn.convert_norms", keep=tuple(classes.values()))
 
-    def make_layer(norm: _NormBase) -> nn.Module:
-        layer_class = classes.get(type(norm))
-        if layer_class is None:
-            return norm
-        kwargs = {**_norm_factory_kwargs(norm), **layer_kwargs}
-        return share_norm_state(norm, layer_class(norm.num_features, **kwargs))
 
-    return replace_batchnorm(model, make_layer, types)
+def _cbn_factories(model: nn.Module, layer_kwargs: dict) -> dict:
+    """The factory of each norm class of ``model`` that ``convert_model`` converts."""
+    factories = {old: layer_factory(new, remember=True, **layer_kwargs) for old, new in _CBN_FOR.items()}
+    for module in model.modules():
+        new = _CBN_ACT_FOR.get(qualified_name(type(module))) if isinstance(module, _BatchNorm) else None
+        if new is not None:
+            factories[type(module)] = layer_factory(new, remember=True, children=("drop", "act"), **layer_kwargs)
+    return factories
 
 
 def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
-    """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` of ``model`` by CBN layers.
+    r"""Replace every BatchNorm of ``model`` by a Cross-Iteration BatchNorm sharing its state.
+
+    Converted kinds (exact classes; a subclass may change the forward):
+
+    - ``nn.BatchNorm1d/2d/3d`` become :class:`CrossIterationBatchNorm1d/2d/3d`, ``nn.SyncBatchNorm``
+      becomes :class:`CrossIterationBatchNorm` (any rank); an ``nn.LazyBatchNorm1d/2d/3d``
+      already initialized counts as the class it turns into;
+    - timm's ``BatchNormAct2d`` (norm, then its ``drop``, then its ``act`` submodule: most timm
+      CNNs) becomes :class:`cbn.layers.norm_act.CrossIterationBatchNormAct2d` with the same
+      ``drop`` and ``act`` modules, timm's ``SyncBatchNormAct`` likewise
+      :class:`cbn.layers.norm_act.CrossIterationBatchNormAct`: :math:`y = \mathrm{act}(\mathrm{drop}(\mathrm{CBN}(x)))`.
+
+    Not converted: ``torchvision.ops.FrozenBatchNorm2d`` and other frozen norms (not
+    ``_BatchNorm``; they have no batch statistics) stay as they are, silently. Any other
+    ``_BatchNorm`` subclass (timm's ``SplitBatchNorm2d``, ``cbn.BatchRenorm2d``, a user's
+    subclass) is left as it is and named, with its Python module and layer names, in one
+    warning. An ``nn.LazyBatchNorm*`` not initialized yet raises ``ValueError`` before anything
+    changes: its channel count is unknown until its first forward, so, as for
+    ``DistributedDataParallel``, run one forward of the model first.
 
     The new layers share the old ones' parameters and running statistics (as
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so optimizers built before the call keep
-    working. Each layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``,
+    working, and remember the original's class and attributes for :func:`revert_model`. Each
+    layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``,
     ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output it receives (see
     :mod:`cbn.producers`); layers whose input is not directly such an output average
     uncompensated statistics, and one warning names them.
@@ -131,10 +141,12 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     Example::
 
-        >>> model = cbn.convert_model(my_resnet, window=4, burnin=500)
+        >>> model = cbn.convert_model(timm.create_model("efficientnet_b0"), window=4, burnin=500)
     """
 
-    model = convert_norms(model, _CBN_FOR, **layer_kwargs)
+    # CBN layers are _BatchNorm too: those already in the model stay, silently, and are paired below.
+    model = swap_norms(model, _cbn_factories(model, layer_kwargs), caller="cbn.convert_model", fix=_UNKNOWN_FIX,
+                       keep=(_CrossIterationBatchNorm,))
     named_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _CrossIterationBatchNorm)]
     if not named_layers:
         return model  # no norm to pair: no taps, which would keep every producer's input alive
@@ -150,15 +162,38 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
 
 def revert_model(model: nn.Module) -> nn.Module:
-    """Turn every Cross-Iteration BatchNorm layer of ``model`` back into ``nn.BatchNorm``.
+    """Turn every Cross-Iteration BatchNorm layer of ``model`` back into the norm it was.
 
-    The BatchNorm layers carry the parameters and running statistics (shared, not copied), and
-    the producer hooks are removed, so ``torch.nn.utils.fusion.fuse_conv_bn_eval``, TorchScript
-    and ONNX export see a plain model. Layers converted from ``nn.SyncBatchNorm`` become
-    ``nn.SyncBatchNorm`` again.
+    A layer made by :func:`convert_model` becomes an instance of the exact class it replaced
+    (``nn.BatchNorm2d``, ``nn.SyncBatchNorm``, timm's ``BatchNormAct2d`` with its ``drop`` and
+    ``act``, ...) with that norm's other attributes and hooks, holding the layer's current
+    parameters and running statistics (shared, not copied): eval outputs are bit for bit those of
+    the converted model. A CBN layer built directly becomes ``nn.BatchNorm1d/2d/3d``
+    (``nn.SyncBatchNorm`` for :class:`CrossIterationBatchNorm`); any other CBN subclass built
+    directly is left as it is and named in one warning. The producer hooks and window hooks are
+    removed, so ``torch.nn.utils.fusion.fuse_conv_bn_eval``, TorchScript and ONNX export see a
+    plain model.
+
+    Example::
+
+        >>> model = cbn.revert_model(model)  # after training; then fold, script or export it
     """
 
-    model = convert_norms(model, _BN_FOR, (_CrossIterationBatchNorm,))
+    unknown: dict[type, list[str]] = {}
+    names = {module: name for name, module in model.named_modules()}
+
+    def back(layer: _CrossIterationBatchNorm) -> nn.Module:
+        original = original_of(layer)
+        if original is not None:
+            return original.rebuild(layer)
+        plain = _BN_FOR.get(type(layer))
+        if plain is None:
+            unknown.setdefault(type(layer), []).append(names.get(layer) or "(root)")
+            return layer
+        return layer_factory(plain)(layer)
+
+    model = replace_modules(model, back, (_CrossIterationBatchNorm,))
+    warn_unconverted(unknown, "cbn.revert_model", "They were not made by cbn.convert_model, which remembers the class to restore.")
     remove_hooks(model)
     model_step.remove(model)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..norm_swap import layer_factory, swap_norms
 from .input_rank import Input1d, Input2d, Input3d
 
 from cbn.functional.batch_renorm import batch_renorm, renorm_limits
@@ -43,6 +44,9 @@ class _BatchRenorm(_BatchNorm):
         warmup_steps: steps of plain BatchNorm before the ramps start. Default: 5000.
         rmax_ramp_steps: steps for r_max to go from 1 to ``rmax``. Default: 40000.
         dmax_ramp_steps: steps for d_max to go from 0 to ``dmax``. Default: 25000.
+        device, dtype: of the parameters and buffers. Default: torch's defaults.
+        bias: with ``affine``, learn :math:`\beta` too (keyword only, as for ``nn.BatchNorm2d``).
+            Default: True.
 
     Shape:
         - Input: :math:`(N, C)` or :math:`(N, C, L)` (1d), :math:`(N, C, H, W)` (2d),
@@ -69,8 +73,12 @@ class _BatchRenorm(_BatchNorm):
         dmax_ramp_steps: int = 25000,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        # ``bias`` is passed on only when False: older torch versions do not know the keyword.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **({} if bias else {"bias": False}))
         if rmax < 1.0 or dmax < 0.0:
             raise ValueError(f"need rmax >= 1 and dmax >= 0, got rmax={rmax}, dmax={dmax}")
         self.rmax = float(rmax)
@@ -115,8 +123,7 @@ class _BatchRenorm(_BatchNorm):
     def convert(cls, model: nn.Module, **kwargs) -> nn.Module:
         """Replace every nn.BatchNorm1d/2d/3d of ``model`` by the matching BatchRenorm layer.
 
-        The new layers share the BatchNorm's parameters and buffers (running statistics and
-        the step counter carry over). ``kwargs`` are the ramp options. Returns the root.
+        Same as :func:`convert_batchrenorm`. ``kwargs`` are the ramp options. Returns the root.
         """
         return convert_batchrenorm(model, **kwargs)
 
@@ -137,8 +144,24 @@ class BatchRenorm3d(Input3d, _BatchRenorm):
 
 
 def convert_batchrenorm(model: nn.Module, **kwargs) -> nn.Module:
-    """Replace each nn.BatchNorm1d/2d/3d by BatchRenorm1d/2d/3d sharing its state; returns the root."""
-    from cbn.convert import convert_norms
+    """Replace each nn.BatchNorm1d/2d/3d by BatchRenorm1d/2d/3d sharing its state; returns the root.
 
+    The new layers take the BatchNorm's ``eps, momentum, affine, track_running_stats``, bias or
+    not, device and dtype, and share its parameters and buffers (running statistics and the step
+    counter ``num_batches_tracked``, which drives the ramps, carry over). Other ``_BatchNorm``
+    kinds (subclasses, ``nn.SyncBatchNorm``) are left as they are and named in one warning;
+    existing BatchRenorm layers are kept.
+
+    Args:
+        model: any ``nn.Module``.
+        **kwargs: ``rmax, dmax, warmup_steps, rmax_ramp_steps, dmax_ramp_steps`` (see
+            :class:`BatchRenorm2d`), or constructor arguments to override the copied ones.
+
+    Example::
+
+        >>> model = cbn.convert_batchrenorm(torchvision.models.resnet18(), warmup_steps=100)
+    """
     classes = {nn.BatchNorm1d: BatchRenorm1d, nn.BatchNorm2d: BatchRenorm2d, nn.BatchNorm3d: BatchRenorm3d}
-    return convert_norms(model, classes, **kwargs)
+    factories = {old: layer_factory(new, **kwargs) for old, new in classes.items()}
+    return swap_norms(model, factories, caller="cbn.convert_batchrenorm", keep=(_BatchRenorm,),
+                      fix="Only exact nn.BatchNorm1d/2d/3d layers are converted.")

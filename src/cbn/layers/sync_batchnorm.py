@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from ..norm_swap import layer_factory, swap_norms
 from .input_rank import Input1d, Input2d, Input3d
 
 
@@ -117,6 +118,9 @@ class _SyncBatchNorm(_BatchNorm):
         affine: learnable :math:`\gamma, \beta`. Default: True.
         track_running_stats: keep running statistics. Default: True.
         process_group: the group to synchronize over; ``None`` means the default (WORLD).
+        device, dtype: of the parameters and buffers. Default: torch's defaults.
+        bias: with ``affine``, learn :math:`\beta` too (keyword only, as for ``nn.BatchNorm2d``).
+            Default: True.
 
     Shape:
         - Input: :math:`(N, C, *)` as for the matching nn.BatchNorm1d/2d/3d.
@@ -139,8 +143,12 @@ class _SyncBatchNorm(_BatchNorm):
         process_group=None,
         device=None,
         dtype=None,
+        *,
+        bias: bool = True,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        # ``bias`` is passed on only when False: older torch versions do not know the keyword.
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype,
+                         **({} if bias else {"bias": False}))
         self.process_group = process_group
 
     def forward(self, input: Tensor) -> Tensor:
@@ -182,8 +190,22 @@ class SyncBatchNorm3d(Input3d, _SyncBatchNorm):
 
 
 def convert_sync_batchnorm(model: nn.Module, process_group=None) -> nn.Module:
-    """Replace each nn.BatchNorm1d/2d/3d by SyncBatchNorm1d/2d/3d sharing its state; returns the root."""
-    from cbn.convert import convert_norms
+    """Replace each nn.BatchNorm1d/2d/3d by SyncBatchNorm1d/2d/3d sharing its state; returns the root.
 
+    The new layers take the BatchNorm's ``eps, momentum, affine, track_running_stats``, bias or
+    not, device and dtype, and share its parameters and running statistics. Other ``_BatchNorm``
+    kinds (subclasses, ``nn.SyncBatchNorm``) are left as they are and named in one warning;
+    existing SyncBatchNorm1d/2d/3d layers are kept.
+
+    Args:
+        model: any ``nn.Module``.
+        process_group: the group to synchronize over; ``None`` means the default (WORLD).
+
+    Example::
+
+        >>> model = cbn.convert_sync_batchnorm(torchvision.models.resnet18())
+    """
     classes = {nn.BatchNorm1d: SyncBatchNorm1d, nn.BatchNorm2d: SyncBatchNorm2d, nn.BatchNorm3d: SyncBatchNorm3d}
-    return convert_norms(model, classes, process_group=process_group)
+    factories = {old: layer_factory(new, process_group=process_group) for old, new in classes.items()}
+    return swap_norms(model, factories, caller="cbn.convert_sync_batchnorm", keep=(_SyncBatchNorm,),
+                      fix="Only exact nn.BatchNorm1d/2d/3d layers are converted.")
