@@ -913,8 +913,7 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
     through the current batch's statistics only (with ``differentiable_compensation``, also
     through the moved past entries into the producer's weight and bias). The derivatives are
     computed in closed form (one extra weight-gradient convolution per step); no weight copy is
-    kept, and the window
-    lives in buffers, so ``state_dict`` resumes training exactly. Eval mode is
+    kept, and the window lives in buffers, so ``state_dict`` resumes training exactly. Eval mode is
     :class:`torch.nn.{batchnorm}` with the running statistics, which are an exponential moving
     average (``momentum``; ``None`` for a cumulative average) of the pooled estimate with the
     variance unbiased over all pooled samples.
