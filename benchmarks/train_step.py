@@ -9,8 +9,8 @@ Measures, on the project's ResNet-20 (1x28x28 input, 10 classes, SGD):
 
 1. time of one training step (zero_grad + forward + cross-entropy + backward + SGD step) for
    ``bn`` (nn.BatchNorm2d), ``floor`` (BatchNorm plus one extra weight-gradient convolution per
-   normalized conv, the least work a compensated CBN can do), ``cbn``, ``naive`` (CBN with
-   ``compensate=False``) and ``authors`` (the port in ``benchmarks/authors_cbn.py``), per batch
+   normalized conv, the least work a compensated CBN can do), ``cbn``, ``cbn-diff`` (CBN with
+   ``differentiable_compensation=True``), ``naive`` (CBN with ``compensate=False``) and ``authors`` (the port in ``benchmarks/authors_cbn.py``), per batch
    size and window. Variants of one batch size are built fresh from the same seed, warmed up
    until every window is full, then timed round-robin (the order rotates every round) in one
    process; medians and ratios to BN from the same run are reported;
@@ -52,13 +52,18 @@ from cbn.functional.statistic_gradients import _in_compiled_convolution_layout
 # Environment variables that change CPU timings; recorded in the command line of the report.
 ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 VARIANTS = ("bn", "floor", "cbn", "naive", "cbn-python", "naive-python", "authors")
-WINDOWED = ("cbn", "naive", "cbn-python", "naive-python", "authors")
+WINDOWED = ("cbn", "cbn-diff", "naive", "cbn-python", "naive-python", "authors")
 # Run on request (--variants): CBN without its C++ kernels, for an interleaved comparison.
 PYTHON_VARIANTS = ("cbn-python", "naive-python")
+# Run on request too (--variants), outside VARIANTS: CBN with differentiable compensation (an
+# option, not yet the default). ALL_VARIANTS: every choice, in the order of the report's columns.
+EXTRA_VARIANTS = ("cbn-diff",)
+ALL_VARIANTS = (*VARIANTS[:3], *EXTRA_VARIANTS, *VARIANTS[3:])
 LABELS = {
     "bn": "BatchNorm",
     "floor": "floor (BN + 1 wgrad conv)",
     "cbn": "CBN",
+    "cbn-diff": "CBN (differentiable)",
     "naive": "naive CBN",
     "cbn-python": "CBN (Python)",
     "naive-python": "naive CBN (Python)",
@@ -141,10 +146,11 @@ def build(variant: str, window: int, seed: int) -> nn.Module:
         return resnet20()
     if variant == "floor":
         return add_floor(resnet20())
-    if variant in ("cbn", "naive", *PYTHON_VARIANTS):
+    if variant in ("cbn", "cbn-diff", "naive", *PYTHON_VARIANTS):
         import cbn
 
-        return cbn.convert_model(resnet20(), window=window, compensate=variant.startswith("cbn"))
+        return cbn.convert_model(resnet20(), window=window, compensate=variant.startswith("cbn"),
+                                 differentiable_compensation=variant == "cbn-diff")
     if variant == "authors":
         return authors_resnet20(window=window)
     raise ValueError(variant)
@@ -269,6 +275,8 @@ def measure_train(args, log) -> tuple[list[dict], list[dict]]:
             row = {"batch": batch, "variant": variant, "window": window, **_summary(samples)}
             if bn_median:
                 row["ratio_to_bn"] = statistics.median(samples) / bn_median
+            if variant == "cbn-diff" and f"cbn@{window}" in times:
+                row["ratio_to_cbn"] = statistics.median(samples) / statistics.median(times[f"cbn@{window}"])
             rows.append(row)
         log(f"train batch={batch}: {len(trainers)} variants x {args.steps} rounds "
             f"in {time.perf_counter() - t0:.1f}s; " + ", ".join(
@@ -449,7 +457,8 @@ def _cell(row: dict | None) -> str:
         return "-"
     text = f"{row['median_ms']:.2f} ms"
     if "ratio_to_bn" in row:
-        text += f" ({row['ratio_to_bn']:.2f}x)"
+        text += f" ({row['ratio_to_bn']:.2f}x"
+        text += f"; {row['ratio_to_cbn']:.2f}x CBN)" if "ratio_to_cbn" in row else ")"
     return text
 
 
@@ -473,7 +482,9 @@ def markdown(result: dict) -> str:
         "Variants: **BatchNorm** (`nn.BatchNorm2d`); **floor**: BatchNorm plus one extra "
         "weight-gradient convolution per normalized conv (`aten.convolution_backward`, output "
         "mask [False, True, False]), the least work compensated CBN can do; **CBN** "
-        "(`cbn.convert_model(model, window=k)`); **naive CBN** (`compensate=False`); "
+        "(`cbn.convert_model(model, window=k)`); **CBN (differentiable)** "
+        "(`differentiable_compensation=True`: gradients through the compensated past into the "
+        "producers; in brackets also its ratio to CBN); **naive CBN** (`compensate=False`); "
         "**authors' port** (`benchmarks/authors_cbn.py`: two `autograd.grad` calls per layer and "
         "three weight-sized tensors per past iteration in Python lists); where run, **(Python)**: "
         "the same CBN without its C++ kernels (`cbn.kernels.use_kernels(False)`). C++ kernels "
@@ -485,7 +496,7 @@ def markdown(result: dict) -> str:
         "warm-up steps (windows full); in brackets the ratio to BatchNorm of the same batch size.",
         "",
     ]
-    present = [v for v in VARIANTS if v in a["variants"]]
+    present = [v for v in ALL_VARIANTS if v in a["variants"]]
     lines.append("| batch | window | " + " | ".join(LABELS[v] for v in present) + " |")
     lines.append("|---|---|" + "---|" * len(present))
     train = result["train"]
@@ -569,7 +580,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__.split("\n")[0])
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 32])
     p.add_argument("--windows", type=int, nargs="+", default=[2, 4, 8])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS,
+    p.add_argument("--variants", nargs="+", choices=ALL_VARIANTS,
                    default=[v for v in VARIANTS if v not in PYTHON_VARIANTS])
     p.add_argument("--steps", type=int, default=30, help="timed round-robin rounds per batch size")
     p.add_argument("--warmup", type=int, default=10,

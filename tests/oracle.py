@@ -4,6 +4,10 @@ It follows the paper's equations literally: raw moments (mu, nu), Jacobians of b
 to the producer's full weight and bias from ``torch.autograd.functional.jacobian``, a copy of the
 weights per stored iteration, the per-entry clamp ``nu >= mu^2`` and ``var = nu_bar - mu_bar^2``.
 It shares no code with the library.
+
+With ``differentiable=True`` the Taylor-moved past entries stay functions of the producer's
+current weight and bias (``weight - stored weight`` is not detached), so autograd of the explicit
+pooled formula gives the gradients of differentiable compensation.
 """
 
 from __future__ import annotations
@@ -41,16 +45,18 @@ class DenseJacobianCBN:
     Taylor step is in that effective weight."""
 
     def __init__(self, producer: nn.Module, window: int, compensate: bool, eps: float = 1e-5,
-                 effective=parameters_as_they_are, apply=produce):
+                 effective=parameters_as_they_are, apply=produce, differentiable: bool = False):
         self.producer = producer
         self.effective = effective
         self.apply = apply
         self.window = window
         self.compensate = compensate
         self.eps = eps
+        self.differentiable = differentiable
         self.history: list[dict] = []
 
-    def __call__(self, x, gamma, beta):
+    def __call__(self, x, gamma, beta, pool: bool = True):
+        """``pool=False``: BatchNorm for this step (burn-in); the entry is stored all the same."""
         producer = self.producer
         weight, bias = self.effective(producer)
         y = self.apply(producer, x, weight, bias)
@@ -59,14 +65,15 @@ class DenseJacobianCBN:
         mu, nu = y.mean(dims), (y * y).mean(dims)
 
         means, second = [mu], [torch.maximum(nu, mu * mu)]
-        for entry in self.history:
+        for entry in self.history if pool else []:
             mu_old, nu_old = entry["mu"], entry["nu"]
             if self.compensate:
-                dw = (weight.detach() - entry["weight"]).flatten()
+                now_weight = weight if self.differentiable else weight.detach()
+                dw = (now_weight - entry["weight"]).flatten()
                 mu_old = mu_old + entry["dmu_dw"] @ dw
                 nu_old = nu_old + entry["dnu_dw"] @ dw
                 if bias is not None:
-                    db = bias.detach() - entry["bias"]
+                    db = (bias if self.differentiable else bias.detach()) - entry["bias"]
                     mu_old = mu_old + entry["dmu_db"] @ db
                     nu_old = nu_old + entry["dnu_db"] @ db
             means.append(mu_old)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from . import _step_context
+from .functional.differentiable_compensation import compensation_jacobians
 from .functional.statistic_gradients import statistic_shifts_of_layers
 from .functional.window import PastStatistics, pool_window
 from .iterations import in_backward_recompute
@@ -48,11 +49,18 @@ def prepare_past_statistics(layers: list[CrossIterationBatchNormBase]) -> None:
             if any(operand is None for operand in operands):
                 continue  # an unpaired layer among them: each computes its own
             mean_now, var_now = statistic_shifts_of_layers(operands)
+            if key[-2]:  # differentiable compensation: the layers attach the summaries at their call
+                jacobians = compensation_jacobians(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
+                                                   [operand[:2] for operand in operands])
+                for (layer, _, _), jacobian in zip(members, jacobians):
+                    layer.use_prepared_past(jacobian)
+                continue
             past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
         else:
             past = pool_window(stats, None, None)
         sizes = [layer.num_features for layer, _, _ in members]
-        for (layer, _, _), *summary in zip(members, *(part.split(sizes) for part in past)):
+        for (layer, _, _), *summary in zip(members, *(part.split(sizes) if part is not None else [None] * len(sizes)
+                                                      for part in past)):
             layer.use_prepared_past(PastStatistics(*summary))
 
 

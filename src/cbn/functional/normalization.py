@@ -26,6 +26,14 @@ backward kernel gives ``gamma s g``, ``G`` and ``H``, one BatchNorm forward kern
 per-channel correction ``-gamma s (G + x_hat H) / (n m)``, instead of the dozens of small
 operations autograd would record. The backward is not itself differentiable (no double
 backward, as with the statistics of SyncBatchNorm).
+
+The past summary ``(c, P / n)`` may itself carry gradients (differentiable compensation,
+``differentiable_compensation.py``). Its gradients are per-channel sums the backward already has:
+with ``A = dL/dmu_bar = -gamma s G`` and ``B = dL/dvar_bar = -gamma s^2 H / 2``, and
+``delta (n - 1) / n^2 = (mu_bar - c) (1 - 1/n)``::
+
+    dL/dc       = (1 - 1/n) (A - 2 B (mu_bar - c))
+    dL/d(P / n) = B
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from .._cache import bounded_get
+from .differentiable_compensation import apply_attachment, producer_gradients
 from .window import PastStatistics, with_pooling_weights
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -92,8 +101,14 @@ class CrossIterationNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, past, eps, stats_dtype):
+    def forward(ctx, input, weight, bias, center, spread_share, past, eps, stats_dtype,
+                producer_weight=None, producer_bias=None, jacobian=None):
+        # ``center`` and ``spread_share`` are ``past``'s own, passed apart so that autograd sees
+        # them when they carry gradients; ``None`` without a past. ``producer_weight``,
+        # ``producer_bias``, ``jacobian``: ``past``'s attachment (differentiable compensation).
         ctx.eps = eps
+        ctx.attachment = (producer_weight.detach(), None if producer_bias is None else producer_bias.detach(),
+                          jacobian) if jacobian is not None else None
         if past is None and input.dtype == stats_dtype:
             output, batch_mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             batch_var = invstd.pow(-2).sub_(eps)
@@ -114,14 +129,16 @@ class CrossIterationNorm(torch.autograd.Function):
         # Eval-mode BatchNorm with the pooled statistics is exactly the normalization wanted.
         output = torch.native_batch_norm(input, weight, bias, mean, var, False, 0.0, eps)[0]
         ctx.pooled = True
-        ctx.save_for_backward(input, weight, mean, var, inv_entries)
+        ctx.save_for_backward(input, weight, mean, var, inv_entries, center)
         ctx.mark_non_differentiable(batch_mean, batch_var, mean, var)
         return output, batch_mean, batch_var, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output, *unused):
-        needs_input, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        needs_input, needs_weight, needs_bias, needs_center, needs_share = ctx.needs_input_grad[:5]
+        needs_producer_weight, needs_producer_bias = ctx.needs_input_grad[8:10]
+        needs_summary = needs_center or needs_share or needs_producer_weight or needs_producer_bias
         saved = ctx.saved_tensors
         input = saved[0]
         grad_output = grad_output.contiguous(memory_format=_memory_format(input))
@@ -131,12 +148,24 @@ class CrossIterationNorm(torch.autograd.Function):
                 grad_output, input, weight, None, None, batch_mean, invstd, True, ctx.eps,
                 [needs_input, needs_weight, needs_bias],
             )
-            return (*grads, None, None, None)
-        input, weight, mean, var, inv_entries = saved
+            return (*grads, None, None, None, None, None, None, None, None)
+        input, weight, mean, var, inv_entries, center = saved
+        needs_sums = needs_input or needs_summary
         grad_input, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_output, input, weight, mean, var, None, None, False, ctx.eps,
-            [needs_input, needs_weight or needs_input, needs_bias or needs_input],
+            [needs_input, needs_weight or needs_sums, needs_bias or needs_sums],
         )
+        grad_center = grad_share = grad_producer_weight = grad_producer_bias = None
+        if needs_summary:
+            grad_center, grad_share = past_summary_gradients(
+                sum_g, sum_g_xhat, weight, mean, var, inv_entries, center, ctx.eps
+            )
+        if needs_producer_weight or needs_producer_bias:
+            producer_weight, producer_bias, jacobian = ctx.attachment
+            grad_producer_weight, grad_producer_bias = producer_gradients(
+                jacobian, grad_center, grad_share, inv_entries, producer_weight, producer_bias,
+                needs_producer_weight, needs_producer_bias,
+            )
         if needs_input:
             # gamma s g from the kernel above, then - gamma s (G + x_hat H) / (n m), which is
             # BatchNorm's forward of the input with scale -gamma s^2 H / (n m), shift -gamma s G / (n m).
@@ -153,8 +182,41 @@ class CrossIterationNorm(torch.autograd.Function):
             grad_input,
             sum_g_xhat if needs_weight else None,
             sum_g if needs_bias else None,
+            grad_center if needs_center else None,
+            grad_share if needs_share else None,
             None, None, None,
+            grad_producer_weight, grad_producer_bias, None,
         )
+
+
+def past_summary_gradients(
+    sum_g: Tensor, sum_g_xhat: Tensor, weight: Tensor | None, mean: Tensor, var: Tensor,
+    inv_entries: Tensor, center: Tensor, eps: float,
+) -> tuple[Tensor, Tensor]:
+    """``(dL/dc, dL/d(P/n))`` of the past summary from the per-channel sums of the backward.
+
+    With ``s = 1/sqrt(var_bar + eps)``, ``G = sum g`` and ``H = sum g x_hat`` over a channel::
+
+        A = dL/dmu_bar = -gamma s G          B = dL/dvar_bar = -gamma s^2 H / 2
+        dL/dc = (1 - 1/n) (A - 2 B (mu_bar - c))          dL/d(P/n) = B
+
+    Args:
+        sum_g, sum_g_xhat: ``G`` and ``H``, ``(C,)``.
+        weight: ``gamma`` ``(C,)`` or ``None``.
+        mean, var: the pooled statistics ``mu_bar``, ``var_bar``; ``inv_entries``: ``1/n``;
+            ``center``: ``c`` (all ``(C,)`` or broadcastable, in the statistics dtype).
+        eps: as in the forward.
+
+    Returns:
+        Two ``(C,)`` tensors in the dtype of ``mean``.
+    """
+    dtype = mean.dtype
+    invstd = torch.rsqrt(var + eps)
+    gamma_s = invstd if weight is None else invstd * weight.to(dtype)
+    grad_mean = -gamma_s * sum_g.to(dtype)
+    grad_var = -0.5 * gamma_s * invstd * sum_g_xhat.to(dtype)
+    grad_center = (1 - inv_entries) * (grad_mean - 2 * grad_var * (mean - center))
+    return grad_center, grad_var
 
 
 _UNIT: dict[tuple, Tensor] = {}
@@ -188,7 +250,10 @@ def cross_iteration_batch_norm(
     Args:
         input: ``(N, C, *)`` tensor.
         past: summary of the past entries (``window.pool_past``); ``None`` (or ``count = 0``)
-            gives BatchNorm.
+            gives BatchNorm. Where its ``center`` and ``spread_share`` carry gradients, the
+            backward gives them theirs; where it has an ``attachment`` (differentiable
+            compensation, :func:`cbn.functional.differentiable_compensation.attach_to_producer`),
+            the backward gives the producer's weight and bias theirs.
         weight, bias: optional affine parameters ``(C,)``.
         eps: added to the pooled variance inside the square root.
         stats_dtype: dtype of the statistics (float32 or wider).
@@ -209,13 +274,22 @@ def cross_iteration_batch_norm(
         # parameters in the statistics' dtype, not low-precision parameters beside float statistics.
         weight = weight.to(stats_dtype)
         bias = bias.to(stats_dtype) if bias is not None else None
-    if past is not None and kernels.active():
+    attachment = (None, None, None)
+    if past is not None:
         past = with_pooling_weights(past)
+        if past.attachment is not None and past.attachment[0] is not None:  # (unattached: values only)
+            attachment = past.attachment
+    if past is not None and kernels.active():
+        producer_weight, producer_bias, jacobian = attachment
+        jacobians = (None,) * 4 if jacobian is None else jacobian[1:]
         output, *stats = torch.ops.cbn.pooled_normalization(
-            input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype
+            input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype,
+            producer_weight, producer_bias, *jacobians,
         )
     else:
-        output, *stats = CrossIterationNorm.apply(input, weight, bias, past, eps, stats_dtype)
+        center, share = (None, None) if past is None else (past.center, past.spread_share)
+        output, *stats = CrossIterationNorm.apply(input, weight, bias, center, share, past, eps, stats_dtype,
+                                                  *attachment)
     return output, PooledStatistics(*stats)
 
 
@@ -232,7 +306,7 @@ def pooled_normalization(
     if past is None:
         mean, var = batch_mean, batch_var
     else:
-        mean, var = pool_with_past(batch_mean, batch_var, past)
+        mean, var = pool_with_past(batch_mean, batch_var, apply_attachment(past))
     return normalize(input, mean, var, weight, bias, eps), PooledStatistics(batch_mean, batch_var, mean, var)
 
 

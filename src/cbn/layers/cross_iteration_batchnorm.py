@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
+from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
 from ..functional.normalization import cross_iteration_batch_norm, traceable_cross_iteration_batch_norm
 from ..functional.statistic_gradients import (
     ConvolutionCall,
@@ -84,17 +85,22 @@ class CrossIterationBatchNormBase(_BatchNorm):
         bias: bool = True,
         process_group: dist.ProcessGroup | None = None,
         check_shared_use: bool = True,
+        differentiable_compensation: bool = False,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
         if not isinstance(burnin, int) or burnin < 0:
             raise ValueError(f"burnin must be an integer >= 0, got {burnin!r}")
+        if differentiable_compensation and not compensate:
+            raise ValueError("differentiable_compensation=True needs compensate=True: naive averaging "
+                             "(compensate=False) has no Taylor terms to differentiate")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.window = window
         self.burnin = burnin
         self.compensate = compensate
         self.process_group = process_group
         self.check_shared_use = check_shared_use
+        self.differentiable_compensation = differentiable_compensation
         # Spatial size of this iteration's inputs, per call position.
         self._iteration_shape: dict[int, torch.Size] = {}
         # A norm called several times in one model forward (a head shared over the levels of a
@@ -249,6 +255,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         return (
             f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, "
             f"compensate={self.compensate}"
+            + (", differentiable_compensation=True" if self.differentiable_compensation else "")
         )
 
     # ----------------------------------------------------------------------------- producer
@@ -527,6 +534,9 @@ class CrossIterationBatchNormBase(_BatchNorm):
         prepared, self._prepared_past = self._prepared_past, None
         if self.window == 1 or self._in_burnin:
             return None
+        if self._differentiates_past:  # (a summary prepared before the layer paired is not used)
+            usable = isinstance(prepared, CompensationJacobian) and position == 0
+            return self._differentiable_past(prepared if usable else None, position)
         if prepared is not None and position == 0:
             return prepared
         with torch.no_grad():
@@ -538,6 +548,31 @@ class CrossIterationBatchNormBase(_BatchNorm):
                 if mean_now is not None:
                     mean_now, var_now = mean_now[rows], var_now[rows]
             return pool_window(stats, mean_now, var_now)
+
+    @property
+    def _differentiates_past(self) -> bool:
+        """Whether the past summary is a function of the producer's current weight and bias."""
+        return self.differentiable_compensation and self._compensating and self._computation is not None
+
+    def _differentiable_past(self, prepared=None, position: int = 0) -> PastStatistics:
+        """The past summary of a call position, carrying gradients to the producer's weight and
+        bias where autograd is on; ``prepared``: its :class:`CompensationJacobian` from the
+        model-level step."""
+        mean_grad, var_grad, weight, bias = self._shift_operands()
+        if prepared is None:
+            stats = self.window_stats
+            with torch.no_grad():
+                (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
+            if self._positions > 1:
+                rows = self._rows(position)
+                stats, mean_now, var_now = stats[rows], mean_now[rows], var_now[rows]
+                mean_grad, var_grad = mean_grad[:, rows], var_grad[:, rows]
+            (prepared,) = compensation_jacobians(stats, mean_now, var_now, [(mean_grad, var_grad)])
+        if not torch.is_grad_enabled():
+            # The Jacobians stay with the summary, unattached: a recompute under autograd
+            # (reentrant activation checkpointing) attaches them (``_recompute_forward``).
+            return prepared.past._replace(attachment=(None, None, prepared))
+        return attach_to_producer(prepared, weight, bias)
 
     @property
     def _will_pool(self) -> bool:
@@ -699,12 +734,14 @@ class CrossIterationBatchNormBase(_BatchNorm):
             return None
         stats = self._buffers["window_stats"]
         compensating = self._compensating
-        key = (self.window, stats.dtype, stats.device, compensating)
+        # (differentiable compensation: the model step prepares CompensationJacobians instead)
+        key = (self.window, stats.dtype, stats.device, self._differentiates_past, compensating)
         return key, stats, self._shift_operands() if compensating else None
 
-    def use_prepared_past(self, past: PastStatistics) -> None:
+    def use_prepared_past(self, past: PastStatistics | CompensationJacobian) -> None:
         """Take ``past``, the summary of this layer's window computed with other layers' by the
-        model-level step, for this forward's first call."""
+        model-level step (with its Jacobians, under differentiable compensation), for this
+        forward's first call."""
         self._prepared_past = past
 
     def claim_entry_row(self, position: int) -> tuple[int, Tensor, int]:
@@ -741,6 +778,11 @@ class CrossIterationBatchNormBase(_BatchNorm):
                 f"input of shape {tuple(input.shape)} that no training forward of this iteration had; "
                 "the statistics of the original forward cannot be found."
             )
+        if past is not None and past.attachment is not None and past.attachment[0] is None and torch.is_grad_enabled():
+            # The original forward ran without autograd (reentrant checkpointing): differentiable
+            # compensation attaches its Jacobians to the weights of this recompute.
+            _, _, weight, bias = self._shift_operands()
+            past = attach_to_producer(past.attachment[2], weight, bias)
         if self._cross_process:
             output, _, _ = cross_process_batch_norm(
                 input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
@@ -775,9 +817,12 @@ class CrossIterationBatchNormBase(_BatchNorm):
             tap = self._producer[1]
             producer_input, tap._input = tap._input, None
         dtype = self.window_stats.dtype
-        with torch.no_grad():
-            shifts = self._current_shifts() if observed else (None, None)
-            past = pool_window(self.window_stats, *shifts) if pooled else None
+        if pooled and observed and self._differentiates_past:
+            past = self._differentiable_past()
+        else:
+            with torch.no_grad():
+                shifts = self._current_shifts() if observed else (None, None)
+                past = pool_window(self.window_stats, *shifts) if pooled else None
         output, stats = traceable_cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)
         computation = self._producer[0] if observed else None
         record_step_in_graph(StepRecord(self, stats, samples, past.samples if past is not None else None,
@@ -865,9 +910,10 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         y = \frac{{x - \bar\mu}}{{\sqrt{{\bar\sigma^2 + \epsilon}}}} * \gamma + \beta
 
     with :math:`\nu = E[x^2]` and :math:`n \le` ``window`` the entries present. Gradients flow
-    through the current batch's statistics only. The derivatives are computed in closed form
-    (one extra weight-gradient convolution per step); no weight copy is kept, and the window
-    lives in buffers, so ``state_dict`` resumes training exactly. Eval mode is
+    through the current batch's statistics only (with ``differentiable_compensation``, also
+    through the moved past entries into the producer's weight and bias). The derivatives are
+    computed in closed form (one extra weight-gradient convolution per step); no weight copy is
+    kept, and the window lives in buffers, so ``state_dict`` resumes training exactly. Eval mode is
     :class:`torch.nn.{batchnorm}` with the running statistics, which are an exponential moving
     average (``momentum``; ``None`` for a cumulative average) of the pooled estimate with the
     variance unbiased over all pooled samples.
@@ -901,6 +947,11 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             forward is one (see :mod:`cbn.iterations`). Default: 0
         compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
             Default: ``True``
+        differentiable_compensation: let the gradient flow through the Taylor-moved past
+            entries, which are functions of the producer's current weight and bias, into that
+            weight and bias (our extension; ``docs/method.md``); ``False`` is the paper's rule,
+            past entries constant in backward. Needs ``compensate=True`` (keyword only).
+            Default: ``False``
         process_group: pool each batch's statistics (and their weight gradients) over the ranks
             of this ``torch.distributed`` group before the window step (keyword only), so that
             ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;
