@@ -6,6 +6,7 @@ Kinds:
     gn      nn.GroupNorm with ``gn_groups`` groups (fewer if the channel count is smaller)
     naive   Cross-Iteration BatchNorm without the Taylor compensation (compensate=False)
     cbn     Cross-Iteration BatchNorm
+    cbn-diff  Cross-Iteration BatchNorm with differentiable compensation (our extension)
     syncbn  CPU SyncBatchNorm (cbn.layers.sync_batchnorm) over the default process group
 """
 
@@ -17,7 +18,11 @@ from torch import nn
 
 from cbn.experiments.models import resnet8, resnet20
 
-NORM_KINDS = ("bn", "brn", "gn", "naive", "cbn", "syncbn")
+NORM_KINDS = ("bn", "brn", "gn", "naive", "cbn", "cbn-diff", "syncbn")
+# The cross-iteration kinds: naive averaging, the paper's compensation, and ours with gradients
+# through the compensated past (``differentiable_compensation``, docs/method.md).
+_CROSS_ITERATION = {"naive": dict(compensate=False), "cbn": dict(compensate=True),
+                    "cbn-diff": dict(compensate=True, differentiable_compensation=True)}
 MODELS = {"resnet20": resnet20, "resnet8": resnet8}
 
 _BRN_KEYS = ("rmax", "dmax", "warmup_steps", "rmax_ramp_steps", "dmax_ramp_steps")
@@ -51,11 +56,11 @@ def make_norm(kind: str, **options) -> Callable[[int], nn.Module]:
 
         extra = _pick(options, _BRN_KEYS)
         return lambda c: BatchRenorm2d(c, **common, **extra)
-    if kind in ("naive", "cbn"):
+    if kind in _CROSS_ITERATION:
         from cbn import CrossIterationBatchNorm2d
 
         extra = _pick(options, _CBN_KEYS)
-        return lambda c: CrossIterationBatchNorm2d(c, **common, **extra, compensate=(kind == "cbn"))
+        return lambda c: CrossIterationBatchNorm2d(c, **common, **extra, **_CROSS_ITERATION[kind])
     if kind == "syncbn":
         from cbn.layers.sync_batchnorm import SyncBatchNorm2d
 
@@ -68,12 +73,12 @@ def build_model(model: str, kind: str, **options) -> nn.Module:
     """Model ``model`` (resnet20 / resnet8) with every norm of kind ``kind``."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
-    if kind in ("naive", "cbn"):
+    if kind in _CROSS_ITERATION:
         import cbn
 
         net = MODELS[model](nn.BatchNorm2d)
         layer_kwargs = _pick(options, _COMMON_KEYS + _CBN_KEYS)
-        return cbn.convert_model(net, **layer_kwargs, compensate=(kind == "cbn"))
+        return cbn.convert_model(net, **layer_kwargs, **_CROSS_ITERATION[kind])
     return MODELS[model](make_norm(kind, **options))
 
 

@@ -26,7 +26,7 @@ against the statistics of layer l's producer applied with its current weights W_
 exactly as it was at iteration t-tau (x_{t-tau} replayed with the weights and the normalizers of
 iteration t-tau). The layer's input is held fixed and only its own producer's weights move: the
 change the Taylor step models. The mean is linear in those weights, so its compensated error is
-zero up to rounding; the variance's is the second-order term of ``cbn-math.md``. The difference
+zero up to rounding; the variance's is the second-order term of ``docs/method.md``. The difference
 between the plain and the weight-change-only truth is the effect of the upstream weights, which
 CBN's truncated Taylor step ignores. The same replay checks the machinery: with the weights of
 t-tau it must reproduce the stored entry (``replay_mean``, ``replay_var``: relative deviations,

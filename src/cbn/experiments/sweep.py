@@ -31,6 +31,7 @@ NORM_LABELS = {
     "gn": "GN",
     "naive": "naive CBN",
     "cbn": "CBN",
+    "cbn-diff": "CBN (differentiable)",
     "syncbn": "SyncBN",
 }
 

@@ -250,7 +250,7 @@ def _train_worker(rank: int, cfg: TrainConfig, rendezvous: str | None, result_pa
             optimizer.step()
             scheduler.step()
             step += 1
-            if step == 1 and is_main and cfg.norm in ("naive", "cbn"):
+            if step == 1 and is_main and cfg.norm in ("naive", "cbn", "cbn-diff"):
                 record["pairing"] = pairing_summary(pairing_report(model))
                 print(f"[{cfg.run_name()}] pairing: {record['pairing']}", flush=True)
             loss_value = loss.item()

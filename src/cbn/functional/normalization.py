@@ -2,7 +2,7 @@
 
 Given the current batch statistics ``mu_t, var_t`` (``m`` values per channel) and the constants
 ``(c, P, n - 1)`` that summarize the ``n - 1`` past entries moved to the current weights
-(``window.py``), the pooled statistics of ``cbn-math.md``,
+(``window.py``), the pooled statistics of ``docs/method.md``,
 ``mu_bar = (1/n) sum mu_tau`` and ``var_bar = (1/n) sum nu_tau - mu_bar^2``, are::
 
     delta   = mu_t - c

@@ -6,7 +6,7 @@ An entry stored without gradients (its producer input was not available, or its 
 frozen) has ``s_mu = b_old`` and ``s_var = 0``, the shifts of zero gradients, so that only a
 change of the bias moves it.
 With the current shifts ``S_mu``, ``S_var`` (same gradients, current weights), the Taylor step of
-``cbn-math.md`` on ``(mu, nu = var + mu^2)`` reads, exactly::
+``docs/method.md`` on ``(mu, nu = var + mu^2)`` reads, exactly::
 
     delta    = S_mu - s_mu
     mu'      = mu + delta

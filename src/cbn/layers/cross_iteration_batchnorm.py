@@ -957,11 +957,13 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;
             with ``window=1`` this is ``nn.SyncBatchNorm``. ``None``: each rank uses its own
             batches, like ``nn.BatchNorm`` under DDP. Default: ``None``
-        check_shared_use: raise ``ValueError`` when one iteration's training forwards get inputs
-            of different spatial sizes, the sign of one norm applied to several inputs (e.g. the
-            levels of a feature pyramid), whose statistics would be mixed in one window
-            (keyword only). ``False`` for gradient accumulation over variable-size inputs.
-            Default: ``True``
+        check_shared_use: raise ``ValueError`` when training forwards of one iteration at the
+            same call position get inputs of different spatial sizes: the sign of one norm
+            applied to several inputs outside one model forward, whose statistics would be mixed
+            in one window, or of a forgotten ``model.eval()`` (keyword only). Inside a converted
+            model's forward, each call of the layer (e.g. one per feature-pyramid level of a
+            shared head) has a window of its own. ``False`` for gradient accumulation over
+            variable-size inputs. Default: ``True``
 
     Shape:
         - Input: {shape}
@@ -991,8 +993,15 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
           included, and recompiles once, when burn-in ends. In a compiled graph, iterations are
           counted by ``torch.optim`` steps and :func:`cbn.mark_step` only, and a producer with a
           custom ``forward`` stores uncompensated entries.
-        - Several inputs per iteration: see ``check_shared_use``; gradient accumulation with
-          unchanged weights pools the micro-batches (one entry each) as one iteration.
+        - Several calls in one forward of a converted model (a head shared over pyramid
+          levels): one window per call position, running statistics updated at every call as
+          BatchNorm's; the number of calls may not grow after the first iteration. Gradient
+          accumulation with unchanged weights pools the micro-batches (one entry each) as one
+          iteration. See ``check_shared_use``.
+        - Activation checkpointing (``torch.utils.checkpoint``): the recompute in backward uses
+          the pooled statistics of its original forward and records nothing, so gradients are
+          those of the model without checkpointing. See ``docs/reliability.md`` for every path
+          (``update_bn``, copies, ``inference_mode``, half precision, in-place ops, ...).
 
     Example::
 
