@@ -127,7 +127,7 @@ DEMO = SweepSpec(
 # Runs whose comparison is the headline (BN, naive CBN and CBN at batch 1 and 2, and the BN
 # reference at batch 32) go first with all their seeds, so a cut sweep still tests it; then the
 # rest of the grid and each variant's first seed, then the variants' repeats.
-_KEY_NORMS, _KEY_BATCHES, _REFERENCE = ("bn", "naive", "cbn"), (1, 2), ("bn", 32)
+_KEY_NORMS, _KEY_BATCHES, _REFERENCE = ("bn", "naive", "cbn", "cbn-diff"), (1, 2), ("bn", 32)
 
 
 def run_priority(cfg: TrainConfig) -> tuple:
