@@ -114,9 +114,10 @@ FULL = SweepSpec(
                       window_cap=8, train_eval_subset=0, precise_bn_images=0),
 )
 # The headline in a few minutes (`make demo`): the failing cell of the evidence sweep at a smaller
-# size. BN, naive CBN and CBN at batch 1 (and the precise-BN control from the BN run), BN at 32.
+# size. BN, naive CBN, CBN (paper) and CBN with differentiable compensation at batch 1 (and the
+# precise-BN control from the BN run), BN at 32.
 DEMO = SweepSpec(
-    norms=("bn", "naive", "cbn"),
+    norms=("bn", "naive", "cbn", "cbn-diff"),
     batch_sizes=(1,),
     seeds=(0,),
     extra_runs=({"norm": "bn", "batch_size": 32},),
@@ -366,7 +367,7 @@ def reading(cells: list[dict]) -> str:
             f"at batch {large} (eval-mode train accuracy {bn['train_eval_mean']:.1f} %: the train/test gap of batch "
             "statistics)")
     parts = [f"{NORM_LABELS.get(m, 'BN with precise statistics')} {lookup[(m, small)]['mean']:.1f} %"
-             for m in ("cbn", "naive", PRECISE) if (m, small) in lookup]
+             for m in ("cbn-diff", "cbn", "naive", PRECISE) if (m, small) in lookup]
     return text + ("; at the same batch " + ", ".join(parts) if parts else "") + "."
 
 
@@ -377,7 +378,7 @@ def plot(cells: list[dict], methods: list[str], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
-    markers = {"bn": "o", "brn": "s", "gn": "^", "naive": "v", "cbn": "D", "syncbn": "x", PRECISE: "."}
+    markers = {"bn": "o", "brn": "s", "gn": "^", "naive": "v", "cbn": "D", "cbn-diff": "P", "syncbn": "x", PRECISE: "."}
     for method in methods:
         cs = sorted((c for c in cells if c["method"] == method), key=lambda c: c["batch_size"])
         xs = [c["batch_size"] for c in cs]
@@ -458,7 +459,7 @@ def plot_curves(groups: dict[tuple[str, int], list[dict]], path: Path) -> Path |
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in ("bn", "naive", "cbn"):
+    for method in [m for m in ("bn", "naive", "cbn", "cbn-diff") if (m, batch) in groups]:
         by_epoch: dict[int, list[float]] = {}
         for r in groups[(method, batch)]:
             for e in r["epochs"]:
