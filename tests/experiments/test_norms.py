@@ -11,7 +11,7 @@ from cbn.layers.sync_batchnorm import SyncBatchNorm2d
 
 EXPECTED = {"bn": nn.BatchNorm2d, "brn": BatchRenorm2d, "gn": nn.GroupNorm,
             "naive": cbn.CrossIterationBatchNorm2d, "cbn": cbn.CrossIterationBatchNorm2d,
-            "syncbn": SyncBatchNorm2d}
+            "cbn-diff": cbn.CrossIterationBatchNorm2d, "syncbn": SyncBatchNorm2d}
 
 
 @pytest.mark.parametrize("kind", NORM_KINDS)
@@ -20,8 +20,9 @@ def test_build_model_every_kind_trains_one_step(kind):
     model = build_model("resnet8", kind, window=3, burnin=0, warmup_steps=0, rmax_ramp_steps=1, dmax_ramp_steps=1)
     layers = norm_layers(model)
     assert len(layers) == 9 and all(type(m) is EXPECTED[kind] for _, m in layers)
-    if kind in ("naive", "cbn"):
-        assert all(m.compensate == (kind == "cbn") and m.window == 3 for _, m in layers)
+    if kind in ("naive", "cbn", "cbn-diff"):
+        assert all(m.compensate == (kind != "naive") and m.window == 3 for _, m in layers)
+        assert all(m.differentiable_compensation == (kind == "cbn-diff") for _, m in layers)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     for _ in range(2):
         loss = nn.functional.cross_entropy(model(torch.randn(2, 1, 28, 28)), torch.tensor([0, 1]))
