@@ -83,9 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
 
     p = sub.add_parser("evidence", help="the evidence sweep of docs/results.md (resumable; hours on 2 cores)")
-    p.add_argument("--out", default=EVIDENCE.out)
+    p.add_argument("--out", default=None, help=f"default: {EVIDENCE.out} (differentiable: runs/differentiable)")
     p.add_argument("--workers", type=int, default=EVIDENCE.workers)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--preset", choices=("evidence", "differentiable"), default="evidence",
+                   help="differentiable: naive, paper and differentiable CBN at batch 1 and 2, 5 seeds")
 
     p = sub.add_parser("report", help="rebuild results.json, table and plot of a sweep directory")
     p.add_argument("dir")
@@ -145,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
         if args.command in ("demo", "evidence"):
-            preset = sweep.DEMO if args.command == "demo" else sweep.EVIDENCE
+            if args.command == "demo":
+                preset = sweep.DEMO
+            else:
+                preset = sweep.DIFFERENTIABLE if args.preset == "differentiable" else sweep.EVIDENCE
             spec = preset.with_(out=args.out, workers=args.workers, data_dir=args.data_dir)
         else:
             spec = sweep.SweepSpec(

@@ -107,6 +107,13 @@ EVIDENCE = SweepSpec(
     train=TrainConfig(model="resnet8", epochs=12, train_subset=2000, test_subset=2000, eval_every=1, nproc=2,
                       augment=False),
 )
+# Issue 21: differentiable compensation against the paper's rule and naive averaging on the
+# evidence protocol (same training template, window and burn-in rules), 5 seeds at batch 1 and 2
+# so that every comparison is paired by seed.
+DIFFERENTIABLE = replace(
+    EVIDENCE, norms=("naive", "cbn", "cbn-diff"), batch_sizes=(1, 2), seeds=(0, 1, 2, 3, 4),
+    small_batch_seeds=(0, 1, 2, 3, 4), extra_runs=(), out="runs/differentiable",
+)
 # The one-epoch ResNet-20 sweep of the first results page (retired; kept reproducible).
 FULL = SweepSpec(
     out="runs/full",
