@@ -154,7 +154,7 @@ def train_one(variant: str, seed: int, args, train: Scenes, test: Scenes, log) -
     order = torch.randperm(len(train.boxes), generator=torch.Generator().manual_seed(seed))
     losses, start = [], time.perf_counter()
     for step in range(args.steps):
-        idx = order[(step * args.batch) % len(order):][: args.batch].tolist()
+        idx = [int(order[(step * args.batch + j) % len(order)]) for j in range(args.batch)]
         images, targets = images_and_targets(train, idx)
         loss = sum(model(images, targets).values())
         optimizer.zero_grad(set_to_none=True)
@@ -178,7 +178,10 @@ def train_one(variant: str, seed: int, args, train: Scenes, test: Scenes, log) -
         record["cbn_layers"] = len(rows)
         log(f"  [cbn seed {seed}] {record['pairing']}")
     log(f"  [{variant} seed {seed}] evaluating on {len(test.boxes)} test scenes")
+    start = time.perf_counter()
     record.update(coco_map(model, test))
+    log(f"  [{variant} seed {seed}] mAP {record['map']:.3f}, mAP50 {record['map50']:.3f} "
+        f"({time.perf_counter() - start:.0f}s)")
     return record
 
 
@@ -272,11 +275,13 @@ def main(argv: list[str] | None = None) -> dict:
     train_images, train_labels = load_split("train")
     test_images, test_labels = load_split("test")
     test = compose_scenes(test_images, test_labels, args.test_scenes, seed=TEST_SEED)
-    records = []
+    records, runs, start = [], args.seeds * len(args.variants), time.perf_counter()
     for seed in range(args.seeds):
         train = compose_scenes(train_images, train_labels, args.train_scenes or args.steps * args.batch, seed=seed)
         for variant in args.variants:
-            log(f"{LABELS[variant]}, seed {seed}")
+            done = len(records)
+            eta = f", about {(time.perf_counter() - start) / done * (runs - done):.0f}s left" if done else ""
+            log(f"run {done + 1}/{runs}: {LABELS[variant]}, seed {seed}{eta}")
             records.append(train_one(variant, seed, args, train, test, log))
     rows = summarize(records)
     text = table(rows)
