@@ -1,9 +1,11 @@
 """The paper's cost table (Table 6 analog): BN, GroupNorm, Batch Renorm, naive CBN, CBN and the
-authors' algorithm on the project's ResNet-20, at two batch sizes.
+authors' algorithm on the project's ResNet-20, at two batch sizes; and BN, GroupNorm and CBN on
+the detector of ``examples/detector.py`` (``--model detector``).
 
 Run from the repository root::
 
     PYTHONPATH=src:. python -m benchmarks.cost_table --md docs/performance.md
+    PYTHONPATH=src:. python -m benchmarks.cost_table --model detector --md docs/performance.md
 
 Per variant and batch size:
 
@@ -16,6 +18,11 @@ Per variant and batch size:
 - **inference time** of the eval-mode model: BN and Batch Renorm folded into the convolutions,
   naive CBN and CBN after ``cbn.revert_model`` and folding, GroupNorm and the authors' layer as
   they are (neither folds).
+
+With ``--model detector`` (Faster R-CNN + FPN of ``examples/detector.py``, norms in the backbone,
+FPN and box head, on composed Fashion-MNIST scenes; see :func:`measure_detector`): measured figures
+only, per variant: extra persistent memory (buffers), peak memory of one training step, FLOPs of one
+training step and of one inference call, training-step and inference times (interleaved, medians).
 """
 
 from __future__ import annotations
@@ -248,10 +255,188 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --------------------------------------------------------------------------------------------
+# The detector
+
+
+DETECTOR_VARIANTS = ("bn", "gn", "cbn")
+
+
+def peak_bytes(fn) -> int:
+    """Peak bytes allocated by the CPU allocator while ``fn()`` runs, above the level at its start.
+
+    From ``torch.profiler``'s memory events (``profile_memory=True``): every allocation and free
+    is an event with a signed size; their running sum in time order is the memory ``fn`` holds,
+    and its maximum is the peak (tensors alive before the call are not counted, those alive after
+    it are). The events are read from the profiler's raw (kineto) results: its per-operator table
+    attributes allocations to operators and keeps only the frees that happen outside them.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    changes = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    level = peak = 0
+    for _, change in changes:
+        level += change
+        peak = max(peak, level)
+    return peak
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the tensors a training step starts from: parameters, their gradients, buffers (CBN's
+    windows included) and the optimizer's state, each storage counted once."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+class DetectorTrainer:
+    """SGD steps of a torchvision detector on one fixed batch of composed scenes."""
+
+    def __init__(self, model: nn.Module, images, targets) -> None:
+        self.model = model.train()
+        self.images, self.targets = images, targets
+        self.opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step(self) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss = sum(self.model(self.images, self.targets).values())
+        loss.backward()
+        self.opt.step()
+        return loss.item()
+
+
+def detector_batch(batch: int, seed: int):
+    """``batch`` composed scenes (real Fashion-MNIST test images) as detector input."""
+    from cbn.experiments.data import load_split
+    from cbn.experiments.scenes import compose_scenes
+    from examples.detector import images_and_targets
+
+    scenes = compose_scenes(*load_split("test"), batch, seed=seed)
+    return images_and_targets(scenes, list(range(batch)))
+
+
+def build_detector_variant(variant: str, window: int, seed: int) -> nn.Module:
+    from examples.detector import build_detector
+
+    torch.manual_seed(seed)
+    return build_detector(variant, window=window)
+
+
+def detector_eval_model(variant: str, model: nn.Module) -> nn.Module:
+    """The model as it is deployed: BN folded into its convolutions, CBN reverted to BN and
+    folded, GroupNorm as it is."""
+    import cbn
+
+    model = copy.deepcopy(model).eval()
+    if variant == "cbn":
+        model = cbn.revert_model(model).eval()
+    return fold_conv_bn(model) if variant in ("bn", "cbn") else model
+
+
+def flops_of(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def measure_detector(args, log) -> list[dict]:
+    """BN, GN and CBN on the detector, per batch size: every figure measured in this process."""
+    import cbn
+
+    rows = []
+    for batch in args.batch_sizes:
+        images, targets = detector_batch(batch, args.seed)
+        trainers = {v: DetectorTrainer(build_detector_variant(v, args.window, args.seed), images, targets)
+                    for v in args.variants}
+        for variant, trainer in trainers.items():
+            for _ in range(max(args.warmup, args.window + 1)):  # every CBN window full
+                trainer.step()
+            log(f"batch {batch}: {variant} warmed up")
+        # Peak memory and FLOPs of one step each, on copies so the timed models keep their state.
+        resident, peaks, train_flops = {}, {}, {}
+        for variant, trainer in trainers.items():
+            twin = DetectorTrainer(copy.deepcopy(trainer.model), images, targets)
+            twin.opt.load_state_dict(trainer.opt.state_dict())
+            twin.step()  # the optimizer state exists before the measured step, as in training
+            resident[variant] = resident_bytes(twin.model, twin.opt)
+            peaks[variant] = peak_bytes(twin.step)
+            train_flops[variant] = flops_of(twin.step)
+        times = interleave({v: t.step for v, t in trainers.items()}, args.steps)
+        log(f"batch {batch}: training steps timed")
+        evals = {v: detector_eval_model(v, t.model) for v, t in trainers.items()}
+        with torch.inference_mode():
+            eval_flops = {v: flops_of(lambda m=m: m(images)) for v, m in evals.items()}
+            for m in evals.values():
+                for _ in range(3):
+                    m(images)
+            eval_times = interleave({v: (lambda m=m: m(images)) for v, m in evals.items()}, args.eval_steps)
+        reference = trainers["bn"].model
+        bn_step, bn_eval = statistics.median(times["bn"]), statistics.median(eval_times["bn"])
+        for variant, trainer in trainers.items():
+            row = {
+                "model": "detector", "variant": variant, "batch": batch, "window": args.window,
+                "memory_measured_bytes": measured_memory(variant, trainer.model, reference),
+                "resident_bytes": resident[variant], "peak_above_start_bytes": peaks[variant],
+                "peak_train_bytes": resident[variant] + peaks[variant],
+                "flops_train": train_flops[variant], "flops_eval": eval_flops[variant],
+                "step_ms": 1e3 * statistics.median(times[variant]),
+                "step_ratio": statistics.median(times[variant]) / bn_step,
+                "eval_ms": 1e3 * statistics.median(eval_times[variant]),
+                "eval_ratio": statistics.median(eval_times[variant]) / bn_eval,
+            }
+            if variant == "cbn":
+                row["pairing"] = cbn.pairing_summary(cbn.pairing_report(trainer.model))
+            rows.append(row)
+        log(f"batch {batch}: " + ", ".join(f"{r['variant']} {r['step_ms']:.0f} ms" for r in rows[-len(trainers):]))
+    return rows
+
+
+def detector_markdown(rows: list[dict], command: str, machine: dict) -> str:
+    build = " (CUDA build on CPU)" if torch.version.cuda and not torch.cuda.is_available() else ""
+    pairing = next((r["pairing"] for r in rows if "pairing" in r), None)
+    lines = [
+        "### Cost table on a detector: Faster R-CNN + FPN with BatchNorm, GroupNorm, CBN",
+        "",
+        f"Generated by `{command}` (commit {machine.get('git_commit')}, torch {torch.__version__}{build}, "
+        f"{machine.get('threads')} thread(s), load average at start {rounded(machine['load_average_start'])}).",
+        "",
+        "The model of `examples/detector.py`: torchvision `FasterRCNN`, ResNet-10 backbone, `BackboneWithFPN` "
+        "(64 channels), `FastRCNNConvFCHead` with two normalized convolutions; the norm of the variant in "
+        "the backbone, the FPN and the box head; 128x128 composed Fashion-MNIST scenes, SGD, window "
+        f"{rows[0]['window']}" + (f" ({pairing})" if pairing else "") + ". "
+        "Extra memory: persistent buffers beyond BatchNorm's. Peak: what a training step starts from "
+        "(parameters, gradients, buffers, optimizer state) plus the most bytes the step allocates above "
+        "that at once (CPU allocator events of `torch.profiler`). FLOPs: "
+        "`torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add; it does not count torchvision's "
+        "RoIAlign and NMS). Inference: the eval-mode model on the same images, BN folded into the "
+        "convolutions, CBN reverted with `cbn.revert_model` and folded, GroupNorm as it is. Times: medians of "
+        "interleaved rounds, ratios to BatchNorm in the same run.",
+        "",
+        "| method | batch | extra memory (KiB) | peak training-step memory (MiB) | GFLOPs training step "
+        "| GFLOPs inference | training step (ms, x BN) | inference (ms, x BN) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {LABELS[r['variant']]} | {r['batch']} | {_kib(r['memory_measured_bytes'])} | "
+            f"{r['peak_train_bytes'] / 2**20:.1f} | {r['flops_train'] / 1e9:.2f} | {r['flops_eval'] / 1e9:.2f} | "
+            f"{r['step_ms']:.0f} ({r['step_ratio']:.2f}x) | {r['eval_ms']:.0f} ({r['eval_ratio']:.2f}x) |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.cost_table", description=__doc__.split("\n")[0])
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[2, 32])
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--model", choices=("resnet20", "detector"), default="resnet20",
+                   help="detector: examples/detector.py's Faster R-CNN, variants bn, gn, cbn, batch 2")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 2 32 (resnet20), 2 (detector)")
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=None,
+                   help=f"default: all (resnet20), {' '.join(DETECTOR_VARIANTS)} (detector)")
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--steps", type=int, default=20, help="timed round-robin rounds")
     p.add_argument("--warmup", type=int, default=6)
@@ -260,7 +445,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--md", type=Path, default=None, help="write the table into this markdown file (its section)")
     p.add_argument("--json", type=Path, default=None)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    detector = args.model == "detector"
+    if args.batch_sizes is None:
+        args.batch_sizes = [2] if detector else [2, 32]
+    if args.variants is None:
+        args.variants = list(DETECTOR_VARIANTS if detector else VARIANTS)
+    if detector and set(args.variants) - set(DETECTOR_VARIANTS):
+        p.error(f"--model detector measures {', '.join(DETECTOR_VARIANTS)} only")
+    return args
 
 
 def run(argv=None) -> dict:
@@ -269,7 +462,11 @@ def run(argv=None) -> dict:
     args = parse_args(argv)
     if "bn" not in args.variants:
         args.variants = ["bn", *args.variants]
-    rows, context = run_section("cost_table", "cost-table", args, argv, measure, markdown)
+    if args.model == "detector":
+        rows, context = run_section("cost_table", "cost-table-detector", args, argv, measure_detector,
+                                    detector_markdown)
+    else:
+        rows, context = run_section("cost_table", "cost-table", args, argv, measure, markdown)
     result = {"command": context["command"], "machine": context["machine"], "rows": rows, "wall_s": context["wall_s"]}
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
