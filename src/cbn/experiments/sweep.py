@@ -316,17 +316,21 @@ def report(sweep_dir: str | os.PathLike) -> dict:
 
     comparisons = []
     for b in (b for b in batch_sizes if b <= 4):
-        for other in ("bn", "naive", PRECISE):
-            cbn_cell, other_cell = lookup.get(("cbn", b)), lookup.get((other, b))
-            if cbn_cell and other_cell:
-                comparisons.append({"batch_size": b, "a": "cbn", "b": other,
-                                    **compare(cbn_cell["test_acc"], other_cell["test_acc"])})
+        # Each CBN kind against the other methods of its batch size (differentiable CBN also
+        # against the paper's CBN).
+        for method, others in (("cbn-diff", ("cbn", "naive", "bn", "gn", "brn", "syncbn", PRECISE)),
+                               ("cbn", ("bn", "naive", PRECISE))):
+            for other in others:
+                cbn_cell, other_cell = lookup.get((method, b)), lookup.get((other, b))
+                if cbn_cell and other_cell:
+                    comparisons.append({"batch_size": b, "a": method, "b": other,
+                                        **compare(cbn_cell["test_acc"], other_cell["test_acc"])})
     comparison_lines = ["| batch | comparison | difference (points) | Welch p | paired p (n pairs) |",
                         "|---|---|---|---|---|"]
     for c in comparisons:
         comparison_lines.append(
-            f"| {c['batch_size']} | CBN - {NORM_LABELS.get(c['b'], 'BN + precise stats')} | {c['diff']:+.2f} | "
-            f"{_p(c['welch_p'])} | {_p(c['paired_p'])} ({c['n_pairs']}) |"
+            f"| {c['batch_size']} | {NORM_LABELS[c['a']]} - {NORM_LABELS.get(c['b'], 'BN + precise stats')} | "
+            f"{c['diff']:+.2f} | {_p(c['welch_p'])} | {_p(c['paired_p'])} ({c['n_pairs']}) |"
         )
     comparison_table = "\n".join(comparison_lines)
 
