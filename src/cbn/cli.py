@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="rebuild results.json, table and plot of a sweep directory")
     p.add_argument("dir")
+    p.add_argument("--against", default=None, help="summary.json of another sweep on the same protocol")
 
     p = sub.add_parser("build-kernels", help="compile the optional C++ kernels now (cached; else at first use)")
     p.add_argument("--verbose", action="store_true", help="show the compiler's output")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "report":
         from cbn.experiments import sweep
 
-        _print_summary(sweep.report(args.dir))
+        _print_summary(sweep.report(args.dir, against=args.against))
         return 0
     if args.command == "stats-error":
         from cbn.experiments.stats_error import main as stats_main

@@ -113,3 +113,15 @@ def test_reading_names_the_failure_and_each_method(tmp_path):
     assert "eval-mode train accuracy 45.0 %" in text
     assert "CBN 80.0 %, naive CBN 75.0 %, BN with precise statistics 45.0 %" in text
     assert (tmp_path / "test_accuracy_vs_epoch.png").stat().st_size > 1000  # BN, naive, CBN at batch 1
+
+
+def test_differentiable_cbn_is_compared_with_another_sweeps_cells_by_seed():
+    lookup = {("cbn-diff", 1): {"test_acc": {0: 82.0, 1: 83.0, 2: 81.0}}}
+    summary = {"cells": [
+        {"method": "gn", "batch_size": 1, "tag": "", "test_acc": {"0": 80.0, "1": 82.0, "2": 81.5}},
+        {"method": "bn", "batch_size": 32, "tag": "", "test_acc": {"0": 84.0, "1": 85.0}},
+    ]}
+    rows = sweep._grid_comparisons(lookup, [1], summary)
+    assert rows[0].startswith("| 1 | CBN (differentiable) - GN (grid) | +0.83 |") and rows[0].endswith("(3) |")
+    assert rows[1].startswith("| 1 | CBN (differentiable) - BN at batch 32 (grid) | -2.50 |")
+    assert rows[1].endswith("(2) |")

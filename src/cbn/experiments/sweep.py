@@ -288,8 +288,12 @@ def _p(p: float) -> str:
     return "n/a" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
 
 
-def report(sweep_dir: str | os.PathLike) -> dict:
+def report(sweep_dir: str | os.PathLike, against: str | os.PathLike | None = None) -> dict:
     """Aggregate the JSON records under ``sweep_dir/runs``: results.json, results.md, plots.
+
+    ``against``: the ``summary.json`` of another sweep on the same protocol (the committed
+    evidence grid); differentiable CBN is then also compared, paired by seed, with each of its
+    methods at the same batch size and with BN at its largest batch ("(grid)" in the table).
 
     Cells hold mean, std and 95 % interval over seeds of the test accuracy, with the eval-mode
     train accuracy beside it; ``bn+precise`` is the precise-BN control (BN runs with recomputed
@@ -332,6 +336,8 @@ def report(sweep_dir: str | os.PathLike) -> dict:
             f"| {c['batch_size']} | {NORM_LABELS[c['a']]} - {NORM_LABELS.get(c['b'], 'BN + precise stats')} | "
             f"{c['diff']:+.2f} | {_p(c['welch_p'])} | {_p(c['paired_p'])} ({c['n_pairs']}) |"
         )
+    if against is not None:
+        comparison_lines += _grid_comparisons(lookup, batch_sizes, json.loads(Path(against).read_text()))
     comparison_table = "\n".join(comparison_lines)
 
     ablation_cells = [c for c in cells if c["tag"]]
@@ -363,6 +369,26 @@ def report(sweep_dir: str | os.PathLike) -> dict:
     return {"table": table, "reading": reading(cells), "comparisons": comparison_table, "ablations": ablation_table if ablation_cells else "",
             "plot": str(plot_path), "ablation_plot": str(ablations_path) if ablations_path else None, "curves": str(curves_path) if curves_path else None,
             "results": str(results_path), "cells": cells}
+
+
+def _grid_comparisons(lookup: dict, batch_sizes: list[int], summary: dict) -> list[str]:
+    """Table rows: differentiable CBN against the cells of another sweep's summary, by seed."""
+    grid = {(c["method"], c["batch_size"]): c for c in summary["cells"] if not c["tag"]}
+    largest = max(b for m, b in grid if m == "bn")
+    lines = []
+    for b in (b for b in batch_sizes if b <= 4):
+        ours = lookup.get(("cbn-diff", b))
+        if ours is None:
+            continue
+        for other, other_batch in (*(((m, b)) for m in ("bn", "gn", "brn", "syncbn", PRECISE)), ("bn", largest)):
+            cell = grid.get((other, other_batch))
+            if cell is None:
+                continue
+            c = compare(ours["test_acc"], {int(seed): acc for seed, acc in cell["test_acc"].items()})
+            label = NORM_LABELS.get(other, "BN + precise stats") + (f" at batch {other_batch}" if other_batch != b else "")
+            lines.append(f"| {b} | CBN (differentiable) - {label} (grid) | {c['diff']:+.2f} | {_p(c['welch_p'])} | "
+                         f"{_p(c['paired_p'])} ({c['n_pairs']}) |")
+    return lines
 
 
 def reading(cells: list[dict]) -> str:
