@@ -109,10 +109,18 @@ EVIDENCE = SweepSpec(
 )
 # Issue 21: differentiable compensation against the paper's rule and naive averaging on the
 # evidence protocol (same training template, window and burn-in rules), 5 seeds at batch 1 and 2
-# so that every comparison is paired by seed.
+# so that every comparison is paired by seed; differentiable CBN at batch 4 (5 seeds) beside the
+# grid's batch-4 cells; its window and burn-in ablations at batch 1 (seeds 0 and 1).
 DIFFERENTIABLE = replace(
     EVIDENCE, norms=("naive", "cbn", "cbn-diff"), batch_sizes=(1, 2), seeds=(0, 1, 2, 3, 4),
-    small_batch_seeds=(0, 1, 2, 3, 4), extra_runs=(), out="runs/differentiable",
+    small_batch_seeds=(0, 1, 2, 3, 4),
+    extra_runs=(
+        {"norm": "cbn-diff", "batch_size": 4},
+        *({"tag": f"k{k}", "norm": "cbn-diff", "batch_size": 1, "window": k, "seeds": (0, 1)} for k in (4, 8)),
+        *({"tag": f"burnin{int(f * 100)}", "norm": "cbn-diff", "batch_size": 1, "burnin_fraction": f,
+           "seeds": (0, 1)} for f in (0.1, 0.5)),
+    ),
+    out="runs/differentiable",
 )
 # The one-epoch ResNet-20 sweep of the first results page (retired; kept reproducible).
 FULL = SweepSpec(
@@ -439,20 +447,22 @@ def plot(cells: list[dict], methods: list[str], path: Path) -> None:
 
 
 def plot_ablations(cells: list[dict], path: Path) -> None:
-    """CBN test accuracy against the window ``k`` and against the burn-in fraction, at the ablation
-    batch size; the main grid's CBN cell there is the protocol's own point of both curves."""
+    """Test accuracy of the ablated CBN kind (paper or differentiable, whichever the sweep ablates)
+    against the window ``k`` and against the burn-in fraction, at the ablation batch size; the main
+    table's cell of that kind there is the protocol's own point of both curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = [c for c in cells if c["tag"] and c["norm"] == "cbn"]
-    batch = variants[0]["batch_size"]
+    variants = [c for c in cells if c["tag"] and c["norm"] in ("cbn", "cbn-diff")]
+    norm, batch = variants[0]["norm"], variants[0]["batch_size"]
+    variants = [c for c in variants if c["norm"] == norm]
     # The protocol's own point, over the seeds the variants ran (comparable seed for seed).
     seeds = {seed for c in variants for seed in c["test_acc"]}
     base = []
     for c in cells:
-        if c["method"] == "cbn" and c["batch_size"] == batch:
+        if c["method"] == norm and c["batch_size"] == batch:
             test = [v for seed, v in c["test_acc"].items() if seed in seeds]
             train = [v for seed, v in c["train_eval_acc"].items() if seed in seeds]
             summary = summarize(test)
@@ -475,7 +485,7 @@ def plot_ablations(cells: list[dict], path: Path) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_xscale("log", base=2)
-    fig.suptitle(f"CBN ablations at batch {batch} (mean and 95 % interval over seeds)")
+    fig.suptitle(f"{NORM_LABELS[norm]} ablations at batch {batch} (mean and 95 % interval over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
