@@ -12,7 +12,7 @@ from torch import nn
 from cbn.experiments import dense_sweep
 from cbn.experiments.segmentation import (
     METHODS, SegConfig, UNet, build_segmentation_model, compose_scenes, confusion_matrix, iou_scores,
-    resolve_protocol, training_batches, Scenes,
+    resolve_protocol, training_batches, Scenes, vary_photometry,
 )
 
 
@@ -57,6 +57,28 @@ def test_compose_scenes_pastes_whole_objects_at_one_offset():
         window = scene[r : r + 28, c : c + 28]
         assert torch.equal(window, torch.where(foreground, images[0, 0], torch.zeros_like(images[0, 0])))
         assert int(mask.sum()) == int(foreground.sum()) * (int(labels[0]) + 1)
+
+
+def test_vary_photometry_is_one_affine_map_per_scene():
+    images, labels = _coded_objects()
+    scenes, _, _ = compose_scenes(images, labels, 200, canvas=32, objects=(1, 2), seed=0)
+    assert torch.equal(vary_photometry(scenes, 0.0, seed=1), scenes)
+    varied = vary_photometry(scenes, 0.8, seed=1)
+    assert varied.dtype == torch.uint8 and torch.equal(varied, vary_photometry(scenes, 0.8, seed=1))
+    levels, contrasts = [], []
+    for before, after in zip(scenes[:, 0].double(), varied[:, 0].double()):
+        # Each scene's map, recovered by least squares on its own pixels, then checked on every pixel.
+        design = torch.stack([torch.ones_like(before.flatten()), before.flatten()], 1)
+        level, contrast = torch.linalg.lstsq(design, after.flatten()[:, None]).solution.flatten().tolist()
+        assert torch.allclose(after, (level + contrast * before).round(), atol=1.0)
+        # Rounding to uint8 moves the fitted contrast by up to ~1/value, hence the slack of the bounds.
+        assert 0.2 - 0.02 <= contrast <= 1.0 + 0.02 and -0.6 <= level <= (1 - contrast) * 255 + 6
+        levels.append(level)
+        contrasts.append(contrast)
+        assert bool((after[before > 0] > after[before == 0].max()).all()) if bool((before == 0).any()) else True
+    assert statistics.pstdev(contrasts) > 0.15 and statistics.pstdev(levels) > 20
+    with pytest.raises(ValueError, match="photometric strength"):
+        vary_photometry(scenes, 1.0, seed=0)
 
 
 def test_iou_scores_match_set_definitions():

@@ -119,6 +119,40 @@ def compose_scenes(
     return scenes, masks, counts
 
 
+def vary_photometry(scenes: Tensor, strength: float, seed: int) -> Tensor:
+    """Give every scene its own contrast and background level: ``out = level + contrast * scene``.
+
+    Per scene, ``contrast`` is uniform in ``[1 - strength, 1]`` and ``level`` uniform in
+    ``[0, (1 - contrast) * 255]``, so values stay in ``0..255`` and an object pixel stays brighter
+    than the background. This is the between-image variation of camera exposure that makes a
+    batch's statistics differ from the population's: normalizing with the statistics of one or two
+    scenes removes it in training, while the running statistics used in evaluation do not. The
+    masks are unchanged (they come from the composition, not from the pixel values).
+
+    Args:
+        scenes: ``(N, 1, H, W)`` uint8 canvases.
+        strength: in ``[0, 1)``; 0 returns ``scenes`` unchanged.
+        seed: generator seed (its own ``torch.Generator``).
+
+    Returns:
+        ``(N, 1, H, W)`` uint8.
+
+    Example::
+
+        >>> varied = vary_photometry(scenes, 0.8, seed=0)
+    """
+    if not 0.0 <= strength < 1.0:
+        raise ValueError(f"photometric strength must be in [0, 1), got {strength}")
+    if strength == 0.0:
+        return scenes
+    generator = torch.Generator().manual_seed(seed)
+    n = scenes.shape[0]
+    contrast = 1.0 - strength * torch.rand(n, generator=generator, dtype=torch.float64)
+    level = (1.0 - contrast) * 255.0 * torch.rand(n, generator=generator, dtype=torch.float64)
+    varied = level.view(n, 1, 1, 1) + contrast.view(n, 1, 1, 1) * scenes.double()
+    return varied.round().clamp(0, 255).to(torch.uint8)
+
+
 @dataclass
 class Scenes:
     """Composed training and test scenes (uint8 canvases, int64 masks)."""
@@ -131,13 +165,17 @@ class Scenes:
     @classmethod
     def build(cls, cfg: "SegConfig") -> "Scenes":
         """Training scenes from the training split (seed ``scene_seed``), test scenes from the test
-        split (seed ``scene_seed + 1``); the same for every run with the same scene options."""
+        split (seed ``scene_seed + 1``); the same for every run with the same scene options. With
+        ``cfg.photometric > 0`` each scene gets its own contrast and background level
+        (:func:`vary_photometry`)."""
         train_images, train_labels = load_split("train", cfg.data_dir)
         test_images, test_labels = load_split("test", cfg.data_dir)
         objects = (cfg.objects_min, cfg.objects_max)
         train = compose_scenes(train_images, train_labels, cfg.train_scenes, cfg.canvas, objects, cfg.scene_seed)
         test = compose_scenes(test_images, test_labels, cfg.test_scenes, cfg.canvas, objects, cfg.scene_seed + 1)
-        return cls(train[0], train[1], test[0], test[1])
+        train_images = vary_photometry(train[0], cfg.photometric, cfg.scene_seed + 2)
+        test_images = vary_photometry(test[0], cfg.photometric, cfg.scene_seed + 3)
+        return cls(train_images, train[1], test_images, test[1])
 
 
 # ----------------------------------------------------------------------------- model
@@ -306,6 +344,7 @@ class SegConfig:
     train_scenes: int = 1000
     test_scenes: int = 300
     scene_seed: int = 0
+    photometric: float = 0.0  # per-scene contrast / background variation (vary_photometry)
     flip: bool = True
     # model
     arch: str = "unet"
