@@ -39,7 +39,7 @@ def conv_stack(variant: str, blocks: int, window: int, seed: int) -> nn.Module:
         return model
     import cbn
 
-    return cbn.convert_model(model, window=window, compensate=variant == "cbn")
+    return cbn.convert_model(model, window=window, compensate=variant == "cbn", differentiable_compensation=False)
 
 
 def trainer(variant: str, batch: int, args, compiled: bool) -> Trainer:

@@ -78,7 +78,7 @@ def build(variant: str, window: int, seed: int) -> nn.Module:
         return model
     if variant == "floor":  # BatchNorm plus one weight-gradient convolution per normalized conv
         return add_floor(model)
-    return cbn.convert_model(model, window=window, compensate=variant == "cbn")
+    return cbn.convert_model(model, window=window, compensate=variant == "cbn", differentiable_compensation=False)
 
 
 class Trainer:

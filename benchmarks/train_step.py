@@ -9,8 +9,8 @@ Measures, on the project's ResNet-20 (1x28x28 input, 10 classes, SGD):
 
 1. time of one training step (zero_grad + forward + cross-entropy + backward + SGD step) for
    ``bn`` (nn.BatchNorm2d), ``floor`` (BatchNorm plus one extra weight-gradient convolution per
-   normalized conv, the least work a compensated CBN can do), ``cbn``, ``cbn-diff`` (CBN with
-   ``differentiable_compensation=True``), ``naive`` (CBN with ``compensate=False``) and ``authors`` (the port in ``benchmarks/authors_cbn.py``), per batch
+   normalized conv, the least work a compensated CBN can do), ``cbn`` (the paper's rule,
+   ``differentiable_compensation=False``), ``cbn-diff`` (the default, ``differentiable_compensation=True``), ``naive`` (CBN with ``compensate=False``) and ``authors`` (the port in ``benchmarks/authors_cbn.py``), per batch
    size and window. Variants of one batch size are built fresh from the same seed, warmed up
    until every window is full, then timed round-robin (the order rotates every round) in one
    process; medians and ratios to BN from the same run are reported;
@@ -482,8 +482,8 @@ def markdown(result: dict) -> str:
         "Variants: **BatchNorm** (`nn.BatchNorm2d`); **floor**: BatchNorm plus one extra "
         "weight-gradient convolution per normalized conv (`aten.convolution_backward`, output "
         "mask [False, True, False]), the least work compensated CBN can do; **CBN** "
-        "(`cbn.convert_model(model, window=k)`); **CBN (differentiable)** "
-        "(`differentiable_compensation=True`: gradients through the compensated past into the "
+        "(the paper's rule: `cbn.convert_model(model, window=k, differentiable_compensation=False)`); "
+        "**CBN (differentiable)** (the library's default, `differentiable_compensation=True`: gradients through the compensated past into the "
         "producers; in brackets also its ratio to CBN); **naive CBN** (`compensate=False`); "
         "**authors' port** (`benchmarks/authors_cbn.py`: two `autograd.grad` calls per layer and "
         "three weight-sized tensors per past iteration in Python lists); where run, **(Python)**: "

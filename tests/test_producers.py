@@ -84,7 +84,9 @@ def test_custom_producers_match_dense_jacobian_oracle(case):
     torch.manual_seed(0)
     make_producer, description, input_shape = CASES[case]
     producer = make_producer().double()
-    norm = cbn.CrossIterationBatchNorm2d(4, window=4, dtype=torch.float64)
+    # The paper's rule here; the default (differentiable) on these producers: the test of the
+    # same name in tests/functional/test_differentiable_compensation.py.
+    norm = cbn.CrossIterationBatchNorm2d(4, window=4, differentiable_compensation=False, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # paired: no warning
         model = cbn.convert_model(nn.Sequential(producer, norm))
@@ -120,7 +122,7 @@ def test_compensation_in_the_raw_weight_would_be_caught():
     # (what the layer did before it observed the call) disagrees after a few steps.
     torch.manual_seed(0)
     producer = StandardizedConv2d(3, 4, 3, padding=1, bias=True).double()
-    norm = cbn.CrossIterationBatchNorm2d(4, window=4, dtype=torch.float64)
+    norm = cbn.CrossIterationBatchNorm2d(4, window=4, differentiable_compensation=False, dtype=torch.float64)
     model = cbn.convert_model(nn.Sequential(producer, norm))
     raw = DenseJacobianCBN(producer, window=4, compensate=True,
                            apply=lambda p, x, w, b: _apply_padded1(p, x, _standardized(_Weight(w))[0], b))

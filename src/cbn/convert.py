@@ -123,8 +123,9 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     Args:
         model: any ``nn.Module``.
-        **layer_kwargs: ``window``, ``burnin``, ``compensate``, ``process_group``,
-            ``check_shared_use`` (and any other argument of :class:`CrossIterationBatchNorm2d` to
+        **layer_kwargs: ``window``, ``burnin``, ``compensate``, ``differentiable_compensation``
+            (default: on wherever ``compensate``; ``False`` for the paper's rule),
+            ``process_group``, ``check_shared_use`` (and any other argument of :class:`CrossIterationBatchNorm2d` to
             override the copied ones). ``process_group`` (e.g. ``torch.distributed.group.WORLD``,
             after ``init_process_group``) pools each batch over its ranks before the window step;
             without it each rank normalizes with its own batches, like ``nn.BatchNorm`` under DDP.

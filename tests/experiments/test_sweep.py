@@ -93,7 +93,7 @@ def test_report_intervals_comparisons_precise_control_and_ablations(tmp_path):
 
     assert math.isclose(comparison["paired_p"], 2 * stats.t.sf(abs(t), 2), rel_tol=1e-9)
     assert math.isclose(comparison["diff"], statistics.fmean(diffs))
-    assert "CBN [k2]" in summary["ablations"] and "BN + precise stats" in summary["table"]
+    assert "CBN (paper rule) [k2]" in summary["ablations"] and "BN + precise stats" in summary["table"]
     assert (tmp_path / "test_accuracy_vs_epoch.png").exists() is False  # no naive runs: no curves
     assert (tmp_path / "ablations.png").stat().st_size > 1000
 
@@ -111,7 +111,7 @@ def test_reading_names_the_failure_and_each_method(tmp_path):
     text = sweep.report(tmp_path)["reading"]
     assert text.startswith("Reading: at batch 1 BN reaches 40.0 % test accuracy against 85.0 % at batch 32")
     assert "eval-mode train accuracy 45.0 %" in text
-    assert "CBN 80.0 %, naive CBN 75.0 %, BN with precise statistics 45.0 %" in text
+    assert "CBN (paper rule) 80.0 %, naive CBN 75.0 %, BN with precise statistics 45.0 %" in text
     assert (tmp_path / "test_accuracy_vs_epoch.png").stat().st_size > 1000  # BN, naive, CBN at batch 1
 
 

@@ -129,7 +129,7 @@ def test_matches_oracle_where_the_clamp_acts():
 def test_input_gradients_equal_the_paper_variant_and_weight_gradients_do_not():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)).double()
-    paper = cbn.convert_model(copy.deepcopy(base), window=3)
+    paper = cbn.convert_model(copy.deepcopy(base), window=3, differentiable_compensation=False)
     differentiable = cbn.convert_model(copy.deepcopy(base), window=3, differentiable_compensation=True)
     optimizer = torch.optim.SGD(paper.parameters(), lr=0.3)
     for step in range(4):
@@ -237,6 +237,17 @@ def test_normalization_gradients_of_the_past_summary(form):
 def test_naive_averaging_refuses_the_option():
     with pytest.raises(ValueError, match="compensate=True"):
         cbn.CrossIterationBatchNorm2d(4, compensate=False, differentiable_compensation=True)
+
+
+def test_the_default_is_differentiable_wherever_compensation_is_on():
+    assert cbn.CrossIterationBatchNorm2d(4).differentiable_compensation is True
+    assert cbn.CrossIterationBatchNorm2d(4, compensate=False).differentiable_compensation is False
+    paper = cbn.CrossIterationBatchNorm2d(4, differentiable_compensation=False)
+    assert paper.differentiable_compensation is False and "differentiable_compensation=False" in repr(paper)
+    converted = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), window=3)
+    assert converted[1].differentiable_compensation is True
+    naive = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), window=3, compensate=False)
+    assert naive[1].differentiable_compensation is False
 
 
 def _small_model(dtype=torch.float32, **kwargs):
@@ -434,7 +445,7 @@ def test_training_forward_without_autograd_equals_the_paper_variant():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1),
                          nn.BatchNorm2d(4)).double()
-    paper = cbn.convert_model(copy.deepcopy(base), window=3)
+    paper = cbn.convert_model(copy.deepcopy(base), window=3, differentiable_compensation=False)
     differentiable = cbn.convert_model(copy.deepcopy(base), window=3, differentiable_compensation=True)
     for step in range(4):
         x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
@@ -471,7 +482,8 @@ def test_activation_checkpointing_gives_the_gradients_of_the_plain_model(use_ree
     plain = train(model, lambda m, x: m(x))
     recomputed = train(checkpointed, lambda m, x: checkpoint(m, x.requires_grad_(use_reentrant),
                                                              use_reentrant=use_reentrant))
-    paper = train(cbn.convert_model(copy.deepcopy(block), window=3), lambda m, x: m(x))
+    paper = train(cbn.convert_model(copy.deepcopy(block), window=3, differentiable_compensation=False),
+                  lambda m, x: m(x))
     for step_plain, step_recomputed in zip(plain, recomputed):
         for a, b in zip(step_plain, step_recomputed):
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)

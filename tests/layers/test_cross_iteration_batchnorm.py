@@ -39,17 +39,19 @@ def _out_channels(producer):
     return producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
 
 
-@pytest.mark.parametrize("compensate", [True, False], ids=["cbn", "naive"])
+@pytest.mark.parametrize("compensate, differentiable", [(True, False), (True, True), (False, False)],
+                         ids=["cbn", "cbn-diff", "naive"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_dense_jacobian_oracle(case, compensate):
+def test_matches_dense_jacobian_oracle(case, compensate, differentiable):
     make_producer, norm_class, input_shape = CASES[case]
     producer = make_producer().double()
-    norm = norm_class(_out_channels(producer), window=4, compensate=compensate, dtype=torch.float64)
+    norm = norm_class(_out_channels(producer), window=4, compensate=compensate,
+                      differentiable_compensation=differentiable, dtype=torch.float64)
     model = cbn.convert_model(nn.Sequential(producer, norm))
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         norm.bias.uniform_(-0.5, 0.5)
-    oracle = DenseJacobianCBN(producer, window=4, compensate=compensate)
+    oracle = DenseJacobianCBN(producer, window=4, compensate=compensate, differentiable=differentiable)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
     for _ in range(7):
         x = (torch.randn(input_shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()

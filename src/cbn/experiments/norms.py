@@ -21,7 +21,7 @@ from cbn.experiments.models import resnet8, resnet20
 NORM_KINDS = ("bn", "brn", "gn", "naive", "cbn", "cbn-diff", "syncbn")
 # The cross-iteration kinds: naive averaging, the paper's compensation, and ours with gradients
 # through the compensated past (``differentiable_compensation``, docs/method.md).
-_CROSS_ITERATION = {"naive": dict(compensate=False), "cbn": dict(compensate=True),
+_CROSS_ITERATION = {"naive": dict(compensate=False), "cbn": dict(compensate=True, differentiable_compensation=False),
                     "cbn-diff": dict(compensate=True, differentiable_compensation=True)}
 MODELS = {"resnet20": resnet20, "resnet8": resnet8}
 

@@ -319,7 +319,7 @@ METHODS: dict[str, Method] = {
     "gn": Method("gn", label="GN"),
     "brn": Method("brn", label="BRN"),
     "naive": Method("cbn", {"compensate": False}, label="naive CBN"),
-    "cbn": Method("cbn", {"compensate": True}, label="CBN"),
+    "cbn": Method("cbn", {"compensate": True, "differentiable_compensation": False}, label="CBN (paper rule)"),
     "cbn-diff": Method("cbn", {"compensate": True, "differentiable_compensation": True}, label="CBN (differentiable)"),
     "syncbn": Method("syncbn", nproc=2, label="SyncBN (2 proc)"),
 }

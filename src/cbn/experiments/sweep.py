@@ -30,7 +30,7 @@ NORM_LABELS = {
     "brn": "BRN",
     "gn": "GN",
     "naive": "naive CBN",
-    "cbn": "CBN",
+    "cbn": "CBN (paper rule)",
     "cbn-diff": "CBN (differentiable)",
     "syncbn": "SyncBN",
 }

@@ -85,12 +85,14 @@ class CrossIterationBatchNormBase(_BatchNorm):
         bias: bool = True,
         process_group: dist.ProcessGroup | None = None,
         check_shared_use: bool = True,
-        differentiable_compensation: bool = False,
+        differentiable_compensation: bool | None = None,
     ) -> None:
         if not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
         if not isinstance(burnin, int) or burnin < 0:
             raise ValueError(f"burnin must be an integer >= 0, got {burnin!r}")
+        if differentiable_compensation is None:
+            differentiable_compensation = compensate
         if differentiable_compensation and not compensate:
             raise ValueError("differentiable_compensation=True needs compensate=True: naive averaging "
                              "(compensate=False) has no Taylor terms to differentiate")
@@ -255,7 +257,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         return (
             f"{super().extra_repr()}, window={self.window}, burnin={self.burnin}, "
             f"compensate={self.compensate}"
-            + (", differentiable_compensation=True" if self.differentiable_compensation else "")
+            + (", differentiable_compensation=False" if self.compensate and not self.differentiable_compensation else "")
         )
 
     # ----------------------------------------------------------------------------- producer
@@ -949,9 +951,10 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
             Default: ``True``
         differentiable_compensation: let the gradient flow through the Taylor-moved past
             entries, which are functions of the producer's current weight and bias, into that
-            weight and bias (our extension; ``docs/method.md``); ``False`` is the paper's rule,
-            past entries constant in backward. Needs ``compensate=True`` (keyword only).
-            Default: ``False``
+            weight and bias (our extension; ``docs/method.md``, chosen as the default by the
+            evidence of ``docs/results.md``); ``False`` is the paper's rule, past entries constant
+            in backward. ``True`` needs ``compensate=True`` (keyword only).
+            Default: ``None``, the value of ``compensate``
         process_group: pool each batch's statistics (and their weight gradients) over the ranks
             of this ``torch.distributed`` group before the window step (keyword only), so that
             ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;

@@ -41,7 +41,8 @@ _DOC = r"""Cross-Iteration BatchNorm, then dropout, then an activation: {base} w
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, window, burnin, compensate,
-            device, dtype, bias, process_group, check_shared_use: as for :class:`cbn.{base}`.
+            device, dtype, bias, process_group, check_shared_use, differentiable_compensation: as
+            for :class:`cbn.{base}`.
         drop: applied to the normalized output (keyword only). Default: ``nn.Identity()``
         act: applied after ``drop`` (keyword only). Default: ``nn.Identity()``
 
