@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     _sweep_options(p, FULL)
     p.set_defaults(**FULL.train_overrides)
 
-    p = sub.add_parser("demo", help="the headline (BN fails at batch 1, what CBN does there), about 3 minutes")
+    p = sub.add_parser("demo", help="the headline (BN fails at batch 1, what CBN does there), about 2.5 minutes")
     p.add_argument("--out", default=DEMO.out)
     p.add_argument("--workers", type=int, default=DEMO.workers)
     p.add_argument("--data-dir", default=None)

@@ -129,16 +129,17 @@ FULL = SweepSpec(
                       window_cap=8, train_eval_subset=0, precise_bn_images=0),
 )
 # The headline in a few minutes (`make demo`): the failing cell of the evidence sweep at a smaller
-# size. BN, naive CBN, CBN (paper) and CBN with differentiable compensation at batch 1 (and the
-# precise-BN control from the BN run), BN at 32.
+# size. BN, naive CBN, CBN (paper) and CBN with differentiable compensation (the default) at batch 1,
+# 3 seeds each so that the ordering it prints is tested (and the precise-BN control from the BN
+# runs), BN at 32; about 2.5 minutes on 2 cores (docs/results.md, "Demo").
 DEMO = SweepSpec(
     norms=("bn", "naive", "cbn", "cbn-diff"),
     batch_sizes=(1,),
-    seeds=(0,),
-    extra_runs=({"norm": "bn", "batch_size": 32},),
+    seeds=(0, 1, 2),
+    extra_runs=({"norm": "bn", "batch_size": 32, "seeds": (0,)},),
     out="runs/demo",
-    train=TrainConfig(model="resnet8", epochs=8, train_subset=600, test_subset=1000, eval_every=0, nproc=2,
-                      augment=False, train_eval_subset=600, precise_bn_images=600),
+    train=TrainConfig(model="resnet8", epochs=8, train_subset=300, test_subset=1000, eval_every=0, nproc=2,
+                      augment=False, train_eval_subset=300, precise_bn_images=300),
 )
 # Runs whose comparison is the headline (BN, naive CBN and CBN at batch 1 and 2, and the BN
 # reference at batch 32) go first with all their seeds, so a cut sweep still tests it; then the
