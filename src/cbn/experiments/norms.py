@@ -21,8 +21,11 @@ from cbn.experiments.models import resnet8, resnet20
 NORM_KINDS = ("bn", "brn", "gn", "naive", "cbn", "cbn-diff", "syncbn")
 # The cross-iteration kinds: naive averaging, the paper's compensation, and ours with gradients
 # through the compensated past (``differentiable_compensation``, docs/method.md).
-_CROSS_ITERATION = {"naive": dict(compensate=False), "cbn": dict(compensate=True, differentiable_compensation=False),
-                    "cbn-diff": dict(compensate=True, differentiable_compensation=True)}
+CROSS_ITERATION_OPTIONS = {
+    "naive": dict(compensate=False),
+    "cbn": dict(compensate=True, differentiable_compensation=False),
+    "cbn-diff": dict(compensate=True, differentiable_compensation=True),
+}
 MODELS = {"resnet20": resnet20, "resnet8": resnet8}
 
 _BRN_KEYS = ("rmax", "dmax", "warmup_steps", "rmax_ramp_steps", "dmax_ramp_steps")
@@ -56,11 +59,11 @@ def make_norm(kind: str, **options) -> Callable[[int], nn.Module]:
 
         extra = _pick(options, _BRN_KEYS)
         return lambda c: BatchRenorm2d(c, **common, **extra)
-    if kind in _CROSS_ITERATION:
+    if kind in CROSS_ITERATION_OPTIONS:
         from cbn import CrossIterationBatchNorm2d
 
         extra = _pick(options, _CBN_KEYS)
-        return lambda c: CrossIterationBatchNorm2d(c, **common, **extra, **_CROSS_ITERATION[kind])
+        return lambda c: CrossIterationBatchNorm2d(c, **common, **extra, **CROSS_ITERATION_OPTIONS[kind])
     if kind == "syncbn":
         from cbn.layers.sync_batchnorm import SyncBatchNorm2d
 
@@ -73,12 +76,12 @@ def build_model(model: str, kind: str, **options) -> nn.Module:
     """Model ``model`` (resnet20 / resnet8) with every norm of kind ``kind``."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose from {sorted(MODELS)}")
-    if kind in _CROSS_ITERATION:
+    if kind in CROSS_ITERATION_OPTIONS:
         import cbn
 
         net = MODELS[model](nn.BatchNorm2d)
         layer_kwargs = _pick(options, _COMMON_KEYS + _CBN_KEYS)
-        return cbn.convert_model(net, **layer_kwargs, **_CROSS_ITERATION[kind])
+        return cbn.convert_model(net, **layer_kwargs, **CROSS_ITERATION_OPTIONS[kind])
     return MODELS[model](make_norm(kind, **options))
 
 

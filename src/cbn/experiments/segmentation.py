@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cbn.experiments.data import load_split, normalize
+from cbn.experiments.norms import CROSS_ITERATION_OPTIONS, make_norm
 
 NUM_CLASSES = 11  # background + the 10 Fashion-MNIST classes
 NormFactory = Callable[[int], nn.Module]
@@ -318,9 +319,10 @@ METHODS: dict[str, Method] = {
     "bn": Method("bn", label="BN"),
     "gn": Method("gn", label="GN"),
     "brn": Method("brn", label="BRN"),
-    "naive": Method("cbn", {"compensate": False}, label="naive CBN"),
-    "cbn": Method("cbn", {"compensate": True, "differentiable_compensation": False}, label="CBN (paper rule)"),
-    "cbn-diff": Method("cbn", {"compensate": True, "differentiable_compensation": True}, label="CBN (differentiable)"),
+    # The cross-iteration kinds convert with the options the classification experiments use.
+    "naive": Method("cbn", dict(CROSS_ITERATION_OPTIONS["naive"]), label="naive CBN"),
+    "cbn": Method("cbn", dict(CROSS_ITERATION_OPTIONS["cbn"]), label="CBN (paper rule)"),
+    "cbn-diff": Method("cbn", dict(CROSS_ITERATION_OPTIONS["cbn-diff"]), label="CBN (differentiable)"),
     "syncbn": Method("syncbn", nproc=2, label="SyncBN (2 proc)"),
 }
 
@@ -413,8 +415,6 @@ def resolve_protocol(cfg: SegConfig) -> dict:
 def build_segmentation_model(cfg: SegConfig, proto: dict, process_group=None) -> nn.Module:
     """The U-Net with every norm of the run's method (seeded by ``cfg.seed``: same conv weights
     for every method)."""
-    from cbn.experiments.norms import make_norm
-
     torch.manual_seed(cfg.seed)
     if cfg.kind == "cbn":
         import cbn
