@@ -32,7 +32,7 @@ def test_converter_pairs_every_norm_of_a_resnet_with_shortcuts():
         # bn1 <- conv1, bn2 <- conv2, downsample.1 <- downsample.0
         expected = name.replace("bn", "conv") if "bn" in name else name[:-1] + "0"
         assert norm.producer is convs[expected], name
-        assert norm.window_var_grad.abs().sum() > 0
+        assert norm.window_state.positions[0].var_grad.abs().sum() > 0
 
 
 def test_converter_pairs_a_transposed_convolution_without_warning():
@@ -50,8 +50,8 @@ def test_converter_pairs_a_transposed_convolution_without_warning():
     layer = model[1]
     assert isinstance(layer, cbn.CrossIterationBatchNorm2d) and layer.producer is model[0]
     # One row per output channel: C_in / groups x kernel = 2 x 3 x 3 weights.
-    assert layer.window_mean_grad.shape == (2, 2, 18) and layer.window_var_grad.shape == (6, 2, 18)
-    assert layer.window_var_grad.abs().sum() > 0
+    assert layer.window_state.positions[0].mean_grad.shape == (2, 2, 18) and layer.window_state.positions[0].var_grad.shape == (6, 2, 18)
+    assert layer.window_state.positions[0].var_grad.abs().sum() > 0
 
 
 def test_converter_shares_parameters_and_buffers():

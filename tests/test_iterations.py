@@ -18,7 +18,7 @@ def _model():
 
 
 def _iterations(model) -> int:
-    return int(model[1].num_iterations)
+    return model[1].iterations
 
 
 class DataSGD(torch.optim.Optimizer):
@@ -161,10 +161,10 @@ def test_steps_are_counted_at_the_step_and_a_skipped_forward_is_counted_later():
     norm = model[1]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(2, 3, 6, 6)).sum().backward()
-    assert norm._iterations == 1
+    assert norm.iterations == 1
     optimizer.step()
-    assert norm._iterations == 2 and int(norm.iteration_count) == 2
+    assert norm.iterations == 2 and int(norm.iteration_count) == 2
     optimizer.step()  # again, without a forward in between (stale gradients)
-    assert norm._iterations == 2
+    assert norm.iterations == 2
     model(torch.randn(2, 3, 9, 9))  # another size: a new iteration, not a shared-use error
-    assert norm._iterations == 3 and int(norm.num_iterations) == 3
+    assert norm.iterations == 3 and norm.iterations == 3

@@ -98,11 +98,11 @@ def test_batched_recording_equals_per_layer_recording(nan_at):
     for key, value in state_batched.items():
         assert torch.isfinite(value.double()).all(), key
     iterations = 6 if nan_at is None else 5  # the last forward's; the skipped step is no iteration
-    assert int(batched.shared_bn.num_iterations) == iterations
-    assert batched.shared_bn._iterations == iterations + 1  # the step after it is counted at once
+    assert batched.shared_bn.iterations == iterations
+    assert batched.shared_bn.iterations == iterations + 1  # the step after it is counted at once
     assert int(batched.shared_bn.window_next) == batched.shared_bn._next_slot == 0  # 12 entries, 2 slots
     if nan_at is not None:
-        assert int((batched.bn1.window_stats[:, 4, 0] > 0).sum()) == 1  # the NaN entry is an empty slot
+        assert int((batched.bn1.window_state.positions[0].stats[:, 4, 0] > 0).sum()) == 1  # the NaN entry is an empty slot
 
 
 def test_records_are_written_even_when_the_forward_raises():
@@ -115,7 +115,7 @@ def test_records_are_written_even_when_the_forward_raises():
         with pytest.raises(RuntimeError):
             model(torch.randn(2, 3, 3, 3))
     assert int(norm.num_batches_tracked) == 2
-    assert int((norm.window_stats[:, 4, 0] > 0).sum()) == 2
+    assert int((norm.window_state.positions[0].stats[:, 4, 0] > 0).sum()) == 2
     assert _model_step_of(model).pending is None
 
 

@@ -76,7 +76,7 @@ def test_channels_last_equals_contiguous():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     for (name, a), b in zip(channels_last.state_dict().items(), contiguous.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    assert channels_last[1].window_var_grad.abs().sum() > 0  # compensation was active
+    assert channels_last[1].window_state.positions[0].var_grad.abs().sum() > 0  # compensation was active
 
 
 # ----------------------------------------------------------------------------- AMP
@@ -102,12 +102,12 @@ def test_bf16_autocast_trains_with_float32_statistics_and_tracks_fp32():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         amp(x)  # one more forward, no step: the newest entry belongs to the current weights
     slot = (norm._next_slot - 1) % (norm.window - 1)
-    gradients = StatisticGradients(norm.window_mean_grad[:, slot : slot + 1], norm.window_var_grad[:, slot : slot + 1])
+    gradients = StatisticGradients(norm.window_state.positions[0].mean_grad[:, slot : slot + 1], norm.window_state.positions[0].var_grad[:, slot : slot + 1])
     mean_shift, var_shift = statistic_shifts(gradients, conv.weight, conv.bias)
-    torch.testing.assert_close(norm.window_stats[slot, 2], mean_shift[0], rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(norm.window_stats[slot, 3], var_shift[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm.window_state.positions[0].stats[slot, 2], mean_shift[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(norm.window_state.positions[0].stats[slot, 3], var_shift[0], rtol=1e-6, atol=1e-6)
     # ... and the entry's batch statistics are those of the (bf16) input, in float32.
-    assert norm.window_stats.dtype == torch.float32
+    assert norm.window_state.positions[0].stats.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- ONNX
@@ -152,8 +152,8 @@ def test_compiled_model_trains_like_eager():
     for a, b in zip(outputs_c, outputs):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert compiled_model[1].producer is compiled_model[0]
-    assert compiled_model[1].window_var_grad.abs().sum() > 0  # compensating, not naive
-    assert int(compiled_model[1].num_iterations) == 3
+    assert compiled_model[1].window_state.positions[0].var_grad.abs().sum() > 0  # compensating, not naive
+    assert compiled_model[1].iterations == 3
     for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
@@ -182,8 +182,8 @@ def test_fullgraph_compile_trains_like_eager_across_burnin_with_one_recompile():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
     assert counter.frame_count == 2  # the first graph, and one more when burn-in ends
     norm = compiled_model[4]
-    assert norm._compiled_mode and norm.window_var_grad.abs().sum() > 0  # compensating inside the graph
-    assert int(norm.num_iterations) == int(eager[4].num_iterations) == 6
+    assert norm._compiled_mode and norm.window_state.positions[0].var_grad.abs().sum() > 0  # compensating inside the graph
+    assert norm.iterations == eager[4].iterations == 6
     # State within float32 rounding of eager (the graph computes the statistics with var_mean,
     # eager with BatchNorm's kernel): relative 1e-5 on variances and second-moment terms near 30.
     for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
@@ -200,7 +200,7 @@ def test_gradient_accumulation_pools_like_the_concatenated_micro_batches():
     for x in micro:  # unchanged weights: one iteration, one entry per forward
         out = model(x)
         out.square().mean().backward()
-    assert int(norm.num_iterations) == 1
+    assert norm.iterations == 1
     with torch.no_grad():
         y = torch.cat([model[0](x) for x in micro])
         y_last = model[0](micro[-1])
@@ -233,4 +233,4 @@ def test_norm_shared_across_pyramid_levels_raises_instead_of_mixing():
                                      window=3, check_shared_use=False)
     for x in levels:
         accumulating(x)
-    assert int(accumulating[1].num_iterations) == 1
+    assert accumulating[1].iterations == 1

@@ -61,7 +61,7 @@ def test_activation_checkpointing_gives_the_gradients_of_the_plain_model(use_ree
             torch.testing.assert_close(b, a, rtol=0, atol=1e-6)
     for layer, twin in ((model[1], checkpointed[1]), (model[4], checkpointed[4])):
         # One window entry per step: the recompute records nothing.
-        torch.testing.assert_close(twin.window_stats, layer.window_stats)
+        torch.testing.assert_close(twin.window_state.positions[0].stats, layer.window_state.positions[0].stats)
         assert int(twin.window_next) == int(layer.window_next)
         assert torch.equal(twin.running_mean, layer.running_mean)
 
@@ -101,7 +101,7 @@ def test_an_in_place_op_between_producer_and_norm_is_not_compensated():
     (row,) = cbn.pairing_report(model)
     assert not row.compensated and "in place" in row.reason
     # The entries hold no first-order terms of the convolution.
-    assert model[2].window_var_grad.numel() == 0
+    assert model[2].window_state.positions[0].var_grad.numel() == 0
 
 
 class _LateBranch(nn.Module):
@@ -125,7 +125,7 @@ def test_a_norm_reached_after_the_first_training_forward_is_compensated():
     assert report["late_norm"].compensated
     # Its first forward found no kept producer input (slot 0, stored uncompensated); the one
     # after it is an exact compensated entry.
-    stats = model.late_norm.window_stats
+    stats = model.late_norm.window_state.positions[0].stats
     torch.testing.assert_close(stats[1, MEAN_SHIFT], stats[1, MEAN], atol=1e-5, rtol=0)
     assert not torch.allclose(stats[0, MEAN_SHIFT], stats[0, MEAN], atol=1e-5)
 
@@ -148,7 +148,7 @@ def test_a_copy_of_a_paired_model_counts_the_steps_of_a_data_writing_optimizer(m
     model = cbn.convert_model(_block(), window=3)
     _train(model, _batches(1))
     twin = make_copy(model)
-    before = int(twin[1].num_iterations)
+    before = twin[1].iterations
     optimizer = _DataSGD(twin.parameters())
     for x in _batches(3):
         twin(x).square().mean().backward()
@@ -156,7 +156,7 @@ def test_a_copy_of_a_paired_model_counts_the_steps_of_a_data_writing_optimizer(m
         optimizer.zero_grad()
     twin(_batches(1)[0])  # the forward after the last step records the count
     # Three steps are three iterations (the copy's new parameters also count as one change).
-    assert int(twin[1].num_iterations) - before >= 3
+    assert twin[1].iterations - before >= 3
 
 
 def test_a_training_forward_under_inference_mode_then_training():
@@ -183,7 +183,7 @@ def test_a_half_precision_model_trains_on_the_cpu():
     _train(reference, _batches(3))
     x = _batches(1, seed=9)[0]
     out, expected = model(x.half()), reference(x)
-    assert out.dtype == torch.float16 and model[1].window_stats.dtype == torch.float32
+    assert out.dtype == torch.float16 and model[1].window_state.positions[0].stats.dtype == torch.float32
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.05)
 
 

@@ -85,7 +85,7 @@ def test_a_call_count_that_grows_after_the_first_iteration_is_refused():
         model(_levels(generator))
     # The two calls before the refused one are recorded (as BatchNorm's running statistics are
     # updated by the layers a failing forward ran); the refused call left nothing.
-    assert model.norm.window_stats.shape == before["norm.window_stats"].shape
+    assert model.norm.window_state.positions[0].stats.shape == before["norm.window_state.positions[0].stats"].shape
     assert int(model.norm.num_batches_tracked) == int(before["norm.num_batches_tracked"]) + 2
     # Fewer calls than positions are fine (a level may be absent).
     _step(model, _levels(generator)[:1], optimizer)
@@ -128,5 +128,5 @@ def test_torchvision_retinanet_head_with_batchnorm_trains_per_level():
         optimizer.step()
         optimizer.zero_grad()
     norms = [m for m in model.modules() if isinstance(m, cbn.CrossIterationBatchNormBase)]
-    assert norms and all(norm.window_stats.shape[0] == 3 * 2 for norm in norms)  # 3 levels, 2 slots each
+    assert norms and all(norm.window_state.positions[0].stats.shape[0] == 3 * 2 for norm in norms)  # 3 levels, 2 slots each
     assert all(row.compensated for row in cbn.pairing_report(model))

@@ -82,7 +82,7 @@ def test_convert_train_report_revert(name):
             assert row.reason == "input is not the direct output of a convolution or linear layer" or (
                 row.reason.startswith("input modified in place after"))
     layers = [m for m in model.modules() if isinstance(m, _CrossIterationBatchNorm)]
-    assert all(int((layer.window_stats[:, 4, 0] > 0).sum()) == 2 for layer in layers)  # window pooling
+    assert all(int((layer.window_state.positions[0].stats[:, 4, 0] > 0).sum()) == 2 for layer in layers)  # window pooling
     assert all(bool(torch.isfinite(layer.running_var).all()) for layer in layers)
 
     model.eval()

@@ -6,7 +6,7 @@ Drop-in layers (:class:`CrossIterationBatchNorm1d/2d/3d`), a one-call converter
 """
 
 from .convert import convert_model, convert_norms, replace_batchnorm, revert_model
-from .iterations import install_optimizer_step_hook, mark_step
+from .iterations import mark_step
 from .pairing import Pairing, format_pairing_report, pairing_report, pairing_summary
 from .layers import (
     BatchRenorm1d,
@@ -25,8 +25,6 @@ from .layers import (
 )
 
 __version__ = "0.1.0"
-
-install_optimizer_step_hook()
 
 __all__ = [
     "Pairing",

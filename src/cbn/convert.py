@@ -14,7 +14,6 @@ from .layers.cross_iteration_batchnorm import (
 )
 from .layers.norm_act import CrossIterationBatchNormAct, CrossIterationBatchNormAct2d
 from . import model_step
-from .distributed import ignore_windows_in_ddp
 from .norm_swap import (
     layer_factory,
     original_of,
@@ -24,7 +23,6 @@ from .norm_swap import (
     swap_norms,
     warn_unconverted,
 )
-from .producers import ProducerRegistry, remove_hooks
 
 # Kept under their former names (public since the first release).
 replace_batchnorm = replace_modules
@@ -112,14 +110,15 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     The new layers share the old ones' parameters and running statistics (as
     ``nn.SyncBatchNorm.convert_sync_batchnorm`` does), so optimizers built before the call keep
     working, and remember the original's class and attributes for :func:`revert_model`. Each
-    layer finds by itself, at its first training forward, the ``nn.Conv1d/2d/3d``,
-    ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` whose output it receives (see
-    :mod:`cbn.producers`); layers whose input is not directly such an output average
-    uncompensated statistics, and one warning names them.
-    CBN layers already in the model are kept and paired the same way. Two hooks on ``model``
-    (:class:`cbn.model_step.ModelWindowStep`) summarize all windows at once before each
-    training forward and record all layers' steps at once after it, which saves most of the small
-    per-layer operations; layers called outside ``model.forward`` summarize and record their own.
+    layer reads, at every training forward, the convolution or linear map whose output it
+    receives from autograd's record of it (:mod:`cbn.producer_call`), as a layer built directly
+    does: converting is not needed for pairing. Layers whose input is not such an output average
+    uncompensated statistics, and :func:`cbn.pairing_report` says why.
+
+    CBN layers already in the model are kept. Two hooks on ``model``
+    (:class:`cbn.model_step.ModelWindowStep`) record all layers' steps at once after each training
+    forward, which saves most of the small per-layer operations of the record; layers called
+    outside ``model.forward`` record their own.
 
     Args:
         model: any ``nn.Module``.
@@ -130,12 +129,8 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
             after ``init_process_group``) pools each batch over its ranks before the window step;
             without it each rank normalizes with its own batches, like ``nn.BatchNorm`` under DDP.
 
-    Distributed training: the window buffers and iteration counters of every CBN layer are
-    registered as buffers ``DistributedDataParallel`` ignores (see
-    :func:`cbn.distributed.ignore_windows_in_ddp`), so that ``broadcast_buffers=True`` does not
-    overwrite each rank's window with rank 0's; running statistics are still broadcast from rank 0
-    like BatchNorm's, and all parameters are synchronized. Wrap ``model`` itself in DDP, or call
-    ``ignore_windows_in_ddp`` on the module you wrap.
+    Distributed training: the windows are not buffers, so ``DistributedDataParallel`` (and
+    FSDP) leave each rank's own; running statistics are broadcast from rank 0 like BatchNorm's.
 
     Returns:
         ``model`` with its norms replaced (a new module if ``model`` itself is a BatchNorm).
@@ -148,17 +143,9 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     # CBN layers are _BatchNorm too: those already in the model stay, silently, and are paired below.
     model = swap_norms(model, _cbn_factories(model, layer_kwargs), caller="cbn.convert_model", fix=_UNKNOWN_FIX,
                        keep=(_CrossIterationBatchNorm,))
-    named_layers = [(name, m) for name, m in model.named_modules() if isinstance(m, _CrossIterationBatchNorm)]
-    if not named_layers:
-        return model  # no norm to pair: no taps, which would keep every producer's input alive
-    registry = ProducerRegistry.install(model)
-    layers = []
-    for name, module in named_layers:
-        module.attach(registry, name or type(module).__name__)
-        layers.append(module)
-    model_step.install(model, layers)
-    # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
-    ignore_windows_in_ddp(model)
+    layers = [m for m in model.modules() if isinstance(m, _CrossIterationBatchNorm)]
+    if layers:
+        model_step.install(model, layers)
     return model
 
 
@@ -171,7 +158,7 @@ def revert_model(model: nn.Module) -> nn.Module:
     parameters and running statistics (shared, not copied): eval outputs are bit for bit those of
     the converted model. A CBN layer built directly becomes ``nn.BatchNorm1d/2d/3d``
     (``nn.SyncBatchNorm`` for :class:`CrossIterationBatchNorm`); any other CBN subclass built
-    directly is left as it is and named in one warning. The producer hooks and window hooks are
+    directly is left as it is and named in one warning. The model-level hooks are
     removed, so ``torch.nn.utils.fusion.fuse_conv_bn_eval``, TorchScript and ONNX export see a
     plain model.
 
@@ -195,6 +182,5 @@ def revert_model(model: nn.Module) -> nn.Module:
 
     model = replace_modules(model, back, (_CrossIterationBatchNorm,))
     warn_unconverted(unknown, "cbn.revert_model", "They were not made by cbn.convert_model, which remembers the class to restore.")
-    remove_hooks(model)
     model_step.remove(model)
     return model

@@ -1,12 +1,10 @@
-"""Multi-process training helpers: a local launcher, process-group setup, and DDP buffer rules.
+"""Multi-process training helpers: a local launcher and process-group setup.
 
-Under ``DistributedDataParallel`` each rank's Cross-Iteration BatchNorm window must hold that
-rank's own statistics (or, with ``process_group``, the statistics pooled over the ranks, which
-are the same everywhere). DDP's default ``broadcast_buffers=True`` would copy rank 0's window over
-every other rank's at each forward, so :func:`ignore_windows_in_ddp` (called by
-:func:`cbn.convert_model`) tells DDP to leave the window and its counters alone. The running
-statistics are not excluded: DDP keeps broadcasting them from rank 0, exactly as it does for
-``nn.BatchNorm``, so the eval-mode model is the same on every rank.
+Under ``DistributedDataParallel`` each rank's Cross-Iteration BatchNorm window holds that rank's
+own statistics (or, with ``process_group``, the statistics pooled over the ranks, which are the
+same everywhere): the window is not a buffer, so DDP's ``broadcast_buffers=True`` never copies
+rank 0's over the others'. The running statistics are buffers: DDP broadcasts them from rank 0,
+exactly as for ``nn.BatchNorm``, so the eval-mode model is the same on every rank.
 
 Local runs (CPU, gloo)::
 
@@ -35,35 +33,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-
-def rank_local_buffer_names(model: nn.Module) -> list[str]:
-    """Fully qualified names of the window buffers and iteration counters of ``model``'s CBN layers.
-
-    These are every buffer of a Cross-Iteration BatchNorm layer except its running statistics:
-    the layer's own ``_window_buffers``.
-    """
-    from .layers.cross_iteration_batchnorm import _CrossIterationBatchNorm
-
-    names = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, _CrossIterationBatchNorm):
-            prefix = f"{module_name}." if module_name else ""
-            names += [prefix + name for name in (*module._window_buffers, *module._local_buffers)]
-    return names
-
-
-def ignore_windows_in_ddp(model: nn.Module) -> nn.Module:
-    """Keep DDP from broadcasting the CBN windows and counters of ``model`` (the module to wrap).
-
-    Adds their names to those ``DistributedDataParallel`` ignores (keeping any already set).
-    Only the named buffers are ignored: every parameter is still synchronized, and the running
-    statistics are still broadcast from rank 0 like BatchNorm's. Call it on the module you wrap
-    in DDP if you converted only a submodule of it.
-    """
-    names = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ())) | set(rank_local_buffer_names(model))
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(names))
-    return model
-
 
 def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"

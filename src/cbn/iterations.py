@@ -1,50 +1,28 @@
-"""What counts as a training iteration: a change of a producer's weights, however it was written.
+"""What counts as a training iteration: a change of the weights a producer uses.
 
-A Cross-Iteration BatchNorm layer starts a new iteration (for burn-in and for the one-input-size
-check) when the autograd version counter of its producer's weight or bias changed since its last
-training forward. Ordinary in-place updates (``torch.optim`` optimizers, plain, ``foreach`` and
-``fused``; ``load_state_dict``; ``p.add_(...)`` under ``no_grad``) bump that counter. Writes through
-``.data`` do not: ``.data`` is a view with a version counter of its own. Two mechanisms close that
-gap:
+``docs/method.md`` defines an iteration as a change of the weights a producer uses between two of
+its training forwards. :class:`IterationCounter` counts exactly that, per layer, from what each
+training forward really used: a fingerprint of the producer's weight and bias
+(:func:`cbn.producer_call.producer_fingerprint`, their dot product with a fixed pseudo-random
+vector, equal for unchanged values and different for any update). It needs no optimizer hook, no
+version counter and no global state, so every way weights change counts (any optimizer, writes
+through ``.data``, ``load_state_dict(assign=True)``, FSDP's resharded parameters), each layer
+counts on its own (two models in two threads do not share counters), and several forwards at
+unchanged weights (gradient accumulation, a step ``GradScaler`` skipped) are one iteration. A
+layer without a producer, or with a frozen one, counts each training forward.
 
-- every ``torch.optim.Optimizer`` step (of any subclass, including those that write through
-  ``.data``) bumps the version of the producer parameters it holds that have a gradient, through
-  a global step post-hook installed when :mod:`cbn` is imported (parameters of layers no CBN
-  layer is paired with are left alone). A step that ``GradScaler`` skips never
-  calls ``optimizer.step()``, so it is not an iteration, and gradient accumulation (several
-  forwards, one step) is one iteration;
-- a hand-written update loop outside any optimizer calls :func:`mark_step` after each update.
-
-The step hook (and :func:`mark_step`) also counts the iteration at once, for each paired layer
-that ran a training forward since its last count: a forward inside a compiled graph cannot read
-version counters, and an eager forward then finds the versions unchanged. (Two optimizers that
-step one producer's weight and its bias separately count two iterations in eager mode.)
-
-A loop that does neither is detected: after :data:`SUSPICIOUS_FORWARDS` training forwards with
-unchanged versions, a layer compares its producer's weight with a copy taken half-way; if the
-values moved without the counter, it warns once with this advice.
+A norm fed by several producers in one forward (one norm on two convolutions' outputs) counts one
+iteration per step: the first producer whose weights changed opens it, the others join it until
+one of them changes again.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import increment_version
-from torch.optim.optimizer import register_optimizer_step_post_hook
-
-# Training forwards with unchanged producer versions after which a layer checks whether the
-# weights nevertheless moved (gradient accumulation rarely spans this many micro-batches).
-SUSPICIOUS_FORWARDS = 64
-
-_installed = False
-# Parameters of paired producers by id, weakly held (a WeakSet would compare tensors with ==):
-# the only ones the step hook marks.
-_watched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-# Paired layers, weakly held: the step hook counts their iteration (see the module doc).
-_layers: weakref.WeakSet = weakref.WeakSet()
 
 
 def in_backward_recompute() -> bool:
@@ -53,53 +31,58 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def watch_parameters(parameters: Iterable[Tensor], layer: nn.Module | None = None) -> None:
-    """Have every optimizer step mark these parameters (a producer's, when a layer pairs with it)."""
-    _watched.update((id(p), p) for p in parameters)
-    if layer is not None:
-        _layers.add(layer)
+class IterationDecision(NamedTuple):
+    """What a training forward would change in an :class:`IterationCounter` (see ``decide``)."""
+
+    new_iteration: bool
+    key: object
+    fingerprint: float | None
 
 
-def _bump_optimizer_parameters(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    if not _watched:
-        return
-    stepped = [p for group in optimizer.param_groups for p in group["params"]
-               if p.grad is not None and _watched.get(id(p)) is p]
-    if stepped:
-        increment_version(stepped)
-        _count_step()
+class IterationCounter:
+    """A layer's iteration count (``count``), from the fingerprints of its producers' weights.
 
+    ``decide`` tells whether a call starts a new iteration without changing anything (so that a
+    refused batch changes no state); ``commit`` applies it.
+    """
 
-def _count_step() -> None:
-    """Let the paired layers count the iteration now (a compiled forward cannot read versions)."""
-    for layer in list(_layers):
-        layer.count_weight_update()
+    def __init__(self, count: int = 0) -> None:
+        self.count = count
+        self._fingerprints: dict[object, float] = {}
+        self._joined: set = set()  # producers whose change the current iteration already counts
 
+    def decide(self, key: object, fingerprint: float | None) -> IterationDecision:
+        """Whether a call with producer ``key`` at weights ``fingerprint`` (``None``: no
+        producer, or a frozen one) starts a new iteration."""
+        if fingerprint is None:
+            return IterationDecision(True, key, None)
+        changed = self._fingerprints.get(key) != fingerprint
+        new = changed and (key in self._joined or not self._joined)
+        return IterationDecision(new, key, fingerprint if changed else None)
 
-def install_optimizer_step_hook() -> None:
-    """Make every ``torch.optim`` step visible to the layers' version check (idempotent)."""
-    global _installed
-    if not _installed:
-        register_optimizer_step_post_hook(_bump_optimizer_parameters)
-        _installed = True
+    def commit(self, decision: IterationDecision) -> None:
+        if decision.new_iteration:
+            self.count += 1
+            self._joined = set()
+        if decision.fingerprint is not None:
+            self._fingerprints[decision.key] = decision.fingerprint
+            self._joined.add(decision.key)
+
+    def restart(self, count: int = 0) -> None:
+        """Set the count (a loaded state, a reset window); the next call's weights count as new."""
+        self.count = count
+        self._fingerprints = {}
+        self._joined = set()
+
+    def __deepcopy__(self, memo):
+        # Producer keys are identities of the original's parameters: a copy starts afresh.
+        return IterationCounter(self.count)
 
 
 def mark_step(model_or_parameters: nn.Module | Iterable[Tensor]) -> None:
-    """Mark a weight update made outside ``torch.optim`` (e.g. through ``.data``) as an iteration.
+    """Kept so that code written for earlier versions runs: iterations are now counted from the
+    weights each forward uses, so an update through ``.data`` needs no marking. Does nothing.
 
     Args:
-        model_or_parameters: a model (its parameters are marked) or the updated parameters.
-
-    Example::
-
-        >>> with torch.no_grad():
-        ...     for p in model.parameters():
-        ...         p.data -= lr * p.grad
-        >>> cbn.mark_step(model)
+        model_or_parameters: a model or its parameters (ignored).
     """
-    if isinstance(model_or_parameters, nn.Module):
-        model_or_parameters = model_or_parameters.parameters()
-    parameters = list(model_or_parameters)
-    if parameters:
-        increment_version(parameters)
-        _count_step()

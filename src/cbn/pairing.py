@@ -1,8 +1,8 @@
 """Which norm layers of a converted model compensate their statistics, by which producer, or why not.
 
-Converting a large model pairs each Cross-Iteration BatchNorm layer with the convolution or linear
-layer whose output it normalizes, at the first training forward. :func:`pairing_report` tells the
-outcome per layer, so a user sees at a glance which layers run the Taylor step and which fall back
+Each Cross-Iteration BatchNorm layer finds, at every training forward, the convolution or linear
+map whose output it normalizes (:mod:`cbn.producer_call`). :func:`pairing_report` tells the
+outcome of each layer's latest training forward, so a user sees at a glance which layers run the Taylor step and which fall back
 to naive averaging (input not a producer output, custom producer forward, frozen producer, ...).
 """
 
@@ -27,8 +27,8 @@ class Pairing(NamedTuple):
 def pairing_report(model: nn.Module) -> list[Pairing]:
     """The pairing of every Cross-Iteration BatchNorm layer of ``model``, in module order.
 
-    Pairing happens at a layer's first training forward; before it the reason is
-    ``"no training forward yet"``.
+    Pairing is read at every training forward; before the first the reason is
+    ``"no training forward yet"``. The producer is named by the module holding its weight.
 
     Example::
 
@@ -36,12 +36,19 @@ def pairing_report(model: nn.Module) -> list[Pairing]:
         >>> model(x).sum().backward()
         >>> print(cbn.format_pairing_report(cbn.pairing_report(model)))
     """
-    names = {module: name for name, module in model.named_modules()}
+    owners = {id(parameter): name.rsplit(".", 1)[0] if "." in name else "(root)"
+              for name, parameter in model.named_parameters(remove_duplicate=False)}
+    for name, module in model.named_modules():
+        if "parametrizations" in name:  # a parametrized weight belongs to the module holding it
+            for pname, parameter in module.named_parameters():
+                owners[id(parameter)] = name.split(".parametrizations")[0]
     rows = []
     for name, layer in model.named_modules():
         if isinstance(layer, CrossIterationBatchNormBase):
-            compensated, producer, reason = layer.pairing_status()
-            producer_name = None if producer is None else names.get(producer, type(producer).__name__)
+            compensated, parameters, reason = layer.pairing_status()
+            producer_name = next((owners[id(p)] for p in parameters if id(p) in owners), None)
+            if producer_name is None and parameters:
+                producer_name = "a producer outside this model"
             rows.append(Pairing(name or type(layer).__name__, compensated, producer_name, reason))
     return rows
 

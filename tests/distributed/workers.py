@@ -82,7 +82,7 @@ def cross_process_equals_concatenated_batch(rank, world_size, window, steps=4):
         optimizer.zero_grad()
         reference_optimizer.step()
         reference_optimizer.zero_grad()
-    errors["iterations"] = int(model[1].num_iterations)
+    errors["iterations"] = model[1].iterations
     return errors
 
 
@@ -112,8 +112,8 @@ def ddp_keeps_rank_local_windows(rank, world_size, window=3, steps=4):
         dist.all_gather(gathered, seen["running_mean"])
         running_spread = max(running_spread, _max_error(gathered[0], gathered[1]))
         if step == steps:
-            gathered = [torch.zeros_like(norm.window_stats) for _ in range(world_size)]
-            dist.all_gather(gathered, norm.window_stats.contiguous())
+            gathered = [torch.zeros_like(norm.window_state.positions[0].stats) for _ in range(world_size)]
+            dist.all_gather(gathered, norm.window_state.positions[0].stats.contiguous())
             window_spread = _max_error(gathered[0], gathered[1])
         if step < steps:
             (out * projections[rank]).sum().backward()
@@ -127,7 +127,7 @@ def ddp_keeps_rank_local_windows(rank, world_size, window=3, steps=4):
         running_spread_across_ranks=running_spread,
         window_spread_across_ranks=window_spread,
         weight_spread_across_ranks=_max_error(weights[0], weights[1]),
-        iterations=int(norm.num_iterations),
+        iterations=norm.iterations,
         ignored_parameters=sorted(n for n, _ in model.named_parameters() if n in ignored),
         ignored_running=sorted(n for n in ignored if "running" in n or "batches" in n),
         ignored=sorted(ignored),

@@ -192,11 +192,11 @@ def test_constructor_mirrors_batchnorm_and_repr():
                                           window=2, burnin=3, compensate=False, dtype=torch.float64)
     assert layer.weight is None and layer.running_mean is None
     assert "window=2, burnin=3, compensate=False" in repr(layer)
-    assert layer.window_stats.dtype == torch.float64
+    assert layer.window_state.positions[0].stats.dtype == torch.float64
     with pytest.raises(ValueError, match="window"):
         cbn.CrossIterationBatchNorm2d(3, window=0)
     layer = cbn.CrossIterationBatchNorm2d(3).half()
-    assert layer.window_stats.dtype == torch.float32 and layer.weight.dtype == torch.float16
+    assert layer.window_state.positions[0].stats.dtype == torch.float32 and layer.weight.dtype == torch.float16
 
 
 def _paired_conv_model(**kwargs):
@@ -243,7 +243,7 @@ def test_one_value_per_channel_needs_past_entries_then_trains_at_batch_one():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         model(torch.randn(1, 5))
-    assert not model[1].window_stats[:, 4].any()  # no sample stored
+    assert not model[1].window_state.positions[0].stats[:, 4].any()  # no sample stored
     _train_steps(model, [torch.randn(2, 5)], optimizer)
     before = model[0].weight.detach().clone()
     outputs = _train_steps(model, [torch.randn(1, 5) for _ in range(4)], optimizer)
@@ -264,7 +264,7 @@ def test_non_finite_batch_never_enters_the_window_nor_running_stats():
     model(bad)
     assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
     slot = (norm._next_slot - 1) % 2
-    assert not norm.window_stats[slot].any()  # stored as an empty slot, samples = 0
+    assert not norm.window_state.positions[0].stats[slot].any()  # stored as an empty slot, samples = 0
     for name, buffer in norm.state_dict().items():
         assert torch.isfinite(buffer.float()).all(), name
     out = model(torch.randn(2, 3, 5, 5))
@@ -302,7 +302,7 @@ def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(mo
     out = run(torch.randn(2, 3, 5, 5))
     assert torch.isfinite(out).all()
     assert int(norm.window_next) == (slot + 1) % 2  # the step was recorded, in this slot
-    assert not norm.window_stats[slot].any()
+    assert not norm.window_state.positions[0].stats[slot].any()
     assert torch.equal(norm.running_mean, running[0]) and torch.equal(norm.running_var, running[1])
     for name, buffer in norm.state_dict().items():
         assert torch.isfinite(buffer.float()).all(), name
@@ -316,18 +316,18 @@ def test_changing_batch_and_spatial_size_and_train_eval_switching():
         model.eval()
         assert torch.isfinite(model(torch.randn(shape))).all()
         model.train()
-    assert sorted(model[1].window_stats[:, 4, 0].tolist()) == [1 * 5 * 5, 2 * 11 * 7]
+    assert sorted(model[1].window_state.positions[0].stats[:, 4, 0].tolist()) == [1 * 5 * 5, 2 * 11 * 7]
 
 
 def test_weights_loaded_from_outside_the_optimizer_start_a_new_iteration():
     model = _paired_conv_model(window=3)
     model(torch.randn(2, 3, 5, 5))
     model(torch.randn(2, 3, 5, 5))  # same weights: gradient accumulation, same iteration
-    assert model[1]._iterations == 1
+    assert model[1].iterations == 1
     other = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
     model[0].load_state_dict(other[0].state_dict())
     out = model(torch.randn(2, 3, 5, 5))
-    assert model[1]._iterations == 2 and torch.isfinite(out).all()
+    assert model[1].iterations == 2 and torch.isfinite(out).all()
 
 
 def test_frozen_producer_skips_gradient_work():
@@ -335,8 +335,8 @@ def test_frozen_producer_skips_gradient_work():
     model[0].requires_grad_(False)
     for _ in range(3):
         model(torch.randn(2, 3, 5, 5))
-    assert model[1].window_var_grad.abs().sum() == 0
-    assert model[1]._iterations == 3  # no moving weights: each forward is an iteration
+    assert model[1].window_state.positions[0].var_grad.abs().sum() == 0
+    assert model[1].iterations == 3  # no moving weights: each forward is an iteration
 
 
 def test_standalone_layer_without_producer_warns_and_averages():

@@ -64,7 +64,15 @@ class ConvolutionCall:
     padding: tuple[int, ...] | str
     dilation: tuple[int, ...]
     groups: int
+    # A transposed convolution (its weight stored ``(C_in, C_out / groups, *kernel)``), with the
+    # output padding of the call.
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
     padding_mode = "zeros"
+
+    @property
+    def kernel_size(self) -> tuple[int, ...]:
+        return tuple(self.weight.shape[2:])
 
     @property
     def _reversed_padding_repeated_twice(self) -> list[int]:
@@ -74,6 +82,24 @@ class ConvolutionCall:
             total = d * (k - 1)
             pads += [total // 2, total - total // 2]
         return pads
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """One linear map ``y = u W^T + b`` as a producer (an ``nn.Linear`` call or ``F.linear``)."""
+
+    weight: Tensor
+    bias: Tensor | None
+
+
+def is_transposed(producer) -> bool:
+    """Whether ``producer`` (a module or a call) is a transposed convolution."""
+    return isinstance(producer, _TRANSPOSED) or (isinstance(producer, ConvolutionCall) and producer.transposed)
+
+
+def is_linear(producer) -> bool:
+    """Whether ``producer`` (a module or a call) is a linear map."""
+    return isinstance(producer, (nn.Linear, LinearCall))
 
 
 class StatisticGradients(NamedTuple):
@@ -111,7 +137,7 @@ def weight_rows(producer: nn.Module, weight: Tensor) -> Tensor:
     Returns:
         ``(C, fan_in)``, where ``fan_in = weight.numel() / C``.
     """
-    if isinstance(producer, _TRANSPOSED):
+    if is_transposed(producer):
         groups = producer.groups
         in_per_group, out_per_group = weight.shape[0] // groups, weight.shape[1]
         grouped = weight.reshape(groups, in_per_group, out_per_group, -1)
@@ -122,7 +148,7 @@ def weight_rows(producer: nn.Module, weight: Tensor) -> Tensor:
 def shift_weight(producer: nn.Module, weight: Tensor) -> Tensor:
     """What :func:`statistic_shifts` takes as the producer's weight: the weight itself, which is
     its rows up to a reshape, or the rows of a transposed convolution (a copy)."""
-    return weight_rows(producer, weight) if isinstance(producer, _TRANSPOSED) else weight
+    return weight_rows(producer, weight) if is_transposed(producer) else weight
 
 
 def _padded_input(producer: nn.Conv1d | nn.Conv2d | nn.Conv3d | ConvolutionCall, x: Tensor) -> tuple[Tensor, list[int]]:
@@ -248,6 +274,8 @@ def _effective_output_padding(
     spatial dimension. It is read from the sizes rather than from the module because
     ``forward(x, output_size=...)`` chooses it per call.
     """
+    if isinstance(producer, ConvolutionCall):
+        return list(producer.output_padding)
     sizes = zip(output.shape[2:], x.shape[2:], producer.kernel_size)
     settings = zip(producer.stride, producer.padding, producer.dilation)
     return [out - ((size - 1) * s - 2 * p + d * (k - 1) + 1) for (out, size, k), (s, p, d) in zip(sizes, settings)]
@@ -322,14 +350,14 @@ def producer_statistic_gradients(
     channels = output.shape[1]
     samples = output.numel() // channels
     channel_mean = mean.view(1, channels, *([1] * (output.dim() - 2)))
-    if isinstance(producer, nn.Linear):
+    if is_linear(producer):
         centred = output - channel_mean
         mean_grad = producer_input.mean(0, keepdim=True)
         var_grad = centred.t().mm(producer_input).mul_(2.0 / samples)
         return StatisticGradients(mean_grad.unsqueeze(0), var_grad.unsqueeze(1))
     if torch.compiler.is_compiling():
         producer_input, output = _in_compiled_convolution_layout(producer_input, output)
-    if isinstance(producer, _TRANSPOSED):
+    if is_transposed(producer):
         return _transposed_statistic_gradients(producer, producer_input, output, channel_mean)
 
     groups = producer.groups
@@ -386,6 +414,7 @@ def _in_one_convolution(producer, output: Tensor) -> bool:
     padding that the convolution applies itself (no explicit ``F.pad``)."""
     return (
         isinstance(producer, (*_CONVOLUTIONS, ConvolutionCall))
+        and not is_transposed(producer)
         and producer.groups == 1
         and output.shape[0] < _SPLIT_BATCH
         and producer.padding_mode == "zeros"

@@ -3,42 +3,36 @@
 from __future__ import annotations
 
 import warnings
+import weakref
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..functional.cross_process import all_reduce_statistic_gradients, cross_process_batch_norm
-from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
-from ..functional.normalization import cross_iteration_batch_norm, traceable_cross_iteration_batch_norm
-from ..functional.statistic_gradients import (
-    ConvolutionCall,
-    StatisticGradients,
-    producer_groups,
-    shift_weight,
-    statistic_shifts_of_layers,
-    weight_rows,
-)
-from ..functional.window import MEAN as _MEAN, MEAN_SHIFT as _MEAN_SHIFT, SAMPLES as _SAMPLES, VAR as _VAR
-from ..functional.window import VAR_SHIFT as _VAR_SHIFT, PastStatistics, move_to_current_weights, pool_window
-from ..iterations import SUSPICIOUS_FORWARDS, in_backward_recompute, watch_parameters
-from ..producers import CapturingTap, ProducerRegistry, ProducerTap, weight_set_at_call
-from .input_rank import Input1d, Input2d, Input3d
+from ..functional.cross_process import cross_process_batch_norm
+from ..functional.differentiable_compensation import attach_to_producer, compensation_jacobians
+from ..functional.normalization import cross_iteration_batch_norm
+from ..functional.statistic_gradients import producer_groups, shift_weight, statistic_shifts_of_layers, weight_rows
+from ..functional.window import MEAN, SAMPLES, VAR, PastStatistics, move_to_current_weights, pool_window
+from ..iterations import IterationCounter, in_backward_recompute
+from ..producer_call import ProducerCall, find_producer_call, producer_fingerprint
 from .._step_context import collector_for
-from .window_record import StepRecord, record_step_in_graph, record_steps
+from .input_rank import Input1d, Input2d, Input3d
+from .recompute import KeptForwards
+from .window_record import EntryTicket, StepRecord, fill_entry_gradients, record_steps
+from .window_state import CrossIterationWindow, PositionWindow
 
-_UNRESOLVED, _PAIRED, _UNPAIRED = "unresolved", "paired", "unpaired"
-_NO_PRODUCER = "input is not the direct output of a convolution or linear layer"
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-# Host-side state written at every training forward: never a parameter, buffer or submodule, so
-# it skips nn.Module.__setattr__ (several microseconds a call, per layer and step).
-_HOST_STATE = frozenset({
-    "_prepared_past", "_iteration_shape", "_weight_versions", "_iterations", "_unchanged_forwards",
-    "_weight_probe", "_next_slot", "_call", "_burnin_over", "_compiled_mode", "_forward_since_count",
-    "_kept_pasts", "_call_position", "_extra_slots",
-})
+
+
+class PairingOutcome(NamedTuple):
+    """A compensated call's producer, for :meth:`CrossIterationBatchNormBase.pairing_status`."""
+
+    trainable: bool
+    parameters: tuple  # weak references to the producer's weight and bias parameters
 
 
 class CrossIterationBatchNormBase(_BatchNorm):
@@ -48,26 +42,15 @@ class CrossIterationBatchNormBase(_BatchNorm):
     (``torch.optim.swa_utils.update_bn``, ``torch.ao`` and ``fuse_conv_bn_eval`` fusers, weight
     decay filters) recognises these layers; in eval mode they are BatchNorm.
 
-    The window is a ring of ``window - 1`` slots in three buffers, written in place:
-
-    - ``window_stats`` ``(window - 1, 5, C)``: per slot the rows ``mean``, ``var``, ``mean_shift``,
-      ``var_shift`` (the first-order terms at the weights of the time, see
-      :func:`cbn.functional.statistic_shifts`) and ``samples`` (values per channel; 0 marks an
-      empty slot or one whose batch was not finite);
-    - ``window_mean_grad`` ``(groups, window - 1, fan_in)`` and ``window_var_grad``
-      ``(C, window - 1, fan_in)``: the statistic gradients, allocated once the producer is known
-      (for a convolution, ``window_var_grad`` holds ``window - 1`` weight-sized tensors, the only
-      large state).
+    State, each piece with one owner: the affine parameters and running statistics as BatchNorm's
+    (written by :mod:`cbn.layers.window_record`); the window of past entries
+    (:class:`cbn.layers.window_state.CrossIterationWindow`, plain tensors, not in ``state_dict``);
+    the iteration count (:class:`cbn.iterations.IterationCounter`, saved as the ``num_iterations``
+    buffer); the forwards a recompute may replay (:class:`cbn.layers.recompute.KeptForwards`).
+    The producer is read from autograd's record at every call (:mod:`cbn.producer_call`).
     """
 
-    _version = 2
-    # Pooled statistics kept per layer for activation checkpointing's recompute (see
-    # ``_recompute_forward``): the latest forwards of the iteration, one per input shape.
-    _kept_pasts_limit = 16
-    _float_window_buffers = ("window_stats", "window_mean_grad", "window_var_grad")
-    _window_buffers = (*_float_window_buffers, "window_next", "num_iterations")
-    # Also per rank under DDP, but not saved: the iteration count a compiled forward records.
-    _local_buffers = ("iteration_count",)
+    _version = 3
 
     def __init__(
         self,
@@ -87,8 +70,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         check_shared_use: bool = True,
         differentiable_compensation: bool | None = None,
     ) -> None:
-        if not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
+        _check_window(window)
         if not isinstance(burnin, int) or burnin < 0:
             raise ValueError(f"burnin must be an integer >= 0, got {burnin!r}")
         if differentiable_compensation is None:
@@ -97,59 +79,43 @@ class CrossIterationBatchNormBase(_BatchNorm):
             raise ValueError("differentiable_compensation=True needs compensate=True: naive averaging "
                              "(compensate=False) has no Taylor terms to differentiate")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.window = window
         self.burnin = burnin
         self.compensate = compensate
         self.process_group = process_group
-        self.check_shared_use = check_shared_use
+        self.check_shared_use = check_shared_use  # accepted for compatibility: call positions replace it
         self.differentiable_compensation = differentiable_compensation
-        # Spatial size of this iteration's inputs, per call position.
-        self._iteration_shape: dict[int, torch.Size] = {}
-        # A norm called several times in one model forward (a head shared over the levels of a
-        # feature pyramid) keeps one window per call position: rows p * (window - 1) onwards of
-        # the window buffers. The count is set by the first iteration; position 0's slot is
-        # ``_next_slot``, the others' ``_extra_slots``.
-        self._call_position = 0
-        self._positions = 1
-        self._positions_fixed = False
-        self._extra_slots: list[int] = []
         stats_dtype = torch.promote_types(dtype or torch.get_default_dtype(), torch.float32)
-        factory = {"device": device, "dtype": stats_dtype}
-        self.register_buffer("window_stats", torch.zeros(window - 1, 5, num_features, **factory))
-        self.register_buffer("window_mean_grad", torch.zeros(0, **factory))
-        self.register_buffer("window_var_grad", torch.zeros(0, **factory))
-        self.register_buffer("window_next", torch.zeros((), dtype=torch.long, device=device))
+        self._window_state = CrossIterationWindow(num_features, window, stats_dtype, device)
+        self._counter = IterationCounter()
+        self._kept = KeptForwards()
+        self._last_pairing: PairingOutcome | str = "no training forward yet"
+        self._warned_unpaired = False
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long, device=device))
-        self.register_buffer("iteration_count", torch.zeros((), dtype=torch.long, device=device), persistent=False)
-        # Host-side copies of the two counters, so that the step never waits on the device.
-        self._next_slot: int | None = 0  # None after compiled steps: window_next holds it
-        self._set_iterations(0)
-        self._compiled_mode = False  # has trained inside a compiled graph
-        self._forward_since_count = False  # a training forward since the last counted iteration
-        self._weight_versions: tuple[int, ...] | None = None
-        self._registry: ProducerRegistry | None = None
-        self._producer: tuple[nn.Module, ProducerTap] | None = None
-        self._producer_parameters: list[Tensor] = []
-        self._call: ConvolutionCall | None = None  # the F.convNd call of a custom producer forward
-        self._weight_set_at_call = False  # the producer's weight is set by a pre-hook at each call
-        self._through_view = False  # the input is a view of the producer's output (see producers.py)
-        self._pairing = _UNRESOLVED
-        self._unpaired_reason = ""
-        self._layer_name = type(self).__name__
-        self._warned_mismatch = False
-        self._prepared_past: PastStatistics | None = None
-        self._unchanged_forwards = 0
-        self._weight_probe: Tensor | None = None
-        self._warned_unmarked = False
-        # (input shape, past statistics) of this iteration's training forwards, newest last.
-        self._kept_pasts: list[tuple[torch.Size, PastStatistics | None]] = []
 
     # ----------------------------------------------------------------------------- state
-    def __setattr__(self, name: str, value) -> None:
-        if name in _HOST_STATE:
-            object.__setattr__(self, name, value)
-        else:
-            super().__setattr__(name, value)
+    @property
+    def window(self) -> int:
+        """Entries pooled, the current one included. Setting it takes effect at once and empties
+        the window (its entries were laid out for the old size)."""
+        return self._window_state.window
+
+    @window.setter
+    def window(self, value: int) -> None:
+        _check_window(value)
+        if value != self.window:
+            stats = self._window_state.positions[0].stats
+            self._window_state = CrossIterationWindow(self.num_features, value, stats.dtype, stats.device)
+            self._kept.clear()
+
+    @property
+    def window_state(self) -> CrossIterationWindow:
+        """The window of past entries, per call position (read it; the layer writes it)."""
+        return self._window_state
+
+    @property
+    def iterations(self) -> int:
+        """Training iterations counted so far (:mod:`cbn.iterations`)."""
+        return self._counter.count
 
     def reset_running_stats(self) -> None:
         """Reset the running statistics and empty the window (the iteration count, and so
@@ -160,92 +126,40 @@ class CrossIterationBatchNormBase(_BatchNorm):
         the current weights only, with no stored entry of older weights.
         """
         super().reset_running_stats()
-        if hasattr(self, "window_stats"):  # called from _NormBase.__init__, before the window exists
-            self._empty_window()
+        if "_window_state" in self.__dict__:  # called from _NormBase.__init__ before the window exists
+            self._window_state.empty()
+            self._kept.clear()
 
     def reset_window(self) -> None:
-        """Empty the window of past statistics and restart the iteration count (and burn-in)."""
-        self._empty_window()
-        self.num_iterations.zero_()
-        self.iteration_count.zero_()
-        self._set_iterations(0)
-        self._weight_versions = None
-
-    def _empty_window(self) -> None:
-        self.window_stats.zero_()
-        self.window_mean_grad.zero_()
-        self.window_var_grad.zero_()
-        self.window_next.zero_()
-        self._next_slot = 0
-        self._extra_slots = [0] * (self._positions - 1)
-        self._kept_pasts = []
-
-    def _rows(self, position: int) -> slice:
-        """The window rows of call position ``position``."""
-        past = self.window - 1
-        return slice(position * past, (position + 1) * past)
-
-    def _add_call_position(self) -> None:
-        """One more window, for a further call of this norm in one model forward."""
-        if self._positions_fixed:
-            raise ValueError(
-                f"{self._layer_name} is called {self._positions + 1} or more times in one model forward, "
-                f"but {self._positions} times in the forwards of its first training iteration. Each call "
-                "position (e.g. a feature-pyramid level) keeps its own window, so the number of calls "
-                "per forward must not grow after the first iteration; give the extra input its own norm "
-                "layer."
-            )
-        past = self.window - 1
-        self.window_stats = torch.cat((self.window_stats, self.window_stats.new_zeros(past, *self.window_stats.shape[1:])))
-        for name in ("window_mean_grad", "window_var_grad"):
-            buffer = getattr(self, name)
-            if buffer.dim() == 3:
-                setattr(self, name, torch.cat((buffer, buffer.new_zeros(buffer.shape[0], past, buffer.shape[2])), dim=1))
-        self._positions += 1
-        self._extra_slots.append(0)
-        self.window_next = self.window_next.new_zeros(self._positions)
-        self.window_next[0] = self._next_slot
-        for position, slot in enumerate(self._extra_slots, start=1):
-            self.window_next[position] = slot
+        """Empty the window of past entries and restart the iteration count (and burn-in)."""
+        self._window_state.empty()
+        self._kept.clear()
+        self._counter.restart()
 
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
-        # Statistics stay in float32 or wider when the layer is cast to half precision.
-        for name in self._float_window_buffers:
-            buffer = getattr(self, name)
-            if buffer.dtype in _LOW_PRECISION:
-                setattr(self, name, buffer.float())
+        self._window_state.apply(fn)
         return module
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.num_iterations.fill_(self._counter.count)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        if all(prefix + key not in state_dict for key in self._window_buffers):
-            # A plain BatchNorm state: its weights make any stored window stale, start empty.
-            self.reset_window()
-            for key in self._window_buffers:
-                state_dict[prefix + key] = getattr(self, key)
-        for key in ("window_stats", "window_mean_grad", "window_var_grad", "window_next"):
-            incoming = state_dict.get(prefix + key)
-            if incoming is not None and incoming.shape != getattr(self, key).shape:
-                setattr(self, key, torch.zeros_like(incoming, dtype=getattr(self, key).dtype))
+        key = prefix + "num_iterations"
+        if key not in state_dict:  # a BatchNorm state: start counting anew
+            state_dict[key] = torch.zeros((), dtype=torch.long)
+        for old in ("window_stats", "window_mean_grad", "window_var_grad", "window_next"):
+            state_dict.pop(prefix + old, None)  # windows of earlier versions: not state any more
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
-        slots = self.window_next.view(-1).tolist()
-        self._next_slot, self._extra_slots = slots[0], slots[1:]
-        self._positions = len(slots)
-        self._positions_fixed = self._positions > 1
-        self._set_iterations(int(self.num_iterations))
-        self.iteration_count.copy_(self.num_iterations)
-        self._weight_versions = None
-
-    def __setstate__(self, state: dict) -> None:
-        super().__setstate__(state)
-        # A copy (deepcopy, pickle) pairs with the copy of its producer: have optimizer steps
-        # mark those parameters too, or an optimizer writing through .data counts no iteration.
-        if self._producer_parameters:
-            watch_parameters(self._producer_parameters, self)
+        # New weights make every stored entry stale: the window starts empty.
+        self._window_state.empty()
+        self._kept.clear()
+        self._counter.restart(int(self.num_iterations))
 
     def __prepare_scriptable__(self):
         raise RuntimeError(
@@ -260,364 +174,35 @@ class CrossIterationBatchNormBase(_BatchNorm):
             + (", differentiable_compensation=False" if self.compensate and not self.differentiable_compensation else "")
         )
 
-    # ----------------------------------------------------------------------------- producer
-    def attach(self, registry: ProducerRegistry, name: str) -> None:
-        """Let this layer look for its producer among ``registry``'s taps (done by ``convert_model``)."""
-        self._registry = registry
-        self._layer_name = name or self._layer_name
-        self._pairing = _UNRESOLVED
-        self._producer = None
-        self._producer_parameters = []
-        self._call = None
-
-    @property
-    def producer(self) -> nn.Module | None:
-        """The convolution or linear layer found to produce this layer's input, if any."""
-        return self._producer[0] if self._producer is not None else None
-
-    def _discover_producer(self, input: Tensor) -> None:
-        found = self._registry.find(input) if self._registry is not None else None
-        refusal = self._refuse_producer(*found, input) if found is not None else _NO_PRODUCER
-        if refusal is None:
-            self._producer = found
-            self._producer_parameters = list(found[0].parameters())
-            self._weight_set_at_call = weight_set_at_call(found[0])
-            self._through_view = found[1].output_of(input) is not input
-            watch_parameters(self._producer_parameters, self)
-            found[1].claimed = True
-            found[1].keep_input = True  # a norm paired after discovery closed (a late branch)
-            self._pairing = _PAIRED
-            self._allocate_gradient_window(found[0], found[1])
-            return
-        self._pairing = _UNPAIRED
-        self._unpaired_reason = refusal
-        if self._registry is not None:
-            self._registry.unpaired.append(f"{self._layer_name} ({refusal})")
-        else:
-            warnings.warn(
-                f"{self._layer_name} has no known producer and averages uncompensated statistics; "
-                "convert the model with cbn.convert_model(model) to pair it with its convolution.",
-                stacklevel=3,
-            )
-
-    def _refuse_producer(self, producer: nn.Module, tap: ProducerTap, input: Tensor) -> str | None:
-        """Why ``producer`` (whose output is ``input``) cannot be paired, or ``None`` if it can."""
-        name = type(producer).__name__
-        if tap.modified_in_place(input):
-            return (f"input modified in place after {name} (e.g. an in-place activation between them): "
-                    "not the producer's output")
-        if isinstance(tap, CapturingTap) and tap.call is None:
-            return tap.failure or f"custom forward of {name} could not be observed"
-        if isinstance(producer, nn.Linear):
-            if input.dim() != 2:
-                return f"{name} output of rank {input.dim()}: only (N, C) outputs of a linear layer pair"
-            return None if producer.out_features == self.num_features else f"{name} has another channel count"
-        return None if producer.out_channels == self.num_features else f"{name} has another channel count"
-
-    def pairing_status(self) -> tuple[bool, nn.Module | None, str]:
-        """``(compensated, producer, reason)``: whether the Taylor step is applied, and why not.
-
-        ``reason`` is empty when compensated. See :func:`cbn.pairing_report` for a whole model.
-        """
+    # ----------------------------------------------------------------------------- pairing
+    def pairing_status(self) -> tuple[bool, tuple, str]:
+        """``(compensated, producer parameters, reason)`` of the latest training forward: whether
+        the Taylor step was applied, the producer's leaf parameters, and why not (empty when
+        compensated). See :func:`cbn.pairing_report` for a whole model."""
         if not self.compensate:
-            return False, self.producer, "compensate=False (naive cross-iteration averaging)"
+            return False, (), "compensate=False (naive cross-iteration averaging)"
         if self.window == 1:
-            return False, self.producer, "window=1 (BatchNorm)"
-        if self._pairing == _UNRESOLVED:
-            return False, None, "no training forward yet"
-        if self._pairing == _UNPAIRED:
-            return False, None, self._unpaired_reason
-        if not self._trainable_producer_weights():
-            return False, self.producer, "producer frozen (no trainable weight: nothing to compensate)"
-        return True, self.producer, ""
+            return False, (), "window=1 (BatchNorm)"
+        found = self._last_pairing
+        if isinstance(found, str):
+            return False, (), found
+        parameters = tuple(p for p in (ref() for ref in found.parameters) if p is not None)
+        if not found.trainable:
+            return False, parameters, "producer frozen (no trainable weight: nothing to compensate)"
+        return True, parameters, ""
 
-    def _allocate_gradient_window(self, producer: nn.Module, tap: ProducerTap) -> None:
-        if not self.compensate or self.window == 1:
-            return
-        past = self.window - 1
-        # The weight of the observed call: reading a parametrized weight again would run the
-        # parametrization (a spectral norm's power iteration) once more.
-        weight = tap.call.weight if isinstance(tap, CapturingTap) else producer.weight
-        fan_in = weight_rows(producer, weight.detach()).shape[1]
-        rows = past * self._positions
-        shapes = {
-            "window_mean_grad": (producer_groups(producer), rows, fan_in),
-            "window_var_grad": (self.num_features, rows, fan_in),
-        }
-        for name, shape in shapes.items():
-            buffer = getattr(self, name)
-            if buffer.shape != shape:
-                setattr(self, name, buffer.new_zeros(shape))
-                self.window_stats[:, _MEAN_SHIFT:_SAMPLES].zero_()
-
-    def _producer_input(self, input: Tensor, warn: bool = True) -> Tensor | None:
-        """The input of the convolution that made ``input`` (and, for a custom forward, its call).
-
-        ``None`` (the entry is stored uncompensated) when ``input`` is not the producer's latest
-        output as the producer returned it: another tensor, or the same one modified in place
-        since (an in-place activation between them), whose statistics the producer's derivative
-        does not describe. The first forward of a layer paired late has no kept input either.
-        """
-        if self._producer is None:
-            return None
-        tap = self._producer[1]
-        produced, modified = tap.produced(input), tap.modified_in_place(input)
-        producer_input = tap.take_input(input)
-        if isinstance(tap, CapturingTap):
-            self._call = tap.call
-        if warn and (not produced or modified) and not self._warned_mismatch:
-            self._warned_mismatch = True
-            what = ("was modified in place after its producer" if produced
-                    else "is not the latest output of its producer")
-            warnings.warn(
-                f"{self._layer_name}: this input {what} {type(self.producer).__name__}; its statistics "
-                "are stored uncompensated.",
-                stacklevel=3,
-            )
-        return producer_input
-
-    def _trainable_producer_weights(self) -> list[Tensor]:
-        """The producer's trainable parameters: ``weight`` and ``bias``, or what a parametrization
-        (``weight_norm``, ...) computes them from, whose version counters mark the iterations."""
-        return [p for p in self._producer_parameters if p.requires_grad]
-
-    @property
-    def _computation(self) -> nn.Module | ConvolutionCall | None:
-        """What computed the current input: the producer, or the F.convNd call of a custom forward."""
-        if self._producer is None:
-            return None
-        return self._call if self._custom_producer else self._producer[0]
-
-    @property
-    def _weight_known_late(self) -> bool:
-        """The weight the producer uses in a forward is known only once it has run (a custom
-        ``forward``, or a pre-hook that sets it): the window is summarized at the layer's forward."""
-        return self._custom_producer or self._weight_set_at_call
-
-    @property
-    def _custom_producer(self) -> bool:
-        """Paired with a convolution whose custom ``forward`` is observed call by call."""
-        return self._producer is not None and isinstance(self._producer[1], CapturingTap)
-
-    def _advance_iteration(self, input: Tensor, position: int = 0) -> None:
-        """Count an iteration when the producer's weights changed since the last training forward.
-
-        A frozen or unknown producer counts every training forward as an iteration. Within one
-        iteration (gradient accumulation), an input of another spatial size is refused: it is the
-        sign of one norm applied to several inputs, e.g. the levels of a feature pyramid, whose
-        statistics would be mixed in one window (see ``check_shared_use``).
-        """
-        weights = self._trainable_producer_weights()
-        versions = tuple(w._version for w in weights) if weights else None
-        new_iteration = versions is None or versions != self._weight_versions
-        shape = input.shape[2:]
-        seen = self._iteration_shape.get(position)
-        if not new_iteration and self.check_shared_use and seen not in (None, shape):
-            raise ValueError(
-                f"{self._layer_name} got inputs of spatial sizes {tuple(seen)} and "
-                f"{tuple(shape)} with unchanged producer weights, so both count as one iteration. "
-                "Either no weight update happened between two training forwards (the producer is in "
-                "no optimizer, a step was skipped, or model.eval() was forgotten before a validation "
-                "or no_grad pass: call model.eval() there), or one norm is applied to several inputs "
-                "outside one model forward (e.g. feature-pyramid levels, which inside a converted "
-                "model's forward get one window each), which would mix their statistics in one "
-                "window: give each input its own norm layer. For gradient accumulation over inputs "
-                "of varying size, construct the layer (or convert_model) with check_shared_use=False."
-            )
-        if new_iteration:
-            self._iteration_shape = {}
-            self._positions_fixed = self._positions_fixed or self._iterations > 0
-        self._iteration_shape[position] = shape
-        self._forward_since_count = True
-        if new_iteration:
-            self._set_iterations(self._iterations + 1)
-            self._unchanged_forwards, self._weight_probe = 0, None
-            self._kept_pasts = []
-        elif not self._warned_unmarked:
-            self._unchanged_forwards += 1
-            self._check_unmarked_updates(weights[0])
-        self._weight_versions = versions
-
-    def _set_iterations(self, count: int) -> None:
-        self._iterations = count
-        # What a compiled forward reads instead of the count, so that it recompiles once, when
-        # burn-in ends, and not at every step.
-        self._burnin_over = count > self.burnin
-
-    def count_weight_update(self) -> bool:
-        """Count the iteration an optimizer step (or :func:`cbn.mark_step`) just made.
-
-        Called by the step hook of :mod:`cbn.iterations` for every paired layer that has run a
-        training forward since its last counted iteration, with the same version comparison as
-        :meth:`_advance_iteration` (the next eager forward then sees no change). It is what
-        counts iterations for a layer that trains inside a compiled graph, which cannot read
-        version counters. A step without such a forward is left to the next forward to count.
-        """
-        if not self._forward_since_count:
-            return False
-        weights = self._trainable_producer_weights()
-        versions = tuple(w._version for w in weights) if weights else None
-        if versions is None or versions == self._weight_versions:
-            return False
-        self._weight_versions = versions
-        self._forward_since_count = False
-        self._set_iterations(self._iterations + 1)
-        self._iteration_shape = {}
-        self._positions_fixed = True
-        self._unchanged_forwards, self._weight_probe = 0, None
-        self._kept_pasts = []
-        self.iteration_count.add_(1)
-        return True
-
-    def _check_unmarked_updates(self, weight: Tensor) -> None:
-        """Warn once if the producer's weight moves while its version counter does not.
-
-        Runs only in long streaks of training forwards in one iteration: a copy of the weight is
-        taken half-way through :data:`cbn.iterations.SUSPICIOUS_FORWARDS` and compared at its end.
-        """
-        if self._unchanged_forwards == SUSPICIOUS_FORWARDS // 2:
-            self._weight_probe = weight.detach().clone()
-        elif self._unchanged_forwards >= SUSPICIOUS_FORWARDS and self._weight_probe is not None:
-            moved = not torch.equal(self._weight_probe, weight)
-            self._unchanged_forwards, self._weight_probe = 0, None
-            if moved:
-                self._warned_unmarked = True
-                warnings.warn(
-                    f"{self._layer_name}: the weights of its producer {type(self.producer).__name__} changed "
-                    f"during {SUSPICIOUS_FORWARDS} training forwards without a change of their version "
-                    "counter, so no iteration was counted and burn-in does not advance. Weights written "
-                    "through .data outside a torch.optim optimizer are invisible to the layer: call "
-                    "cbn.mark_step(model) after each update.",
-                    stacklevel=5,
-                )
-
-    @property
-    def _in_burnin(self) -> bool:
-        return self._iterations <= self.burnin
-
-    @property
-    def _compensating(self) -> bool:
-        return self._buffers["window_var_grad"].numel() > 0
-
-    # ----------------------------------------------------------------------------- maths
-    def _current_shifts(self) -> tuple[Tensor, Tensor] | tuple[None, None]:
-        """First-order terms of the stored gradients at the current weights, ``(k-1, C)`` each."""
-        operands = self._shift_operands()
-        if operands is None:
-            return None, None
-        # The kernel that computes the new entries' terms too (a Taylor step at unchanged weights
-        # must cancel exactly).
-        (mean_shift,), (var_shift,) = statistic_shifts_of_layers([operands])
-        return mean_shift, var_shift
-
-    def _shift_operands(self) -> tuple[Tensor, Tensor, Tensor, Tensor | None] | None:
-        """``(mean gradients, variance gradients, weight, bias)`` whose :func:`statistic_shifts` are
-        the window's first-order terms at the current weights; ``None`` when not compensating."""
-        computation = self._computation
-        if not self._compensating or computation is None:
-            return None
-        buffers = self._buffers
-        return (buffers["window_mean_grad"], buffers["window_var_grad"],
-                shift_weight(computation, computation.weight), computation.bias)
-
-    def _moved_window(self) -> tuple[Tensor, Tensor]:
-        """Past entries moved to the current weights (unmoved when not compensating), ``(k-1, C)``."""
-        stats = self.window_stats
-        mean_now, var_now = self._current_shifts()
-        if mean_now is None:
-            return stats[:, _MEAN], stats[:, _VAR]
-        return move_to_current_weights(
-            stats[:, _MEAN], stats[:, _VAR], stats[:, _MEAN_SHIFT], stats[:, _VAR_SHIFT], mean_now, var_now
-        )
-
-    def _past_statistics(self, position: int = 0) -> PastStatistics | None:
-        """Summary of the valid past entries of a call position, or ``None`` when this step is
-        plain BatchNorm. The model-level summary (:mod:`cbn.model_step`) is position 0's."""
-        prepared, self._prepared_past = self._prepared_past, None
-        if self.window == 1 or self._in_burnin:
-            return None
-        if self._differentiates_past:  # (a summary prepared before the layer paired is not used)
-            usable = isinstance(prepared, CompensationJacobian) and position == 0
-            return self._differentiable_past(prepared if usable else None, position)
-        if prepared is not None and position == 0:
-            return prepared
-        with torch.no_grad():
-            stats = self.window_stats
-            mean_now, var_now = self._current_shifts()
-            if self._positions > 1:
-                rows = self._rows(position)
-                stats = stats[rows]
-                if mean_now is not None:
-                    mean_now, var_now = mean_now[rows], var_now[rows]
-            return pool_window(stats, mean_now, var_now)
-
-    @property
-    def _differentiates_past(self) -> bool:
-        """Whether the past summary is a function of the producer's current weight and bias."""
-        return self.differentiable_compensation and self._compensating and self._computation is not None
-
-    def _differentiable_past(self, prepared=None, position: int = 0) -> PastStatistics:
-        """The past summary of a call position, carrying gradients to the producer's weight and
-        bias where autograd is on; ``prepared``: its :class:`CompensationJacobian` from the
-        model-level step."""
-        mean_grad, var_grad, weight, bias = self._shift_operands()
-        if prepared is None:
-            stats = self.window_stats
-            with torch.no_grad():
-                (mean_now,), (var_now,) = statistic_shifts_of_layers([(mean_grad, var_grad, weight, bias)])
-            if self._positions > 1:
-                rows = self._rows(position)
-                stats, mean_now, var_now = stats[rows], mean_now[rows], var_now[rows]
-                mean_grad, var_grad = mean_grad[:, rows], var_grad[:, rows]
-            (prepared,) = compensation_jacobians(stats, mean_now, var_now, [(mean_grad, var_grad)])
-        if not torch.is_grad_enabled():
-            # The Jacobians stay with the summary, unattached: a recompute under autograd
-            # (reentrant activation checkpointing) attaches them (``_recompute_forward``).
-            return prepared.past._replace(attachment=(None, None, prepared))
-        return attach_to_producer(prepared, weight, bias)
-
-    @property
-    def _will_pool(self) -> bool:
-        """Whether the next training forward pools past entries (burn-in will be over)."""
-        return self.training and self.window > 1 and self._iterations >= self.burnin
-
-    def _entry_gradient_operands(self, record: StepRecord) -> tuple | None:
-        """The :func:`producer_statistic_gradients` operands of a recorded batch (in the statistics
-        dtype), or ``None`` where its gradients are not needed."""
-        wanted = (
-            self._compensating
-            and record.producer_input is not None
-            and bool(self._trainable_producer_weights())
-            and self._iterations > self.burnin - self.window + 1
-        )
-        if not wanted:
-            # Weights that do not move (or entries evicted before burn-in ends) need no Taylor step.
-            return None
-        dtype = self._buffers["window_stats"].dtype
-        producer_input, output = record.producer_input, record.output
-        producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
-        output = output if output.dtype == dtype else output.to(dtype)  # under no_grad
-        return record.computation, producer_input, output, record.stats.batch_mean
-
-    def _pooled_entry_gradients(self, record: StepRecord, gradients: StatisticGradients) -> StatisticGradients:
-        """With a process group, the record's mean is the global mean and ``samples`` the global
-        count (a tensor): each rank's gradients, centred on the global mean, are pooled over the
-        ranks. Otherwise ``gradients`` as they are."""
-        if isinstance(record.samples, Tensor):
-            local_samples = record.output.numel() // self.num_features
-            gradients = all_reduce_statistic_gradients(gradients, local_samples, record.samples, self.process_group)
-        return gradients
-
-    # ----------------------------------------------------------------------------- production
-    @property
-    def _cross_process(self) -> bool:
-        """Pool the batch over ``process_group``: set, initialized and with more than one rank."""
-        return (
-            self.process_group is not None
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size(self.process_group) > 1
-        )
+    def _pair(self, input: Tensor) -> ProducerCall | None:
+        found = find_producer_call(input, self.num_features)
+        if isinstance(found, ProducerCall):
+            # Weakly: the report must not keep a producer alive (nor its activations).
+            self._last_pairing = PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters))
+            return found
+        self._last_pairing = found
+        if self.compensate and self.window > 1 and not self._warned_unpaired and collector_for(self) is None:
+            self._warned_unpaired = True
+            warnings.warn(f"{type(self).__name__}({self.num_features}) averages uncompensated statistics: {found}. "
+                          "cbn.pairing_report(model) lists every norm layer.", stacklevel=4)
+        return None
 
     # ----------------------------------------------------------------------------- forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -638,24 +223,15 @@ class CrossIterationBatchNormBase(_BatchNorm):
             )
         if not self.training:
             use_running = self.track_running_stats and self.running_mean is not None
-            return F.batch_norm(
-                input,
-                self.running_mean if use_running else None,
-                self.running_var if use_running else None,
-                self.weight,
-                self.bias,
-                not use_running,
-                0.0,
-                self.eps,
-            )
+            return F.batch_norm(input, self.running_mean if use_running else None,
+                                self.running_var if use_running else None, self.weight, self.bias,
+                                not use_running, 0.0, self.eps)
         if input.numel() == 0:
             # As nn.BatchNorm: an empty batch gives an empty output and changes no state.
-            self._producer_input(input, warn=False)
             return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
+        if torch.is_inference_mode_enabled():
             # A training step under inference_mode records like one under no_grad; its state
-            # (window, lazily made buffers, caches) must not become inference tensors, which
-            # every later training step would be refused to update.
+            # must not become inference tensors, which later training steps could not update.
             with torch.inference_mode(False), torch.no_grad():
                 return self.forward(input)
         if torch.is_autocast_enabled(input.device.type):
@@ -666,234 +242,188 @@ class CrossIterationBatchNormBase(_BatchNorm):
         return self._training_forward(input)
 
     def _training_forward(self, input: Tensor) -> Tensor:
-        """The training forward in three stages: bookkeeping, normalization, recording.
+        """One training step: pair, count, summarize the window, normalize, record.
 
-        Eager: the bookkeeping reads and writes Python state (producer taps, host counters,
-        weight versions); in a converted model's forward the recording is written with all
-        layers' at once (:mod:`cbn.layers.window_record`). Under ``torch.compile`` a paired layer
-        runs :meth:`_compiled_training_forward` (no graph break); the first forward, which pairs
-        the layers, runs the bookkeeping eagerly (``torch.compiler.disable``, graph breaks).
-
-        With a process group, every rank computes the same pooled statistics and statistic
-        gradients, so every rank stores the same entry and keeps the same window: ``P`` ranks of
-        ``B`` examples with window ``k`` estimate from ``P * B * k`` examples. With ``window=1``
-        this is ``nn.SyncBatchNorm``.
+        Every piece of state changes after the checks, so a refused batch changes nothing. Under
+        ``torch.compile`` it runs outside the graph (see ``docs/reliability.md``).
         """
-        compiling = torch.compiler.is_compiling()
-        if not compiling and in_backward_recompute():
-            return self._recompute_forward(input)
-        if compiling and self._pairing != _UNRESOLVED and not self._cross_process and self._positions == 1:
-            return self._compiled_training_forward(input)
-        if self._next_slot is None:  # compiled steps moved the slot on the device
-            self._next_slot = int(self.window_next.view(-1)[0])
-        position = self._next_call_position_outside_graph() if compiling else self._next_call_position()
-        prepare = self._prepare_step_outside_graph if compiling else self._prepare_step
-        past, producer_input = prepare(input, position)
-        if self._cross_process:
-            output, stats, samples = cross_process_batch_norm(
-                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
-            )
-        else:
-            output, stats = cross_iteration_batch_norm(
-                input, past, self.weight, self.bias, self.eps, self._buffers["window_stats"].dtype
-            )
-            samples = input.numel() // self.num_features
-        record = self._record_step_outside_graph if compiling else self._record_step
-        output_of_producer = input
-        if producer_input is not None and self._through_view and not self._producer[1].channel_last:
-            # A convolution's statistic gradients are taken on its output in its own layout (a
-            # linear layer's on (M, C) rows, which the view already is).
-            output_of_producer = self._producer[1].output_of(input)
-            output_of_producer = input if output_of_producer is None else output_of_producer
-        record(stats, samples, past, producer_input, output_of_producer, position)
-        return output
-
-    def _next_call_position(self) -> int:
-        """This call's position in the running model forward (0 outside one), with a window
-        allocated for it. Positions restart at each forward of a converted model."""
-        if collector_for(self) is None:
-            return 0
-        position = self._call_position
-        self._call_position = position + 1
-        if position >= self._positions and self.window > 1:
-            self._add_call_position()
-        return position
-
-    _next_call_position_outside_graph = torch.compiler.disable(_next_call_position)
-
-    def start_model_forward(self) -> tuple[tuple, Tensor, tuple | None] | None:
-        """Called by the model-level step when a converted model's forward begins: the next call
-        of this norm is its first of that forward, and no summary is prepared yet.
-
-        Returns what a summary of the window for that first call is computed from, when the model
-        step may compute it with other layers' (:func:`cbn.model_step.prepare_past_statistics`):
-        ``(group key, window, statistic-shift operands or None)``; else ``None``.
-        """
-        self._call_position = 0
-        self._prepared_past = None
-        # Late weights are known at the call only; several call positions summarize at each call.
-        if not self._will_pool or self._weight_known_late or self._positions > 1:
-            return None
-        stats = self._buffers["window_stats"]
-        compensating = self._compensating
-        # (differentiable compensation: the model step prepares CompensationJacobians instead)
-        key = (self.window, stats.dtype, stats.device, self._differentiates_past, compensating)
-        return key, stats, self._shift_operands() if compensating else None
-
-    def use_prepared_past(self, past: PastStatistics | CompensationJacobian) -> None:
-        """Take ``past``, the summary of this layer's window computed with other layers' by the
-        model-level step (with its Jacobians, under differentiable compensation), for this
-        forward's first call."""
-        self._prepared_past = past
-
-    def claim_entry_row(self, position: int) -> tuple[int, Tensor, int]:
-        """Where the next entry of call position ``position`` goes, and advance that position's
-        slot: ``(row of the window buffers, the position's slot counter buffer, its new value)``.
-        The caller writes the counter (with other layers', at once)."""
-        past = self.window - 1
-        if position == 0:
-            slot = self._next_slot
-            self._next_slot = (slot + 1) % past
-            counter = self._buffers["window_next"] if self._positions == 1 else self.window_next[0]
-            return slot, counter, self._next_slot
-        slot = self._extra_slots[position - 1]
-        self._extra_slots[position - 1] = (slot + 1) % past
-        return position * past + slot, self.window_next[position], self._extra_slots[position - 1]
-
-    def _recompute_forward(self, input: Tensor) -> Tensor:
-        """The forward again, as activation checkpointing (``torch.utils.checkpoint``, either
-        ``use_reentrant``) runs it during backward: the same output as the original forward.
-
-        It normalizes with the past statistics that forward used (the window has since received
-        its entry), records nothing and counts no iteration. The original forward is the latest
-        of this iteration with an input of the same shape (gradient accumulation runs each
-        micro-batch's backward before the next forward; the levels of a feature pyramid differ
-        in shape).
-        """
-        self._producer_input(input, warn=False)  # release what the producer's tap kept
-        for shape, past in reversed(self._kept_pasts):
-            if shape == input.shape:
-                break
-        else:
-            raise RuntimeError(
-                f"{self._layer_name} is recomputed during backward (activation checkpointing) with an "
-                f"input of shape {tuple(input.shape)} that no training forward of this iteration had; "
-                "the statistics of the original forward cannot be found."
-            )
-        if past is not None and past.attachment is not None and past.attachment[0] is None and torch.is_grad_enabled():
-            # The original forward ran without autograd (reentrant checkpointing): differentiable
-            # compensation attaches its Jacobians to the weights of this recompute.
-            _, _, weight, bias = self._shift_operands()
-            past = attach_to_producer(past.attachment[2], weight, bias)
-        if self._cross_process:
-            output, _, _ = cross_process_batch_norm(
-                input, past, self.weight, self.bias, self.eps, self.window_stats.dtype, self.process_group
-            )
-            return output
-        output, _ = cross_iteration_batch_norm(
-            input, past, self.weight, self.bias, self.eps, self._buffers["window_stats"].dtype
-        )
-        return output
-
-    def _compiled_training_forward(self, input: Tensor) -> Tensor:
-        """The training step inside a ``torch.compile`` graph, without a graph break.
-
-        Only tensor operations and reads of Python state that is constant between steps: the
-        pairing (found by the first, eager or graph-breaking, forward), ``_burnin_over`` (one
-        recompile when burn-in ends). The window slot is the ``window_next`` buffer, validity is
-        a tensor mask, and iterations are counted by the optimizer step hook
-        (:meth:`count_weight_update`). A producer with a custom ``forward`` is not observed here:
-        its entries are stored uncompensated.
-        """
-        self._compiled_mode = True
-        self._forward_since_count = True
-        self._next_slot = None
+        if torch.compiler.is_compiling():
+            return self._training_forward_outside_graph(input)
+        if in_backward_recompute():
+            return self._replay(input)
+        call = self._pair(input)
+        fingerprint = producer_fingerprint(call) if call is not None and call.trainable else None
+        decision = self._counter.decide(None if call is None else call.signature, fingerprint)
+        state = self._window_state
+        index = 0 if decision.new_iteration else state.next_position
+        pooled = self.window > 1 and self._counter.count + decision.new_iteration > self.burnin
+        position = state.position(index) if self.window > 1 else None
         samples = input.numel() // self.num_features
-        pooled = self.window > 1 and self._burnin_over
-        if samples <= 1 and not pooled:
+        if samples <= 1 and not self._cross_process and not (pooled and position.has_entries()):
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
-        producer_input = None
-        # A view of the producer's output cannot be traced back to it inside a graph.
-        observed = self._producer is not None and not self._custom_producer and not self._through_view
-        if observed:
-            tap = self._producer[1]
-            producer_input, tap._input = tap._input, None
-        dtype = self.window_stats.dtype
-        if pooled and observed and self._differentiates_past:
-            past = self._differentiable_past()
+        # Commit: count, call position, producer of the position.
+        self._counter.commit(decision)
+        if decision.new_iteration:
+            state.restart_positions()
+            self._kept.clear()
+        grad_recorded = torch.is_grad_enabled() and input.requires_grad
+        state.take_position(advance=grad_recorded)
+        computation = self._bind_producer(position, call)
+        past = self._summary(position, computation) if pooled else None
+        if self._cross_process:
+            output, stats, samples = cross_process_batch_norm(input, past, self.weight, self.bias, self.eps,
+                                                              _stats_dtype(state), self.process_group)
         else:
-            with torch.no_grad():
-                shifts = self._current_shifts() if observed else (None, None)
-                past = pool_window(self.window_stats, *shifts) if pooled else None
-        output, stats = traceable_cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)
-        computation = self._producer[0] if observed else None
-        record_step_in_graph(StepRecord(self, stats, samples, past.samples if past is not None else None,
-                                        producer_input, input, computation))
+            output, stats = cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps,
+                                                       _stats_dtype(state))
+        ticket = self._record(position, stats, samples, past, call, computation)
+        self._kept.keep(stats.batch_mean, past, ticket)
+        if grad_recorded and output.requires_grad:
+            output.register_hook(state.restart_positions)
         return output
 
-    def _prepare_step(self, input: Tensor, position: int = 0) -> tuple[PastStatistics | None, Tensor | None]:
-        """Producer pairing, iteration count and the past entries moved to the current weights."""
-        if self._pairing == _UNRESOLVED:
-            self._discover_producer(input)
-        producer_input = self._producer_input(input)
-        self._advance_iteration(input, position)
-        pooled = self.window > 1 and not self._in_burnin
-        samples = input.numel() // self.num_features
-        if (
-            samples <= 1
-            and not self._cross_process
-            and not (pooled and bool((self.window_stats[self._rows(position), _SAMPLES, 0] > 0).any()))
-        ):
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {input.size()}"
-            )
-        past = self._past_statistics(position)
-        kept = self._kept_pasts
-        if len(kept) >= self._kept_pasts_limit:
-            del kept[0]
-        kept.append((input.shape, past))
-        return past, producer_input
+    _training_forward_outside_graph = torch.compiler.disable(_training_forward)
 
-    def _record_step(self, stats, samples: int | Tensor, past, producer_input, input: Tensor, position: int = 0) -> None:
-        """Record the step: window entry and running statistics (:mod:`cbn.layers.window_record`).
+    def _replay(self, input: Tensor) -> Tensor:
+        """The forward again, as activation checkpointing (either ``use_reentrant``) runs it in
+        backward: normalized with the past summary of the forward it replays, which
+        :class:`~cbn.layers.recompute.KeptForwards` finds by the batch mean; nothing recorded."""
+        dtype = _stats_dtype(self._window_state)
+        with torch.no_grad():
+            batch_mean = input.to(dtype).mean([d for d in range(input.dim()) if d != 1])
+        past, ticket = self._kept.find(batch_mean, self.num_features)
+        unattached = past is not None and past.attachment is not None and past.attachment[0] is None
+        if (ticket is not None or unattached) and torch.is_grad_enabled():
+            call = find_producer_call(input, self.num_features)
+            if isinstance(call, ProducerCall) and ticket is not None and call.input is not None and self.compensate:
+                # The forward could not read its producer's input: its entry's gradients now.
+                self._bind_producer(ticket.window, call, keep_slot=ticket.slot)
+                fill_entry_gradients(ticket, call.computation, call.input, call.output, batch_mean)
+            if isinstance(call, ProducerCall) and unattached:
+                # The original forward ran without autograd (reentrant checkpointing): differentiable
+                # compensation attaches its Jacobians to the producer of this recompute.
+                weight = shift_weight(call.computation, call.computation.weight)
+                past = attach_to_producer(past.attachment[2], weight, call.computation.bias)
+        if self._cross_process:
+            return cross_process_batch_norm(input, past, self.weight, self.bias, self.eps, dtype, self.process_group)[0]
+        return cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)[0]
 
-        In a converted model's training forward with autograd on, the record is written with all
-        layers' after the forward (autograd keeps the tensors it holds unmodified until then);
-        otherwise at once. ``samples`` is an int, or a 0-dim tensor when pooled over processes.
-        """
-        record = StepRecord(
-            self, stats, samples, past.samples if past is not None else None,
-            producer_input, input, self._computation, position,
+    def _bind_producer(self, position: PositionWindow | None, call: ProducerCall | None, keep_slot: int | None = None):
+        """The producer the position's entries are moved by (this call's, or for a call without
+        autograd record the position's latest one while its parameters are alive), and the
+        position emptied when its producer changed."""
+        if position is None or not self.compensate:
+            return None
+        if call is None:
+            recipe = position.recipe
+            return recipe if recipe is not None and _alive(recipe.weight) else None
+        signature = call.signature
+        if position.signature != signature:
+            if position.signature is None or position.signature[:-1] != signature[:-1] or (
+                    position.signature[-1] != "copied"):
+                position.empty(keep_slot)  # entries another producer (or none) recorded cannot be moved
+            position.signature = signature
+        if call.trainable and (call.input is not None or call.input_deferred):
+            weight = call.computation.weight
+            position.ensure_gradients(producer_groups(call.computation),
+                                      weight_rows(call.computation, weight.detach()).shape[1])
+        weight = call.computation.weight
+        position.recipe = call.computation if any(weight is p for p in call.parameters) else None
+        return call.computation
+
+    def _summary(self, position: PositionWindow, computation) -> PastStatistics:
+        """The window's past entries moved to the producer's current weights and summarized;
+        differentiable in them under differentiable compensation."""
+        stats = position.stats
+        if computation is None:
+            with torch.no_grad():
+                return pool_window(stats, None, None)
+        if position.var_grad is None:  # entries stored without gradients: only the bias moves them
+            bias = computation.bias
+            with torch.no_grad():
+                if bias is None:
+                    return pool_window(stats, None, None)
+                mean_now = bias.detach().to(stats.dtype).expand(stats.shape[0], -1)
+                return pool_window(stats, mean_now, torch.zeros_like(mean_now))
+        weight = shift_weight(computation, computation.weight)
+        operands = (position.mean_grad, position.var_grad, weight.detach(),
+                    None if computation.bias is None else computation.bias.detach())
+        with torch.no_grad():
+            (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
+        if not self.differentiable_compensation:
+            with torch.no_grad():
+                return pool_window(stats, mean_now, var_now)
+        (jacobian,) = compensation_jacobians(stats, mean_now, var_now, [(position.mean_grad, position.var_grad)])
+        if not torch.is_grad_enabled():
+            # Unattached: a recompute under autograd (reentrant checkpointing) attaches them.
+            return jacobian.past._replace(attachment=(None, None, jacobian))
+        return attach_to_producer(jacobian, weight, computation.bias)
+
+    def _record(self, position, stats, samples, past, call: ProducerCall | None, computation) -> EntryTicket | None:
+        """Record the step (window entry, statistic gradients, running statistics): with all
+        layers' after a converted model's forward, else at once (:mod:`cbn.layers.window_record`).
+        Returns the entry's ticket when its gradients are to be filled in by a recompute."""
+        wants_gradients = (
+            position is not None and self.compensate
+            and self._counter.count > self.burnin - self.window + 1  # entries evicted before burn-in ends need none
         )
+        source = None
+        if wants_gradients and call is not None and call.input is not None and position.var_grad is not None:
+            source = (call.computation, call.input, call.output)
+        ticket = None
+        if wants_gradients and source is None and (call is None or call.trainable) and not isinstance(samples, Tensor):
+            # No input in this forward (no autograd record, or checkpointing): a recompute may bring it.
+            ticket = EntryTicket(position)
+        record = StepRecord(self, position, stats, samples, past.samples if past is not None else None,
+                            source, computation, self.process_group, ticket)
         step = collector_for(self)
         if step is not None and torch.is_grad_enabled() and not isinstance(samples, Tensor):
             step.defer(record)
         else:
             record_steps([record])
+        return ticket
 
-    # Outside a compiled graph only (the wrapper costs microseconds per call in eager mode).
-    _prepare_step_outside_graph = torch.compiler.disable(_prepare_step)
-    _record_step_outside_graph = torch.compiler.disable(_record_step)
+    @property
+    def _cross_process(self) -> bool:
+        """Pool the batch over ``process_group``: set, initialized and with more than one rank."""
+        return (self.process_group is not None and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group) > 1)
 
     @torch.no_grad()
-    def window_statistics(self) -> dict[str, Tensor]:
-        """Stored past entries, newest first, raw and moved to the producer's current weights.
+    def window_statistics(self, position: int = 0) -> dict[str, Tensor]:
+        """Stored past entries of a call position, newest first, raw and moved to the producer's
+        latest weights.
 
         Returns a dict of ``(n_past, C)`` tensors ``mean``, ``var``, ``mean_compensated``,
         ``var_compensated`` over the valid entries (the window is not modified).
         """
-        past = self.window - 1
-        if self._next_slot is None:
-            self._next_slot = int(self.window_next.view(-1)[0])
-        order = [(self._next_slot - offset) % past for offset in range(1, past + 1)] if past else []
-        order = [slot for slot in order if float(self.window_stats[slot, _SAMPLES, 0]) > 0]
-        moved_mean, moved_var = self._moved_window()
-        return dict(
-            mean=self.window_stats[order, _MEAN],
-            var=self.window_stats[order, _VAR],
-            mean_compensated=moved_mean[order],
-            var_compensated=moved_var[order],
-        )
+        window = self._window_state.position(position)
+        order = [slot for slot in window.newest_first() if float(window.stats[slot, SAMPLES, 0]) > 0]
+        stats = window.stats
+        moved_mean, moved_var = stats[:, MEAN], stats[:, VAR]
+        computation = window.recipe
+        if computation is not None and window.var_grad is not None and self.compensate:
+            operands = (window.mean_grad, window.var_grad, shift_weight(computation, computation.weight).detach(),
+                        None if computation.bias is None else computation.bias.detach())
+            (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
+            moved_mean, moved_var = move_to_current_weights(stats[:, MEAN], stats[:, VAR], stats[:, 2], stats[:, 3],
+                                                            mean_now, var_now)
+        return dict(mean=stats[order, MEAN], var=stats[order, VAR], mean_compensated=moved_mean[order],
+                    var_compensated=moved_var[order])
+
+
+def _check_window(window) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be an integer >= 1 (1 is BatchNorm), got {window!r}")
+
+
+def _stats_dtype(state: CrossIterationWindow) -> torch.dtype:
+    return state.positions[0].stats.dtype
+
+
+def _alive(tensor: Tensor) -> bool:
+    """Whether ``tensor`` still holds its values (FSDP frees an unsharded weight's storage)."""
+    return tensor.untyped_storage().nbytes() > 0
 
 
 _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao et al., CVPR 2021).

@@ -27,7 +27,9 @@ from ..functional.statistic_gradients import (
     statistic_shifts,
     statistic_shifts_of_layers,
 )
+from ..functional.cross_process import all_reduce_statistic_gradients
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT
+from .window_state import PositionWindow
 
 
 class StepRecord(NamedTuple):
@@ -35,19 +37,31 @@ class StepRecord(NamedTuple):
 
     ``samples`` is the number of values per channel of the batch (a 0-dim tensor when pooled
     over processes); ``window_samples`` those of the pooled past entries ``(C,)``, or ``None``
-    when the step did not pool. ``gradients`` are the entry's statistic gradients when they were
-    computed in the forward (across processes), else ``producer_input`` and ``output`` (the
-    layer's input) are kept to compute them at recording time.
+    when the step did not pool. ``gradient_source`` is ``(computation, producer_input, output)``
+    when the entry's statistic gradients are wanted (computed at recording time, pooled over
+    ``process_group`` when ``samples`` is a tensor); ``computation`` (the producer call, or
+    ``None``) gives the bias of an entry stored without them.
     """
 
-    layer: nn.Module  # the Cross-Iteration BatchNorm layer that ran the step
+    layer: nn.Module  # the Cross-Iteration BatchNorm layer (its running statistics and momentum)
+    window: PositionWindow | None  # where the entry goes; None with window=1
     stats: PooledStatistics
     samples: int | Tensor
     window_samples: Tensor | None
-    producer_input: Tensor | None
-    output: Tensor
+    gradient_source: tuple | None
     computation: object
-    position: int = 0  # call position in the model forward: which of the layer's windows
+    process_group: object = None
+    ticket: EntryTicket | None = None  # told the slot, for gradients filled in later
+
+
+class EntryTicket:
+    """Where an entry stored without its statistic gradients went, so that the recompute of
+    activation checkpointing, which has the producer's input, can fill them in
+    (:func:`fill_entry_gradients`)."""
+
+    def __init__(self, window: PositionWindow) -> None:
+        self.window = window
+        self.slot: int | None = None
 
 
 @torch.no_grad()
@@ -88,30 +102,27 @@ def _record_batch(records: list[StepRecord]) -> None:
 
 
 def _record_group(records: list[StepRecord]) -> None:
-    # Buffers are read from ``layer._buffers``: nn.Module.__getattr__ costs about a microsecond a
-    # read, and this runs for every layer at every step.
-    layers = [record.layer for record in records]
-    compensating = [layer._compensating for layer in layers]
-    gradients = _entry_gradients(records, compensating)
+    compensating = [_compensating(record) for record in records]
+    gradients = _entry_gradients(records)
     if any(compensating):
         mean_shift, var_shift = _entry_shifts(records, gradients, records[0].stats.batch_mean)
     else:  # naive averaging only: every entry's first-order terms are zero
         mean_shift = var_shift = None
-    windowed = [i for i, layer in enumerate(layers) if layer.window > 1]
-    claims = [layers[i].claim_entry_row(records[i].position) for i in windowed]
-    slots = [row for row, _, _ in claims]
+    windowed = [i for i, record in enumerate(records) if record.window is not None]
+    slots = [records[i].window.claim_slot() for i in windowed]
+    for i, slot in zip(windowed, slots):
+        if records[i].ticket is not None:
+            records[i].ticket.slot = slot
     write = _write_entries_in_one_call if _in_one_call(records) else _write_entries
     finite = write(records, mean_shift, var_shift, windowed, slots)
     if windowed:
         _write_gradient_slots(records, gradients, windowed, slots, finite)
-    # Every counter buffer of the group from its host value, at once.
-    buffers = [counter for _, counter, _ in claims]
-    values = [value for _, _, value in claims]
-    for layer in layers:
-        layer_buffers = layer._buffers
-        buffers += (layer_buffers["num_iterations"], layer_buffers["iteration_count"])
-        values += (layer._iterations, layer._iterations)
-    _write_counters(buffers, values)
+
+
+def _compensating(record: StepRecord) -> bool:
+    """Whether the record's entry has first-order terms: gradients, or a bias that moves it."""
+    return record.window is not None and (record.window.var_grad is not None
+                                          or getattr(record.computation, "bias", None) is not None)
 
 
 def _write_entries(records, mean_shift, var_shift, windowed, slots) -> Tensor:
@@ -138,7 +149,7 @@ def _write_entries(records, mean_shift, var_shift, windowed, slots) -> Tensor:
     finite_channels = finite[owner]
     if windowed:
         pieces = torch.where(finite_channels, entry, 0.0).unsqueeze(0).split(sizes, dim=2)
-        copy_into_slots([layers[i]._buffers["window_stats"] for i in windowed], 0, slots, [pieces[i] for i in windowed])
+        copy_into_slots([records[i].window.stats for i in windowed], 0, slots, [pieces[i] for i in windowed])
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
         _update_running_stats(records, tracking, sizes, finite_channels, samples)
@@ -155,7 +166,7 @@ def _in_one_call(records: list[StepRecord]) -> bool:
         if isinstance(record.samples, Tensor) or record.stats.batch_mean.dtype != stats.dtype:
             return False
         layer = record.layer
-        if layer.track_running_stats and layer._buffers["running_mean"].dtype != stats.dtype:
+        if layer.track_running_stats and layer.running_mean.dtype != stats.dtype:
             return False
     return True
 
@@ -167,13 +178,12 @@ def _write_entries_in_one_call(records, mean_shift, var_shift, windowed, slots) 
     window_stats, window_slots, running_means, running_vars, tracked, momenta = [], [], [], [], [], []
     for i, record in enumerate(records):
         layer = record.layer
-        buffers = layer._buffers
-        window_stats.append(buffers["window_stats"] if i in slot_of else None)
+        window_stats.append(record.window.stats if i in slot_of else None)
         window_slots.append(slot_of.get(i, 0))
         tracking = layer.track_running_stats
-        running_means.append(buffers["running_mean"] if tracking else None)
-        running_vars.append(buffers["running_var"] if tracking else None)
-        tracked.append(buffers["num_batches_tracked"] if tracking else None)
+        running_means.append(layer.running_mean if tracking else None)
+        running_vars.append(layer.running_var if tracking else None)
+        tracked.append(layer.num_batches_tracked if tracking else None)
         momenta.append(-1.0 if layer.momentum is None else float(layer.momentum))
     return torch.ops.cbn.write_entries(
         [record.stats.batch_mean for record in records], [record.stats.batch_var for record in records],
@@ -184,16 +194,34 @@ def _write_entries_in_one_call(records, mean_shift, var_shift, windowed, slots) 
     )
 
 
-def _entry_gradients(records: list[StepRecord], compensating: list[bool]) -> list:
-    """Statistic gradients of the records (``None`` where not needed), the convolutions of all
+def _entry_gradients(records: list[StepRecord]) -> list:
+    """Statistic gradients of the records (``None`` where not wanted), the convolutions of all
     layers in one :func:`producer_statistic_gradients_of_layers` call."""
-    operands = [r.layer._entry_gradient_operands(r) if c else None for r, c in zip(records, compensating)]
+    operands = [_gradient_operands(record) for record in records]
     wanted = [i for i, operand in enumerate(operands) if operand is not None]
     computed = producer_statistic_gradients_of_layers([operands[i] for i in wanted])
     gradients = [None] * len(records)
     for i, entry_gradients in zip(wanted, computed):
-        gradients[i] = records[i].layer._pooled_entry_gradients(records[i], entry_gradients)
+        record = records[i]
+        if isinstance(record.samples, Tensor):
+            # Pooled over processes: the record's mean is the global mean, ``samples`` the global
+            # count; each rank's gradients, centred on it, are pooled over the ranks.
+            local_samples = record.gradient_source[2].numel() // record.stats.batch_mean.numel()
+            entry_gradients = all_reduce_statistic_gradients(entry_gradients, local_samples, record.samples,
+                                                             record.process_group)
+        gradients[i] = entry_gradients
     return gradients
+
+
+def _gradient_operands(record: StepRecord) -> tuple | None:
+    """The :func:`producer_statistic_gradients` operands of a record, in the statistics dtype."""
+    if record.gradient_source is None or record.window is None or record.window.var_grad is None:
+        return None
+    computation, producer_input, output = record.gradient_source
+    dtype = record.window.stats.dtype
+    producer_input = producer_input if producer_input.dtype == dtype else producer_input.to(dtype)
+    output = output if output.dtype == dtype else output.to(dtype)
+    return computation, producer_input, output, record.stats.batch_mean
 
 
 def _shifts_then(record: StepRecord, gradients, zeros: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,7 +246,7 @@ def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> t
     with_gradients = [i for i, g in enumerate(gradients) if g is not None]
     products = statistic_shifts_of_layers([_entry_operands(records[i], gradients[i]) for i in with_gradients])
     computed = dict(zip(with_gradients, zip(*products)))
-    zeros = like.new_zeros(max(record.layer.num_features for record in records))
+    zeros = like.new_zeros(max(record.stats.batch_mean.numel() for record in records))
     mean_pieces, var_pieces = [], []
     for i, record in enumerate(records):
         if i in computed:
@@ -232,15 +260,14 @@ def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> t
 
 def _entry_operands(record: StepRecord, gradients) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """The :func:`statistic_shifts` operands of a new entry: its gradients, the weights of its step."""
-    computation = record.computation  # called under no_grad: no detach needed
+    computation = record.gradient_source[0]  # called under no_grad: no detach needed
     return gradients.mean, gradients.var, shift_weight(computation, computation.weight), computation.bias
 
 
 def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor, Tensor]:
-    layer = record.layer
-    none = zeros[: layer.num_features]
-    bias = getattr(record.computation, "bias", None)
-    if layer._compensating and bias is not None:
+    none = zeros[: record.stats.batch_mean.numel()]
+    bias = getattr(record.computation, "bias", None) if record.window is not None else None
+    if bias is not None:
         return bias.detach().to(zeros.dtype), none
     return none, none
 
@@ -249,10 +276,10 @@ def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -
     """Statistic gradients into their slots (zeros for entries stored without them)."""
     windows, written_slots, sources, cleared = [], [], [], []
     for i, slot in zip(windowed, slots):
-        layer = records[i].layer
-        if not layer._compensating:
+        window = records[i].window
+        if window.var_grad is None:
             continue
-        pair = (layer._buffers["window_mean_grad"], layer._buffers["window_var_grad"])
+        pair = (window.mean_grad, window.var_grad)
         if gradients[i] is None:
             cleared += [window.narrow(1, slot, 1) for window in pair]
         else:
@@ -288,7 +315,7 @@ def copy_into_slots(windows: list[Tensor], dim: int, slots: list[int], entries: 
 def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, samples: Tensor) -> None:
     """EMA of the pooled estimate, variance unbiased over all pooled values; skipped if not finite."""
     layers = [records[i].layer for i in tracking]
-    tracked = [layer._buffers["num_batches_tracked"] for layer in layers]
+    tracked = [layer.num_batches_tracked for layer in layers]
     torch._foreach_add_(tracked, 1)
     factors = [1.0 / float(count) if layer.momentum is None else layer.momentum for layer, count in zip(layers, tracked)]
     mean = torch.cat([records[i].stats.mean for i in tracking])
@@ -307,7 +334,7 @@ def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, sam
         weight = weight.to(mean.dtype).mul_(_per_channel(records, factors, mean, tracking))
     track_sizes = [sizes[i] for i in tracking]
     for running_name, estimate in (("running_mean", mean), ("running_var", unbiased_var)):
-        running = [layer._buffers[running_name] for layer in layers]
+        running = [getattr(layer, running_name) for layer in layers]
         pieces = list(estimate.nan_to_num_(0.0, 0.0, 0.0).split(track_sizes))
         weights = list(weight.split(track_sizes))
         if any(r.dtype != p.dtype for r, p in zip(running, pieces)):
@@ -352,24 +379,30 @@ def _select_channels(sizes: list[int], which: list[int], device) -> Tensor | Non
     return torch.isin(owner, torch.tensor(which, device=device)).nonzero().squeeze(1)
 
 
-def _write_counters(buffers: list[Tensor], values: list[int]) -> None:
-    """Set 0-dim integer buffers from host counters, one kernel (or C++ call) for all."""
-    if not buffers:
+@torch.no_grad()
+def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tensor, output: Tensor,
+                         mean: Tensor) -> None:
+    """The statistic gradients and first-order terms of an entry stored without them, computed
+    at the weights of its step (the recompute runs before the optimizer step). A non-finite
+    result empties the slot."""
+    window, slot = ticket.window, ticket.slot
+    if slot is None or window.var_grad is None or not bool(window.stats[slot, SAMPLES, 0] > 0):
         return
-    device = buffers[0].device
-    if device.type == "cpu" and kernels.active():
-        torch.ops.cbn.write_counters(buffers, values)
-        return
-    sources = {value: _counter_value(value, device) for value in set(values)}
-    torch._foreach_copy_(buffers, [sources[value] for value in values])
-
-
-_COUNTER_VALUES: dict[tuple, Tensor] = {}
-
-
-def _counter_value(value: int, device) -> Tensor:
-    """A cached 0-dim tensor holding ``value`` (read only: a source of copies)."""
-    return bounded_get(_COUNTER_VALUES, (value, device), lambda: torch.tensor(value, device=device), 1024)
+    dtype = window.stats.dtype
+    (gradients,) = producer_statistic_gradients_of_layers(
+        [(computation, producer_input.to(dtype), output.to(dtype), mean.to(dtype))])
+    (mean_shift,), (var_shift,) = statistic_shifts_of_layers(
+        [(gradients.mean, gradients.var, shift_weight(computation, computation.weight), computation.bias)])
+    window.mean_grad[:, slot] = gradients.mean[:, 0]
+    window.var_grad[:, slot] = gradients.var[:, 0]
+    window.stats[slot, MEAN_SHIFT] = mean_shift[0]
+    window.stats[slot, VAR_SHIFT] = var_shift[0]
+    if not (bool(torch.isfinite(window.stats[slot]).all()) and bool(torch.isfinite(window.var_grad[:, slot]).all())
+            and bool(torch.isfinite(window.mean_grad[:, slot]).all())):
+        window.stats[slot].zero_()
+        window.mean_grad[:, slot].zero_()
+        window.var_grad[:, slot].zero_()
+    ticket.slot = None
 
 
 @torch.no_grad()

@@ -1,0 +1,252 @@
+"""Pairing: the operation that produced the tensor a norm receives, read from autograd's record.
+
+A norm's producer is a property of each call, not of the module tree (``docs/method.md``): the
+tensor a Cross-Iteration BatchNorm layer receives in a training forward carries, in its
+``grad_fn``, autograd's record of the operation that computed it. For a convolution (any
+dimension, transposed or not) that is ``ConvolutionBackward0``, holding the input and the weight
+the convolution really used and its stride, padding, dilation, groups and output padding; for a
+linear map ``AddmmBackward0`` / ``MmBackward0``, holding the input rows and the transposed weight.
+Reshapes that keep the batch and channel axes show as ``ViewBackward0`` nodes above them. The
+weight and bias parameters are the ``AccumulateGrad`` leaves among the node's inputs.
+
+:func:`find_producer_call` reads that record at each training forward, so pairing needs no
+hooks, no module identity and no global state: a layer built directly (``norm_layer=``), called
+inside a convolution's own ``forward`` (detectron2), sharded (FSDP2), pruned, parametrized,
+standardized, reloaded or copied finds its producer the same way. Where the record is not a
+producer's (an activation or an in-place op between them, a sum of branches) it says so in
+words; where there is no record (``no_grad``, reentrant activation checkpointing, a frozen
+producer fed by an input that needs no gradient) it says that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .functional.statistic_gradients import ConvolutionCall, LinearCall
+
+_VIEWS = frozenset(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"))
+_CASTS = frozenset(("ToCopyBackward0",))  # autocast's low-precision copy of a parameter
+_DEFERRED_WEIGHT = ("its producer's weight is computed by an operation inside activation checkpointing "
+                    "(use_reentrant=False), whose value cannot be read before the recompute")
+NO_RECORD = ("no autograd record of the producer in this forward (no_grad, reentrant activation "
+             "checkpointing, or a frozen producer whose input needs no gradient)")
+
+
+@dataclass(frozen=True)
+class ProducerCall:
+    """The producer of one call of a norm, as autograd recorded it.
+
+    Attributes:
+        computation: a :class:`~cbn.functional.statistic_gradients.ConvolutionCall` or
+            :class:`~cbn.functional.statistic_gradients.LinearCall` with the weight the operation
+            used (the parameter itself where the weight is a leaf, else the effective weight
+            autograd saved, which carries the gradient to what built it) and the bias parameter,
+            ``None`` when there is none or it is frozen (a constant: it cancels in the Taylor step).
+        input: the producer's input as the operation saw it (already padded by a non-zero
+            padding mode; ``(M, fan_in)`` rows for a linear map).
+        output: the producer's output in its own layout: the norm's input seen through the
+            views between them (``(M, C)`` rows for a linear map).
+        parameters: the leaf tensors (weight, bias) the operation read, for reports and copies.
+        signature: what stored entries need unchanged to be moved by this producer: the kind,
+            the weight's shape and groups, how the bias enters, and the leaf weight's identity.
+        trainable: whether the weight or the bias receives gradients (a frozen producer's
+            entries never move).
+    """
+
+    computation: ConvolutionCall | LinearCall
+    input: Tensor | None
+    output: Tensor
+    parameters: tuple[Tensor, ...]
+    signature: tuple
+    trainable: bool
+    # The input could not be read in this forward without running a recompute (activation
+    # checkpointing, ``use_reentrant=False``): the replay in backward provides it.
+    input_deferred: bool = False
+
+
+def _op_name(node) -> str:
+    name = type(node).__name__
+    for suffix in ("Backward0", "Backward1", "Backward"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)].lower() or name
+    return name
+
+
+def _leaf(node) -> Tensor | None:
+    """The parameter behind ``node`` when it is its ``AccumulateGrad`` (through an autocast copy)."""
+    while node is not None and type(node).__name__ in _CASTS:
+        node = node.next_functions[0][0]
+    if node is not None and type(node).__name__ == "AccumulateGrad":
+        return node.variable
+    return None
+
+
+def _bias(node, present: bool) -> tuple[Tensor | None, str] | str:
+    """``(bias tensor or None, how it enters)`` of a producer node's bias input, or a refusal."""
+    if not present:
+        return None, "none"
+    if node is None:
+        return None, "frozen"  # no gradient: a constant, which the Taylor step cancels
+    leaf = _leaf(node)
+    if leaf is None:
+        return (f"its bias is computed by {_op_name(node)}, whose value autograd does not record: "
+                "the Taylor step cannot follow it")
+    return leaf, "parameter"
+
+
+def _weight(node, saved: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """``(weight to use, leaf parameter or None)`` for a producer node's weight input."""
+    leaf = _leaf(node)
+    if leaf is not None:
+        return leaf, leaf
+    return saved, None
+
+
+def _convolution(node, output: Tensor, num_features: int, deferred: bool) -> ProducerCall | str:
+    next_functions = node.next_functions
+    transposed = bool(node._saved_transposed)
+    weight, leaf = _weight(next_functions[1][0], None if deferred else node._saved_weight)
+    if weight is None:
+        return _DEFERRED_WEIGHT
+    channels = weight.shape[1] * node._saved_groups if transposed else weight.shape[0]
+    if channels != num_features or output.shape[1] != num_features:
+        return f"its producer, a convolution, has {channels} output channels, not {num_features}"
+    bias = _bias(next_functions[2][0], node._saved_bias_sym_sizes_opt is not None)
+    if isinstance(bias, str):
+        return bias
+    (bias, bias_kind) = bias
+    groups = int(node._saved_groups)
+    call = ConvolutionCall(
+        weight, bias, tuple(node._saved_stride), tuple(node._saved_padding), tuple(node._saved_dilation),
+        groups, transposed, tuple(node._saved_output_padding),
+    )
+    trainable = weight.requires_grad or (bias is not None and bias.requires_grad)
+    producer_input = node._saved_input if weight.requires_grad and not deferred else None
+    signature = ("transposed" if transposed else "convolution", tuple(weight.shape), groups, bias_kind,
+                 id(leaf) if leaf is not None else None)
+    return ProducerCall(call, producer_input, output, tuple(t for t in (leaf, bias) if t is not None), signature,
+                        trainable, deferred and weight.requires_grad)
+
+
+def _linear(node, output: Tensor, num_features: int, deferred: bool) -> ProducerCall | str:
+    name = type(node).__name__
+    next_functions = node.next_functions
+    if name == "AddmmBackward0":
+        if node._saved_alpha != 1 or node._saved_beta != 1:
+            return "its producer is an addmm with scaling factors, not a linear layer"
+        bias_node, weight_node = next_functions[0][0], next_functions[2][0]
+        rows_name, bias_present = "_saved_mat1", True
+    else:
+        bias_node, weight_node = None, next_functions[1][0]
+        rows_name, bias_present = "_saved_self", False
+    transposed_weight = weight_node
+    if transposed_weight is None or type(transposed_weight).__name__ != "TBackward0":
+        if transposed_weight is not None:
+            return "its producer is a matrix product whose right operand is not a transposed weight"
+        weight = None  # a frozen weight: nothing to compensate, its value is not needed
+        leaf = None
+    else:
+        weight, leaf = _weight(transposed_weight.next_functions[0][0], None)
+        if weight is None:
+            return "its producer is a matrix product whose weight is computed by an operation"
+    if output.dim() != 2 or output.shape[1] != num_features:
+        return f"its producer, a linear layer, gives {tuple(output.shape)}, not (N, {num_features}) rows"
+    bias = _bias(bias_node, bias_present)
+    if isinstance(bias, str):
+        return bias
+    (bias, bias_kind) = bias
+    if weight is None:
+        return ProducerCall(LinearCall(output.new_zeros(0), bias), None, output, (), ("linear", None, 1, bias_kind,
+                            None), bias is not None and bias.requires_grad)
+    producer_input = None if deferred else getattr(node, rows_name)
+    signature = ("linear", tuple(weight.shape), 1, bias_kind, id(leaf))
+    return ProducerCall(LinearCall(weight, bias), producer_input, output, tuple(t for t in (leaf, bias) if t is not None),
+                        signature, True, deferred)
+
+
+def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
+    """The producer of ``input`` as autograd recorded it, or why there is none.
+
+    Args:
+        input: the tensor a norm received, ``(N, C, *)`` (or ``(M, C)`` rows after a linear map).
+        num_features: the norm's ``C``.
+
+    Returns:
+        A :class:`ProducerCall`, or a sentence saying why ``input`` is not a producer's output
+        (for :func:`cbn.pairing_report`).
+
+    Example::
+
+        >>> conv = nn.Conv2d(3, 8, 3)
+        >>> call = find_producer_call(conv(torch.randn(2, 3, 8, 8)), 8)
+        >>> call.computation.weight is conv.weight
+        True
+    """
+    node = input.grad_fn
+    if node is None:
+        return NO_RECORD
+    output = input
+    first_shape = None
+    while type(node).__name__ in _VIEWS:
+        first_shape = node._saved_self_sym_sizes
+        node = node.next_functions[0][0]
+        if node is None:
+            return NO_RECORD
+    name = type(node).__name__
+    if first_shape is not None:
+        # A view keeps each channel's values when the batch and channel axes survive it (the
+        # producer's output is contiguous: a view of it exists).
+        linear = name in ("AddmmBackward0", "MmBackward0")
+        kept = (input.dim() == 2 and input.shape[1] == first_shape[-1] and len(first_shape) >= 2) if linear else (
+            tuple(input.shape[:2]) == tuple(first_shape[:2]))
+        if not (kept and input.is_contiguous()):
+            return "input is a reshape of a producer's output that mixes channels"
+        output = input if linear else input.view(first_shape)
+    deferred = _reading_would_recompute()
+    if name == "ConvolutionBackward0":
+        return _convolution(node, output, num_features, deferred)
+    if name in ("AddmmBackward0", "MmBackward0"):
+        return _linear(node, output, num_features, deferred)
+    if name == "CatBackward0":
+        return "input is a concatenation of several tensors (each block would need its own producer)"
+    return (f"input is the result of {_op_name(node)}, not of a convolution or linear layer "
+            "(e.g. an activation, an in-place op or a sum between them)")
+
+
+def _reading_would_recompute() -> bool:
+    """Whether reading a saved tensor now would run a recompute: in the forward of a
+    non-reentrant activation checkpoint, whose unpack hook recomputes the region when called
+    outside backward."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return (hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
+            and torch._C._current_graph_task_id() == -1)
+
+
+def producer_fingerprint(call: ProducerCall) -> float:
+    """A number that changes when the producer's weight or bias changes: their dot product with
+    a fixed pseudo-random vector (exact equality for unchanged values, in any layout)."""
+    total = 0.0
+    for tensor in (call.computation.weight, call.computation.bias):
+        if tensor is not None and tensor.numel():
+            flat = tensor.detach().reshape(-1)
+            total += float(torch.dot(flat, _probe(flat.numel(), flat.dtype, flat.device)))
+    return total
+
+
+_PROBES: dict[tuple, Tensor] = {}
+
+
+def _probe(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (numel, dtype, device)
+    probe = _PROBES.get(key)
+    if probe is None:
+        if len(_PROBES) > 512:
+            _PROBES.clear()
+        generator = torch.Generator().manual_seed(numel)
+        with torch.inference_mode(False):
+            probe = _PROBES[key] = torch.rand(numel, generator=generator, dtype=torch.float64).add_(0.5).to(
+                dtype=dtype, device=device)
+    return probe
