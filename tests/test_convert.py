@@ -7,6 +7,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 import cbn
+from zoo import produced_by
 from cbn.experiments.models import resnet20
 
 
@@ -31,7 +32,7 @@ def test_converter_pairs_every_norm_of_a_resnet_with_shortcuts():
     for name, norm in norms.items():
         # bn1 <- conv1, bn2 <- conv2, downsample.1 <- downsample.0
         expected = name.replace("bn", "conv") if "bn" in name else name[:-1] + "0"
-        assert norm.producer is convs[expected], name
+        assert produced_by(norm, convs[expected]), name
         assert norm.window_state.positions[0].var_grad.abs().sum() > 0
 
 
@@ -48,7 +49,7 @@ def test_converter_pairs_a_transposed_convolution_without_warning():
             optimizer.step()
             optimizer.zero_grad()
     layer = model[1]
-    assert isinstance(layer, cbn.CrossIterationBatchNorm2d) and layer.producer is model[0]
+    assert isinstance(layer, cbn.CrossIterationBatchNorm2d) and produced_by(layer, model[0])
     # One row per output channel: C_in / groups x kernel = 2 x 3 x 3 weights.
     assert layer.window_state.positions[0].mean_grad.shape == (2, 2, 18) and layer.window_state.positions[0].var_grad.shape == (6, 2, 18)
     assert layer.window_state.positions[0].var_grad.abs().sum() > 0
@@ -77,7 +78,7 @@ def test_unpaired_norm_warns_once_naming_the_layers():
         model(torch.randn(2, 1, 6, 6))
     assert len([w for w in record if "cbn" in str(w.message)]) == 1
     assert "paired" not in str(record[0].message)
-    assert model.paired[1].producer is model.paired[0] and model.norm_after_relu.producer is None
+    assert produced_by(model.paired[1], model.paired[0]) and not model.norm_after_relu.pairing_status()[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(torch.randn(2, 1, 6, 6))
@@ -105,33 +106,7 @@ def test_deepcopy_of_converted_model_pairs_with_its_own_convs():
     model(torch.randn(2, 1, 5, 5))
     clone = copy.deepcopy(model)
     clone(torch.randn(2, 1, 5, 5))
-    assert clone[1].producer is clone[0]
-
-
-def test_batched_window_summary_equals_per_layer_summary():
-    # convert_model summarizes all windows at once before the forward (a pre-hook); without the
-    # hook each layer summarizes its own window: both must give the same training run.
-    torch.manual_seed(5)
-    batched = cbn.convert_model(resnet20(), window=3)
-    per_layer = copy.deepcopy(batched)
-    per_layer._forward_pre_hooks.clear()
-    for model in (batched, per_layer):
-        torch.manual_seed(6)
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        outputs = []
-        for _ in range(5):
-            out = model(torch.randn(2, 1, 28, 28))
-            out.square().mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            outputs.append(out.detach())
-        model.outputs = outputs
-    norms = [m for m in batched.modules() if isinstance(m, cbn.CrossIterationBatchNorm2d)]
-    for hook in batched._forward_pre_hooks.values():
-        hook(batched, ())
-    assert all(norm._prepared_past is not None for norm in norms)  # the batched path was taken
-    for a, b in zip(batched.outputs, per_layer.outputs):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert produced_by(clone[1], clone[0])
 
 
 # ----------------------------------------------------------------------------- every BatchNorm kind
@@ -170,7 +145,7 @@ def test_batchnormact2d_trains_as_converted_batchnorm_then_its_activation():
     assert type(layer) is CrossIterationBatchNormAct2d and layer.act is fused_act and isinstance(layer.drop, nn.Identity)
     for a, b in zip(_train_steps(fused, (2, 3, 6, 6), steps=4), _train_steps(split, (2, 3, 6, 6), steps=4)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert layer.producer is fused[0] and layer.pairing_status()[0]
+    assert produced_by(layer, fused[0]) and layer.pairing_status()[0]
     torch.testing.assert_close(layer.running_var, split[1].running_var, rtol=0, atol=0)
 
 
@@ -296,7 +271,7 @@ def test_uninitialized_lazy_norm_is_refused_before_any_change():
     model = cbn.convert_model(model, window=3)
     assert type(model[3]) is cbn.CrossIterationBatchNorm2d and model[3].num_features == 5
     _train_steps(model.double(), (2, 3, 6, 6))
-    assert model[3].producer is model[2]
+    assert produced_by(model[3], model[2])
     assert type(cbn.revert_model(model)[3]) is nn.BatchNorm2d
 
 

@@ -152,8 +152,8 @@ def test_forward_that_is_not_one_convolution_is_named_and_falls_back(recwarn):
         optimizer.step()
         optimizer.zero_grad()
     (row,) = cbn.pairing_report(model)
-    assert not row.compensated and "custom forward of ActivatedConv2d" in row.reason
-    messages = [str(w.message) for w in recwarn if "ActivatedConv2d" in str(w.message)]
+    assert not row.compensated and row.reason.startswith("input is the result of tanh")
+    messages = [str(w.message) for w in recwarn if "result of tanh" in str(w.message)]
     assert len(messages) == 1  # once, not per step
 
 
@@ -218,4 +218,4 @@ def test_a_view_that_moves_the_channel_axis_is_not_a_producer_output():
         model(torch.randn(2, 3, 6, 6)).sum().backward()
     (row,) = cbn.pairing_report(model)
     assert not row.compensated
-    assert row.reason == "input is not the direct output of a convolution or linear layer"
+    assert row.reason.startswith("input is the result of transpose")

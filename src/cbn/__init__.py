@@ -7,6 +7,7 @@ Drop-in layers (:class:`CrossIterationBatchNorm1d/2d/3d`), a one-call converter
 
 from .convert import convert_model, convert_norms, replace_batchnorm, revert_model
 from .iterations import mark_step
+from .window_checkpoint import load_window_state_dict, window_state_dict
 from .pairing import Pairing, format_pairing_report, pairing_report, pairing_summary
 from .layers import (
     BatchRenorm1d,
@@ -44,9 +45,11 @@ __all__ = [
     "convert_norms",
     "convert_sync_batchnorm",
     "format_pairing_report",
+    "load_window_state_dict",
     "mark_step",
     "pairing_report",
     "pairing_summary",
     "replace_batchnorm",
     "revert_model",
+    "window_state_dict",
 ]

@@ -143,9 +143,9 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     # CBN layers are _BatchNorm too: those already in the model stay, silently, and are paired below.
     model = swap_norms(model, _cbn_factories(model, layer_kwargs), caller="cbn.convert_model", fix=_UNKNOWN_FIX,
                        keep=(_CrossIterationBatchNorm,))
-    layers = [m for m in model.modules() if isinstance(m, _CrossIterationBatchNorm)]
-    if layers:
-        model_step.install(model, layers)
+    named = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, _CrossIterationBatchNorm)]
+    if named:
+        model_step.install(model, [m for _, m in named], [name for name, _ in named])
     return model
 
 

@@ -11,6 +11,8 @@ a layer outside a converted model records its own step, with the same result.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
@@ -30,9 +32,11 @@ class ModelWindowStep:
     ``torch.inference_mode`` and in a recompute during backward both stand aside.
     """
 
-    def __init__(self, layers: list[CrossIterationBatchNormBase]) -> None:
+    def __init__(self, layers: list[CrossIterationBatchNormBase], names: list[str] | None = None) -> None:
         self.layers = layers
+        self.names = names or [type(layer).__name__ for layer in layers]
         self.pending: list[StepRecord] | None = None  # collecting while not None
+        self.reported = False
         self._layer_ids = frozenset(map(id, layers))
 
     def collects(self, layer: nn.Module) -> bool:
@@ -63,21 +67,37 @@ class ModelWindowStep:
         if self._stands_aside():
             return
         _step_context.leave(self)
+        trained = bool(self.pending)
         self.flush()
         self.pending = None
+        if trained and not self.reported:
+            self.reported = True
+            self._report_unpaired()
+
+    def _report_unpaired(self) -> None:
+        """One warning naming the layers that the first training forward left uncompensated."""
+        unpaired = []
+        for name, layer in zip(self.names, self.layers):
+            compensated, _, reason = layer.pairing_status()
+            if not compensated and reason != "no training forward yet" and layer.compensate and layer.window > 1:
+                unpaired.append(f"{name} ({reason})")
+        if unpaired:
+            warnings.warn(f"cbn: {', '.join(unpaired)} average uncompensated statistics (naive cross-iteration "
+                          "averaging); cbn.pairing_report(model) lists every norm layer.", stacklevel=3)
 
     def __getstate__(self) -> dict:
-        return {"layers": self.layers, "pending": None}
+        return {"layers": self.layers, "names": self.names, "pending": None, "reported": self.reported}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._layer_ids = frozenset(map(id, self.layers))  # the copies' layers
 
 
-def install(model: nn.Module, layers: list[CrossIterationBatchNormBase]) -> ModelWindowStep:
-    """Put a :class:`ModelWindowStep` for ``layers`` on ``model`` (replacing any earlier one)."""
+def install(model: nn.Module, layers: list[CrossIterationBatchNormBase], names: list[str] | None = None) -> ModelWindowStep:
+    """Put a :class:`ModelWindowStep` for ``layers`` (named ``names`` in its warning) on
+    ``model``, replacing any earlier one."""
     remove(model)
-    step = ModelWindowStep(layers)
+    step = ModelWindowStep(layers, names)
     model.register_forward_pre_hook(step.before_forward)
     model.register_forward_hook(step.after_forward, always_call=True)
     return step

@@ -102,6 +102,8 @@ def _weight(node, saved: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     leaf = _leaf(node)
     if leaf is not None:
         return leaf, leaf
+    if node is None and saved is not None and saved.is_leaf:
+        return saved, saved  # a frozen parameter, saved as itself
     return saved, None
 
 

@@ -333,6 +333,7 @@ def test_resume_from_state_dict_gives_the_same_gradients():
         optimizer.zero_grad()
     resumed = _small_model()
     resumed.load_state_dict(copy.deepcopy(model.state_dict()))
+    cbn.load_window_state_dict(resumed, copy.deepcopy(cbn.window_state_dict(model)))
     for x in batches[3:]:
         grads = []
         for m in (model, resumed):

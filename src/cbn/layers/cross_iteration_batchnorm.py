@@ -136,6 +136,23 @@ class CrossIterationBatchNormBase(_BatchNorm):
         self._kept.clear()
         self._counter.restart()
 
+    def window_state_dict(self) -> dict:
+        """The window's entries (not part of ``state_dict``): with :meth:`load_window_state_dict`
+        after ``load_state_dict``, training resumes exactly. See :func:`cbn.window_state_dict`."""
+        return self._window_state.state_dict()
+
+    def load_window_state_dict(self, state: dict) -> None:
+        """Restore the entries of :meth:`window_state_dict` (after ``load_state_dict``, which
+        empties the window)."""
+        self._window_state.load_state_dict(state)
+        self._kept.clear()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        if isinstance(state["_last_pairing"], PairingOutcome):  # weak references: a copy pairs anew
+            state["_last_pairing"] = "no training forward since this copy was made"
+        return state
+
     def _apply(self, fn, recurse=True):
         module = super()._apply(fn, recurse)
         self._window_state.apply(fn)

@@ -150,6 +150,32 @@ class CrossIterationWindow:
         for position in self.positions:
             position.apply(fn)
 
+    def state_dict(self) -> dict:
+        """The window's entries, for an exact resume (:func:`cbn.window_state_dict`)."""
+        return {"window": self.window, "positions": [
+            {"stats": p.stats, "mean_grad": p.mean_grad, "var_grad": p.var_grad, "next_slot": p.next_slot,
+             "signature": None if p.signature is None else (*p.signature[:-1], "copied")}
+            for p in self.positions]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take the entries of :meth:`state_dict` (copied onto this window's device)."""
+        if state["window"] != self.window:
+            raise ValueError(f"a window state of window={state['window']} cannot be loaded into window={self.window}")
+        device = self.positions[0].stats.device
+        self.positions = []
+        for saved in state["positions"]:
+            position = self.position(len(self.positions)) if self.positions else None
+            if position is None:
+                self.positions.append(PositionWindow(self.num_features, self.window - 1, saved["stats"].dtype, device))
+                position = self.positions[0]
+            position.stats = saved["stats"].to(device=device, copy=True)
+            for name in ("mean_grad", "var_grad"):
+                tensor = saved[name]
+                setattr(position, name, None if tensor is None else tensor.to(device=device, copy=True))
+            position.next_slot = saved["next_slot"]
+            position.signature = saved["signature"]
+        self.next_position = 0
+
     def __deepcopy__(self, memo):
         # A copy's producer is the copy of this one's: identities are rebound at its first call.
         copy = CrossIterationWindow.__new__(CrossIterationWindow)
