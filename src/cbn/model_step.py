@@ -61,6 +61,8 @@ class ModelWindowStep:
             return
         self.flush()
         self.pending = []
+        for layer in self.layers:  # a new model forward: each norm's next call is its first
+            layer.window_state.restart_positions()
         _step_context.enter(self)
 
     def after_forward(self, module: nn.Module, args: tuple, output: object) -> None:

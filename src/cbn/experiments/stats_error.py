@@ -74,6 +74,14 @@ _OLD_NOTE_WEIGHT_CHANGE = (
 )
 
 
+
+def producer_module(model: nn.Module, layer) -> nn.Module | None:
+    """The module of ``model`` whose weight compensated ``layer``'s latest training forward."""
+    compensated, parameters, _ = layer.pairing_status()
+    if not parameters:
+        return None
+    return next((m for m in model.modules() if getattr(m, "weight", None) is parameters[0]), None)
+
 def _reduction_dims(x: Tensor) -> list[int]:
     return [0, *range(2, x.dim())]
 
@@ -298,7 +306,7 @@ def replay(
         names = {id(m): n for n, m in model.named_modules()}
         clone_modules = dict(clone.named_modules())
         for name, layer in _cbn_layers(model):
-            producer = layer.producer
+            producer = producer_module(model, layer)
             if producer is None:
                 continue
             weights = {k: p for k, p in (("weight", producer.weight), ("bias", producer.bias)) if p is not None}
@@ -452,7 +460,7 @@ def truncation_study(model: nn.Module, x: Tensor, layer_names: list[str], depth:
     order = producer_order(clone, x)
     results = []
     for name in layer_names:
-        producer = originals[name].producer
+        producer = producer_module(model, originals[name])
         if producer is None:
             continue
         own = clone_modules[names_of[id(producer)]]
