@@ -54,7 +54,8 @@ def test_resume_in_a_fresh_process_is_bitwise_exact_across_burnin(tmp_path):
             warnings.simplefilter("ignore")
             model, optimizer = workers.resume_model(seed=0)
             workers.resume_train(model, optimizer, range(3))
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
+            torch.save({"model": model.state_dict(), "windows": cbn.window_state_dict(model),
+                        "optimizer": optimizer.state_dict()}, tmp_path / "ckpt.pt")
             uninterrupted = workers.resume_train(model, optimizer, range(3, 8))
     finally:
         torch.set_num_threads(threads)
@@ -102,7 +103,7 @@ def test_bf16_autocast_trains_with_float32_statistics_and_tracks_fp32():
     x, _ = batches[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         amp(x)  # one more forward, no step: the newest entry belongs to the current weights
-    slot = (norm._next_slot - 1) % (norm.window - 1)
+    slot = (norm.window_state.positions[0].next_slot - 1) % (norm.window - 1)
     gradients = StatisticGradients(norm.window_state.positions[0].mean_grad[:, slot : slot + 1], norm.window_state.positions[0].var_grad[:, slot : slot + 1])
     mean_shift, var_shift = statistic_shifts(gradients, conv.weight, conv.bias)
     torch.testing.assert_close(norm.window_state.positions[0].stats[slot, 2], mean_shift[0], rtol=1e-6, atol=1e-6)
@@ -137,58 +138,34 @@ def test_reverted_model_exports_to_onnx_and_onnxruntime_matches_eval():
 
 
 # ----------------------------------------------------------------------------- torch.compile
-def test_compiled_model_trains_like_eager():
-    # aot_eager: dynamo and AOTAutograd without inductor's C++ compilation (slow here); inductor
-    # was checked by hand (docs/multi-gpu.md). The bookkeeping runs eagerly, the maths compiled.
-    batches = _batches(3, shape=(2, 3, 6, 6))
+def test_a_compiled_model_trains_with_its_norms_outside_the_graph_and_says_why_uncompensated():
+    # The design reads each norm's producer from autograd's record of it, which a compiled graph
+    # replaces by one node of its own: under torch.compile every CBN step runs eagerly (a graph
+    # break per norm); a norm whose input comes out of a graph pools uncompensated statistics and
+    # the report says why. fullgraph=True is refused by dynamo at the first norm.
+    # (docs/reliability.md, "Known limits".)
+    from cbn.experiments.models import resnet8
+
     torch.manual_seed(0)
-    eager = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                            nn.Flatten(), nn.Linear(4 * 36, 5)), window=3)
-    compiled_model = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_model, backend="aot_eager")
+    model = cbn.convert_model(resnet8(), window=3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch._dynamo.reset()
-    losses, outputs = _train(eager, batches)
-    losses_c, outputs_c = _train(compiled, batches)
-    torch.testing.assert_close(losses_c, losses, rtol=0, atol=1e-6)
-    for a, b in zip(outputs_c, outputs):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
-    assert produced_by(compiled_model[1], compiled_model[0])
-    assert compiled_model[1].window_state.positions[0].var_grad.abs().sum() > 0  # compensating, not naive
-    assert compiled_model[1].iterations == 3
-    for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-
-
-def test_fullgraph_compile_trains_like_eager_across_burnin_with_one_recompile():
-    # After one eager forward has paired the layers, a whole training forward is one graph: no
-    # graph break (fullgraph=True raises on one), one recompile when burn-in ends, and the same
-    # outputs and state as eager training, window and running statistics included.
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    batches = _batches(7, shape=(2, 3, 6, 6))
-    torch.manual_seed(0)
-    eager = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-                                            nn.Conv2d(4, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4),
-                                            nn.Flatten(), nn.Linear(4 * 36, 5)), window=3, burnin=3)
-    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(model, backend="aot_eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(3):
+            loss = compiled(torch.randn(2, 1, 28, 28)).square().mean()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            assert torch.isfinite(loss)
+    rows = cbn.pairing_report(model)
+    assert any("torch.compile" in row.reason for row in rows)
+    assert all(row.compensated or "torch.compile" in row.reason for row in rows), rows
+    assert all(layer.iterations == 3 for layer in model.modules() if isinstance(layer, cbn.CrossIterationBatchNormBase))
     torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(compiled_model, backend=counter, fullgraph=True)
-    for model in (eager, compiled_model):
-        model(batches[0][0])  # the eager forward that pairs the layers (no step)
-    losses, outputs = _train(eager, batches[1:])
-    losses_c, outputs_c = _train(compiled, batches[1:])
-    torch.testing.assert_close(losses_c, losses, rtol=0, atol=1e-5)
-    for a, b in zip(outputs_c, outputs):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
-    assert counter.frame_count == 2  # the first graph, and one more when burn-in ends
-    norm = compiled_model[4]
-    assert norm._compiled_mode and norm.window_state.positions[0].var_grad.abs().sum() > 0  # compensating inside the graph
-    assert norm.iterations == eager[4].iterations == 6
-    # State within float32 rounding of eager (the graph computes the statistics with var_mean,
-    # eager with BatchNorm's kernel): relative 1e-5 on variances and second-moment terms near 30.
-    for (name, a), b in zip(compiled_model.state_dict().items(), eager.state_dict().values()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    with pytest.raises(Exception, match="disable"):
+        torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)(torch.randn(2, 1, 28, 28))
 
 
 # ----------------------------------------------------------------------------- several forwards per step
@@ -213,25 +190,20 @@ def test_gradient_accumulation_pools_like_the_concatenated_micro_batches():
     assert int(norm.num_batches_tracked) == 3
 
 
-def test_norm_shared_across_pyramid_levels_raises_instead_of_mixing():
+def test_inputs_of_other_sizes_at_unchanged_weights_train_as_one_iteration():
+    # Multi-scale training where a step is skipped (GradScaler), or gradient accumulation over
+    # varying sizes: two forwards at unchanged weights are one iteration, each with its entry
+    # (the earlier design refused the second size).
     head = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)), window=3)
     levels = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)]
-    head(levels[0])
-    before = {k: v.clone() for k, v in head.state_dict().items()}
-    with pytest.raises(ValueError, match="own norm layer"):
-        head(levels[1])
-    for key, value in head.state_dict().items():
-        assert torch.equal(value, before[key]), key
-    # The documented alternative: one norm per level, the convolution shared.
+    for x in levels:
+        head(x).square().mean().backward()
+    assert head[1].iterations == 1
+    assert sorted(head[1].window_state.positions[0].stats[:, 4, 0].tolist()) == [2 * 4 * 4, 2 * 8 * 8]
+    # One norm per level, the convolution shared: each norm pairs with it.
     conv = nn.Conv2d(3, 4, 3, padding=1)
     norms = nn.ModuleList(nn.BatchNorm2d(4) for _ in levels)
     model = cbn.convert_model(nn.ModuleDict(dict(conv=conv, norms=norms)), window=3)
     for norm, x in zip(model["norms"], levels):
         norm(model["conv"](x))
     assert all(produced_by(norm, conv) for norm in model["norms"])
-    # Gradient accumulation over inputs of varying size opts out of the check.
-    accumulating = cbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)),
-                                     window=3, check_shared_use=False)
-    for x in levels:
-        accumulating(x)
-    assert accumulating[1].iterations == 1

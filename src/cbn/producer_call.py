@@ -212,6 +212,9 @@ def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
         return _convolution(node, output, num_features, deferred)
     if name in ("AddmmBackward0", "MmBackward0"):
         return _linear(node, output, num_features, deferred)
+    if name.startswith("CompiledFunction"):
+        return ("input comes out of a torch.compile graph, which hides its producer from autograd's record: "
+                "compensation needs the norms and their producers in eager mode")
     if name == "CatBackward0":
         return "input is a concatenation of several tensors (each block would need its own producer)"
     return (f"input is the result of {_op_name(node)}, not of a convolution or linear layer "

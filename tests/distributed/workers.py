@@ -183,5 +183,6 @@ def resume_in_fresh_process(rank, world_size, checkpoint, steps, out_path):
     model, optimizer = resume_model(seed=1234)  # other initial weights: all must come from the file
     state = torch.load(checkpoint)
     model.load_state_dict(state["model"])
+    cbn.load_window_state_dict(model, state["windows"])
     optimizer.load_state_dict(state["optimizer"])
     torch.save(resume_train(model, optimizer, steps), out_path)

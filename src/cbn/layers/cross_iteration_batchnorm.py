@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 from typing import NamedTuple
@@ -246,7 +247,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         if input.numel() == 0:
             # As nn.BatchNorm: an empty batch gives an empty output and changes no state.
             return F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if torch.is_inference_mode_enabled():
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             # A training step under inference_mode records like one under no_grad; its state
             # must not become inference tensors, which later training steps could not update.
             with torch.inference_mode(False), torch.no_grad():
@@ -308,7 +309,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         dtype = _stats_dtype(self._window_state)
         with torch.no_grad():
             batch_mean = input.to(dtype).mean([d for d in range(input.dim()) if d != 1])
-        past, ticket = self._kept.find(batch_mean, self.num_features)
+        batch_mean, past, ticket = self._kept.find(batch_mean, self.num_features)
         unattached = past is not None and past.attachment is not None and past.attachment[0] is None
         if (ticket is not None or unattached) and torch.is_grad_enabled():
             call = find_producer_call(input, self.num_features)
@@ -333,7 +334,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
             return None
         if call is None:
             recipe = position.recipe
-            return recipe if recipe is not None and _alive(recipe.weight) else None
+            return recipe if recipe is not None and position.recipe_is_live and _alive(recipe.weight) else None
         signature = call.signature
         if position.signature != signature:
             if position.signature is None or position.signature[:-1] != signature[:-1] or (
@@ -345,7 +346,10 @@ class CrossIterationBatchNormBase(_BatchNorm):
             position.ensure_gradients(producer_groups(call.computation),
                                       weight_rows(call.computation, weight.detach()).shape[1])
         weight = call.computation.weight
-        position.recipe = call.computation if any(weight is p for p in call.parameters) else None
+        live = any(weight is p for p in call.parameters)
+        # A parameter stays current; an effective weight is kept as this call's values only.
+        position.recipe = call.computation if live else dataclasses.replace(call.computation, weight=weight.detach())
+        position.recipe_is_live = live
         return call.computation
 
     def _summary(self, position: PositionWindow, computation) -> PastStatistics:
@@ -408,8 +412,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
 
     @torch.no_grad()
     def window_statistics(self, position: int = 0) -> dict[str, Tensor]:
-        """Stored past entries of a call position, newest first, raw and moved to the producer's
-        latest weights.
+        """Stored past entries of a call position, newest first, raw and moved to the weights of
+        the producer's latest training forward.
 
         Returns a dict of ``(n_past, C)`` tensors ``mean``, ``var``, ``mean_compensated``,
         ``var_compensated`` over the valid entries (the window is not modified).

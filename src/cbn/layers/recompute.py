@@ -35,8 +35,8 @@ class KeptForwards:
     def clear(self) -> None:
         self._forwards = []
 
-    def find(self, batch_mean: Tensor, num_features: int) -> tuple[PastStatistics | None, object]:
-        """``(past summary, ticket)`` of the kept forward whose batch mean is closest to
+    def find(self, batch_mean: Tensor, num_features: int) -> tuple[Tensor, PastStatistics | None, object]:
+        """``(its batch mean, past summary, ticket)`` of the kept forward whose batch mean is closest to
         ``batch_mean`` (equal up to rounding), which is then no longer kept: each forward is
         replayed once."""
         best, best_error = None, None
@@ -53,8 +53,7 @@ class KeptForwards:
                 "statistics of the forward being replayed cannot be found. Is the checkpointed function "
                 "deterministic (no dropout without preserve_rng_state, no data-dependent branches)?"
             )
-        _, past, ticket = self._forwards.pop(best)
-        return past, ticket
+        return self._forwards.pop(best)
 
     def __deepcopy__(self, memo):
         return KeptForwards()

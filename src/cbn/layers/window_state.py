@@ -46,6 +46,7 @@ class PositionWindow:
         # The latest producer call whose weight and bias are parameters: what moves the entries
         # at a call without autograd record (reentrant checkpointing, no_grad).
         self.recipe = None
+        self.recipe_is_live = False  # its weight is a parameter (current), not one call's values
 
     @property
     def past(self) -> int:
