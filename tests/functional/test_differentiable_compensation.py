@@ -272,30 +272,6 @@ def _train_with_gradients(model, batches, autocast=False):
     return trace
 
 
-def test_fullgraph_compile_gives_the_eager_gradients():
-    # After one eager forward has paired the layers, the differentiable past is traced into the
-    # graph (the same autograd.Function, traced) with no graph break, across the end of burn-in. float64: the comparison sees the maths,
-    # not the summation order of the graph's statistics (var_mean) against eager's kernel.
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    generator = torch.Generator().manual_seed(3)
-    batches = [torch.randn(2, 3, 6, 6, generator=generator, dtype=torch.float64) * 2 + 0.5 for _ in range(6)]
-    eager = _small_model(torch.float64, burnin=2)
-    compiled_model = copy.deepcopy(eager)
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(compiled_model, backend=counter, fullgraph=True)
-    for model in (eager, compiled_model):
-        model(batches[0])  # the eager forward that pairs the layers (no step)
-    expected = _train_with_gradients(eager, batches[1:])
-    actual = _train_with_gradients(compiled, batches[1:])
-    for step_actual, step_expected in zip(actual, expected):
-        for a, b in zip(step_actual, step_expected):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
-    assert counter.frame_count == 2  # the first graph, and one more when burn-in ends
-    assert compiled_model[1]._compiled_mode and compiled_model[1].window_state.positions[0].var_grad.abs().sum() > 0
-
-
 def test_bf16_autocast_gives_the_float32_gradients_to_bf16_precision():
     # At every step, a copy of the float32 model (weights and window) runs the same batch under
     # autocast: the layer keeps its statistics and window in float32, the producers run in

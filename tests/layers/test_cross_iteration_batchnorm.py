@@ -273,7 +273,7 @@ def test_non_finite_batch_never_enters_the_window_nor_running_stats():
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False], ids=["eager"])
 @pytest.mark.parametrize("row", ["mean", "var"])
 def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(monkeypatch, row, compiled):
     # The entry's first-order terms are products with every gradient value: a NaN in the mean
