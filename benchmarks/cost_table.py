@@ -145,7 +145,7 @@ def theory_memory(variant: str, window: int) -> int:
         if variant == "gn":
             total -= 2 * c * FLOAT + 8  # no running statistics
         elif variant in ("naive", "cbn"):
-            total += past * 5 * c * FLOAT + 2 * 8  # window_stats and the two counters
+            total += past * 5 * c * FLOAT + 8  # the window's entries and the iteration count
             if variant == "cbn":
                 total += past * (c + 1) * f * FLOAT  # variance rows and mean patch per entry
         elif variant == "authors":
@@ -158,9 +158,7 @@ def measured_memory(variant: str, model: nn.Module, reference: nn.Module) -> int
         return sum(b.numel() * b.element_size() for b in m.buffers())
 
     extra = buffers(model) - buffers(reference)
-    if variant == "authors":
-        extra += window_state_bytes(variant, model)
-    return extra
+    return extra + window_state_bytes(variant, model)
 
 
 def eval_model(variant: str, model: nn.Module) -> nn.Module:

@@ -59,14 +59,13 @@ def wrap_phases() -> Callable[[], None]:
     from cbn.layers import window_record
 
     targets = [
-        (model_step, "prepare_past_statistics"),  # model pre-hook: outside the norm forwards
         (model_step, "record_steps"),  # model hook: all layers' steps
         (window_record, "record_steps"),  # a layer's own step
-        (layer_module._CrossIterationBatchNorm, "_prepare_step"),
-        (layer_module._CrossIterationBatchNorm, "_record_step"),
-        (layer_module._CrossIterationBatchNorm, "_producer_input"),
-        (layer_module._CrossIterationBatchNorm, "_advance_iteration"),
-        (layer_module._CrossIterationBatchNorm, "_past_statistics"),
+        (layer_module._CrossIterationBatchNorm, "_pair"),
+        (layer_module, "producer_fingerprint"),
+        (layer_module._CrossIterationBatchNorm, "_bind_producer"),
+        (layer_module._CrossIterationBatchNorm, "_summary"),
+        (layer_module._CrossIterationBatchNorm, "_record"),
         (layer_module, "cross_iteration_batch_norm"),
         (window_record, "_update_running_stats"),
         (layer_module, "record_steps"),

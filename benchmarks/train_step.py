@@ -14,7 +14,7 @@ Measures, on the project's ResNet-20 (1x28x28 input, 10 classes, SGD):
    size and window. Variants of one batch size are built fresh from the same seed, warmed up
    until every window is full, then timed round-robin (the order rotates every round) in one
    process; medians and ratios to BN from the same run are reported;
-2. window-state memory: bytes of the ``window_*`` buffers (CBN) or of the Python-list tensors
+2. window-state memory: bytes of the layers' windows (``layer.window_state``, CBN) or of the Python-list tensors
    (authors) against (k - 1) x the bytes of the paired conv weights;
 3. eval-mode forward time after ``cbn.revert_model`` and conv+BN folding with
    ``torch.nn.utils.fusion.fuse_conv_bn_eval``, against a folded BatchNorm model (interleaved);
@@ -168,11 +168,9 @@ def paired_conv_weight_bytes(seed: int = 0) -> int:
 def window_state_bytes(variant: str, model: nn.Module) -> int:
     if variant == "authors":
         return authors_window_bytes(model)["total"]
-    return sum(
-        b.numel() * b.element_size()
-        for name, b in model.named_buffers()
-        if name.rsplit(".", 1)[-1].startswith("window_")
-    )
+    from cbn import CrossIterationBatchNormBase
+
+    return sum(m.window_state.nbytes() for m in model.modules() if isinstance(m, CrossIterationBatchNormBase))
 
 
 # --------------------------------------------------------------------------------------------

@@ -76,8 +76,9 @@ def cross_process_equals_concatenated_batch(rank, world_size, window, steps=4):
         for name in ("running_mean", "running_var"):
             errors["running"] = max(errors["running"], _max_error(getattr(model[1], name), getattr(reference_norm, name)))
         if window > 1:
-            for name in model[1]._window_buffers:
-                errors["window"] = max(errors["window"], _max_error(getattr(model[1], name), getattr(reference_norm, name)))
+            ours, theirs = model[1].window_state.positions[0], reference_norm.window_state.positions[0]
+            for name in ("stats", "mean_grad", "var_grad"):
+                errors["window"] = max(errors["window"], _max_error(getattr(ours, name), getattr(theirs, name)))
         optimizer.step()
         optimizer.zero_grad()
         reference_optimizer.step()
@@ -86,10 +87,12 @@ def cross_process_equals_concatenated_batch(rank, world_size, window, steps=4):
     return errors
 
 
-def ddp_keeps_rank_local_windows(rank, world_size, window=3, steps=4):
-    """DDP with broadcast_buffers=True (default) and no process_group: windows stay per rank."""
+def ddp_keeps_rank_local_windows(rank, world_size, window=3, steps=4, submodule=False):
+    """DDP with broadcast_buffers=True (default) and no process_group: windows stay per rank.
+    ``submodule``: the converted model is a submodule of the module DDP wraps (nothing on the
+    root tells DDP about it)."""
     model = cbn.convert_model(_model(), window=window)
-    ddp = DDP(model)  # default arguments, broadcast_buffers=True
+    ddp = DDP(nn.Sequential(model) if submodule else model)  # default arguments, broadcast_buffers=True
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.2, momentum=0.9)
     norm, conv = model[1], model[0]
     seen = {}
@@ -142,6 +145,7 @@ def run_all(rank, world_size, out_dir):
         "sync_window1": cross_process_equals_concatenated_batch(rank, world_size, window=1),
         "sync_window3": cross_process_equals_concatenated_batch(rank, world_size, window=3),
         "ddp_local": ddp_keeps_rank_local_windows(rank, world_size),
+        "ddp_submodule": ddp_keeps_rank_local_windows(rank, world_size, submodule=True),
     }
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(results, f)

@@ -196,7 +196,7 @@ def _in_compiled_convolution_layout(x: Tensor, output: Tensor) -> tuple[Tensor, 
     outputs channels-last, but hands an extern ``convolution_backward`` its operands in the
     strides they were traced with (contiguous), so that every statistic-gradient convolution
     would read transposed copies of its input and output (compiled ResNet-20 at batch 32: 1.81x
-    compiled BatchNorm with the traced layout, 1.44x with this one; ``benchmarks.compiled_step``
+    compiled BatchNorm with the traced layout, 1.44x with this one; the former ``benchmarks.compiled_step``
     with and without ``--traced-layout``). Elsewhere (CUDA, whose layout choice is a heuristic of
     the whole graph, or the optimization turned off) the traced layout is kept, and for 5-D
     inputs too, where ``channels_last_3d`` operands showed no consistent gain.

@@ -6,8 +6,7 @@ writes the records of many layers in a few batched operations (the per-channel v
 layers concatenated, the writes through ``torch._foreach_*`` kernels or one C++ call); only what
 needs a layer's own tensors stays per layer (the weight-gradient convolution). A layer records
 its own step with it, or the model-level step (:mod:`cbn.model_step`) records all layers' after
-a converted model's forward. :func:`record_step_in_graph` is the same write as tensor
-operations only, for a compiled graph.
+a converted model's forward.
 """
 
 from __future__ import annotations
@@ -403,43 +402,3 @@ def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tenso
         window.mean_grad[:, slot].zero_()
         window.var_grad[:, slot].zero_()
     ticket.slot = None
-
-
-@torch.no_grad()
-def record_step_in_graph(record: StepRecord) -> None:
-    """:func:`record_steps` for one record as tensor operations only, for a compiled graph.
-
-    The slot is the ``window_next`` buffer (not the host counter), validity a tensor mask, the
-    iteration count the ``iteration_count`` buffer kept by the optimizer step hook: nothing is
-    read back to the host, so the graph has no break and does not depend on the step.
-    """
-    layer, stats, samples, past_samples = record.layer, record.stats, record.samples, record.window_samples
-    finite = torch.isfinite(stats.batch_var).all()
-    if layer.window > 1:
-        dtype = layer.window_stats.dtype
-        zeros = stats.batch_mean.new_zeros(layer.num_features)
-        gradients = None
-        if layer._compensating and record.producer_input is not None and layer._trainable_producer_weights():
-            gradients = producer_statistic_gradients(
-                record.computation, record.producer_input.to(dtype), record.output.to(dtype), stats.batch_mean
-            )
-        # As in the batched record, the entry's finiteness covers its gradients (their factors).
-        mean_shift, var_shift = _shifts_then(record, gradients, zeros)
-        entry = torch.stack((stats.batch_mean, stats.batch_var, mean_shift, var_shift, zeros + samples))
-        finite = finite & torch.isfinite(entry).all()
-        slot = layer.window_next.view(1)
-        layer.window_stats.index_copy_(0, slot, torch.where(finite, entry, 0.0).unsqueeze(0))
-        if layer._compensating:
-            for buffer, value in ((layer.window_mean_grad, gradients and gradients.mean),
-                                  (layer.window_var_grad, gradients and gradients.var)):
-                buffer.index_copy_(1, slot, torch.where(finite, value, 0.0) if value is not None else buffer[:, :1] * 0)
-        layer.window_next.copy_((layer.window_next + 1) % (layer.window - 1))
-    layer.num_iterations.copy_(layer.iteration_count)
-    if layer.track_running_stats:
-        layer.num_batches_tracked.add_(1)
-        factor = layer.momentum if layer.momentum is not None else 1.0 / layer.num_batches_tracked
-        pooled = past_samples + samples if past_samples is not None else samples
-        weight = finite.to(stats.mean.dtype) * factor
-        unbiased_var = stats.var * (pooled / (pooled - 1))
-        for running, estimate in ((layer.running_mean, stats.mean), (layer.running_var, unbiased_var)):
-            running.lerp_(estimate.nan_to_num(0.0, 0.0, 0.0).to(running.dtype), weight.to(running.dtype))

@@ -151,6 +151,11 @@ class CrossIterationWindow:
         for position in self.positions:
             position.apply(fn)
 
+    def nbytes(self) -> int:
+        """Bytes held by the entries and statistic gradients of every call position."""
+        return sum(t.numel() * t.element_size() for p in self.positions
+                   for t in (p.stats, p.mean_grad, p.var_grad) if t is not None)
+
     def state_dict(self) -> dict:
         """The window's entries, for an exact resume (:func:`cbn.window_state_dict`)."""
         return {"window": self.window, "positions": [
