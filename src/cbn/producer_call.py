@@ -207,7 +207,7 @@ def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
         if not (kept and input.is_contiguous()):
             return "input is a reshape of a producer's output that mixes channels"
         output = input if linear else input.view(first_shape)
-    deferred = _reading_would_recompute()
+    deferred = reading_would_recompute()
     if name == "ConvolutionBackward0":
         return _convolution(node, output, num_features, deferred)
     if name in ("AddmmBackward0", "MmBackward0"):
@@ -221,7 +221,7 @@ def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
             "(e.g. an activation, an in-place op or a sum between them)")
 
 
-def _reading_would_recompute() -> bool:
+def reading_would_recompute() -> bool:
     """Whether reading a saved tensor now would run a recompute: in the forward of a
     non-reentrant activation checkpoint, whose unpack hook recomputes the region when called
     outside backward."""
@@ -230,11 +230,11 @@ def _reading_would_recompute() -> bool:
             and torch._C._current_graph_task_id() == -1)
 
 
-def producer_fingerprint(call: ProducerCall) -> float:
-    """A number that changes when the producer's weight or bias changes: their dot product with
+def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
+    """A number that changes when a producer's weight or bias changes: their dot product with
     a fixed pseudo-random vector (exact equality for unchanged values, in any layout)."""
     total = 0.0
-    for tensor in (call.computation.weight, call.computation.bias):
+    for tensor in (computation.weight, computation.bias):
         if tensor is not None and tensor.numel():
             flat = tensor.detach().reshape(-1)
             total += float(torch.dot(flat, _probe(flat.numel(), flat.dtype, flat.device)))

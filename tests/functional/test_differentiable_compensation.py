@@ -388,7 +388,7 @@ def test_cross_process_pooling_equals_one_process_on_the_concatenated_batches(tm
 def test_custom_producers_match_the_oracle(case):
     # The gradient reaches the producer's raw parameters through the weight its convolution really
     # used (a standardized weight, a weight_norm parametrization).
-    from test_producers import CASES as PRODUCERS
+    from test_producer_call import CASES as PRODUCERS
 
     make_producer, description, shape = PRODUCERS[case]
     torch.manual_seed(0)

@@ -134,8 +134,17 @@ class CrossIterationNorm(torch.autograd.Function):
         return output, batch_mean, batch_var, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output, *unused):
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient is wanted
+            raise RuntimeError(
+                "cbn: the backward of the pooled normalization is not differentiable (no double backward, "
+                "e.g. a gradient penalty with create_graph=True) once a Cross-Iteration BatchNorm layer pools "
+                "past statistics; with window=1 and during burn-in it is BatchNorm's, which is")
+        return CrossIterationNorm._backward(ctx, grad_output)
+
+    @staticmethod
+    @once_differentiable
+    def _backward(ctx, grad_output):
         needs_input, needs_weight, needs_bias, needs_center, needs_share = ctx.needs_input_grad[:5]
         needs_producer_weight, needs_producer_bias = ctx.needs_input_grad[8:10]
         needs_summary = needs_center or needs_share or needs_producer_weight or needs_producer_bias
@@ -274,6 +283,12 @@ def cross_iteration_batch_norm(
         # parameters in the statistics' dtype, not low-precision parameters beside float statistics.
         weight = weight.to(stats_dtype)
         bias = bias.to(stats_dtype) if bias is not None else None
+    if past is None and input.dtype == stats_dtype:
+        # BatchNorm itself, with autograd's own (twice differentiable) backward.
+        output, batch_mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
+        batch_mean = batch_mean.detach()
+        batch_var = invstd.detach().pow(-2).sub_(eps)
+        return output, PooledStatistics(batch_mean, batch_var, batch_mean, batch_var)
     attachment = (None, None, None)
     if past is not None:
         past = with_pooling_weights(past)

@@ -19,7 +19,7 @@ from ..functional.normalization import cross_iteration_batch_norm
 from ..functional.statistic_gradients import producer_groups, shift_weight, statistic_shifts_of_layers, weight_rows
 from ..functional.window import MEAN, SAMPLES, VAR, PastStatistics, move_to_current_weights, pool_window
 from ..iterations import IterationCounter, in_backward_recompute
-from ..producer_call import ProducerCall, find_producer_call, producer_fingerprint
+from ..producer_call import ProducerCall, find_producer_call, producer_fingerprint, reading_would_recompute
 from .._step_context import collector_for
 from .input_rank import Input1d, Input2d, Input3d
 from .recompute import KeptForwards
@@ -270,9 +270,9 @@ class CrossIterationBatchNormBase(_BatchNorm):
         if in_backward_recompute():
             return self._replay(input)
         call = self._pair(input)
-        fingerprint = producer_fingerprint(call) if call is not None and call.trainable else None
-        decision = self._counter.decide(None if call is None else call.signature, fingerprint)
         state = self._window_state
+        key, fingerprint = self._weights_seen(call)
+        decision = self._counter.decide(key, fingerprint)
         index = 0 if decision.new_iteration else state.next_position
         pooled = self.window > 1 and self._counter.count + decision.new_iteration > self.burnin
         position = state.position(index) if self.window > 1 else None
@@ -283,7 +283,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
         self._counter.commit(decision)
         if decision.new_iteration:
             state.restart_positions()
-            self._kept.clear()
+            if decision.key is not None:  # (a layer without producer counts every forward)
+                self._kept.clear()
         grad_recorded = torch.is_grad_enabled() and input.requires_grad
         state.take_position(advance=grad_recorded)
         computation = self._bind_producer(position, call)
@@ -295,12 +296,26 @@ class CrossIterationBatchNormBase(_BatchNorm):
             output, stats = cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps,
                                                        _stats_dtype(state))
         ticket = self._record(position, stats, samples, past, call, computation)
-        self._kept.keep(stats.batch_mean, past, ticket)
+        if not grad_recorded or reading_would_recompute():  # a forward activation checkpointing may replay
+            self._kept.keep(stats.batch_mean, past, ticket)
         if grad_recorded and output.requires_grad:
             output.register_hook(state.restart_positions)
         return output
 
     _training_forward_outside_graph = torch.compiler.disable(_training_forward)
+
+    def _weights_seen(self, call: ProducerCall | None) -> tuple[object, float | None]:
+        """``(producer key, fingerprint of its weights)`` for :class:`~cbn.iterations.IterationCounter`:
+        of this call's producer, or for a call without autograd record (``no_grad``, reentrant
+        checkpointing) of the parameters the next call position last used."""
+        if call is not None:
+            return call.signature, producer_fingerprint(call.computation) if call.trainable else None
+        state = self._window_state
+        position = state.positions[min(state.next_position, len(state.positions) - 1)]
+        recipe = position.recipe
+        if recipe is None or not position.recipe_is_live or not _alive(recipe.weight):
+            return None, None
+        return position.signature, producer_fingerprint(recipe)
 
     def _replay(self, input: Tensor) -> Tensor:
         """The forward again, as activation checkpointing (either ``use_reentrant``) runs it in
@@ -315,7 +330,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
             call = find_producer_call(input, self.num_features)
             if isinstance(call, ProducerCall) and ticket is not None and call.input is not None and self.compensate:
                 # The forward could not read its producer's input: its entry's gradients now.
-                self._bind_producer(ticket.window, call, keep_slot=ticket.slot)
+                self._bind_producer(ticket.window, call, keep=self._kept.pending_slots(ticket.window) | {ticket.slot})
                 fill_entry_gradients(ticket, call.computation, call.input, call.output, batch_mean)
             if isinstance(call, ProducerCall) and unattached:
                 # The original forward ran without autograd (reentrant checkpointing): differentiable
@@ -326,7 +341,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
             return cross_process_batch_norm(input, past, self.weight, self.bias, self.eps, dtype, self.process_group)[0]
         return cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)[0]
 
-    def _bind_producer(self, position: PositionWindow | None, call: ProducerCall | None, keep_slot: int | None = None):
+    def _bind_producer(self, position: PositionWindow | None, call: ProducerCall | None, keep: set[int] = frozenset()):
         """The producer the position's entries are moved by (this call's, or for a call without
         autograd record the position's latest one while its parameters are alive), and the
         position emptied when its producer changed."""
@@ -337,9 +352,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
             return recipe if recipe is not None and position.recipe_is_live and _alive(recipe.weight) else None
         signature = call.signature
         if position.signature != signature:
-            if position.signature is None or position.signature[:-1] != signature[:-1] or (
-                    position.signature[-1] != "copied"):
-                position.empty(keep_slot)  # entries another producer (or none) recorded cannot be moved
+            if not _same_producer(position.signature, signature):
+                position.empty(keep)  # entries another producer (or none) recorded cannot be moved
             position.signature = signature
         if call.trainable and (call.input is not None or call.input_deferred):
             weight = call.computation.weight
@@ -431,6 +445,15 @@ class CrossIterationBatchNormBase(_BatchNorm):
                                                             mean_now, var_now)
         return dict(mean=stats[order, MEAN], var=stats[order, VAR], mean_compensated=moved_mean[order],
                     var_compensated=moved_var[order])
+
+
+def _same_producer(stored: tuple | None, signature: tuple) -> bool:
+    """Whether entries recorded with producer ``stored`` can be moved by ``signature``'s: the same
+    kind, weight layout and bias, and the same weight parameter where both are parameters (an
+    effective weight, e.g. of a pruning added since, has no identity to compare)."""
+    if stored is None or stored[:-1] != signature[:-1]:
+        return False
+    return stored[-1] in ("copied", None) or signature[-1] is None or stored[-1] == signature[-1]
 
 
 def _check_window(window) -> None:

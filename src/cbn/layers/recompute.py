@@ -15,8 +15,9 @@ from torch import Tensor
 
 from ..functional.window import PastStatistics
 
-# Forwards kept per layer and iteration (the oldest go first).
-_LIMIT = 16
+# Forwards kept per layer and iteration (the oldest go first): those that may be replayed, run
+# under activation checkpointing (its forward hooks, or no_grad for use_reentrant=True).
+_LIMIT = 4
 
 
 class KeptForwards:
@@ -31,6 +32,11 @@ class KeptForwards:
         if len(self._forwards) >= _LIMIT:
             del self._forwards[0]
         self._forwards.append((batch_mean.detach(), past, ticket))
+
+    def pending_slots(self, window) -> set[int]:
+        """Slots of ``window`` whose entries await their gradients from a replay still to come."""
+        return {ticket.slot for _, _, ticket in self._forwards
+                if ticket is not None and ticket.window is window and ticket.slot is not None}
 
     def clear(self) -> None:
         self._forwards = []

@@ -62,21 +62,17 @@ class PositionWindow:
         """Slot indices from the newest entry to the oldest."""
         return [(self.next_slot - offset) % self.past for offset in range(1, self.past + 1)]
 
-    def empty(self, keep_slot: int | None = None) -> None:
-        """Invalidate every entry (but the one in ``keep_slot``, whose gradients are pending)."""
-        if keep_slot is None:
-            self.stats.zero_()
-            for grad in (self.mean_grad, self.var_grad):
-                if grad is not None:
-                    grad.zero_()
-            self.next_slot = 0
-            return
-        kept = self.stats[keep_slot].clone()
+    def empty(self, keep: set[int] = frozenset()) -> None:
+        """Invalidate every entry but those in the slots ``keep`` (whose gradients are pending)."""
+        kept = {slot: self.stats[slot].clone() for slot in keep}
         self.stats.zero_()
-        self.stats[keep_slot] = kept
         for grad in (self.mean_grad, self.var_grad):
             if grad is not None:
                 grad.zero_()
+        for slot, entry in kept.items():
+            self.stats[slot] = entry
+        if not keep:
+            self.next_slot = 0
 
     def ensure_gradients(self, groups: int, fan_in: int) -> None:
         """Statistic-gradient rings for a producer with ``groups`` weight groups and ``fan_in``
