@@ -298,3 +298,97 @@ def test_a_spectral_normed_producer_is_compensated_in_the_weight_of_the_forward(
     hook.remove()
     expected = nn.functional.conv2d(first, used["weight"], producer.bias.detach()).mean((0, 2, 3))
     torch.testing.assert_close(batched[1].window_statistics()["mean_compensated"][1], expected, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- copies and state
+@pytest.mark.parametrize("recipe", ["timm-ema-v3", "timm-ema-v2", "averaged-model"])
+def test_ema_and_swa_copies_made_before_the_first_forward_update_and_evaluate(recipe):
+    # timm's train.py --model-ema, torch's AveragedModel recipe: the copy is made at once, then
+    # updated after every step from the model's state. The state has BatchNorm's keys and
+    # shapes plus the iteration count, whatever pairing found since (the window is not in it).
+    from timm.utils import ModelEmaV2, ModelEmaV3
+    from torch.optim.swa_utils import AveragedModel, update_bn
+
+    model = cbn.convert_model(_block(), window=3)
+    reference = _block()  # BatchNorm: what the copy's state must look like
+    copy_of = {"timm-ema-v3": lambda m: ModelEmaV3(m, decay=0.9), "timm-ema-v2": lambda m: ModelEmaV2(m, decay=0.9),
+               "averaged-model": lambda m: AveragedModel(m, use_buffers=True)}[recipe](model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x in _batches(4):
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        copy_of.update(model) if recipe != "averaged-model" else copy_of.update_parameters(model)
+    state = model.state_dict()
+    expected = {key: value.shape for key, value in reference.state_dict().items()}
+    assert {key: value.shape for key, value in state.items() if key.split(".")[-1] != "num_iterations"} == expected
+    averaged = copy_of.module
+    if recipe == "averaged-model":
+        update_bn([x for x in _batches(2, seed=4)], copy_of)
+    averaged.eval()
+    out = averaged(_batches(1, seed=5)[0])
+    assert torch.isfinite(out).all()
+
+
+def test_a_window_changed_during_training_takes_effect_at_once():
+    model = cbn.convert_model(_block(), window=3)
+    _train(model, _batches(3))
+    model[1].window = 5
+    assert model[1].window_state.positions[0].stats.shape[0] == 4 and not model[1].window_state.positions[0].has_entries()
+    _train(model, _batches(5, seed=2))
+    assert int((model[1].window_state.positions[0].stats[:, 4, 0] > 0).sum()) == 4
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
+        model[1].window = 0
+    assert model[1].window == 5
+
+
+def test_a_batch_refused_with_one_value_per_channel_changes_no_state():
+    # BatchNorm's error, raised before anything changes: the next batch, of another size, trains.
+    model = cbn.convert_model(nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)), window=3)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        model(torch.randn(1, 4))
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert model[1].iterations == 0 and not model[1].window_state.positions[0].has_entries()
+    model(torch.randn(3, 4)).sum().backward()
+    assert model[1].iterations == 1 and cbn.pairing_report(model)[0].compensated
+
+
+def test_double_backward_works_where_batchnorm_does_and_names_cbn_elsewhere():
+    # A gradient penalty (create_graph=True): with window=1 and during burn-in the layer is
+    # BatchNorm, twice differentiable, equal to nn.BatchNorm2d; once it pools, one clear error.
+    def penalty(model, x):
+        x = x.clone().requires_grad_()
+        (grad,) = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+        grad.square().sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    reference = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    for options in (dict(window=1), dict(window=3, burnin=5)):
+        model = cbn.convert_model(copy.deepcopy(reference), **options)
+        for a, b in zip(penalty(model, x), penalty(copy.deepcopy(reference), x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    model = cbn.convert_model(copy.deepcopy(reference), window=3)
+    model(x).sum().backward()  # one entry: the next forward pools
+    with pytest.raises(RuntimeError, match="cbn.*double backward"):
+        penalty(model, x)
+
+
+def test_no_producer_input_stays_alive_between_steps_in_training_nor_in_eval():
+    model = cbn.convert_model(_block(), window=3)
+    _train(model, _batches(2))
+    x = torch.randn(2, 3, 6, 6)
+    dead = weakref.ref(x)
+    model(x).square().mean().backward()
+    del x
+    assert dead() is None
+    model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    dead = weakref.ref(x)
+    with torch.no_grad():
+        model(x)
+    del x
+    assert dead() is None
