@@ -7,7 +7,7 @@ import pytest
 from cbn.distributed import launch
 from distributed import workers
 
-TIMEOUT_S = 90  # spawn, imports and all scenarios: 13 s on an idle 2-core machine, 30 s under load
+TIMEOUT_S = 180  # spawn, imports and all scenarios: 15 s on an idle 2-core machine, over 90 s at load 7
 
 
 @pytest.fixture(scope="module")

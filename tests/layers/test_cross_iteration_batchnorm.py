@@ -226,6 +226,23 @@ def test_resume_through_state_dict_is_exact():
         assert torch.equal(a, b)
 
 
+def test_a_state_saved_before_the_first_forward_loads_into_a_trained_model_as_into_a_fresh_one():
+    # Loading weights empties the window (its entries were taken at other weights) and restores
+    # the iteration count: what the model did before the load leaves no trace.
+    torch.manual_seed(4)
+    fresh = _paired_conv_model(window=3, burnin=1)
+    state = copy.deepcopy(fresh.state_dict())
+    trained = copy.deepcopy(fresh)
+    _train_steps(trained, [torch.randn(2, 3, 6, 6) for _ in range(4)], torch.optim.SGD(trained.parameters(), lr=0.1))
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(4)]
+    runs = []
+    for model in (trained, fresh):
+        model.load_state_dict(state)
+        runs.append(_train_steps(model, batches, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
 def test_wrong_rank_and_channels_raise_and_leave_state_untouched():
     model = _paired_conv_model()
     model(torch.randn(2, 3, 5, 5))
