@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 import weakref
 from typing import NamedTuple
@@ -14,10 +13,9 @@ from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional.cross_process import cross_process_batch_norm
-from ..functional.differentiable_compensation import attach_to_producer, compensation_jacobians
+from ..functional.differentiable_compensation import attach_to_producer
 from ..functional.normalization import cross_iteration_batch_norm
-from ..functional.statistic_gradients import producer_groups, shift_weight, statistic_shifts_of_layers, weight_rows
-from ..functional.window import MEAN, SAMPLES, VAR, PastStatistics, move_to_current_weights, pool_window
+from ..functional.statistic_gradients import shift_weight
 from ..iterations import IterationCounter, in_backward_recompute
 from ..producer_call import ProducerCall, find_producer_call, producer_fingerprint, reading_would_recompute
 from .._step_context import collector_for
@@ -287,8 +285,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
                 self._kept.clear()
         grad_recorded = torch.is_grad_enabled() and input.requires_grad
         state.take_position(advance=grad_recorded)
-        computation = self._bind_producer(position, call)
-        past = self._summary(position, computation) if pooled else None
+        computation = position.bind(call) if position is not None and self.compensate else None
+        past = position.summary(computation, self.differentiable_compensation) if pooled else None
         if self._cross_process:
             output, stats, samples = cross_process_batch_norm(input, past, self.weight, self.bias, self.eps,
                                                               _stats_dtype(state), self.process_group)
@@ -312,10 +310,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
             return call.signature, producer_fingerprint(call.computation) if call.trainable else None
         state = self._window_state
         position = state.positions[min(state.next_position, len(state.positions) - 1)]
-        recipe = position.recipe
-        if recipe is None or not position.recipe_is_live or not _alive(recipe.weight):
-            return None, None
-        return position.signature, producer_fingerprint(recipe)
+        recipe = position.live_recipe()
+        return (None, None) if recipe is None else (position.signature, producer_fingerprint(recipe))
 
     def _replay(self, input: Tensor) -> Tensor:
         """The forward again, as activation checkpointing (either ``use_reentrant``) runs it in
@@ -330,7 +326,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
             call = find_producer_call(input, self.num_features)
             if isinstance(call, ProducerCall) and ticket is not None and call.input is not None and self.compensate:
                 # The forward could not read its producer's input: its entry's gradients now.
-                self._bind_producer(ticket.window, call, keep=self._kept.pending_slots(ticket.window) | {ticket.slot})
+                ticket.window.bind(call, keep=self._kept.pending_slots(ticket.window) | {ticket.slot})
                 fill_entry_gradients(ticket, call.computation, call.input, call.output, batch_mean)
             if isinstance(call, ProducerCall) and unattached:
                 # The original forward ran without autograd (reentrant checkpointing): differentiable
@@ -340,59 +336,6 @@ class CrossIterationBatchNormBase(_BatchNorm):
         if self._cross_process:
             return cross_process_batch_norm(input, past, self.weight, self.bias, self.eps, dtype, self.process_group)[0]
         return cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)[0]
-
-    def _bind_producer(self, position: PositionWindow | None, call: ProducerCall | None, keep: set[int] = frozenset()):
-        """The producer the position's entries are moved by (this call's, or for a call without
-        autograd record the position's latest one while its parameters are alive), and the
-        position emptied when its producer changed."""
-        if position is None or not self.compensate:
-            return None
-        if call is None:
-            recipe = position.recipe
-            return recipe if recipe is not None and position.recipe_is_live and _alive(recipe.weight) else None
-        signature = call.signature
-        if position.signature != signature:
-            if not _same_producer(position.signature, signature):
-                position.empty(keep)  # entries another producer (or none) recorded cannot be moved
-            position.signature = signature
-        if call.trainable and (call.input is not None or call.input_deferred):
-            weight = call.computation.weight
-            position.ensure_gradients(producer_groups(call.computation),
-                                      weight_rows(call.computation, weight.detach()).shape[1])
-        weight = call.computation.weight
-        live = any(weight is p for p in call.parameters)
-        # A parameter stays current; an effective weight is kept as this call's values only.
-        position.recipe = call.computation if live else dataclasses.replace(call.computation, weight=weight.detach())
-        position.recipe_is_live = live
-        return call.computation
-
-    def _summary(self, position: PositionWindow, computation) -> PastStatistics:
-        """The window's past entries moved to the producer's current weights and summarized;
-        differentiable in them under differentiable compensation."""
-        stats = position.stats
-        if computation is None:
-            with torch.no_grad():
-                return pool_window(stats, None, None)
-        if position.var_grad is None:  # entries stored without gradients: only the bias moves them
-            bias = computation.bias
-            with torch.no_grad():
-                if bias is None:
-                    return pool_window(stats, None, None)
-                mean_now = bias.detach().to(stats.dtype).expand(stats.shape[0], -1)
-                return pool_window(stats, mean_now, torch.zeros_like(mean_now))
-        weight = shift_weight(computation, computation.weight)
-        operands = (position.mean_grad, position.var_grad, weight.detach(),
-                    None if computation.bias is None else computation.bias.detach())
-        with torch.no_grad():
-            (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
-        if not self.differentiable_compensation:
-            with torch.no_grad():
-                return pool_window(stats, mean_now, var_now)
-        (jacobian,) = compensation_jacobians(stats, mean_now, var_now, [(position.mean_grad, position.var_grad)])
-        if not torch.is_grad_enabled():
-            # Unattached: a recompute under autograd (reentrant checkpointing) attaches them.
-            return jacobian.past._replace(attachment=(None, None, jacobian))
-        return attach_to_producer(jacobian, weight, computation.bias)
 
     def _record(self, position, stats, samples, past, call: ProducerCall | None, computation) -> EntryTicket | None:
         """Record the step (window entry, statistic gradients, running statistics): with all
@@ -424,37 +367,11 @@ class CrossIterationBatchNormBase(_BatchNorm):
         return (self.process_group is not None and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
 
-    @torch.no_grad()
     def window_statistics(self, position: int = 0) -> dict[str, Tensor]:
         """Stored past entries of a call position, newest first, raw and moved to the weights of
-        the producer's latest training forward.
-
-        Returns a dict of ``(n_past, C)`` tensors ``mean``, ``var``, ``mean_compensated``,
-        ``var_compensated`` over the valid entries (the window is not modified).
-        """
-        window = self._window_state.position(position)
-        order = [slot for slot in window.newest_first() if float(window.stats[slot, SAMPLES, 0]) > 0]
-        stats = window.stats
-        moved_mean, moved_var = stats[:, MEAN], stats[:, VAR]
-        computation = window.recipe
-        if computation is not None and window.var_grad is not None and self.compensate:
-            operands = (window.mean_grad, window.var_grad, shift_weight(computation, computation.weight).detach(),
-                        None if computation.bias is None else computation.bias.detach())
-            (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
-            moved_mean, moved_var = move_to_current_weights(stats[:, MEAN], stats[:, VAR], stats[:, 2], stats[:, 3],
-                                                            mean_now, var_now)
-        return dict(mean=stats[order, MEAN], var=stats[order, VAR], mean_compensated=moved_mean[order],
-                    var_compensated=moved_var[order])
-
-
-def _same_producer(stored: tuple | None, signature: tuple) -> bool:
-    """Whether entries recorded with producer ``stored`` can be moved by ``signature``'s: the same
-    kind, weight layout and bias, and the same weight parameter where both are parameters (an
-    effective weight, e.g. of a pruning added since, has no identity to compare)."""
-    if stored is None or stored[:-1] != signature[:-1]:
-        return False
-    return stored[-1] in ("copied", None) or signature[-1] is None or stored[-1] == signature[-1]
-
+        the producer's latest training forward: a dict of ``(n_past, C)`` tensors ``mean``,
+        ``var``, ``mean_compensated``, ``var_compensated`` (the window is not modified)."""
+        return self._window_state.position(position).statistics(self.compensate)
 
 def _check_window(window) -> None:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -465,16 +382,11 @@ def _stats_dtype(state: CrossIterationWindow) -> torch.dtype:
     return state.positions[0].stats.dtype
 
 
-def _alive(tensor: Tensor) -> bool:
-    """Whether ``tensor`` still holds its values (FSDP frees an unsharded weight's storage)."""
-    return tensor.untyped_storage().nbytes() > 0
-
-
 _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao et al., CVPR 2021).
 
     In training, the statistics of the last ``window - 1`` iterations are moved to the current
-    weights of the layer that produces the input (a first-order Taylor step in that layer's
-    weight and bias) and averaged with the current batch's:
+    weights of the layer that produced the input (a first-order Taylor step in its weight and
+    bias) and averaged with the current batch's:
 
     .. math::
 
@@ -485,22 +397,13 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         \bar\sigma^2 = \frac1n\sum_\tau \max(\nu_\tau, \mu_\tau^2) - \bar\mu^2,\qquad
         y = \frac{{x - \bar\mu}}{{\sqrt{{\bar\sigma^2 + \epsilon}}}} * \gamma + \beta
 
-    with :math:`\nu = E[x^2]` and :math:`n \le` ``window`` the entries present. Gradients flow
-    through the current batch's statistics only (with ``differentiable_compensation``, also
-    through the moved past entries into the producer's weight and bias). The derivatives are
-    computed in closed form (one extra weight-gradient convolution per step); no weight copy is
-    kept, and the window lives in buffers, so ``state_dict`` resumes training exactly. Eval mode is
-    :class:`torch.nn.{batchnorm}` with the running statistics, which are an exponential moving
-    average (``momentum``; ``None`` for a cumulative average) of the pooled estimate with the
-    variance unbiased over all pooled samples.
-
-    The producer (``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear``) is found by
-    :func:`cbn.convert_model`, which also replaces existing BatchNorm layers. A convolution
-    subclass with its own ``forward`` (padding the input, standardizing the weight) is observed
-    call by call: the Taylor step is taken in the weight its ``F.convNd`` call really used, with
-    that call's input. A layer with no producer, or whose producer's custom ``forward`` does not
-    return one convolution's result, averages uncompensated statistics ("naive" CBN) and warns
-    once; :func:`cbn.pairing_report` tells which and why.
+    with :math:`\nu = E[x^2]` and :math:`n \le` ``window`` the entries present
+    (``docs/method.md``). The producer (a convolution, transposed or not, or a linear map) is read
+    at every training forward from autograd's record of the input (:mod:`cbn.producer_call`): no
+    converter, hook or example input is needed, and the step is taken in the weight the producer
+    really used. Without a producer the layer averages uncompensated statistics and warns once;
+    :func:`cbn.pairing_report` says why. Eval mode is :class:`torch.nn.{batchnorm}` with the
+    running statistics (an exponential moving average of the pooled estimate).
 
     Args:
         num_features: :math:`C` from an expected input of size {shape}.
@@ -508,81 +411,35 @@ _DOC_TEMPLATE = r"""Cross-Iteration Batch Normalization over a {rank} input (Yao
         momentum: factor of the running statistics' moving average; ``None`` for a cumulative
             average. Default: 0.1
         affine: learnable :math:`\gamma, \beta`. Default: ``True``
-        bias: with ``affine``, learn :math:`\beta` too (keyword only). Default: ``True``
-        track_running_stats: keep running statistics for eval mode; without them, eval
-            normalizes with the batch's own statistics. Default: ``True``
+        track_running_stats: keep running statistics for eval mode. Default: ``True``
         window: iterations pooled, the current one included; 1 is BatchNorm. Default: 4
-        burnin: first training iterations that run as BatchNorm (entries are still stored).
-            An iteration is a change of the version counter of the producer's weight or bias:
-            every ``torch.optim`` optimizer step (plain, ``foreach``, ``fused``, and optimizers
-            writing through ``.data``: ``cbn`` bumps the counters after each step), any in-place
-            update, ``load_state_dict``, or :func:`cbn.mark_step` after a hand-written update
-            through ``.data`` (such a loop without it is detected and warned about once). So
-            several forwards with unchanged weights (gradient accumulation) are one iteration, a
-            step skipped by ``GradScaler`` is none, and with no trainable producer each training
-            forward is one (see :mod:`cbn.iterations`). Default: 0
-        compensate: apply the Taylor step; ``False`` gives naive cross-iteration averaging.
-            Default: ``True``
-        differentiable_compensation: let the gradient flow through the Taylor-moved past
-            entries, which are functions of the producer's current weight and bias, into that
-            weight and bias (our extension; ``docs/method.md``, chosen as the default by the
-            evidence of ``docs/results.md``); ``False`` is the paper's rule, past entries constant
-            in backward. ``True`` needs ``compensate=True`` (keyword only).
-            Default: ``None``, the value of ``compensate``
-        process_group: pool each batch's statistics (and their weight gradients) over the ranks
-            of this ``torch.distributed`` group before the window step (keyword only), so that
-            ``P`` ranks of ``B`` examples with window ``k`` estimate from ``P * B * k`` examples;
-            with ``window=1`` this is ``nn.SyncBatchNorm``. ``None``: each rank uses its own
-            batches, like ``nn.BatchNorm`` under DDP. Default: ``None``
-        check_shared_use: raise ``ValueError`` when training forwards of one iteration at the
-            same call position get inputs of different spatial sizes: the sign of one norm
-            applied to several inputs outside one model forward, whose statistics would be mixed
-            in one window, or of a forgotten ``model.eval()`` (keyword only). Inside a converted
-            model's forward, each call of the layer (e.g. one per feature-pyramid level of a
-            shared head) has a window of its own. ``False`` for gradient accumulation over
-            variable-size inputs. Default: ``True``
+        burnin: first training iterations that run as BatchNorm. An iteration is a change of the
+            weights the producer uses (:mod:`cbn.iterations`). Default: 0
+        compensate: apply the Taylor step; ``False`` gives naive averaging. Default: ``True``
+        bias: with ``affine``, learn :math:`\beta` too (keyword only). Default: ``True``
+        process_group: pool each batch (and its statistic gradients) over this group's ranks
+            before the window step (keyword only); ``window=1`` is then ``nn.SyncBatchNorm``.
+            Default: ``None``
+        check_shared_use: accepted for compatibility, no effect: call positions replaced the
+            check (keyword only).
+        differentiable_compensation: let the gradient flow through the moved past entries into
+            the producer's weight and bias (our extension, the default where ``compensate``);
+            ``False`` is the paper's rule (keyword only). Default: ``None``
 
     Shape:
         - Input: {shape}
         - Output: same shape as the input
 
-    Errors and edge cases:
-        - An input of the wrong rank or channel count raises ``ValueError`` naming the expected
-          shapes, before any state changes.
-        - One value per channel in training raises BatchNorm's ``ValueError`` while no valid
-          past entry exists (and always during burn-in or with ``window=1``); with past entries
-          it is accepted, so batch size 1 after a linear layer trains.
-        - A batch whose statistics (or Taylor terms) are not finite is not an error: its slot is
-          marked invalid, so it never enters a later estimate, and the running statistics are
-          left unchanged. Its own output is not finite, which AMP's ``GradScaler`` skips.
-        - Batch and spatial sizes may change between iterations; each entry keeps its own count.
-        - Weights changed outside an optimizer (e.g. ``load_state_dict``) are handled by the same
-          Taylor step, and start a new iteration. Loading a plain BatchNorm state empties the window.
-
-    Production training (see ``docs/multi-gpu.md``):
-        - DDP: :func:`cbn.convert_model` registers the window buffers and ``num_iterations`` as
-          buffers DDP ignores, so ``broadcast_buffers=True`` keeps each rank's window while the
-          running statistics are broadcast from rank 0 like BatchNorm's.
-        - AMP: under ``torch.autocast`` the statistics, window and Taylor terms are computed in
-          float32 (autocast is disabled inside the layer); the output has the input's dtype.
-        - ``torch.compile``: after one training forward has paired the layers (eager, or compiled
-          with graph breaks), a training forward compiles to one graph, ``fullgraph=True``
-          included, and recompiles once, when burn-in ends. In a compiled graph, iterations are
-          counted by ``torch.optim`` steps and :func:`cbn.mark_step` only, and a producer with a
-          custom ``forward`` stores uncompensated entries.
-        - Several calls in one forward of a converted model (a head shared over pyramid
-          levels): one window per call position, running statistics updated at every call as
-          BatchNorm's; the number of calls may not grow after the first iteration. Gradient
-          accumulation with unchanged weights pools the micro-batches (one entry each) as one
-          iteration. See ``check_shared_use``.
-        - Activation checkpointing (``torch.utils.checkpoint``): the recompute in backward uses
-          the pooled statistics of its original forward and records nothing, so gradients are
-          those of the model without checkpointing. See ``docs/reliability.md`` for every path
-          (``update_bn``, copies, ``inference_mode``, half precision, in-place ops, ...).
+    State: ``state_dict`` is BatchNorm's plus ``num_iterations``; the window of past entries is
+    not in it (:func:`cbn.window_state_dict` for an exact resume). A norm called several times
+    before one backward keeps one window per call. Bad input raises ``ValueError`` before any
+    state changes; a batch whose statistics are not finite never enters the window nor the
+    running statistics. Every path a training stack takes (DDP, FSDP, EMA copies, checkpointing,
+    ``torch.compile``, ...) is in ``docs/reliability.md``.
 
     Example::
 
-        >>> model = cbn.convert_model(nn.Sequential({producer}, nn.ReLU()))
+        >>> model = nn.Sequential({producer}, nn.ReLU())
         >>> out = model(torch.randn({example}))
 """
 

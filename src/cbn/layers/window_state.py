@@ -14,20 +14,29 @@ last backward through the layer, or since its producer's weights changed. Each
   a frozen or absent producer);
 - ``signature``: the producer its entries were recorded with (:class:`cbn.producer_call.ProducerCall`);
   a call with another producer empties the position, whose entries that producer cannot move;
-- ``recipe``: the position's latest producer call whose weight and bias are parameters, which
-  moves its entries at a call without autograd record (``no_grad``, reentrant checkpointing).
+- ``recipe``: the position's latest producer call (its weight a parameter: ``recipe_is_live``;
+  else that call's values), which moves its entries at a call without autograd record
+  (``no_grad``, reentrant checkpointing) and in :meth:`PositionWindow.statistics`.
 
 The window is the layer's own transient state, like BatchNorm's batch statistics: plain tensors,
 not buffers, so ``state_dict``, ``DistributedDataParallel``'s buffer broadcast, FSDP, EMA and SWA
 copies see exactly BatchNorm's state and never a tensor whose size depends on pairing. This
-module owns the layout, allocation and slot pointers; :mod:`cbn.layers.window_record` writes the
-entries into the slots it claims.
+module owns the layout, allocation, slot pointers and producer of each position, and reads the
+entries back (moved and summarized); :mod:`cbn.layers.window_record` writes the entries into the
+slots it claims.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
+
+from ..functional.differentiable_compensation import attach_to_producer, compensation_jacobians
+from ..functional.statistic_gradients import producer_groups, shift_weight, statistic_shifts_of_layers, weight_rows
+from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
+from ..functional.window import pool_window
 
 # Past entries and their statistic gradients kept per layer beyond which a call position is refused.
 MAX_POSITIONS = 32
@@ -82,6 +91,83 @@ class PositionWindow:
             self.mean_grad = self.stats.new_zeros(groups, self.past, fan_in)
             self.var_grad = self.stats.new_zeros(shape)
 
+    def bind(self, call, keep: set[int] = frozenset()):
+        """The producer call this position's entries are moved by in the current forward:
+        ``call`` (a :class:`cbn.producer_call.ProducerCall`), or for a call without autograd
+        record (``None``) the position's latest producer while its parameters are alive. A
+        producer other than the one the entries were recorded with empties the position (but
+        the slots ``keep``, whose gradients a recompute is filling in)."""
+        if call is None:
+            return self.live_recipe()
+        signature = call.signature
+        if self.signature != signature:
+            if not _same_producer(self.signature, signature):
+                self.empty(keep)
+            self.signature = signature
+        computation = call.computation
+        weight = computation.weight
+        if call.trainable and (call.input is not None or call.input_deferred):
+            self.ensure_gradients(producer_groups(computation), weight_rows(computation, weight.detach()).shape[1])
+        # A parameter stays current; an effective weight is kept as this call's values only.
+        self.recipe_is_live = any(weight is p for p in call.parameters)
+        self.recipe = computation if self.recipe_is_live else dataclasses.replace(computation, weight=weight.detach())
+        return computation
+
+    def live_recipe(self):
+        """The latest producer call, if its weight is a parameter that still holds its values
+        (FSDP frees an unsharded weight's storage after the forward)."""
+        recipe = self.recipe
+        if recipe is None or not self.recipe_is_live or recipe.weight.untyped_storage().nbytes() == 0:
+            return None
+        return recipe
+
+    def summary(self, computation, differentiable: bool) -> PastStatistics:
+        """The past entries moved to ``computation``'s weights (naive without one) and summarized
+        (:func:`cbn.functional.pool_window`); with ``differentiable``, a function of that weight
+        and bias (:func:`cbn.functional.attach_to_producer`)."""
+        stats = self.stats
+        if computation is None:
+            with torch.no_grad():
+                return pool_window(stats, None, None)
+        if self.var_grad is None:  # entries stored without gradients: only the bias moves them
+            bias = computation.bias
+            with torch.no_grad():
+                if bias is None:
+                    return pool_window(stats, None, None)
+                mean_now = bias.detach().to(stats.dtype).expand(stats.shape[0], -1)
+                return pool_window(stats, mean_now, torch.zeros_like(mean_now))
+        weight = shift_weight(computation, computation.weight)
+        with torch.no_grad():
+            mean_now, var_now = self._shifts_at(computation, weight)
+        if not differentiable:
+            with torch.no_grad():
+                return pool_window(stats, mean_now, var_now)
+        (jacobian,) = compensation_jacobians(stats, mean_now, var_now, [(self.mean_grad, self.var_grad)])
+        if not torch.is_grad_enabled():
+            # Unattached: a recompute under autograd (reentrant checkpointing) attaches them.
+            return jacobian.past._replace(attachment=(None, None, jacobian))
+        return attach_to_producer(jacobian, weight, computation.bias)
+
+    def _shifts_at(self, computation, weight: Tensor) -> tuple[Tensor, Tensor]:
+        operands = (self.mean_grad, self.var_grad, weight.detach(),
+                    None if computation.bias is None else computation.bias.detach())
+        (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
+        return mean_now, var_now
+
+    @torch.no_grad()
+    def statistics(self, compensate: bool = True) -> dict[str, Tensor]:
+        """Valid entries, newest first, raw and moved to the latest producer call's weights."""
+        stats = self.stats
+        order = [slot for slot in self.newest_first() if float(stats[slot, SAMPLES, 0]) > 0]
+        moved_mean, moved_var = stats[:, MEAN], stats[:, VAR]
+        computation = self.recipe
+        if computation is not None and self.var_grad is not None and compensate:
+            mean_now, var_now = self._shifts_at(computation, shift_weight(computation, computation.weight))
+            moved_mean, moved_var = move_to_current_weights(stats[:, MEAN], stats[:, VAR], stats[:, MEAN_SHIFT],
+                                                            stats[:, VAR_SHIFT], mean_now, var_now)
+        return dict(mean=stats[order, MEAN], var=stats[order, VAR], mean_compensated=moved_mean[order],
+                    var_compensated=moved_var[order])
+
     def has_entries(self) -> bool:
         return bool((self.stats[:, 4, 0] > 0).any())
 
@@ -92,6 +178,15 @@ class PositionWindow:
                 moved = fn(tensor)
                 # Statistics stay in float32 or wider when the layer is cast to half precision.
                 setattr(self, name, moved.float() if moved.dtype in _LOW_PRECISION else moved)
+
+
+def _same_producer(stored: tuple | None, signature: tuple) -> bool:
+    """Whether entries recorded with producer ``stored`` can be moved by ``signature``'s: the same
+    kind, weight layout and bias, and the same weight parameter where both are parameters (an
+    effective weight, e.g. of a pruning added since, has no identity to compare)."""
+    if stored is None or stored[:-1] != signature[:-1]:
+        return False
+    return stored[-1] in ("copied", None) or signature[-1] is None or stored[-1] == signature[-1]
 
 
 class CrossIterationWindow:
