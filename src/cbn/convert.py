@@ -13,7 +13,7 @@ from .layers.cross_iteration_batchnorm import (
     _CrossIterationBatchNorm,
 )
 from .layers.norm_act import CrossIterationBatchNormAct, CrossIterationBatchNormAct2d
-from . import model_step
+from . import converter_guard, model_step
 from .distributed import ignore_windows_in_ddp
 from .norm_swap import (
     layer_factory,
@@ -157,6 +157,8 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
         module.attach(registry, name or type(module).__name__)
         layers.append(module)
     model_step.install(model, layers)
+    # Another converter replacing these layers later (SyncBatchNorm's, timm's) is refused at the next training forward.
+    converter_guard.install(model)
     # Each rank keeps its own window under DDP (broadcast_buffers=True copies rank 0's buffers).
     ignore_windows_in_ddp(model)
     return model
@@ -197,4 +199,5 @@ def revert_model(model: nn.Module) -> nn.Module:
     warn_unconverted(unknown, "cbn.revert_model", "They were not made by cbn.convert_model, which remembers the class to restore.")
     remove_hooks(model)
     model_step.remove(model)
+    converter_guard.remove(model)
     return model
