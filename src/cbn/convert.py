@@ -135,7 +135,9 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     :func:`cbn.distributed.ignore_windows_in_ddp`), so that ``broadcast_buffers=True`` does not
     overwrite each rank's window with rank 0's; running statistics are still broadcast from rank 0
     like BatchNorm's, and all parameters are synchronized. Wrap ``model`` itself in DDP, or call
-    ``ignore_windows_in_ddp`` on the module you wrap.
+    ``ignore_windows_in_ddp`` on the module you wrap. Do not run a SyncBatchNorm converter on the
+    result: it would replace the CBN layers, and ``model`` raises at its next training forward
+    (:mod:`cbn.converter_guard`); ``process_group`` is the cross-process form of CBN.
 
     Returns:
         ``model`` with its norms replaced (a new module if ``model`` itself is a BatchNorm).
