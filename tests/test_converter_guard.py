@@ -56,7 +56,7 @@ def test_eval_revert_first_and_model_surgery_are_not_refused():
     clobbered.eval()(torch.randn(2, 3, 6, 6))  # eval: running statistics, as CBN's eval
     # The copy's guard watches the copy: the original still trains.
     _train_step(model)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"2 by torch\.nn\.modules\.batchnorm\.SyncBatchNorm \(1, 4\)"):
         _train_step(clobbered.train())
     # The right order for SyncBatchNorm instead of CBN: revert first.
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(cbn.revert_model(_model()))

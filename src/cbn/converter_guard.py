@@ -57,37 +57,34 @@ def _qualified(cls: type) -> str:
 class ConverterGuard:
     """A forward pre-hook: raise if a CBN layer of the model was replaced by another BatchNorm.
 
-    Keeps ``(parent, attribute name, layer)`` per layer; ``copy.deepcopy`` and ``pickle`` of the
+    Keeps ``(parent, attribute name, layer, qualified name)`` per layer; ``copy.deepcopy`` and ``pickle`` of the
     model copy it with the model (it is a plain object among the model's hooks).
     """
 
     def __init__(self, model: nn.Module) -> None:
+        # (parent, attribute, layer, qualified name): object references, so that a copy's guard
+        # watches the copy's layers.
         self.slots = [
-            (parent, child_name, child)
+            (parent, child_name, child, f"{parent_name}.{child_name}" if parent_name else child_name)
             for parent_name, parent in model.named_modules()
             for child_name, child in parent.named_children()
             if isinstance(child, CrossIterationBatchNormBase)
         ]
-        self.names = {id(child): f"{parent_name}.{child_name}" if parent_name else child_name
-                      for parent_name, parent in model.named_modules()
-                      for child_name, child in parent.named_children()
-                      if isinstance(child, CrossIterationBatchNormBase)}
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not module.training or torch.compiler.is_compiling():
             return
-        for parent, name, layer in self.slots:
+        for parent, name, layer, _ in self.slots:
             if parent._modules.get(name) is not layer:
                 self._check(module)
                 return
 
     def _check(self, model: nn.Module) -> None:
         replaced: dict[type, list[str]] = {}
-        for parent, name, layer in self.slots:
-            now = parent._modules.get(name)
+        for parent, attribute, layer, name in self.slots:
+            now = parent._modules.get(attribute)
             if now is layer or not isinstance(now, _BatchNorm) or isinstance(now, CrossIterationBatchNormBase):
                 continue
-            name = self.names.get(id(layer), name)
             if "act" in layer._modules and type(now).forward is not type(layer).forward and "act" in now._modules:
                 name += " (its activation no longer runs)"
             replaced.setdefault(type(now), []).append(name)

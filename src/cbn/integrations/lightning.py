@@ -3,7 +3,7 @@
 ``Trainer(callbacks=[CrossIterationBatchNorm(window=4, burnin=500)])`` converts each submodule of
 the ``LightningModule`` (``self.net``, ``self.backbone``, ...) with :func:`cbn.convert_model` in the
 callback's ``setup``, on every rank, before the strategy moves the model, wraps it in
-``DistributedDataParallel`` and restores a checkpoint (so a checkpoint of a CBN model loads). The
+``DistributedDataParallel`` and restores a checkpoint (``ckpt_path=``; the window buffers exist by then). The
 submodules are converted, not the ``LightningModule`` itself, because Lightning calls
 ``training_step``, not ``forward``: the model-level step and the converter guard hang on the
 module whose ``forward`` runs.
