@@ -34,4 +34,4 @@ demo: venv data
 	$(PY) -m cbn demo
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info src/cbn/_kernels*.so
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info src/cbn/_kernels*.so src/cbn/_kernels.sha256

@@ -47,6 +47,31 @@ def test_setup_builds_every_kernel_source_ahead_of_time():
     assert "src/cbn/csrc" in setup and len(cbn.kernels.SOURCES) == len(list((ROOT / "src/cbn/csrc").glob("*.cpp")))
 
 
+def test_setup_records_the_digest_kernels_checks():
+    import ast
+    import hashlib
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    (function,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "sources_digest"]
+    namespace = {"hashlib": hashlib}
+    exec(compile(ast.Module([function], []), "setup.py", "exec"), namespace)
+    assert namespace["sources_digest"](cbn.kernels.SOURCES) == cbn.kernels.sources_digest()
+
+
+def test_an_extension_built_from_other_sources_is_not_loaded(tmp_path, monkeypatch):
+    import importlib.machinery
+
+    library = tmp_path / "_kernels.cpython-311-x86_64-linux-gnu.so"
+    library.write_bytes(b"")
+    spec = importlib.machinery.ModuleSpec("cbn._kernels", None, origin=str(library))
+    monkeypatch.setattr(cbn.kernels.importlib.util, "find_spec", lambda name: spec)
+    assert cbn.kernels._installed_extension() is None  # no record of its sources
+    (tmp_path / "_kernels.sha256").write_text(cbn.kernels.sources_digest() + "\n")
+    assert cbn.kernels._installed_extension() == str(library)
+    (tmp_path / "_kernels.sha256").write_text("0" * 64 + "\n")  # built before the sources changed
+    assert cbn.kernels._installed_extension() is None
+
+
 def test_kernels_come_from_the_installed_extension_when_there_is_one():
     assert cbn.kernels.available()
     installed = cbn.kernels._installed_extension()

@@ -46,6 +46,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import os
 import sys
@@ -125,13 +126,29 @@ def _compile(verbose: bool) -> None:
 
 
 def _installed_extension() -> str | None:
-    """The path of the extension ``setup.py`` built (``cbn/_kernels*.so``), if installed.
+    """The path of the extension ``setup.py`` built (``cbn/_kernels*.so``), if installed and built
+    from the sources beside it.
 
     Found, not imported: it registers operators with ``torch.library`` when loaded and has no
-    Python module inside.
+    Python module inside. ``setup.py`` records the digest of its sources in ``_kernels.sha256``;
+    an extension built from other sources (an in-place build the sources have moved past) is
+    not used, and the first-use build compiles the current ones.
     """
     spec = importlib.util.find_spec("cbn._kernels")
-    return spec.origin if spec is not None and spec.origin and os.path.exists(spec.origin) else None
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return None
+    recorded = Path(spec.origin).parent / "_kernels.sha256"
+    if not recorded.exists() or recorded.read_text().strip() != sources_digest():
+        return None
+    return spec.origin
+
+
+def sources_digest() -> str:
+    """sha256 over the C++ sources' names and contents, in name order (as ``setup.py`` records it)."""
+    digest = hashlib.sha256()
+    for source in sorted(SOURCES, key=lambda path: path.name):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()
 
 
 def _register_fakes() -> None:
