@@ -63,9 +63,12 @@ class ConverterGuard:
 
     def __init__(self, model: nn.Module) -> None:
         # (parent, attribute, layer, qualified name): object references, so that a copy's guard
-        # watches the copy's layers.
+        # watches the copy's layers. The model itself is not kept (None): it holds this guard,
+        # and the cycle would keep a deleted model alive until the cyclic collector runs; the
+        # hook is given it at each call.
         self.slots = [
-            (parent, child_name, child, f"{parent_name}.{child_name}" if parent_name else child_name)
+            (parent if parent is not model else None, child_name, child,
+             f"{parent_name}.{child_name}" if parent_name else child_name)
             for parent_name, parent in model.named_modules()
             for child_name, child in parent.named_children()
             if isinstance(child, CrossIterationBatchNormBase)
@@ -75,14 +78,14 @@ class ConverterGuard:
         if not module.training or torch.compiler.is_compiling():
             return
         for parent, name, layer, _ in self.slots:
-            if parent._modules.get(name) is not layer:
+            if (module if parent is None else parent)._modules.get(name) is not layer:
                 self._check(module)
                 return
 
     def _check(self, model: nn.Module) -> None:
         replaced: dict[type, list[str]] = {}
         for parent, attribute, layer, name in self.slots:
-            now = parent._modules.get(attribute)
+            now = (model if parent is None else parent)._modules.get(attribute)
             if now is layer or not isinstance(now, _BatchNorm) or isinstance(now, CrossIterationBatchNormBase):
                 continue
             if "act" in layer._modules and type(now).forward is not type(layer).forward and "act" in now._modules:
