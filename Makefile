@@ -10,9 +10,12 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: demo test venv data clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q -c constraints.txt -e '.[experiments,test]'
+	# setup.py compiles the C++ kernels against the environment's torch: install it first, then cbn
+	# without build isolation (which would compile against a second copy of torch).
+	$(PIP) install -q -c constraints.txt setuptools torch
+	$(PIP) install -q --no-build-isolation -c constraints.txt -e '.[experiments,test]'
 	$(PY) -m cbn build-kernels || echo 'cbn: continuing with the Python implementation'
 	touch $(STAMP)
 
@@ -31,4 +34,4 @@ demo: venv data
 	$(PY) -m cbn demo
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info src/*.egg-info
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info src/cbn/_kernels*.so src/cbn/_kernels.sha256

@@ -1,9 +1,13 @@
 """Cross-Iteration Batch Normalization for PyTorch.
 
-Drop-in layers (:class:`CrossIterationBatchNorm1d/2d/3d`), a one-call converter
-(:func:`convert_model`, :func:`revert_model`) for any model, and the paper's baselines
-(:class:`BatchRenorm2d`, a CPU-capable :class:`SyncBatchNorm2d`, ...).
+Drop-in layers (:class:`CrossIterationBatchNorm1d/2d/3d`, :class:`CrossIterationBatchNormAct2d`
+for timm's norm + activation), a one-call converter (:func:`convert_model`, :func:`revert_model`)
+for any model, registrations in the frameworks people train with (:mod:`cbn.integrations`), and
+the paper's baselines (:class:`BatchRenorm2d`, a CPU-capable :class:`SyncBatchNorm2d`, ...).
 """
+
+# The package's one version number: pyproject.toml reads it (setuptools' dynamic version).
+__version__ = "0.2.0"
 
 from .convert import convert_model, convert_norms, replace_batchnorm, revert_model
 from .iterations import mark_step
@@ -17,6 +21,8 @@ from .layers import (
     CrossIterationBatchNorm1d,
     CrossIterationBatchNorm2d,
     CrossIterationBatchNorm3d,
+    CrossIterationBatchNormAct,
+    CrossIterationBatchNormAct2d,
     CrossIterationBatchNormBase,
     SyncBatchNorm1d,
     SyncBatchNorm2d,
@@ -25,7 +31,11 @@ from .layers import (
     convert_sync_batchnorm,
 )
 
-__version__ = "0.1.0"
+from .integrations import import_after
+
+# timm's models take cbn's classes themselves (norm_layer=cbn.CrossIterationBatchNorm2d): register
+# them in timm's norm + act table whenever timm is imported, before or after cbn.
+import_after("timm.layers.create_norm_act", "cbn.integrations.timm")
 
 __all__ = [
     "Pairing",
@@ -36,6 +46,8 @@ __all__ = [
     "CrossIterationBatchNorm1d",
     "CrossIterationBatchNorm2d",
     "CrossIterationBatchNorm3d",
+    "CrossIterationBatchNormAct",
+    "CrossIterationBatchNormAct2d",
     "CrossIterationBatchNormBase",
     "SyncBatchNorm1d",
     "SyncBatchNorm2d",

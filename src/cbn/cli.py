@@ -125,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         import cbn.kernels
 
         built = cbn.kernels.build(verbose=args.verbose)
-        print("cbn: C++ kernels ready" if built else "cbn: C++ kernels unavailable; the Python implementation is used")
+        origin = cbn.kernels.origin()
+        source = "built at first use" if origin == "jit" else f"installed ahead of time: {origin}"
+        print(f"cbn: C++ kernels ready ({source})" if built else
+              "cbn: C++ kernels unavailable; the Python implementation is used")
         return 0 if built else 1
     if args.command == "train":
         from cbn.experiments.data import DataNotFoundError

@@ -13,7 +13,7 @@ from .layers.cross_iteration_batchnorm import (
     _CrossIterationBatchNorm,
 )
 from .layers.norm_act import CrossIterationBatchNormAct, CrossIterationBatchNormAct2d
-from . import model_step
+from . import converter_guard, model_step
 from .norm_swap import (
     layer_factory,
     original_of,
@@ -131,6 +131,9 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
 
     Distributed training: the windows are not buffers, so ``DistributedDataParallel`` (and
     FSDP) leave each rank's own; running statistics are broadcast from rank 0 like BatchNorm's.
+    Do not run a SyncBatchNorm converter on the result: it would replace the CBN layers, and
+    ``model`` raises at its next training forward (:mod:`cbn.converter_guard`);
+    ``process_group`` is the cross-process form of CBN.
 
     Returns:
         ``model`` with its norms replaced (a new module if ``model`` itself is a BatchNorm).
@@ -146,6 +149,8 @@ def convert_model(model: nn.Module, **layer_kwargs) -> nn.Module:
     named = [(name or type(m).__name__, m) for name, m in model.named_modules() if isinstance(m, _CrossIterationBatchNorm)]
     if named:
         model_step.install(model, [m for _, m in named], [name for name, _ in named])
+        # Another converter replacing these layers later (SyncBatchNorm's, timm's) is refused at the next training forward.
+        converter_guard.install(model)
     return model
 
 
@@ -183,4 +188,5 @@ def revert_model(model: nn.Module) -> nn.Module:
     model = replace_modules(model, back, (_CrossIterationBatchNorm,))
     warn_unconverted(unknown, "cbn.revert_model", "They were not made by cbn.convert_model, which remembers the class to restore.")
     model_step.remove(model)
+    converter_guard.remove(model)
     return model

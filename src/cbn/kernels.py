@@ -26,12 +26,13 @@ precision normalization, statistic gradients, mean terms, record) runs the same 
 or the same float arithmetic per channel, in the same order: the same values, bit for bit
 (tested).
 
-They are compiled once with ``torch.utils.cpp_extension`` (about half a minute, with the C++
-compiler and ``ninja``; cached in ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``) the first time a layer needs them, or ahead of time with
-``python -m cbn build-kernels``. Where they cannot be built (no compiler), cbn warns once and uses
-the Python implementation. ``CBN_KERNELS=0`` in the environment, or :func:`use_kernels`, turns
-them off.
+Where they come from, in order: the extension ``cbn._kernels`` that ``pip install .`` (or the
+wheel built from the source tree) compiled ahead of time with ``setup.py``; else a build at first
+use with ``torch.utils.cpp_extension`` (about half a minute, with the C++ compiler and ``ninja``;
+cached in ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``; ahead of time with
+``python -m cbn build-kernels``), also when the installed extension was built against another
+torch and does not load; else, with one warning, the Python implementation. ``CBN_KERNELS=0`` in
+the environment, or :func:`use_kernels`, turns them off. :func:`origin` says which is in use.
 
 Example::
 
@@ -45,6 +46,8 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import importlib.util
 import os
 import sys
 import threading
@@ -57,6 +60,7 @@ import torch
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
 _LOCK = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
+_origin: str | None = None  # the library loaded: the installed extension's path, or "jit"
 _enabled = os.environ.get("CBN_KERNELS", "1") != "0"
 
 
@@ -89,7 +93,24 @@ def build(verbose: bool = False) -> bool:
     return _loaded
 
 
+def origin() -> str | None:
+    """Where the loaded kernels come from: the path of the extension installed ahead of time,
+    ``"jit"`` (built at first use), or ``None`` (not loaded)."""
+    return _origin if _loaded else None
+
+
 def _compile(verbose: bool) -> None:
+    global _origin
+    installed = _installed_extension()
+    if installed is not None:
+        try:
+            torch.ops.load_library(installed)
+            _origin = installed
+            _register_fakes()
+            return
+        except OSError as error:  # built against another torch build: undefined symbols
+            if verbose:
+                print(f"cbn: the installed kernels do not load ({_first_line(error)}); building them")
     from torch.utils import cpp_extension
 
     with _ninja_on_path():
@@ -100,6 +121,38 @@ def _compile(verbose: bool) -> None:
             is_python_module=False,
             verbose=verbose,
         )
+    _origin = "jit"
+    _register_fakes()
+
+
+def _installed_extension() -> str | None:
+    """The path of the extension ``setup.py`` built (``cbn/_kernels*.so``), if installed and built
+    from the sources beside it.
+
+    Found, not imported: it registers operators with ``torch.library`` when loaded and has no
+    Python module inside. ``setup.py`` records the digest of its sources in ``_kernels.sha256``;
+    an extension built from other sources (an in-place build the sources have moved past) is
+    not used, and the first-use build compiles the current ones.
+    """
+    spec = importlib.util.find_spec("cbn._kernels")
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return None
+    recorded = Path(spec.origin).parent / "_kernels.sha256"
+    if not recorded.exists() or recorded.read_text().strip() != sources_digest():
+        return None
+    return spec.origin
+
+
+def sources_digest() -> str:
+    """sha256 over the C++ sources' names and contents, in name order (as ``setup.py`` records it)."""
+    digest = hashlib.sha256()
+    for source in sorted(SOURCES, key=lambda path: path.name):
+        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _register_fakes() -> None:
+    from . import kernel_fakes  # noqa: F401  (registers on import)
 
 
 @contextlib.contextmanager

@@ -164,9 +164,12 @@ void write_counters(at::TensorList counters, at::IntArrayRef values) {
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("write_counters(Tensor(a!)[] counters, int[] values) -> ()");
   m.impl("write_counters", c10::DispatchKey::CompositeExplicitAutograd, &write_counters);
+  // The (a!) .. (d!) annotations declare the tensors written in place, so that functionalization
+  // and torch.library.opcheck know of them.
   m.def("write_entries(Tensor[] batch_means, Tensor[] batch_vars, Tensor? mean_shifts, Tensor? var_shifts, "
-        "int[] samples, Tensor?[] window_stats, int[] slots, Tensor?[] running_means, Tensor?[] running_vars, "
-        "Tensor?[] batches_tracked, float[] momenta, Tensor[] pooled_means, Tensor[] pooled_vars, "
+        "int[] samples, Tensor(a!)?[] window_stats, int[] slots, Tensor(b!)?[] running_means, "
+        "Tensor(c!)?[] running_vars, Tensor(d!)?[] batches_tracked, float[] momenta, Tensor[] pooled_means, "
+        "Tensor[] pooled_vars, "
         "Tensor?[] window_samples) -> Tensor");
   m.impl("write_entries", c10::DispatchKey::CompositeExplicitAutograd, &write_entries);
 }

@@ -1,0 +1,31 @@
+"""Fake (meta) implementations of cbn's C++ operators that write state in place.
+
+``torch.ops.cbn.write_entries`` and ``write_counters`` read and write host memory directly, so
+under ``FakeTensorMode`` (``torch.compile``, ``torch.export``, ``torch.library.opcheck``) they
+cannot run: these functions say what they return without touching data. ``copy_into_slots`` needs
+none (its C++ body is ATen copies, which fake tensors run). The three CompositeImplicitAutograd
+operators (``pooled_normalization``, ``convolution_statistic_gradients``,
+``statistic_shifts_many``) cannot take a fake implementation (torch refuses one for that key);
+compiled graphs take cbn's traceable Python form instead (:func:`cbn.kernels.active`).
+:mod:`cbn.kernels` imports this module once the operators are loaded.
+
+Example::
+
+    >>> torch.library.opcheck(torch.ops.cbn.write_counters.default, (counters, [3, 4]))
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.register_fake("cbn::write_entries")
+def _write_entries(batch_means, batch_vars, mean_shifts, var_shifts, samples, window_stats, slots, running_means,
+                   running_vars, batches_tracked, momenta, pooled_means, pooled_vars, window_samples):
+    # One "entry was finite" flag per layer, on the host like the statistics it checks.
+    return torch.empty(len(batch_means), dtype=torch.bool, device=batch_means[0].device)
+
+
+@torch.library.register_fake("cbn::write_counters")
+def _write_counters(counters, values):
+    return None
