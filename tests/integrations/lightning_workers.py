@@ -89,9 +89,9 @@ def run(rank, world_size, out_dir):
             "keys_equal": list(expected) == list(got),
             "max_difference": max((expected[k] - got[k]).abs().max().item() for k in expected),
             "differences": {k: (expected[k] - got[k]).abs().max().item() for k in expected},
-            "iterations": int(trained[1].num_iterations),
+            "iterations": trained[1].iterations,
             "process_group_set": trained[1].process_group is not None,
-            "window_spread_across_ranks": _gathered_spread(trained[1].window_stats),
+            "window_spread_across_ranks": _gathered_spread(trained[1].window_state.positions[0].stats),
             "compensated": all(row.compensated for row in cbn.pairing_report(trained)),
         }
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as file:

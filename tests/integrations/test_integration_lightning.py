@@ -54,5 +54,5 @@ def test_single_device_trainer_converts_once_and_pairs():
         trainer.fit(module, train_dataloaders=loader)
         assert type(module.net[1]) is cbn.CrossIterationBatchNorm2d and (epochs == 1 or module.net[1] is layer)
     # 1 epoch, then 2 more (a new Trainer counts its epochs from 0): one window counted on through both fits.
-    assert int(module.net[1].num_iterations) == 3 * lightning_workers.STEPS
+    assert module.net[1].iterations == 3 * lightning_workers.STEPS
     assert all(row.compensated for row in cbn.pairing_report(module.net)) and module.net[1].process_group is None
