@@ -31,6 +31,8 @@ _VIEWS = frozenset(("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackwar
 _CASTS = frozenset(("ToCopyBackward0",))  # autocast's low-precision copy of a parameter
 _DEFERRED_WEIGHT = ("its producer's weight is computed by an operation inside activation checkpointing "
                     "(use_reentrant=False), whose value cannot be read before the recompute")
+_RESHARDED = ("its producer's weight was freed before the norm ran (FSDP resharded the producer's unit after "
+              "its forward): put the convolution and its norm in one fully_shard unit")
 NO_RECORD = ("no autograd record of the producer in this forward (no_grad, reentrant activation "
              "checkpointing, or a frozen producer whose input needs no gradient)")
 
@@ -113,6 +115,8 @@ def _convolution(node, output: Tensor, num_features: int, deferred: bool) -> Pro
     weight, leaf = _weight(next_functions[1][0], None if deferred else node._saved_weight)
     if weight is None:
         return _DEFERRED_WEIGHT
+    if weight.numel() and weight.untyped_storage().nbytes() == 0:
+        return _RESHARDED
     channels = weight.shape[1] * node._saved_groups if transposed else weight.shape[0]
     if channels != num_features or output.shape[1] != num_features:
         return f"its producer, a convolution, has {channels} output channels, not {num_features}"
@@ -154,6 +158,8 @@ def _linear(node, output: Tensor, num_features: int, deferred: bool) -> Producer
         weight, leaf = _weight(transposed_weight.next_functions[0][0], None)
         if weight is None:
             return "its producer is a matrix product whose weight is computed by an operation"
+    if weight is not None and weight.numel() and weight.untyped_storage().nbytes() == 0:
+        return _RESHARDED
     if output.dim() != 2 or output.shape[1] != num_features:
         return f"its producer, a linear layer, gives {tuple(output.shape)}, not (N, {num_features}) rows"
     bias = _bias(bias_node, bias_present)

@@ -190,3 +190,49 @@ def resume_in_fresh_process(rank, world_size, checkpoint, steps, out_path):
     cbn.load_window_state_dict(model, state["windows"])
     optimizer.load_state_dict(state["optimizer"])
     torch.save(resume_train(model, optimizer, steps), out_path)
+
+
+# ----------------------------------------------------------------------------- FSDP2
+def _fsdp_model():
+    torch.manual_seed(0)
+
+    def block(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), cbn.CrossIterationBatchNorm2d(c_out, window=3, burnin=2),
+                             nn.ReLU())
+
+    return nn.Sequential(block(3, 8), block(8, 8), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+
+def fsdp_against_ddp(rank, world_size, out_dir, steps=6):
+    """The same data through DDP, FSDP2 with the whole model as one unit, and FSDP2 with one unit
+    per block (a convolution and its norm); layers built directly (no converter)."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    warnings.simplefilter("ignore")
+    results = {}
+    for mode in ("ddp", "fsdp", "fsdp_blocks"):
+        model = _fsdp_model()
+        if mode == "ddp":
+            wrapped = DDP(model)
+        else:
+            if mode == "fsdp_blocks":
+                for block in (model[0], model[1]):
+                    fully_shard(block)
+            fully_shard(model)
+            wrapped = model
+        optimizer = torch.optim.SGD(wrapped.parameters(), lr=0.1, momentum=0.9)
+        pooled_from = []
+        for step in range(steps):
+            generator = torch.Generator().manual_seed(100 * step + rank)
+            wrapped(torch.randn(2, 3, 6, 6, generator=generator)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            pooled_from.append(model[0][1].window_state.positions[0].has_entries())
+        parameters = {name: (p.full_tensor() if hasattr(p, "full_tensor") else p.detach()).tolist()
+                      for name, p in model.named_parameters()}
+        results[mode] = dict(parameters=parameters, iterations=[model[i][1].iterations for i in (0, 1)],
+                             compensated=[row.compensated for row in cbn.pairing_report(model)],
+                             window_bytes=sum(model[i][1].window_state.nbytes() for i in (0, 1)))
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
+        json.dump(results, f)
