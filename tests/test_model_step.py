@@ -133,3 +133,38 @@ def test_frozen_producer_with_bias_equals_naive_averaging():
         torch.testing.assert_close(compensated(x), naive(x), rtol=0, atol=1e-6)
     moved = compensated[1].window_statistics()
     torch.testing.assert_close(moved["mean_compensated"], moved["mean"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("differentiable", [False, True])
+def test_summaries_prepared_together_equal_each_layers_own(monkeypatch, differentiable):
+    # The model step summarizes all windows before the forward (one chain for all layers); a
+    # layer without it summarizes its own at its call: the same training run, and the batched
+    # path really taken (no layer summarizes its own window once producers are known).
+    from cbn.layers.window_state import PositionWindow
+
+    from cbn.experiments.models import resnet8
+
+    torch.manual_seed(5)
+    batched = cbn.convert_model(resnet8().double(), window=3, differentiable_compensation=differentiable)
+    per_layer = copy.deepcopy(batched)
+    model_step.remove(per_layer)
+    own_summaries = []
+    real = PositionWindow.summary
+    monkeypatch.setattr(PositionWindow, "summary", lambda self, *args: own_summaries.append(1) or real(self, *args))
+    runs = []
+    for model in (batched, per_layer):
+        torch.manual_seed(6)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        outputs, calls = [], []
+        for _ in range(4):
+            own_summaries.clear()
+            out = model(torch.randn(2, 1, 28, 28, dtype=torch.float64))
+            calls.append(len(own_summaries))
+            out.square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            outputs.append(out.detach())
+        runs.append((outputs, calls))
+    for a, b in zip(runs[0][0], runs[1][0]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    assert runs[0][1][-1] == 0 and runs[1][1][-1] > 0

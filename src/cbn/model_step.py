@@ -17,9 +17,51 @@ import torch
 from torch import nn
 
 from . import _step_context
+from .functional.differentiable_compensation import compensation_jacobians
+from .functional.statistic_gradients import statistic_shifts_of_layers
+from .functional.window import PastStatistics, pool_window
 from .iterations import in_backward_recompute
 from .layers.cross_iteration_batchnorm import CrossIterationBatchNormBase
 from .layers.window_record import StepRecord, record_steps
+from .layers.window_state import PreparedSummary
+
+
+@torch.no_grad()
+def prepare_summaries(layers: list[CrossIterationBatchNormBase]) -> None:
+    """Summarize the windows of many layers at once, before a training forward.
+
+    The past entries are constants of the step and the producers' weights are known before the
+    forward (each layer's latest producer, a parameter). Concatenating the windows of all layers
+    along channels turns the per-layer chain of small operations (Taylor step, clamp, masking,
+    pooling, the Jacobians of differentiable compensation) into one chain for the whole model;
+    only the products with each producer's weights remain per layer. A layer uses its summary at
+    its first call of the forward if that call's producer is the one it was computed for.
+    """
+    groups: dict[tuple, list] = {}
+    for layer in layers:
+        request = layer.request_summary()
+        if request is not None:
+            groups.setdefault(request.key, []).append((layer, request))
+    for key, members in groups.items():
+        if len(members) == 1:
+            continue  # nothing to batch: the layer computes its own summary
+        stats = torch.cat([request.stats for _, request in members], dim=2)
+        if key[-1]:  # compensating
+            operands = [request.operands for _, request in members]
+            mean_now, var_now = statistic_shifts_of_layers(operands)
+            if key[-2]:  # differentiable compensation: the layers attach the summaries at their call
+                jacobians = compensation_jacobians(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
+                                                   [operand[:2] for operand in operands])
+                for (layer, request), jacobian in zip(members, jacobians):
+                    layer.use_prepared_summary(PreparedSummary(jacobian, request.recipe))
+                continue
+            past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
+        else:
+            past = pool_window(stats, None, None)
+        sizes = [layer.num_features for layer, _ in members]
+        pieces = [part.split(sizes) if part is not None else [None] * len(sizes) for part in past]
+        for (layer, request), *summary in zip(members, *pieces):
+            layer.use_prepared_summary(PreparedSummary(PastStatistics(*summary), request.recipe))
 
 
 class ModelWindowStep:
@@ -64,6 +106,7 @@ class ModelWindowStep:
         for layer in self.layers:  # a new model forward: each norm's next call is its first
             layer.window_state.restart_positions()
         _step_context.enter(self)
+        prepare_summaries([layer for layer in self.layers if layer.training])
 
     def after_forward(self, module: nn.Module, args: tuple, output: object) -> None:
         if self._stands_aside():

@@ -22,7 +22,7 @@ from .._step_context import collector_for
 from .input_rank import Input1d, Input2d, Input3d
 from .recompute import KeptForwards
 from .window_record import EntryTicket, StepRecord, fill_entry_gradients, record_steps
-from .window_state import CrossIterationWindow, PositionWindow
+from .window_state import CrossIterationWindow, PositionWindow, PreparedSummary, SummaryRequest, same_call
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -88,6 +88,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         self._counter = IterationCounter()
         self._kept = KeptForwards()
         self._last_pairing: PairingOutcome | str = "no training forward yet"
+        self._prepared: PreparedSummary | None = None  # from the model-level step, for call position 0
         self._warned_unpaired = False
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long, device=device))
 
@@ -286,7 +287,11 @@ class CrossIterationBatchNormBase(_BatchNorm):
         grad_recorded = torch.is_grad_enabled() and input.requires_grad
         state.take_position(advance=grad_recorded)
         computation = position.bind(call) if position is not None and self.compensate else None
-        past = position.summary(computation, self.differentiable_compensation) if pooled else None
+        prepared, self._prepared = self._prepared, None
+        if pooled and index == 0 and prepared is not None and same_call(prepared.recipe, computation):
+            past = prepared.summary if computation is None else position.attach(prepared.summary, computation)
+        else:
+            past = position.summary(computation, self.differentiable_compensation) if pooled else None
         if self._cross_process:
             output, stats, samples = cross_process_batch_norm(input, past, self.weight, self.bias, self.eps,
                                                               _stats_dtype(state), self.process_group)
@@ -366,6 +371,21 @@ class CrossIterationBatchNormBase(_BatchNorm):
         """Pool the batch over ``process_group``: set, initialized and with more than one rank."""
         return (self.process_group is not None and dist.is_available() and dist.is_initialized()
                 and dist.get_world_size(self.process_group) > 1)
+
+    def request_summary(self) -> SummaryRequest | None:
+        """What :func:`cbn.model_step.prepare_summaries` needs to summarize this layer's window
+        (call position 0) with other layers' before a converted model's forward, or ``None``
+        where the layer will compute its own (it will not pool, or its producer is not known to
+        be current)."""
+        self._prepared = None
+        if self.window == 1 or self._counter.count + 1 <= self.burnin:
+            return None
+        return self._window_state.positions[0].summary_request(self.compensate, self.differentiable_compensation)
+
+    def use_prepared_summary(self, prepared: PreparedSummary) -> None:
+        """Take the summary the model-level step computed; used at the first call of the forward
+        if that call's producer is the one it was computed for (else the layer computes its own)."""
+        self._prepared = prepared
 
     def window_statistics(self, position: int = 0) -> dict[str, Tensor]:
         """Stored past entries of a call position, newest first, raw and moved to the weights of

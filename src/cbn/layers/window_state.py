@@ -33,13 +33,44 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ..functional.differentiable_compensation import attach_to_producer, compensation_jacobians
+from typing import NamedTuple
+
+from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
 from ..functional.statistic_gradients import producer_groups, shift_weight, statistic_shifts_of_layers, weight_rows
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
 from ..functional.window import pool_window
 
-# Past entries and their statistic gradients kept per layer beyond which a call position is refused.
+# Calls of one norm without a backward through it beyond which a further call position is refused.
 MAX_POSITIONS = 32
+
+
+class SummaryRequest(NamedTuple):
+    """What summarizing a position's window with other layers' needs (:mod:`cbn.model_step`):
+    windows of one ``key`` (window, dtype, device, differentiable, compensating) are concatenated."""
+
+    key: tuple
+    stats: Tensor
+    operands: tuple | None  # (mean gradients, variance gradients, weight rows, bias) when compensating
+    recipe: object  # the producer call the operands' weight and bias belong to (None: naive)
+
+
+class PreparedSummary(NamedTuple):
+    """A summary computed with other layers' (a ``PastStatistics``, or a ``CompensationJacobian``
+    to attach at the call) and the producer call it is valid for."""
+
+    summary: object
+    recipe: object
+
+
+def same_call(recipe, computation) -> bool:
+    """Whether ``computation`` (this forward's producer call) is ``recipe`` (the call a summary was
+    prepared for): the same weight and bias tensors and settings, or both absent (naive)."""
+    if recipe is None or computation is None:
+        return recipe is None and computation is None
+    return (type(recipe) is type(computation) and recipe.weight is computation.weight
+            and recipe.bias is computation.bias
+            and dataclasses.replace(recipe, weight=None, bias=None) == dataclasses.replace(computation, weight=None,
+                                                                                             bias=None))
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -147,6 +178,29 @@ class PositionWindow:
             # Unattached: a recompute under autograd (reentrant checkpointing) attaches them.
             return jacobian.past._replace(attachment=(None, None, jacobian))
         return attach_to_producer(jacobian, weight, computation.bias)
+
+    def summary_request(self, compensate: bool, differentiable: bool) -> SummaryRequest | None:
+        """A :class:`SummaryRequest` for this position, or ``None`` if it cannot be prepared
+        ahead (compensating without gradients or without a current producer)."""
+        stats = self.stats
+        if not compensate:
+            return SummaryRequest((self.past, stats.dtype, stats.device, False, False), stats, None, None)
+        recipe = self.live_recipe()
+        if recipe is None or self.var_grad is None:
+            return None
+        operands = (self.mean_grad, self.var_grad, shift_weight(recipe, recipe.weight).detach(),
+                    None if recipe.bias is None else recipe.bias.detach())
+        return SummaryRequest((self.past, stats.dtype, stats.device, differentiable, True), stats, operands, recipe)
+
+    @staticmethod
+    def attach(summary, computation):
+        """A prepared summary for this forward: a ``CompensationJacobian`` attached to the
+        producer's weight and bias (unattached without autograd), a ``PastStatistics`` as is."""
+        if not isinstance(summary, CompensationJacobian):
+            return summary
+        if not torch.is_grad_enabled():
+            return summary.past._replace(attachment=(None, None, summary))
+        return attach_to_producer(summary, shift_weight(computation, computation.weight), computation.bias)
 
     def _shifts_at(self, computation, weight: Tensor) -> tuple[Tensor, Tensor]:
         operands = (self.mean_grad, self.var_grad, weight.detach(),
