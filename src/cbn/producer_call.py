@@ -238,13 +238,16 @@ def reading_would_recompute() -> bool:
 
 def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
     """A number that changes when a producer's weight or bias changes: their dot product with
-    a fixed pseudo-random vector (exact equality for unchanged values, in any layout)."""
-    total = 0.0
-    for tensor in (computation.weight, computation.bias):
-        if tensor is not None and tensor.numel():
-            flat = tensor.detach().reshape(-1)
-            total += float(torch.dot(flat, _probe(flat.numel(), flat.dtype, flat.device)))
-    return total
+    a fixed pseudo-random vector (exact equality for unchanged values, in any layout), read back
+    once per call."""
+    total = None
+    with torch.no_grad():
+        for tensor in (computation.weight, computation.bias):
+            if tensor is not None and tensor.numel():
+                flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
+                product = torch.dot(flat, _probe(flat.numel(), flat.dtype, flat.device))
+                total = product if total is None else total + product.to(total.dtype)
+    return 0.0 if total is None else float(total)
 
 
 _PROBES: dict[tuple, Tensor] = {}

@@ -36,7 +36,7 @@ from torch import Tensor
 from typing import NamedTuple
 
 from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
-from ..functional.statistic_gradients import producer_groups, shift_weight, statistic_shifts_of_layers, weight_rows
+from ..functional.statistic_gradients import LinearCall, producer_groups, shift_weight, statistic_shifts_of_layers
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
 from ..functional.window import pool_window
 
@@ -67,10 +67,14 @@ def same_call(recipe, computation) -> bool:
     prepared for): the same weight and bias tensors and settings, or both absent (naive)."""
     if recipe is None or computation is None:
         return recipe is None and computation is None
-    return (type(recipe) is type(computation) and recipe.weight is computation.weight
-            and recipe.bias is computation.bias
-            and dataclasses.replace(recipe, weight=None, bias=None) == dataclasses.replace(computation, weight=None,
-                                                                                             bias=None))
+    if type(recipe) is not type(computation) or recipe.weight is not computation.weight:
+        return False
+    if recipe.bias is not computation.bias:
+        return False
+    return isinstance(recipe, LinearCall) or (
+        (recipe.stride, recipe.padding, recipe.dilation, recipe.groups, recipe.transposed, recipe.output_padding)
+        == (computation.stride, computation.padding, computation.dilation, computation.groups,
+            computation.transposed, computation.output_padding))
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
@@ -138,7 +142,8 @@ class PositionWindow:
         computation = call.computation
         weight = computation.weight
         if call.trainable and (call.input is not None or call.input_deferred):
-            self.ensure_gradients(producer_groups(computation), weight_rows(computation, weight.detach()).shape[1])
+            # fan_in: the weights per output channel (a transposed convolution's rows included)
+            self.ensure_gradients(producer_groups(computation), weight.numel() // self.stats.shape[2])
         # A parameter stays current; an effective weight is kept as this call's values only.
         self.recipe_is_live = any(weight is p for p in call.parameters)
         self.recipe = computation if self.recipe_is_live else dataclasses.replace(computation, weight=weight.detach())
