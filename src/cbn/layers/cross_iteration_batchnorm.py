@@ -301,7 +301,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
         ticket = self._record(position, stats, samples, past, call, computation)
         if not grad_recorded or reading_would_recompute():  # a forward activation checkpointing may replay
             self._kept.keep(stats.batch_mean, past, ticket)
-        if grad_recorded and output.requires_grad:
+        if grad_recorded and output.requires_grad and collector_for(self) is None:
+            # (a converted model's step restarts the positions at each of its forwards instead)
             output.register_hook(state.restart_positions)
         return output
 
