@@ -56,15 +56,16 @@ def wrap_phases() -> Callable[[], None]:
     imported names; the core's source is not changed). Returns a function that undoes it."""
     from cbn.layers import cross_iteration_batchnorm as layer_module
     from cbn import model_step
-    from cbn.layers import window_record
+    from cbn.layers import window_record, window_state
 
     targets = [
         (model_step, "record_steps"),  # model hook: all layers' steps
         (window_record, "record_steps"),  # a layer's own step
         (layer_module._CrossIterationBatchNorm, "_pair"),
         (layer_module, "producer_fingerprint"),
-        (layer_module._CrossIterationBatchNorm, "_bind_producer"),
-        (layer_module._CrossIterationBatchNorm, "_summary"),
+        (window_state.PositionWindow, "bind"),
+        (window_state.PositionWindow, "summary"),
+        (model_step, "prepare_summaries"),  # model pre-hook: outside the norm forwards
         (layer_module._CrossIterationBatchNorm, "_record"),
         (layer_module, "cross_iteration_batch_norm"),
         (window_record, "_update_running_stats"),

@@ -10,7 +10,7 @@ def test_profile_reports_norm_ops_and_phases(tmp_path, capsys):
                  "--top", "1000", "--md", str(md)])
     assert md.read_text() == text
     assert "Norm layers: 21" in text
-    for name in ("record_steps", "cross_iteration_batch_norm", "_summary", "_pair", "convolution_backward"):
+    for name in ("record_steps", "cross_iteration_batch_norm", "prepare_summaries", "_pair", "convolution_backward"):
         assert name in text, name
     # The phase wrappers are removed afterwards: the core is left as it was.
     from cbn.layers import cross_iteration_batchnorm as layer_module
