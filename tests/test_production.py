@@ -147,7 +147,7 @@ def test_a_compiled_model_trains_with_its_norms_outside_the_graph_and_says_why_u
     from cbn.experiments.models import resnet8
 
     torch.manual_seed(0)
-    model = cbn.convert_model(resnet8(), window=3)
+    model = cbn.convert_model(resnet8(), window=3, burnin=1)  # compiled from step 0, across burn-in
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
