@@ -363,10 +363,99 @@ def run(args) -> int:
     return 0
 
 
-def summary(out: str = OUT, reference: str = "bn@16") -> dict:
+def summary(out: str = OUT, reference: str = "bn@16", default: str = "cbn-diff") -> dict:
+    """The dense study's summary of the records (``results.md``, ``summary.json``,
+    ``miou_vs_batch.png``) plus this study's own: every method against the default CBN at the same
+    batch (paired by seed), the convergence check of the large-batch reference (test mIoU gained
+    over the last quarter of its run) and the curves (``curves.png``), in ``finetune.md`` /
+    ``finetune.json``."""
     from cbn.experiments import dense_sweep
+    from cbn.experiments.significance import compare
 
-    return dense_sweep.summary(out, reference)
+    result = dense_sweep.summary(out, reference)
+    out_dir = Path(out)
+    records = [json.loads(p.read_text()) for p in sorted((out_dir / "runs").glob("*.json"))]
+    cells = {(c["method"], c["batch_size"]): c for c in result["cells"]}
+    labels, _ = dense_sweep._labels(out_dir)
+    lines = ["| batch | default CBN | against | default minus other (mIoU points) | default higher in | paired p (n) | Welch p |",
+             "|---|---|---|---|---|---|---|"]
+    rows = []
+    for batch in sorted({b for _, b in cells}, reverse=True):
+        mine = cells.get((default, batch))
+        if mine is None:
+            continue
+        for (method, b), other in sorted(cells.items()):
+            if b != batch or method == default:
+                continue
+            c = compare(mine["test_miou"], other["test_miou"])
+            pairs = [s for s in mine["test_miou"] if s in other["test_miou"]]
+            wins = sum(mine["test_miou"][s] > other["test_miou"][s] for s in pairs)
+            rows.append({"batch": batch, "against": method, "wins": wins, **c})
+            lines.append(f"| {batch} | {mine['mean']:.2f} | {labels.get(method, method)} ({other['mean']:.2f}) | "
+                         f"{c['diff']:+.2f} | {wins} of {len(pairs)} | {dense_sweep._p(c['paired_p'])} ({c['n_pairs']}) | "
+                         f"{dense_sweep._p(c['welch_p'])} |")
+        ref_method, _, ref_batch = reference.partition("@")
+        ref = cells.get((ref_method, int(ref_batch)))
+        if ref is not None and int(ref_batch) != batch:
+            c = compare(mine["test_miou"], ref["test_miou"])
+            rows.append({"batch": batch, "against": reference, **c})
+            lines.append(f"| {batch} | {mine['mean']:.2f} | {labels.get(ref_method, ref_method)} at batch {ref_batch} "
+                         f"({ref['mean']:.2f}) | {c['diff']:+.2f} | | {dense_sweep._p(c['paired_p'])} ({c['n_pairs']}) | "
+                         f"{dense_sweep._p(c['welch_p'])} |")
+    convergence = []
+    for r in records:
+        curve = r.get("curve") or []
+        if r["config"]["batch_size"] >= 16 and len(curve) >= 2 and not r["diverged"]:
+            total = r["protocol"]["total_steps"]
+            start = min(curve, key=lambda p: abs(p["step"] - 0.75 * total))
+            convergence.append({"run": r["name"], "from_step": start["step"], "to_step": curve[-1]["step"],
+                                "gain": curve[-1]["test_miou"] - start["test_miou"]})
+    conv_lines = [f"- {c['run']}: {c['gain']:+.2f} mIoU points from step {c['from_step']} to {c['to_step']}"
+                  f" ({'converged by the issue rule (< 0.5)' if c['gain'] < 0.5 else 'NOT converged by the issue rule (>= 0.5)'})"
+                  for c in convergence]
+    text = ("Every method against the default CBN (differentiable compensation) at the same batch, paired by seed:\n\n"
+            + "\n".join(lines) + "\n\nConvergence of the large-batch runs (test mIoU over the last quarter):\n\n"
+            + ("\n".join(conv_lines) or "- none recorded") + "\n")
+    (out_dir / "finetune.md").write_text(text)
+    (out_dir / "finetune.json").write_text(json.dumps({"against_default": rows, "convergence": convergence},
+                                                      indent=2, default=float) + "\n")
+    if records:
+        plot_curves(records, labels, out_dir / "curves.png")
+    result["against_default"] = text
+    return result
+
+
+def plot_curves(records: list, labels: dict, path: Path) -> None:
+    """Test mIoU against scenes seen, mean over seeds, one panel per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict = {}
+    for r in records:
+        if r["diverged"] or not r.get("curve"):
+            continue
+        groups.setdefault((r["config"]["batch_size"], r["config"]["method"]), []).append(r["curve"])
+    batches = sorted({b for b, _ in groups}, reverse=True)
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.6 * len(batches), 4.2), sharey=True, squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for (b, method), curves in sorted(groups.items()):
+            if b != batch:
+                continue
+            n = min(len(c) for c in curves)
+            xs = [curves[0][i]["images"] for i in range(n)]
+            ys = [sum(c[i]["test_miou"] for c in curves) / len(curves) for i in range(n)]
+            ax.plot(xs, ys, marker="o", label=f"{labels.get(method, method)} (n={len(curves)})")
+        ax.set_title(f"batch {batch}")
+        ax.set_xlabel("training scenes seen")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("test mIoU (%), mean over seeds")
+    fig.suptitle("Fine-tuning the BN-pretrained FCN encoder on composed scenes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return run(args)
-    print(summary(args.out, args.reference)["table"])
+    result = summary(args.out, args.reference)
+    print(result["table"] + "\n\n" + result["comparisons"] + "\n\n" + result["against_default"])
     return 0
 
 
