@@ -313,6 +313,7 @@ class Method:
     convert: dict = field(default_factory=dict)
     nproc: int = 1
     label: str = ""
+    init: str | None = None  # fine-tuning (cfg.pretrained): None all pretrained entries, "conv", "scratch"
 
 
 METHODS: dict[str, Method] = {
@@ -348,6 +349,10 @@ class SegConfig:
     scene_seed: int = 0
     photometric: float = 0.0  # per-scene contrast / background variation (vary_photometry)
     flip: bool = True
+    # fine-tuning (cbn.experiments.finetune): pretrained encoder weights, relative to the working
+    # directory, and what to load of them (None: every entry the model has; "conv"; "scratch")
+    pretrained: str | None = None
+    init: str | None = None
     # model
     arch: str = "unet"
     widths: tuple = (16, 32, 64)
@@ -382,7 +387,8 @@ class SegConfig:
     def with_method(self, name: str, method: Method | None = None) -> "SegConfig":
         """A copy set to method ``name`` (from :data:`METHODS` unless ``method`` is given)."""
         method = method or METHODS[name]
-        return replace(self, method=name, kind=method.kind, convert=dict(method.convert), nproc=method.nproc)
+        return replace(self, method=name, kind=method.kind, convert=dict(method.convert), nproc=method.nproc,
+                       init=method.init)
 
 
 def resolve_protocol(cfg: SegConfig) -> dict:
@@ -414,7 +420,12 @@ def resolve_protocol(cfg: SegConfig) -> dict:
 
 def build_segmentation_model(cfg: SegConfig, proto: dict, process_group=None) -> nn.Module:
     """The U-Net with every norm of the run's method (seeded by ``cfg.seed``: same conv weights
-    for every method)."""
+    for every method). With ``cfg.pretrained`` (or a kind of the fine-tuning study: frozen-bn,
+    mabn) the model comes from :func:`cbn.experiments.finetune.build_finetune_model`."""
+    if cfg.pretrained or cfg.kind in ("frozen-bn", "mabn"):
+        from cbn.experiments.finetune import build_finetune_model
+
+        return build_finetune_model(cfg, proto, process_group)
     torch.manual_seed(cfg.seed)
     if cfg.kind == "cbn":
         import cbn
@@ -596,6 +607,11 @@ def _worker(rank: int, cfg: SegConfig, rendezvous: str | None, result_path: str 
     if not is_main:
         return None
     record["steps"] = step
+    if getattr(model, "pretrained_info", None) is not None:
+        record["pretrained"] = model.pretrained_info
+    from cbn.experiments.finetune import environment
+
+    record["environment"] = environment(model)
     record["train_seconds"] = train_time
     record["step_ms"] = 1000.0 * train_time / max(1, step)
     nan = float("nan")
