@@ -42,6 +42,7 @@ from ..functional.window import pool_window
 
 # Calls of one norm without a backward through it beyond which a further call position is refused.
 MAX_POSITIONS = 32
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class SummaryRequest(NamedTuple):
@@ -75,7 +76,6 @@ def same_call(recipe, computation) -> bool:
         (recipe.stride, recipe.padding, recipe.dilation, recipe.groups, recipe.transposed, recipe.output_padding)
         == (computation.stride, computation.padding, computation.dilation, computation.groups,
             computation.transposed, computation.output_padding))
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 class PositionWindow:
@@ -87,8 +87,9 @@ class PositionWindow:
         self.var_grad: Tensor | None = None
         self.next_slot = 0
         self.signature: tuple | None = None
-        # The latest producer call whose weight and bias are parameters: what moves the entries
-        # at a call without autograd record (reentrant checkpointing, no_grad).
+        # The latest producer call: what moves the entries at a call without autograd record
+        # (reentrant checkpointing, no_grad) when its weight is a parameter, and what
+        # ``statistics`` moves them to.
         self.recipe = None
         self.recipe_is_live = False  # its weight is a parameter (current), not one call's values
 
