@@ -1,6 +1,6 @@
 """Fake (meta) implementations of cbn's C++ operators that write state in place.
 
-``torch.ops.cbn.write_entries`` and ``write_counters`` read and write host memory directly, so
+``torch.ops.cbn.write_entries`` reads and writes host memory directly, so
 under ``FakeTensorMode`` (``torch.compile``, ``torch.export``, ``torch.library.opcheck``) they
 cannot run: these functions say what they return without touching data. ``copy_into_slots`` needs
 none (its C++ body is ATen copies, which fake tensors run). The three CompositeImplicitAutograd
@@ -11,7 +11,7 @@ compiled graphs take cbn's traceable Python form instead (:func:`cbn.kernels.act
 
 Example::
 
-    >>> torch.library.opcheck(torch.ops.cbn.write_counters.default, (counters, [3, 4]))
+    >>> torch.library.opcheck(torch.ops.cbn.copy_into_slots.default, (windows, 0, [1], entries))
 """
 
 from __future__ import annotations
@@ -25,7 +25,3 @@ def _write_entries(batch_means, batch_vars, mean_shifts, var_shifts, samples, wi
     # One "entry was finite" flag per layer, on the host like the statistics it checks.
     return torch.empty(len(batch_means), dtype=torch.bool, device=batch_means[0].device)
 
-
-@torch.library.register_fake("cbn::write_counters")
-def _write_counters(counters, values):
-    return None

@@ -12,8 +12,8 @@ The C++ kernels run the per-step work from C++:
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;
-- ``torch.ops.cbn.write_entries``, ``copy_into_slots`` and ``write_counters``: the record of a
-  converted model's forward (window entries, gradient slots, counters, running statistics) on
+- ``torch.ops.cbn.write_entries`` and ``copy_into_slots``: the record of a converted model's
+  forward (window entries, gradient slots, running statistics) on
   the CPU (:mod:`cbn.layers.window_record`).
 
 Two are fused loops that sum in another order than the Python implementation, so they agree

@@ -149,21 +149,9 @@ Tensor write_entries(
   return finite;
 }
 
-// counters[i] (0-dim int64 buffers) = values[i].
-void write_counters(at::TensorList counters, at::IntArrayRef values) {
-  TORCH_CHECK(counters.size() == values.size(), "cbn.write_counters: one value per counter");
-  for (size_t i = 0; i < counters.size(); ++i) {
-    TORCH_CHECK(counters[i].is_cpu() && counters[i].scalar_type() == at::kLong && counters[i].numel() == 1,
-                "cbn.write_counters: counters are one-value int64 CPU tensors");
-    *counters[i].mutable_data_ptr<int64_t>() = values[i];
-  }
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("write_counters(Tensor(a!)[] counters, int[] values) -> ()");
-  m.impl("write_counters", c10::DispatchKey::CompositeExplicitAutograd, &write_counters);
   // The (a!) .. (d!) annotations declare the tensors written in place, so that functionalization
   // and torch.library.opcheck know of them.
   m.def("write_entries(Tensor[] batch_means, Tensor[] batch_vars, Tensor? mean_shifts, Tensor? var_shifts, "

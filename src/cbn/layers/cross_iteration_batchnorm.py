@@ -22,7 +22,7 @@ from .._step_context import collector_for
 from .input_rank import Input1d, Input2d, Input3d
 from .recompute import KeptForwards
 from .window_record import EntryTicket, StepRecord, fill_entry_gradients, record_steps
-from .window_state import CrossIterationWindow, PositionWindow, PreparedSummary, SummaryRequest, same_call
+from .window_state import CrossIterationWindow, PreparedSummary, SummaryRequest, same_call
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 

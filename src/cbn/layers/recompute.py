@@ -10,7 +10,6 @@ its batch mean, equal in the recompute to the original's (same input, same weigh
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from ..functional.window import PastStatistics

@@ -19,15 +19,13 @@ from torch import Tensor, nn
 from .. import kernels
 from .._cache import bounded_get
 from ..functional.normalization import PooledStatistics
+from ..functional.cross_process import all_reduce_statistic_gradients
 from ..functional.statistic_gradients import (
-    producer_statistic_gradients,
     producer_statistic_gradients_of_layers,
     shift_weight,
-    statistic_shifts,
     statistic_shifts_of_layers,
 )
-from ..functional.cross_process import all_reduce_statistic_gradients
-from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT
+from ..functional.window import MEAN_SHIFT, SAMPLES, VAR_SHIFT
 from .window_state import PositionWindow
 
 
@@ -223,25 +221,14 @@ def _gradient_operands(record: StepRecord) -> tuple | None:
     return computation, producer_input, output, record.stats.batch_mean
 
 
-def _shifts_then(record: StepRecord, gradients, zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """``(s_mu, s_var)`` of a new entry, the first-order terms at the weights of its step.
-
-    With gradients, the products with the weights the producer used. (For a producer
-    ``y = W u + b`` they equal ``(mean, 2 var)`` in exact arithmetic; the products are taken all
-    the same, so that a Taylor step at unchanged weights leaves the entry exactly as stored, in
-    float32 and under autocast, where the producer ran in half precision.) Without gradients:
-    ``(b, 0)``, the terms of zero gradients, so that only a change of the bias moves the entry.
-    """
-    if gradients is None:
-        return _shifts_without_gradients(record, zeros)
-    _, _, weight, bias = _entry_operands(record, gradients)
-    mean_shift, var_shift = statistic_shifts(gradients, weight, bias)
-    return mean_shift[0], var_shift[0]
-
-
 def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> tuple[Tensor, Tensor]:
-    """:func:`_shifts_then` of many records, concatenated: the products of all entries that
-    have gradients in one :func:`statistic_shifts_of_layers` call."""
+    """``(s_mu, s_var)`` of the new entries, the first-order terms at the weights of their step,
+    concatenated: the products of all entries that have gradients in one
+    :func:`statistic_shifts_of_layers` call. (For a producer ``y = W u + b`` they equal
+    ``(mean, 2 var)`` in exact arithmetic; the products are taken all the same, so that a Taylor
+    step at unchanged weights leaves the entry exactly as stored, in float32 and under autocast.)
+    Without gradients: ``(b, 0)``, the terms of zero gradients, so that only a change of the bias
+    moves the entry."""
     with_gradients = [i for i, g in enumerate(gradients) if g is not None]
     products = statistic_shifts_of_layers([_entry_operands(records[i], gradients[i]) for i in with_gradients])
     computed = dict(zip(with_gradients, zip(*products)))

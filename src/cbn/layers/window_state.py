@@ -321,16 +321,14 @@ class CrossIterationWindow:
         device = self.positions[0].stats.device
         self.positions = []
         for saved in state["positions"]:
-            position = self.position(len(self.positions)) if self.positions else None
-            if position is None:
-                self.positions.append(PositionWindow(self.num_features, self.window - 1, saved["stats"].dtype, device))
-                position = self.positions[0]
+            position = PositionWindow(self.num_features, self.window - 1, saved["stats"].dtype, device)
             position.stats = saved["stats"].to(device=device, copy=True)
             for name in ("mean_grad", "var_grad"):
                 tensor = saved[name]
                 setattr(position, name, None if tensor is None else tensor.to(device=device, copy=True))
             position.next_slot = saved["next_slot"]
             position.signature = saved["signature"]
+            self.positions.append(position)
         self.next_position = 0
 
     def __deepcopy__(self, memo):
