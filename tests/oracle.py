@@ -112,3 +112,41 @@ class DenseJacobianCBN:
             entry.update(dmu_db=jac_b[0], dnu_db=jac_b[1])
         self.history.insert(0, entry)
         del self.history[self.window - 1 :]
+
+
+def train_beside_oracle(producer: nn.Module, norm: nn.Module, oracle: DenseJacobianCBN, input_shape, steps: int,
+                        lr: float = 0.2, burnin: int = 0, on_step=None) -> None:
+    """Train ``Sequential(producer, norm)`` (converted) with SGD beside ``oracle``, asserting at every
+    step that the output and every gradient (producer, norm affine, input) equal the oracle's
+    (float64, ``atol=1e-9``). Inputs are drawn on the producer's device; ``on_step(step)`` runs
+    before each forward."""
+    import cbn
+
+    device = producer.weight.device
+    model = cbn.convert_model(nn.Sequential(producer, norm))
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.uniform_(-0.5, 0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for step in range(steps):
+        x = (torch.randn(input_shape, dtype=torch.float64) * 2 + 0.5).to(device).requires_grad_()
+        if on_step is not None:
+            on_step(step)
+        out = model(x)
+        projection = torch.randn_like(out)
+        (out * projection).sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+
+        x_oracle = x.detach().clone().requires_grad_()
+        gamma = norm.weight.detach().clone().requires_grad_()
+        beta = norm.bias.detach().clone().requires_grad_()
+        params = [producer.weight] + ([producer.bias] if producer.bias is not None else [])
+        expected, _, _ = oracle(x_oracle, gamma, beta, pool=step >= burnin)
+        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
+        expected_grads = torch.autograd.grad((expected * projection).sum(), params + [gamma, beta, x_oracle])
+        by_name = dict(zip([id(p) for p in params + [norm.weight, norm.bias]], expected_grads[:-1]))
+        for p, g in zip(model.parameters(), grads):
+            torch.testing.assert_close(g, by_name[id(p)], rtol=0, atol=1e-9)
+        torch.testing.assert_close(grads[-1], expected_grads[-1], rtol=0, atol=1e-9)
+        optimizer.step()
+        optimizer.zero_grad()

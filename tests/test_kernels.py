@@ -283,3 +283,28 @@ def test_a_failed_build_warns_once_and_uses_python(monkeypatch):
         past = PastStatistics(torch.zeros(3), torch.ones(3), torch.ones(3))
         out, _ = cross_iteration_batch_norm(torch.randn(2, 3, 4), past, None, None, 1e-5)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_window_weight_gradient_equals_the_exact_sum(groups, dtype):
+    # One pass over the window (C++) and the ATen products (Python) against the float64 sum
+    # sum_t a[c, t] G_mu[group(c), t] + b[c, t] G_var[c, t], within gamma_n sum |terms| (n = 2k).
+    from cbn.functional.differentiable_compensation import window_weight_gradient
+
+    generator = torch.Generator().manual_seed(0)
+    channels, entries, fan_in = 6, 3, 37
+    mean_grad = torch.randn(groups, entries, fan_in, generator=generator, dtype=dtype)
+    var_grad = torch.randn(channels, entries, fan_in, generator=generator, dtype=dtype)
+    a = torch.randn(channels, entries, generator=generator, dtype=dtype)
+    b = torch.randn(channels, entries, generator=generator, dtype=dtype)
+    a[:, 1] = b[:, 1] = 0  # an empty slot: skipped by the kernel, zero in the sum
+    patches = mean_grad.double().repeat_interleave(channels // groups, dim=0)
+    mean_terms, var_terms = a.double().unsqueeze(2) * patches, b.double().unsqueeze(2) * var_grad.double()
+    exact = (mean_terms + var_terms).sum(1)
+    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    bound = 2 * entries * unit / (1 - 2 * entries * unit) * (mean_terms.abs() + var_terms.abs()).sum(1)
+    fast, python = _both(lambda: window_weight_gradient(a, mean_grad, b, var_grad))
+    for out in (fast, python):
+        assert out.dtype == dtype and out.shape == (channels, fan_in)
+        assert ((out.double() - exact).abs() <= bound).all()

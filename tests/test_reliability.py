@@ -392,3 +392,54 @@ def test_no_producer_input_stays_alive_between_steps_in_training_nor_in_eval():
         model(x)
     del x
     assert dead() is None
+
+
+def _differentiable_model() -> nn.Module:
+    torch.manual_seed(0)
+    return cbn.convert_model(_block(), window=3)
+
+
+def _warm(model: nn.Module, steps: int = 4) -> None:
+    _train(model, _batches(steps, seed=3))
+
+
+def test_a_backward_reads_the_entries_its_forward_pooled_whatever_was_recorded_since():
+    # Differentiable compensation reads the window in backward. Two forwards of a converted model
+    # before one backward take call position 0 both, so the second one's records overwrite the
+    # slots the first one pooled; the first one's gradients must not change.
+    model = _differentiable_model()
+    _warm(model)
+    alone, overwritten = model, copy.deepcopy(model)
+    x, other = _batches(2, seed=5)
+    alone(x).square().mean().backward()
+    out = overwritten(x)
+    for _ in range(3):  # wraps the 2-slot ring
+        overwritten(other)
+    out.square().mean().backward()
+    for a, b in zip(alone.parameters(), overwritten.parameters()):
+        assert torch.equal(a.grad, b.grad)
+
+
+def test_two_backwards_of_one_forward_before_the_next_add_up():
+    model = _differentiable_model()
+    _warm(model)
+    together, apart = model, copy.deepcopy(model)
+    x = _batches(1, seed=6)[0]
+    out = together(x)
+    (out.square().mean() + out.abs().mean()).backward()
+    out = apart(x)
+    out.square().mean().backward(retain_graph=True)
+    out.abs().mean().backward()
+    for a, b in zip(together.parameters(), apart.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_a_second_backward_after_the_window_moved_on_is_refused_by_name():
+    model = _differentiable_model()
+    _warm(model)
+    x, later = _batches(2, seed=7)
+    out = model(x)
+    out.square().mean().backward(retain_graph=True)
+    model(later).square().mean().backward()
+    with pytest.raises(RuntimeError, match="retain_graph=True"):
+        out.square().mean().backward()

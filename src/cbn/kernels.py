@@ -12,6 +12,10 @@ The C++ kernels run the per-step work from C++:
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;
+- ``torch.ops.cbn.window_weight_gradient``: the producer's weight gradient of differentiable
+  compensation, one pass over a layer's window in the backward;
+- ``torch.ops.cbn.weight_fingerprint``: the number by which a layer sees its producer's weights
+  change (:func:`cbn.producer_call.producer_fingerprint`), one read of the weight;
 - ``torch.ops.cbn.write_entries`` and ``copy_into_slots``: the record of a converted model's
   forward (window entries, gradient slots, running statistics) on
   the CPU (:mod:`cbn.layers.window_record`).

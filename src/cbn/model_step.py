@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import _step_context
-from .functional.differentiable_compensation import compensation_jacobians
+from .functional.differentiable_compensation import compensation_coefficients
 from .functional.statistic_gradients import statistic_shifts_of_layers
 from .functional.window import PastStatistics, pool_window
 from .iterations import in_backward_recompute
@@ -33,7 +33,7 @@ def prepare_summaries(layers: list[CrossIterationBatchNormBase]) -> None:
     The past entries are constants of the step and the producers' weights are known before the
     forward (each layer's latest producer, a parameter). Concatenating the windows of all layers
     along channels turns the per-layer chain of small operations (Taylor step, clamp, masking,
-    pooling, the Jacobians of differentiable compensation) into one chain for the whole model;
+    pooling, the coefficients of differentiable compensation) into one chain for the whole model;
     only the products with each producer's weights remain per layer. A layer uses its summary at
     its first call of the forward if that call's producer is the one it was computed for.
     """
@@ -50,10 +50,10 @@ def prepare_summaries(layers: list[CrossIterationBatchNormBase]) -> None:
             operands = [request.operands for _, request in members]
             mean_now, var_now = statistic_shifts_of_layers(operands)
             if key[-2]:  # differentiable compensation: the layers attach the summaries at their call
-                jacobians = compensation_jacobians(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
-                                                   [operand[:2] for operand in operands])
-                for (layer, request), jacobian in zip(members, jacobians):
-                    layer.use_prepared_summary(PreparedSummary(jacobian, request.recipe))
+                terms = compensation_coefficients(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
+                                                  [layer.num_features for layer, _ in members])
+                for (layer, request), layer_terms in zip(members, terms):
+                    layer.use_prepared_summary(PreparedSummary(layer_terms, request.recipe))
                 continue
             past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
         else:

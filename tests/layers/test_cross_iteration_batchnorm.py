@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import cbn
-from oracle import DenseJacobianCBN
+from oracle import DenseJacobianCBN, train_beside_oracle
 
 CASES = {
     "conv2d_stride_pad_dilation_groups_bias": (
@@ -43,37 +43,18 @@ def _out_channels(producer):
                          ids=["cbn", "cbn-diff", "naive"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_dense_jacobian_oracle(case, compensate, differentiable):
-    make_producer, norm_class, input_shape = CASES[case]
-    producer = make_producer().double()
-    norm = norm_class(_out_channels(producer), window=4, compensate=compensate,
-                      differentiable_compensation=differentiable, dtype=torch.float64)
-    model = cbn.convert_model(nn.Sequential(producer, norm))
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5)
-        norm.bias.uniform_(-0.5, 0.5)
-    oracle = DenseJacobianCBN(producer, window=4, compensate=compensate, differentiable=differentiable)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
-    for _ in range(7):
-        x = (torch.randn(input_shape, dtype=torch.float64) * 2 + 0.5).requires_grad_()
-        projection = torch.randn(1, dtype=torch.float64)  # placeholder replaced below
-        out = model(x)
-        projection = torch.randn_like(out)
-        (out * projection).sum().backward()
-        grads = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
+    check_against_oracle(case, compensate, differentiable)
 
-        x_oracle = x.detach().clone().requires_grad_()
-        gamma = norm.weight.detach().clone().requires_grad_()
-        beta = norm.bias.detach().clone().requires_grad_()
-        params = [producer.weight] + ([producer.bias] if producer.bias is not None else [])
-        expected, _, _ = oracle(x_oracle, gamma, beta)
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-9)
-        expected_grads = torch.autograd.grad((expected * projection).sum(), params + [gamma, beta, x_oracle])
-        by_name = dict(zip([id(p) for p in params + [norm.weight, norm.bias]], expected_grads[:-1]))
-        for p, g in zip(model.parameters(), grads):
-            torch.testing.assert_close(g, by_name[id(p)], rtol=0, atol=1e-9)
-        torch.testing.assert_close(grads[-1], expected_grads[-1], rtol=0, atol=1e-9)
-        optimizer.step()
-        optimizer.zero_grad()
+
+def check_against_oracle(case, compensate, differentiable, device="cpu"):
+    """Seven training steps of producer + norm beside the float64 dense-Jacobian oracle: output and
+    every gradient equal at every step (``device``: where both run)."""
+    make_producer, norm_class, input_shape = CASES[case]
+    producer = make_producer().double().to(device)
+    norm = norm_class(_out_channels(producer), window=4, compensate=compensate,
+                      differentiable_compensation=differentiable, dtype=torch.float64, device=device)
+    oracle = DenseJacobianCBN(producer, window=4, compensate=compensate, differentiable=differentiable)
+    train_beside_oracle(producer, norm, oracle, input_shape, steps=7)
 
 
 def test_compensation_differs_from_naive_when_weights_move():

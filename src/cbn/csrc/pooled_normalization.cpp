@@ -16,10 +16,9 @@
 //
 // Where the past summary carries gradients (differentiable compensation), both forms also return
 //   dL/dc = (1 - 1/n) (A - 2 B (mu_bar - c)),   dL/d(P/n) = B,
-// with A = -gamma s G and B = -gamma s^2 H / 2 (past_summary_gradients of the Python form), and,
-// given the producer's weight and bias with the Jacobians of (c, P) (an "attachment",
-// cbn.functional.differentiable_compensation), the producer's gradients
-//   dL/dW = dL/dc dc/dW + dL/dP dP/dW,   dL/db = dL/dc dc/db + dL/dP dP/db,   dL/dP = dL/d(P/n) / n.
+// with A = -gamma s G and B = -gamma s^2 H / 2 (past_summary_gradients of the Python form); the
+// summary's own autograd function (cbn.functional.differentiable_compensation) turns them into
+// the producer's gradients.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -53,14 +52,6 @@ struct Saved {
   Tensor input, weight, mean, var, inv_entries, center;
   double eps;
   bool needs_input, needs_weight, needs_bias, needs_center, needs_share;
-  // The attachment: Jacobians of (c, P) in the producer's weight rows and bias.
-  Tensor center_rows, spread_rows, center_bias, spread_bias;
-  bool needs_producer_weight, needs_producer_bias;
-};
-
-// The producer's weight and bias with the Jacobians of the past summary, all present or none.
-struct Attachment {
-  std::optional<Tensor> weight, bias, center_rows, spread_rows, center_bias, spread_bias;
 };
 
 // Saves what the backward needs and returns the forward's outputs; the statistics carry no
@@ -69,25 +60,14 @@ variable_list finish_forward(AutogradContext* ctx, const Tensor& input, const st
                              const std::optional<Tensor>& bias, const Tensor& output, const Tensor& batch_mean,
                              const Tensor& batch_var, const Tensor& mean, const Tensor& var,
                              const Tensor& inv_entries, const Tensor& center, const Tensor& spread_share,
-                             double eps, const Attachment& attachment) {
+                             double eps) {
   ctx->saved_data["eps"] = eps;
   ctx->saved_data["needs_input"] = input.requires_grad();
   ctx->saved_data["needs_weight"] = weight.has_value() && weight->requires_grad();
   ctx->saved_data["needs_bias"] = bias.has_value() && bias->requires_grad();
   ctx->saved_data["needs_center"] = center.requires_grad();
   ctx->saved_data["needs_share"] = spread_share.requires_grad();
-  const bool attached = attachment.weight.has_value();
-  ctx->saved_data["needs_producer_weight"] = attached && attachment.weight->requires_grad();
-  ctx->saved_data["needs_producer_bias"] = attached && attachment.bias.has_value() && attachment.bias->requires_grad();
-  if (attached) {
-    ctx->saved_data["producer_weight_sizes"] = attachment.weight->sizes().vec();
-    ctx->saved_data["producer_weight_dtype"] = static_cast<int64_t>(attachment.weight->scalar_type());
-    ctx->saved_data["producer_bias_dtype"] = static_cast<int64_t>(
-        attachment.bias.has_value() ? attachment.bias->scalar_type() : attachment.weight->scalar_type());
-  }
-  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries, center,
-                          attachment.center_rows.value_or(Tensor()), attachment.spread_rows.value_or(Tensor()),
-                          attachment.center_bias.value_or(Tensor()), attachment.spread_bias.value_or(Tensor())});
+  ctx->save_for_backward({input, weight.value_or(Tensor()), mean, var, inv_entries, center});
   ctx->mark_non_differentiable({batch_mean, batch_var, mean, var});
   return {output, batch_mean, batch_var, mean, var};
 }
@@ -99,12 +79,11 @@ Saved read_context(AutogradContext* ctx) {
   return {saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], ctx->saved_data["eps"].toDouble(),
           ctx->saved_data["needs_input"].toBool(), ctx->saved_data["needs_weight"].toBool(),
           ctx->saved_data["needs_bias"].toBool(), ctx->saved_data["needs_center"].toBool(),
-          ctx->saved_data["needs_share"].toBool(), saved[6], saved[7], saved[8], saved[9],
-          ctx->saved_data["needs_producer_weight"].toBool(), ctx->saved_data["needs_producer_bias"].toBool()};
+          ctx->saved_data["needs_share"].toBool()};
 }
 
 bool needs_summary(const Saved& saved) {
-  return saved.needs_center || saved.needs_share || saved.needs_producer_weight || saved.needs_producer_bias;
+  return saved.needs_center || saved.needs_share;
 }
 
 // (dL/dc, dL/d(P/n)) of the past summary from the channel sums G = sum g, H = sum g x_hat.
@@ -118,40 +97,12 @@ std::pair<Tensor, Tensor> summary_gradients(const Saved& saved, const Tensor& su
   return {grad_center, grad_var};
 }
 
-// The backward's gradients of the past summary and of the producer from (dL/dc, dL/d(P/n)):
-// {dL/dc, dL/d(P/n), dL/dW, dL/db}, each undefined where not needed.
-std::array<Tensor, 4> attached_gradients(AutogradContext* ctx, const Saved& saved, const Tensor& grad_center,
-                                         const Tensor& grad_share) {
-  if (!needs_summary(saved)) {
-    return {Tensor(), Tensor(), Tensor(), Tensor()};
-  }
-  Tensor grad_producer_weight, grad_producer_bias;
-  if (saved.needs_producer_weight || saved.needs_producer_bias) {
-    const Tensor grad_spread = grad_share * saved.inv_entries;  // dL/dP, through P/n
-    if (saved.needs_producer_weight) {
-      grad_producer_weight = at::addcmul(saved.center_rows * grad_center.unsqueeze(1), saved.spread_rows,
-                                         grad_spread.unsqueeze(1))
-                                 .view(ctx->saved_data["producer_weight_sizes"].toIntVector())
-                                 .to(static_cast<at::ScalarType>(ctx->saved_data["producer_weight_dtype"].toInt()));
-    }
-    if (saved.needs_producer_bias) {
-      grad_producer_bias = at::addcmul(saved.center_bias * grad_center, saved.spread_bias, grad_spread)
-                               .to(static_cast<at::ScalarType>(ctx->saved_data["producer_bias_dtype"].toInt()));
-    }
-  }
-  return {saved.needs_center ? grad_center : Tensor(), saved.needs_share ? grad_share : Tensor(), grad_producer_weight,
-          grad_producer_bias};
-}
-
 struct PooledNormalization : public torch::autograd::Function<PooledNormalization> {
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
       const std::optional<Tensor>& bias,
       const Tensor& center, const Tensor& inv_entries, const Tensor& spread_share,
-      const Tensor& delta_weight, double eps, at::ScalarType stats_dtype, const std::optional<Tensor>& producer_weight,
-      const std::optional<Tensor>& producer_bias, const std::optional<Tensor>& center_rows,
-      const std::optional<Tensor>& spread_rows, const std::optional<Tensor>& center_bias,
-      const std::optional<Tensor>& spread_bias) {
+      const Tensor& delta_weight, double eps, at::ScalarType stats_dtype) {
     const Tensor stats_input = input.scalar_type() == stats_dtype ? input : input.to(stats_dtype);
     auto [batch_mean, batch_var] = at::batch_norm_update_stats(stats_input, std::nullopt, std::nullopt, 0.0);
     const Tensor delta = batch_mean - center;
@@ -160,29 +111,26 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
     Tensor output = std::get<0>(
         at::native_batch_norm(input, weight, bias, mean, var, false, 0.0, eps));
     return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, center,
-                          spread_share, eps,
-                          {producer_weight, producer_bias, center_rows, spread_rows, center_bias, spread_bias});
+                          spread_share, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved saved = read_context(ctx);
     const auto& [input, weight, mean, var, inv_entries, center, eps, needs_input, needs_weight, needs_bias,
-                 needs_center, needs_share, center_rows, spread_rows, center_bias, spread_bias, needs_producer_weight,
-                 needs_producer_bias] = saved;
+                 needs_center, needs_share] = saved;
     const Tensor grad_output = grads[0].contiguous(memory_format_of(input));
     auto [grad_input, sum_g_xhat, sum_g] = at::native_batch_norm_backward(
         grad_output, input, present(weight), mean, var, std::nullopt, std::nullopt, false, eps,
         {needs_input, true, true});
-    std::array<Tensor, 4> attached = {Tensor(), Tensor(), Tensor(), Tensor()};
+    Tensor grad_center, grad_share;
     if (needs_summary(saved)) {
-      const auto [summary_center, summary_share] = summary_gradients(saved, sum_g, sum_g_xhat);
-      attached = attached_gradients(ctx, saved, summary_center, summary_share);
+      std::tie(grad_center, grad_share) = summary_gradients(saved, sum_g, sum_g_xhat);
+      grad_center = needs_center ? grad_center : Tensor();
+      grad_share = needs_share ? grad_share : Tensor();
     }
-    const auto& [grad_center, grad_share, grad_producer_weight, grad_producer_bias] = attached;
     if (!needs_input) {
       return {Tensor(), needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
-              grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor(),
-              grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor(), Tensor()};
+              grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor()};
     }
     // gamma s g from the kernel above, then - gamma s (G + x_hat H) / (n m): BatchNorm's forward
     // of the input with scale -gamma s^2 H / (n m) and shift -gamma s G / (n m).
@@ -195,8 +143,7 @@ struct PooledNormalization : public torch::autograd::Function<PooledNormalizatio
         input, scale * invstd * sum_g_xhat, scale * sum_g, mean, at::ones_like(var), false, 0.0, 0.0));
     grad_input.add_(correction);
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
-            grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor(),
-            grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor(), Tensor()};
+            grad_center, Tensor(), grad_share, Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -252,10 +199,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
       const std::optional<Tensor>& bias, const Tensor& center, const Tensor& inv_entries,
-      const Tensor& spread_share, const Tensor& delta_weight, double eps, const std::optional<Tensor>& producer_weight,
-      const std::optional<Tensor>& producer_bias, const std::optional<Tensor>& center_rows,
-      const std::optional<Tensor>& spread_rows, const std::optional<Tensor>& center_bias,
-      const std::optional<Tensor>& spread_bias) {
+      const Tensor& spread_share, const Tensor& delta_weight, double eps) {
     const int64_t samples = input.size(0), channels = input.size(1);
     const int64_t spatial = input.numel() / (samples * channels);
     const double count = static_cast<double>(samples * spatial);
@@ -303,15 +247,13 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       });
     });
     return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, center,
-                          spread_share, eps,
-                          {producer_weight, producer_bias, center_rows, spread_rows, center_bias, spread_bias});
+                          spread_share, eps);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Saved saved = read_context(ctx);
     const auto& [input, weight, mean, var, inv_entries, center, eps, needs_input, needs_weight, needs_bias,
-                 needs_center, needs_share, center_rows, spread_rows, center_bias, spread_bias, needs_producer_weight,
-                 needs_producer_bias] = saved;
+                 needs_center, needs_share] = saved;
     const Tensor inv = per_channel(inv_entries, input.size(1), input.options());
     const Tensor grad_output = grads[0].contiguous();
     const int64_t samples = input.size(0), channels = input.size(1);
@@ -321,7 +263,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     Tensor grad_input = needs_input ? at::empty_like(input) : Tensor();
     Tensor sum_g_xhat = at::empty({channels}, options), sum_g = at::empty({channels}, options);
     const Tensor gamma = weight.defined() ? per_channel(weight, channels, options) : Tensor();
-    // dL/dc and dL/d(P/n), per channel in the loop below, where the past summary or the producer needs them.
+    // dL/dc and dL/d(P/n), per channel in the loop below, where the past summary needs them.
     const bool summary = needs_summary(saved);
     const Tensor centers = summary ? per_channel(center, channels, options) : Tensor();
     Tensor summary_center = summary ? at::empty({channels}, options) : Tensor();
@@ -370,32 +312,21 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
         }
       });
     });
-    const auto [grad_center, grad_share, grad_producer_weight, grad_producer_bias] =
-        attached_gradients(ctx, saved, summary_center, summary_share);
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
-            grad_center, Tensor(), grad_share, Tensor(), Tensor(),
-            grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor(), Tensor()};
+            needs_center ? summary_center : Tensor(), Tensor(), needs_share ? summary_share : Tensor(), Tensor(),
+            Tensor()};
   }
 };
 
 std::vector<Tensor> pooled_normalization(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const Tensor& center, const Tensor& inv_entries, const Tensor& spread_share,
-    const Tensor& delta_weight, double eps, at::ScalarType stats_dtype, const std::optional<Tensor>& producer_weight,
-    const std::optional<Tensor>& producer_bias, const std::optional<Tensor>& center_rows,
-    const std::optional<Tensor>& spread_rows, const std::optional<Tensor>& center_bias,
-    const std::optional<Tensor>& spread_bias) {
-  TORCH_CHECK(producer_weight.has_value() == (center_rows.has_value() && spread_rows.has_value() &&
-                                              center_bias.has_value() && spread_bias.has_value()),
-              "cbn::pooled_normalization: an attachment needs the producer's weight and all four Jacobians");
+    const Tensor& delta_weight, double eps, at::ScalarType stats_dtype) {
   if (takes_fused_form(input, stats_dtype)) {
-    return FusedPooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps,
-                                           producer_weight, producer_bias, center_rows, spread_rows, center_bias,
-                                           spread_bias);
+    return FusedPooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps);
   }
   return PooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight,
-                                    eps, stats_dtype, producer_weight, producer_bias, center_rows, spread_rows,
-                                    center_bias, spread_bias);
+                                    eps, stats_dtype);
 }
 
 }  // namespace
@@ -403,9 +334,7 @@ std::vector<Tensor> pooled_normalization(
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("pooled_normalization(Tensor input, Tensor? weight, Tensor? bias, Tensor center, "
         "Tensor inv_entries, Tensor spread_share, Tensor delta_weight, float eps, "
-        "ScalarType stats_dtype, Tensor? producer_weight=None, Tensor? producer_bias=None, "
-        "Tensor? center_rows=None, Tensor? spread_rows=None, Tensor? center_bias=None, "
-        "Tensor? spread_bias=None) -> Tensor[]");
+        "ScalarType stats_dtype) -> Tensor[]");
   m.impl("pooled_normalization", c10::DispatchKey::CompositeImplicitAutograd, &pooled_normalization);
 }
 

@@ -28,11 +28,11 @@ gives (``normalization.past_summary_gradients``)::
     dL/dW[c] = sum_tau (g_c w + g_P p)[tau] G_mu[tau] + g_P V[c],      V[c] = sum_tau q[tau] G_var[tau, c]
     dL/db[c] = sum_tau (g_c w + g_P p)[tau]
 
-One pass over the window, made before the forward (:func:`compensation_jacobians`, with the
-per-channel work of all layers of a model in one chain): it forms the Jacobian rows ``dc/dW`` and
-``dP/dW`` (two weight-sized tensors per layer), so that the backward reads none of the window's
-buffers, which the step's record overwrites before the backward runs. The backward is then two
-products per layer (:func:`attach_to_producer`).
+The per-channel work (``w``, ``p``, ``q``) is done in the forward, for all layers of a model in
+one chain (:func:`compensation_coefficients`); the weight-sized work is one pass over the window
+in the backward (:func:`window_weight_gradient`, a C++ kernel on the CPU), reading the statistic
+gradients the forward's summary was computed from (:class:`WindowGradients`: the window's own
+tensors, and private copies of slots the window overwrote before this backward ran).
 """
 
 from __future__ import annotations
@@ -43,53 +43,78 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .window import PastStatistics, move_to_current_weights, pool_past
+from .. import kernels
+from .window import PastStatistics, move_to_current_weights, pool_past, with_pooling_weights
 
 # Rows of a window's statistics tensor (as in ``window.pool_window``).
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 
 
-class CompensationJacobian(NamedTuple):
-    """A window's summary and its derivatives with respect to the producer's weight rows and bias.
+class WindowGradients:
+    """The statistic gradients a differentiable summary was computed from, as its backward reads them.
 
-    ``past`` holds the values of :func:`cbn.functional.window.pool_window` (no gradients);
-    ``center_rows`` ``= dc/dW`` and ``spread_rows`` ``= dP/dW`` have shape ``(C, fan_in)``,
-    ``center_bias`` ``= dc/db`` and ``spread_bias`` ``= dP/db`` shape ``(C,)``.
+    ``mean`` ``(groups, k, fan_in)`` and ``var`` ``(C, k, fan_in)`` are the window's own tensors, not
+    copies: the backward reads them in one pass. The window (:mod:`cbn.layers.window_state`) owns
+    them and writes their slots; before it overwrites a slot while this summary waits for its
+    backward, it calls :meth:`keep`, and the backward reads the copy instead. After the backward
+    the window may write freely; it :meth:`release`\\ s the summary, and a second backward through
+    it (``retain_graph=True`` across a later forward) is refused rather than read other entries.
     """
 
+    def __init__(self, mean: Tensor, var: Tensor) -> None:
+        self.mean, self.var = mean, var
+        self.copies: dict[int, tuple[Tensor, Tensor]] = {}
+        self.used = False  # a backward has read it
+        self.released = False
+
+    def keep(self, slots) -> None:
+        """Copy the slots ``slots`` before the window overwrites them (once per slot)."""
+        for slot in slots:
+            if slot not in self.copies:
+                self.copies[slot] = (self.mean[:, slot].clone(), self.var[:, slot].clone())
+
+    def release(self) -> None:
+        self.released = True
+
+
+class CompensationTerms(NamedTuple):
+    """A window's summary and the per-entry coefficients of its derivatives in the producer's
+    weight rows and bias (module doc), all ``(k, C)``: ``center_weights`` ``w``, ``spread_weights``
+    ``p``, ``unclamped`` ``q`` (1 where the variance clamp is inactive). ``gradients``: the statistic
+    gradients they multiply (:class:`WindowGradients`), given by the window at the call."""
+
     past: PastStatistics
-    center_rows: Tensor
-    spread_rows: Tensor
-    center_bias: Tensor
-    spread_bias: Tensor
+    center_weights: Tensor
+    spread_weights: Tensor
+    unclamped: Tensor
+    gradients: WindowGradients | None = None
 
 
 @torch.no_grad()
-def compensation_jacobians(
-    stats: Tensor, mean_shift_now: Tensor, var_shift_now: Tensor, gradients: list[tuple[Tensor, Tensor]]
-) -> list[CompensationJacobian]:
-    """Summaries of moved windows and their Jacobians, for one layer or several at once.
+def compensation_coefficients(
+    stats: Tensor, mean_shift_now: Tensor, var_shift_now: Tensor, sizes: list[int]
+) -> list[CompensationTerms]:
+    """Summaries of moved windows and the coefficients of their derivatives, for one layer or
+    several at once (the per-channel work of all layers in one chain).
 
     Args:
         stats: ``(k, 5, C)`` window (rows ``mean, var, mean_shift, var_shift, samples``); the
             windows of several layers concatenated along ``C``.
         mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at the current weights
             (:func:`cbn.functional.statistic_shifts`), concatenated likewise.
-        gradients: per layer, its window's statistic gradients ``(mean_grad, var_grad)``,
-            ``(groups, k, fan_in)`` and ``(C_l, k, fan_in)``, in the order of the concatenation.
+        sizes: the channels of each layer, in the order of the concatenation.
 
     Returns:
-        One :class:`CompensationJacobian` per layer. The per-channel work is done once for the
-        concatenation; only the Jacobian rows (one pass over a layer's window) are per layer.
+        One :class:`CompensationTerms` per layer (without gradients).
 
     Example::
 
         >>> stats = torch.zeros(2, 5, 4); stats[:, 4] = 18.0  # two valid entries
         >>> mean_grad, var_grad = torch.randn(1, 2, 27), torch.randn(4, 2, 27)
         >>> shifts = statistic_shifts(StatisticGradients(mean_grad, var_grad), torch.randn(4, 27), None)
-        >>> (jacobian,) = compensation_jacobians(stats, *shifts, [(mean_grad, var_grad)])
-        >>> jacobian.spread_rows.shape
-        torch.Size([4, 27])
+        >>> (terms,) = compensation_coefficients(stats, *shifts, [4])
+        >>> terms.unclamped.shape
+        torch.Size([2, 4])
     """
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     moved_mean, moved_var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
@@ -98,87 +123,107 @@ def compensation_jacobians(
     delta = mean_shift_now - mean_shift
     # The clamp's gradient is zero where it acts (var' = 0 after the clamp; at exactly zero
     # either side is a valid subgradient).
-    kept = valid * (moved_var > 0).to(mean.dtype)  # q
-    center_weight = valid / past.count.clamp_min(1)  # w
-    spread_weight = 2 * (valid * (moved_mean - past.center) - kept * delta)  # p
-    # (2, C, k): the coefficients of the mean patches, a layer's rows contiguous in the last dim.
-    coefficients = torch.stack((center_weight, spread_weight)).transpose(1, 2).contiguous()
-    # d mu'/db = 1: the bias derivatives sum the per-entry coefficients (as a product in a
-    # compiled graph: see attach_to_producer).
-    if torch.compiler.is_compiling():
-        bias_sums = torch.matmul(coefficients, coefficients.new_ones(coefficients.shape[2], 1))[..., 0]
-    else:
-        bias_sums = coefficients.sum(2)
-    sizes = [var_grad.shape[0] for _, var_grad in gradients]
-    parts = zip(
+    unclamped = valid * (moved_var > 0).to(mean.dtype)  # q
+    center_weights = valid / past.count.clamp_min(1)  # w
+    spread_weights = 2 * (valid * (moved_mean - past.center) - unclamped * delta)  # p
+    pieces = zip(
         zip(*(t.split(sizes) if t is not None else [None] * len(sizes) for t in past)),
-        coefficients.split(sizes, dim=1), kept.unsqueeze(2).split(sizes, dim=1), bias_sums.split(sizes, dim=1),
-        gradients,
+        center_weights.split(sizes, dim=1), spread_weights.split(sizes, dim=1), unclamped.split(sizes, dim=1),
     )
-    jacobians = []
-    for layer_past, layer_coefficients, layer_kept, (center_bias, spread_bias), (mean_grad, var_grad) in parts:
-        center_rows, spread_rows = _jacobian_rows(mean_grad, var_grad, layer_coefficients, layer_kept)
-        jacobians.append(CompensationJacobian(PastStatistics(*layer_past), center_rows, spread_rows,
-                                              center_bias, spread_bias))
-    return jacobians
+    return [CompensationTerms(PastStatistics(*layer_past), w, p, q) for layer_past, w, p, q in pieces]
 
 
-def _jacobian_rows(mean_grad: Tensor, var_grad: Tensor, coefficients: Tensor, kept: Tensor) -> tuple[Tensor, Tensor]:
-    """``(dc/dW, dP/dW)``, each ``(C, fan_in)``: ``sum_tau w G_mu`` and ``sum_tau p G_mu + q G_var``
-    (module doc), one pass over the window. ``coefficients``: ``(2, C, k)``, ``w`` and ``p``;
-    ``kept``: ``(k, C, 1)``, ``q``."""
-    groups, entries, fan_in = mean_grad.shape
-    channels = coefficients.shape[1]
-    # Contiguous whether the layer was prepared alone or with others: the same product, bit for bit.
-    coefficients = coefficients.contiguous()
+def window_weight_gradient(
+    mean_coefficients: Tensor, mean_gradients: Tensor, var_coefficients: Tensor, var_gradients: Tensor
+) -> Tensor:
+    """``out[c] = sum_t a[c, t] G_mu[group(c), t] + b[c, t] G_var[c, t]``: one pass over a window.
+
+    Args:
+        mean_coefficients, var_coefficients: ``a`` and ``b``, ``(C, k)``.
+        mean_gradients: ``G_mu``, ``(groups, k, fan_in)``; var_gradients: ``G_var``, ``(C, k, fan_in)``.
+
+    Returns:
+        ``(C, fan_in)`` in the dtype of ``var_gradients``: the C++ kernel
+        ``cbn::window_weight_gradient`` where :mod:`cbn.kernels` is active, else ATen products.
+    """
+    if kernels.active():
+        return torch.ops.cbn.window_weight_gradient(mean_coefficients, mean_gradients, var_coefficients, var_gradients)
+    groups, entries, fan_in = mean_gradients.shape
+    channels = var_gradients.shape[0]
+    mean_coefficients = mean_coefficients.to(var_gradients.dtype)
+    var_coefficients = var_coefficients.to(var_gradients.dtype)
     if groups == 1:
-        rows = torch.matmul(coefficients, mean_grad[0])
+        out = torch.mm(mean_coefficients, mean_gradients[0])
     else:
-        per_group = coefficients.reshape(2, groups, channels // groups, entries).transpose(0, 1)
-        rows = torch.bmm(per_group.reshape(groups, -1, entries), mean_grad)
-        rows = rows.reshape(groups, 2, channels // groups, fan_in).transpose(0, 1).reshape(2, channels, fan_in)
-    center_rows, spread_rows = rows.unbind(0)
-    if torch.compiler.is_compiling():
-        # A matrix product: see attach_to_producer.
-        return center_rows, spread_rows + torch.bmm(kept.permute(1, 2, 0), var_grad).squeeze(1)
-    # + sum_tau q[tau, c] G_var[tau, c], without a window-sized temporary (faster than a
-    # batched product on CPU).
-    for slot, weight in zip(var_grad.unbind(1), kept.unbind(0)):
-        spread_rows.addcmul_(slot, weight)
-    return center_rows, spread_rows
+        out = torch.bmm(mean_coefficients.reshape(groups, channels // groups, entries), mean_gradients)
+        out = out.reshape(channels, fan_in)
+    if var_gradients.device.type != "cpu":
+        return torch.baddbmm(out.unsqueeze(1), var_coefficients.unsqueeze(1), var_gradients).squeeze(1)
+    # On the CPU, without a window-sized temporary (a batched product of k values per row is slower).
+    for slot, weight in zip(var_gradients.unbind(1), var_coefficients.unbind(1)):
+        out.addcmul_(slot, weight.unsqueeze(1))
+    return out
 
 
 def producer_gradients(
-    jacobian: CompensationJacobian, grad_center: Tensor, grad_share: Tensor, inv_entries: Tensor,
+    terms: CompensationTerms, grad_center: Tensor, grad_share: Tensor, inv_entries: Tensor,
     weight: Tensor, bias: Tensor | None, needs_weight: bool = True, needs_bias: bool = True,
 ) -> tuple[Tensor | None, Tensor | None]:
     """``(dL/dW, dL/db)`` of the producer from ``dL/dc`` and ``dL/d(P/n)`` (``(C,)`` each)::
 
-        dL/dW = dL/dc dc/dW + dL/dP dP/dW,   dL/db = dL/dc dc/db + dL/dP dP/db,   dL/dP = dL/d(P/n) / n
+        dL/dW[c] = sum_tau (g_c w + g_P p)[tau] G_mu[tau] + sum_tau (g_P q)[tau, c] G_var[tau, c]
+        dL/db[c] = sum_tau (g_c w + g_P p)[tau],        g_P = dL/dP = dL/d(P/n) / n
 
     ``weight``, ``bias``: the producer's (for the shape and dtype of their gradients).
     """
+    gradients = terms.gradients
+    if gradients.released:
+        raise RuntimeError(
+            "cbn: a second backward through a Cross-Iteration BatchNorm forward after a later training "
+            "forward of the same layer (retain_graph=True): differentiable compensation reads the window "
+            "in backward, and the window has moved on. Run every backward of a forward before the next "
+            "training forward, or use differentiable_compensation=False."
+        )
+    gradients.used = True
     grad_spread = grad_share * inv_entries
+    mean_coefficients = terms.center_weights * grad_center + terms.spread_weights * grad_spread  # (k, C)
     grad_weight = grad_bias = None
     if needs_weight:
-        rows = torch.addcmul(jacobian.center_rows * grad_center.unsqueeze(1), jacobian.spread_rows,
-                             grad_spread.unsqueeze(1))
+        var_coefficients = terms.unclamped * grad_spread
+        rows = _weight_gradient(gradients, mean_coefficients.t().contiguous(), var_coefficients.t().contiguous())
         grad_weight = rows.view(weight.shape)
         if grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
     if needs_bias and bias is not None:
-        grad_bias = torch.addcmul(jacobian.center_bias * grad_center, jacobian.spread_bias, grad_spread)
+        grad_bias = mean_coefficients.sum(0)
         if grad_bias.dtype != bias.dtype:
             grad_bias = grad_bias.to(bias.dtype)
     return grad_weight, grad_bias
 
 
+def _weight_gradient(gradients: WindowGradients, mean_coefficients: Tensor, var_coefficients: Tensor) -> Tensor:
+    """:func:`window_weight_gradient` over the window, with the slots the window overwrote since
+    the forward read from their copies."""
+    if not gradients.copies:
+        return window_weight_gradient(mean_coefficients, gradients.mean, var_coefficients, gradients.var)
+    slots = sorted(gradients.copies)
+    in_window_mean, in_window_var = mean_coefficients.clone(), var_coefficients.clone()
+    in_window_mean[:, slots] = 0
+    in_window_var[:, slots] = 0
+    out = window_weight_gradient(in_window_mean, gradients.mean, in_window_var, gradients.var)
+    for slot in slots:
+        copied_mean, copied_var = gradients.copies[slot]
+        out += window_weight_gradient(mean_coefficients[:, slot:slot + 1], copied_mean.unsqueeze(1),
+                                      var_coefficients[:, slot:slot + 1], copied_var.unsqueeze(1))
+    return out
+
+
 class _AttachedPast(torch.autograd.Function):
-    """``(c, P/n)`` as functions of the producer's weight and bias, with Jacobians given."""
+    """``(c, P/n)`` as functions of the producer's weight and bias (gradients by :func:`producer_gradients`)."""
 
     @staticmethod
-    def forward(ctx, weight, bias, center, spread_share, inv_entries, jacobian):
-        ctx.jacobian, ctx.weight, ctx.bias = jacobian, weight.detach(), None if bias is None else bias.detach()
+    def forward(ctx, weight, bias, center, spread_share, inv_entries, terms):
+        ctx.terms, ctx.weight, ctx.bias = terms, weight.detach(), None if bias is None else bias.detach()
         ctx.save_for_backward(inv_entries)
         return center.clone(), spread_share.clone()
 
@@ -186,68 +231,38 @@ class _AttachedPast(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_center, grad_share):
         (inv_entries,) = ctx.saved_tensors
-        zeros = torch.zeros_like(ctx.jacobian.center_bias)
+        zeros = torch.zeros_like(inv_entries.expand(ctx.terms.unclamped.shape[1:]))
         grads = producer_gradients(
-            ctx.jacobian, zeros if grad_center is None else grad_center, zeros if grad_share is None else grad_share,
+            ctx.terms, zeros if grad_center is None else grad_center, zeros if grad_share is None else grad_share,
             inv_entries, ctx.weight, ctx.bias, *ctx.needs_input_grad[:2],
         )
         return *grads, None, None, None, None
 
 
-def attach_to_producer(jacobian: CompensationJacobian, weight: Tensor, bias: Tensor | None) -> PastStatistics:
-    """``jacobian.past`` as a function of the producer's ``weight`` and ``bias``.
+def attach_to_producer(terms: CompensationTerms, weight: Tensor, bias: Tensor | None) -> PastStatistics:
+    """``terms.past`` as a function of the producer's ``weight`` and ``bias``.
 
     Args:
-        jacobian: from :func:`compensation_jacobians`, at these weights.
+        terms: from :func:`compensation_coefficients` at these weights, with its ``gradients``.
         weight: the producer's weight as :func:`cbn.functional.statistic_gradients.shift_weight`
             gives it (``C`` rows of ``fan_in`` up to a reshape), carrying gradients.
         bias: the producer's bias, or ``None``.
 
     Returns:
-        Eagerly, the summary with ``attachment = (weight, bias, jacobian)``: the normalization
-        (:func:`cbn.functional.cross_iteration_batch_norm`, C++ kernel or Python) turns its
-        ``dL/dc`` and ``dL/d(P/n)`` into the producer's gradients in its own backward (no extra
-        autograd node); :func:`apply_attachment` makes ``center`` and ``spread_share`` carry them
-        for any other consumer (:func:`cbn.functional.normalization.pooled_normalization` calls it).
-
-        In a compiled graph, ``center``, ``spread`` and ``spread_share`` with terms whose value is zero::
-
-            c = c_0 + sum_f (dc/dW)[c, f] (W - sg(W))[c, f] + (dc/db)[c] (b - sg(b))
-
-        (``sg``: stop-gradient), and likewise ``P``, from which autograd derives the same gradients.
-        Why not the attachment there: the compiler places computations that only the backward
-        needs in the backward graph, where they would read the window's buffers after the step's
-        record has overwritten them (the graph keeps no copy of a mutated input). Here the
-        Jacobians are needed by the forward, and come out of matrix products, which the
-        compiler's partitioner never recomputes in the backward: they are computed in the
-        forward and saved.
+        The summary with ``attachment = (weight, bias, terms)``; the normalization
+        (:func:`cbn.functional.cross_iteration_batch_norm`, :func:`pooled_normalization`) makes
+        ``center`` and ``spread_share`` carry the producer's gradients (:func:`apply_attachment`).
     """
-    past = jacobian.past
-    if past.inv_entries is None:
-        from .window import with_pooling_weights
-
-        past = with_pooling_weights(past)
-    if torch.compiler.is_compiling():
-        channels = jacobian.center_rows.shape[0]
-        weight_step = (weight - weight.detach()).reshape(channels, -1).to(jacobian.center_rows.dtype)
-        center = past.center + (jacobian.center_rows * weight_step).sum(1)
-        spread = past.spread + (jacobian.spread_rows * weight_step).sum(1)
-        if bias is not None:
-            bias_step = (bias - bias.detach()).to(jacobian.center_rows.dtype)
-            center = center + jacobian.center_bias * bias_step
-            spread = spread + jacobian.spread_bias * bias_step
-        return past._replace(center=center, spread=spread, spread_share=spread * past.inv_entries)
-    return past._replace(attachment=(weight, bias, jacobian))
+    return with_pooling_weights(terms.past)._replace(attachment=(weight, bias, terms))
 
 
 def apply_attachment(past: PastStatistics) -> PastStatistics:
     """``past`` with its attachment turned into gradients of ``center`` and ``spread_share`` (a small
-    autograd function), for consumers that pool it with plain autograd operations."""
+    autograd function whose backward is one pass over the window)."""
     if past.attachment is None or past.attachment[0] is None:  # (unattached: values only)
         return past._replace(attachment=None)
-    weight, bias, jacobian = past.attachment
-    center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries,
-                                               jacobian)
+    weight, bias, terms = past.attachment
+    center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries, terms)
     return past._replace(center=center, spread_share=spread_share, attachment=None)
 
 
@@ -261,11 +276,12 @@ def differentiable_past(
     var_shift_now: Tensor,
 ) -> PastStatistics:
     """The summary of one layer's window moved to the current weights, differentiable in
-    ``weight`` and ``bias``: :func:`compensation_jacobians` then :func:`attach_to_producer`.
+    ``weight`` and ``bias``: :func:`compensation_coefficients` then :func:`attach_to_producer`.
 
     Args:
         stats: ``(k, 5, C)`` window (rows ``mean, var, mean_shift, var_shift, samples``).
-        mean_grad, var_grad: its statistic gradients, ``(groups, k, fan_in)`` and ``(C, k, fan_in)``.
+        mean_grad, var_grad: its statistic gradients, ``(groups, k, fan_in)`` and ``(C, k, fan_in)``,
+            read by the backward (not modified in between).
         weight: the producer's weight as :func:`cbn.functional.statistic_gradients.shift_weight`
             gives it, carrying gradients; ``bias``: its bias, or ``None``.
         mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at ``weight``, ``bias``
@@ -286,5 +302,5 @@ def differentiable_past(
         >>> out, _ = cross_iteration_batch_norm(torch.randn(2, 4, 5, 5), past, None, None, 1e-5)
         >>> out.square().sum().backward()  # conv.weight.grad: through the past summary
     """
-    (jacobian,) = compensation_jacobians(stats, mean_shift_now, var_shift_now, [(mean_grad, var_grad)])
-    return attach_to_producer(jacobian, weight, bias)
+    (terms,) = compensation_coefficients(stats, mean_shift_now, var_shift_now, [stats.shape[2]])
+    return attach_to_producer(terms._replace(gradients=WindowGradients(mean_grad, var_grad)), weight, bias)

@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from .._cache import bounded_get
-from .differentiable_compensation import apply_attachment, producer_gradients
+from .differentiable_compensation import apply_attachment
 from .window import PastStatistics, with_pooling_weights
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -101,14 +101,10 @@ class CrossIterationNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, center, spread_share, past, eps, stats_dtype,
-                producer_weight=None, producer_bias=None, jacobian=None):
+    def forward(ctx, input, weight, bias, center, spread_share, past, eps, stats_dtype):
         # ``center`` and ``spread_share`` are ``past``'s own, passed apart so that autograd sees
-        # them when they carry gradients; ``None`` without a past. ``producer_weight``,
-        # ``producer_bias``, ``jacobian``: ``past``'s attachment (differentiable compensation).
+        # them when they carry gradients (differentiable compensation); ``None`` without a past.
         ctx.eps = eps
-        ctx.attachment = (producer_weight.detach(), None if producer_bias is None else producer_bias.detach(),
-                          jacobian) if jacobian is not None else None
         if past is None and input.dtype == stats_dtype:
             output, batch_mean, invstd = torch.native_batch_norm(input, weight, bias, None, None, True, 0.0, eps)
             batch_var = invstd.pow(-2).sub_(eps)
@@ -146,8 +142,7 @@ class CrossIterationNorm(torch.autograd.Function):
     @once_differentiable
     def _backward(ctx, grad_output):
         needs_input, needs_weight, needs_bias, needs_center, needs_share = ctx.needs_input_grad[:5]
-        needs_producer_weight, needs_producer_bias = ctx.needs_input_grad[8:10]
-        needs_summary = needs_center or needs_share or needs_producer_weight or needs_producer_bias
+        needs_summary = needs_center or needs_share
         saved = ctx.saved_tensors
         input = saved[0]
         grad_output = grad_output.contiguous(memory_format=_memory_format(input))
@@ -157,23 +152,17 @@ class CrossIterationNorm(torch.autograd.Function):
                 grad_output, input, weight, None, None, batch_mean, invstd, True, ctx.eps,
                 [needs_input, needs_weight, needs_bias],
             )
-            return (*grads, None, None, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None)
         input, weight, mean, var, inv_entries, center = saved
         needs_sums = needs_input or needs_summary
         grad_input, sum_g_xhat, sum_g = torch.ops.aten.native_batch_norm_backward(
             grad_output, input, weight, mean, var, None, None, False, ctx.eps,
             [needs_input, needs_weight or needs_sums, needs_bias or needs_sums],
         )
-        grad_center = grad_share = grad_producer_weight = grad_producer_bias = None
+        grad_center = grad_share = None
         if needs_summary:
             grad_center, grad_share = past_summary_gradients(
                 sum_g, sum_g_xhat, weight, mean, var, inv_entries, center, ctx.eps
-            )
-        if needs_producer_weight or needs_producer_bias:
-            producer_weight, producer_bias, jacobian = ctx.attachment
-            grad_producer_weight, grad_producer_bias = producer_gradients(
-                jacobian, grad_center, grad_share, inv_entries, producer_weight, producer_bias,
-                needs_producer_weight, needs_producer_bias,
             )
         if needs_input:
             # gamma s g from the kernel above, then - gamma s (G + x_hat H) / (n m), which is
@@ -194,7 +183,6 @@ class CrossIterationNorm(torch.autograd.Function):
             grad_center if needs_center else None,
             grad_share if needs_share else None,
             None, None, None,
-            grad_producer_weight, grad_producer_bias, None,
         )
 
 
@@ -262,7 +250,7 @@ def cross_iteration_batch_norm(
             gives BatchNorm. Where its ``center`` and ``spread_share`` carry gradients, the
             backward gives them theirs; where it has an ``attachment`` (differentiable
             compensation, :func:`cbn.functional.differentiable_compensation.attach_to_producer`),
-            the backward gives the producer's weight and bias theirs.
+            they are made to carry the producer's (:func:`apply_attachment`).
         weight, bias: optional affine parameters ``(C,)``.
         eps: added to the pooled variance inside the square root.
         stats_dtype: dtype of the statistics (float32 or wider).
@@ -289,22 +277,15 @@ def cross_iteration_batch_norm(
         batch_mean = batch_mean.detach()
         batch_var = invstd.detach().pow(-2).sub_(eps)
         return output, PooledStatistics(batch_mean, batch_var, batch_mean, batch_var)
-    attachment = (None, None, None)
     if past is not None:
-        past = with_pooling_weights(past)
-        if past.attachment is not None and past.attachment[0] is not None:  # (unattached: values only)
-            attachment = past.attachment
+        past = apply_attachment(with_pooling_weights(past))
     if past is not None and kernels.active():
-        producer_weight, producer_bias, jacobian = attachment
-        jacobians = (None,) * 4 if jacobian is None else jacobian[1:]
         output, *stats = torch.ops.cbn.pooled_normalization(
             input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype,
-            producer_weight, producer_bias, *jacobians,
         )
     else:
         center, share = (None, None) if past is None else (past.center, past.spread_share)
-        output, *stats = CrossIterationNorm.apply(input, weight, bias, center, share, past, eps, stats_dtype,
-                                                  *attachment)
+        output, *stats = CrossIterationNorm.apply(input, weight, bias, center, share, past, eps, stats_dtype)
     return output, PooledStatistics(*stats)
 
 

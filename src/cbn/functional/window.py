@@ -44,7 +44,7 @@ class PastStatistics(NamedTuple):
     inv_entries: Tensor | None = None  # 1 / n, with n = count + 1 entries pooled in all
     spread_share: Tensor | None = None  # spread / n
     delta_weight: Tensor | None = None  # (n - 1) / n^2
-    # (weight, bias, CompensationJacobian): differentiable compensation, the summary as a function
+    # (weight, bias, CompensationTerms): differentiable compensation, the summary as a function
     # of the producer's weight and bias (cbn.functional.differentiable_compensation.attach_to_producer).
     attachment: tuple | None = None
 

@@ -26,7 +26,7 @@ from ..functional.statistic_gradients import (
     statistic_shifts_of_layers,
 )
 from ..functional.window import MEAN_SHIFT, SAMPLES, VAR_SHIFT
-from .window_state import PositionWindow
+from .window_state import PositionWindow, copy_into_slots
 
 
 class StepRecord(NamedTuple):
@@ -259,11 +259,17 @@ def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor
 
 
 def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -> None:
-    """Statistic gradients into their slots (zeros for entries stored without them)."""
+    """Statistic gradients into their slots (zeros for entries stored without them); kept by the
+    window until its next read where a differentiable summary waits for its backward."""
     windows, written_slots, sources, cleared = [], [], [], []
+    # On the CPU the flags cost nothing to read; elsewhere deferred gradients are cleaned when written.
+    all_finite = finite.device.type == "cpu" and bool(finite.all())
     for i, slot in zip(windowed, slots):
         window = records[i].window
         if window.var_grad is None:
+            continue
+        entry = None if gradients[i] is None else (gradients[i].mean, gradients[i].var)
+        if window.defer_gradients(slot, entry, all_finite):
             continue
         pair = (window.mean_grad, window.var_grad)
         if gradients[i] is None:
@@ -277,25 +283,15 @@ def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -
     if not windows:
         return
     if finite.device.type == "cpu":
-        # Reading the flags costs nothing on the CPU: one copy for all, zeros only where needed.
+        # One copy for all, zeros only where needed.
         copy_into_slots(windows, 1, written_slots, sources)
-        if not bool(finite.all()):
+        if not all_finite:
             for window, slot in zip(windows, written_slots):
                 torch.nan_to_num_(window.narrow(1, slot, 1), 0.0, 0.0, 0.0)
     else:
         # On an accelerator, no synchronisation: every copy replaces non-finite values.
         for window, slot, source in zip(windows, written_slots, sources):
             torch.nan_to_num(source, 0.0, 0.0, 0.0, out=window.narrow(1, slot, 1))
-
-
-def copy_into_slots(windows: list[Tensor], dim: int, slots: list[int], entries: list[Tensor]) -> None:
-    """``windows[l].narrow(dim, slots[l], 1).copy_(entries[l])`` for every layer ``l``: in one call
-    of the C++ kernel where :mod:`cbn.kernels` is active, else one view per layer and one
-    ``_foreach_copy_``."""
-    if kernels.active():
-        torch.ops.cbn.copy_into_slots(windows, dim, slots, entries)
-    else:
-        torch._foreach_copy_([window.narrow(dim, slot, 1) for window, slot in zip(windows, slots)], entries)
 
 
 def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, samples: Tensor) -> None:
@@ -379,13 +375,10 @@ def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tenso
         [(computation, producer_input.to(dtype), output.to(dtype), mean.to(dtype))])
     (mean_shift,), (var_shift,) = statistic_shifts_of_layers(
         [(gradients.mean, gradients.var, shift_weight(computation, computation.weight), computation.bias)])
-    window.mean_grad[:, slot] = gradients.mean[:, 0]
-    window.var_grad[:, slot] = gradients.var[:, 0]
-    window.stats[slot, MEAN_SHIFT] = mean_shift[0]
-    window.stats[slot, VAR_SHIFT] = var_shift[0]
-    if not (bool(torch.isfinite(window.stats[slot]).all()) and bool(torch.isfinite(window.var_grad[:, slot]).all())
-            and bool(torch.isfinite(window.mean_grad[:, slot]).all())):
-        window.stats[slot].zero_()
-        window.mean_grad[:, slot].zero_()
-        window.var_grad[:, slot].zero_()
+    entry = window.stats[slot].clone()
+    entry[MEAN_SHIFT], entry[VAR_SHIFT] = mean_shift[0], var_shift[0]
+    mean_grad, var_grad = gradients.mean[:, 0], gradients.var[:, 0]
+    if not all(bool(torch.isfinite(t).all()) for t in (entry, mean_grad, var_grad)):
+        entry, mean_grad, var_grad = entry.zero_(), torch.zeros_like(mean_grad), torch.zeros_like(var_grad)
+    window.write_slot(slot, entry, mean_grad, var_grad)
     ticket.slot = None

@@ -18,6 +18,13 @@ last backward through the layer, or since its producer's weights changed. Each
   else that call's values), which moves its entries at a call without autograd record
   (``no_grad``, reentrant checkpointing) and in :meth:`PositionWindow.statistics`.
 
+Under differentiable compensation a summary's backward reads the statistic gradients it was
+computed from, in one pass (:class:`cbn.functional.differentiable_compensation.WindowGradients`). The position keeps track of
+those summaries (weakly): a new entry's gradients wait (``pending``) while one of them waits for
+its backward, and are written at the position's next read; any other write first copies the
+slots such a summary still needs into it. So every backward reads exactly the entries its
+forward pooled, whatever ran in between (two views before one backward, checkpointing).
+
 The window is the layer's own transient state, like BatchNorm's batch statistics: plain tensors,
 not buffers, so ``state_dict``, ``DistributedDataParallel``'s buffer broadcast, FSDP, EMA and SWA
 copies see exactly BatchNorm's state and never a tensor whose size depends on pairing. This
@@ -29,13 +36,17 @@ slots it claims.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import torch
 from torch import Tensor
 
 from typing import NamedTuple
 
-from ..functional.differentiable_compensation import CompensationJacobian, attach_to_producer, compensation_jacobians
+from .. import kernels
+from ..functional.differentiable_compensation import (
+    CompensationTerms, WindowGradients, attach_to_producer, compensation_coefficients,
+)
 from ..functional.statistic_gradients import LinearCall, producer_groups, shift_weight, statistic_shifts_of_layers
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
 from ..functional.window import pool_window
@@ -56,8 +67,8 @@ class SummaryRequest(NamedTuple):
 
 
 class PreparedSummary(NamedTuple):
-    """A summary computed with other layers' (a ``PastStatistics``, or a ``CompensationJacobian``
-    to attach at the call) and the producer call it is valid for."""
+    """A summary computed with other layers' (a ``PastStatistics``, or ``CompensationTerms`` to
+    attach at the call) and the producer call it is valid for."""
 
     summary: object
     recipe: object
@@ -83,8 +94,8 @@ class PositionWindow:
 
     def __init__(self, num_features: int, past: int, dtype: torch.dtype, device) -> None:
         self.stats = torch.zeros(past, 5, num_features, dtype=dtype, device=device)
-        self.mean_grad: Tensor | None = None
-        self.var_grad: Tensor | None = None
+        self._mean_grad: Tensor | None = None  # (groups, past, fan_in)
+        self._var_grad: Tensor | None = None  # (C, past, fan_in)
         self.next_slot = 0
         self.signature: tuple | None = None
         # The latest producer call: what moves the entries at a call without autograd record
@@ -92,6 +103,22 @@ class PositionWindow:
         # ``statistics`` moves them to.
         self.recipe = None
         self.recipe_is_live = False  # its weight is a parameter (current), not one call's values
+        # Differentiable summaries read in backward, and gradients waiting for them: (slot, mean, var,
+        # finite), mean and var None for a slot to clear, finite False where they may hold non-finite values.
+        self._readers: list[weakref.ref] = []
+        self.pending: list[tuple[int, Tensor | None, Tensor | None, bool]] = []
+
+    @property
+    def mean_grad(self) -> Tensor | None:
+        """The mean patches ``(groups, window - 1, fan_in)``, pending entries written."""
+        self.flush()
+        return self._mean_grad
+
+    @property
+    def var_grad(self) -> Tensor | None:
+        """The variance gradients ``(C, window - 1, fan_in)``, pending entries written."""
+        self.flush()
+        return self._var_grad
 
     @property
     def past(self) -> int:
@@ -107,11 +134,75 @@ class PositionWindow:
         """Slot indices from the newest entry to the oldest."""
         return [(self.next_slot - offset) % self.past for offset in range(1, self.past + 1)]
 
+    def reader(self) -> WindowGradients:
+        """The statistic gradients for a differentiable summary's backward, tracked by this position."""
+        self.flush()
+        reader = WindowGradients(self._mean_grad, self._var_grad)
+        self._readers = [ref for ref in self._readers if ref() is not None]
+        self._readers.append(weakref.ref(reader))
+        return reader
+
+    def _waiting_readers(self) -> list[WindowGradients]:
+        """Summaries whose backward has not run, still alive."""
+        return [r for ref in self._readers if (r := ref()) is not None and not r.used and not r.released]
+
+    def _before_writing(self, slots) -> None:
+        """Give the summaries still waiting for their backward copies of ``slots``; release the
+        others (their backward ran: a second one would read the new entries)."""
+        alive = []
+        for ref in self._readers:
+            reader = ref()
+            if reader is None or reader.released:
+                continue
+            if reader.used:
+                reader.release()
+            else:
+                reader.keep(slots)
+                alive.append(ref)
+        self._readers = alive
+
+    def defer_gradients(self, slot: int, gradients: tuple[Tensor, Tensor] | None, finite: bool) -> bool:
+        """Keep a new entry's gradients (``None``: a slot to clear; ``finite``: known to hold no
+        NaN or infinity) until the next read when a differentiable summary waits for its backward;
+        ``False`` when they can be written now."""
+        if not self._waiting_readers():
+            self.flush()
+            return False
+        self.pending.append((slot, *(gradients if gradients is not None else (None, None)), finite))
+        return True
+
+    def flush(self) -> None:
+        """Write the pending gradients into their slots (non-finite values as zeros)."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        self._before_writing({entry[0] for entry in pending})
+        for slot, mean, var, finite in pending:
+            if mean is not None and finite:
+                copy_into_slots([self._mean_grad, self._var_grad], 1, [slot, slot], [mean, var])
+                continue
+            for ring, source in ((self._mean_grad, mean), (self._var_grad, var)):
+                target = ring.narrow(1, slot, 1)
+                if source is None:
+                    target.zero_()
+                else:
+                    torch.nan_to_num(source, 0.0, 0.0, 0.0, out=target)
+
+    def write_slot(self, slot: int, stats: Tensor, mean_grad: Tensor, var_grad: Tensor) -> None:
+        """Replace one entry and its gradients (a recompute filling in an entry stored without them)."""
+        self.flush()
+        self._before_writing({slot})
+        self.stats[slot] = stats
+        self._mean_grad[:, slot] = mean_grad
+        self._var_grad[:, slot] = var_grad
+
     def empty(self, keep: set[int] = frozenset()) -> None:
         """Invalidate every entry but those in the slots ``keep`` (whose gradients are pending)."""
+        self.flush()
+        self._before_writing(range(self.past))
         kept = {slot: self.stats[slot].clone() for slot in keep}
         self.stats.zero_()
-        for grad in (self.mean_grad, self.var_grad):
+        for grad in (self._mean_grad, self._var_grad):
             if grad is not None:
                 grad.zero_()
         for slot, entry in kept.items():
@@ -123,9 +214,10 @@ class PositionWindow:
         """Statistic-gradient rings for a producer with ``groups`` weight groups and ``fan_in``
         weights per output channel (made at the position's first compensated call)."""
         shape = (self.stats.shape[2], self.past, fan_in)
-        if self.var_grad is None or self.var_grad.shape != shape or self.mean_grad.shape[0] != groups:
-            self.mean_grad = self.stats.new_zeros(groups, self.past, fan_in)
-            self.var_grad = self.stats.new_zeros(shape)
+        if self._var_grad is None or self._var_grad.shape != shape or self._mean_grad.shape[0] != groups:
+            self.pending = []  # entries of another producer layout: emptied anyway
+            self._mean_grad = self.stats.new_zeros(groups, self.past, fan_in)
+            self._var_grad = self.stats.new_zeros(shape)
 
     def bind(self, call, keep: set[int] = frozenset()):
         """The producer call this position's entries are moved by in the current forward:
@@ -166,7 +258,8 @@ class PositionWindow:
         if computation is None:
             with torch.no_grad():
                 return pool_window(stats, None, None)
-        if self.var_grad is None:  # entries stored without gradients: only the bias moves them
+        self.flush()
+        if self._var_grad is None:  # entries stored without gradients: only the bias moves them
             bias = computation.bias
             with torch.no_grad():
                 if bias is None:
@@ -179,11 +272,12 @@ class PositionWindow:
         if not differentiable:
             with torch.no_grad():
                 return pool_window(stats, mean_now, var_now)
-        (jacobian,) = compensation_jacobians(stats, mean_now, var_now, [(self.mean_grad, self.var_grad)])
+        (terms,) = compensation_coefficients(stats, mean_now, var_now, [stats.shape[2]])
+        terms = terms._replace(gradients=self.reader())
         if not torch.is_grad_enabled():
             # Unattached: a recompute under autograd (reentrant checkpointing) attaches them.
-            return jacobian.past._replace(attachment=(None, None, jacobian))
-        return attach_to_producer(jacobian, weight, computation.bias)
+            return terms.past._replace(attachment=(None, None, terms))
+        return attach_to_producer(terms, weight, computation.bias)
 
     def summary_request(self, compensate: bool, differentiable: bool) -> SummaryRequest | None:
         """A :class:`SummaryRequest` for this position, or ``None`` if it cannot be prepared
@@ -192,24 +286,26 @@ class PositionWindow:
         if not compensate:
             return SummaryRequest((self.past, stats.dtype, stats.device, False, False), stats, None, None)
         recipe = self.live_recipe()
-        if recipe is None or self.var_grad is None:
+        if recipe is None or self._var_grad is None:
             return None
-        operands = (self.mean_grad, self.var_grad, shift_weight(recipe, recipe.weight).detach(),
+        self.flush()
+        operands = (self._mean_grad, self._var_grad, shift_weight(recipe, recipe.weight).detach(),
                     None if recipe.bias is None else recipe.bias.detach())
         return SummaryRequest((self.past, stats.dtype, stats.device, differentiable, True), stats, operands, recipe)
 
-    @staticmethod
-    def attach(summary, computation):
-        """A prepared summary for this forward: a ``CompensationJacobian`` attached to the
-        producer's weight and bias (unattached without autograd), a ``PastStatistics`` as is."""
-        if not isinstance(summary, CompensationJacobian):
+    def attach(self, summary, computation):
+        """A prepared summary for this forward: ``CompensationTerms`` attached to the producer's
+        weight and bias (unattached without autograd) and to this position's gradients, a
+        ``PastStatistics`` as is."""
+        if not isinstance(summary, CompensationTerms):
             return summary
+        summary = summary._replace(gradients=self.reader())
         if not torch.is_grad_enabled():
             return summary.past._replace(attachment=(None, None, summary))
         return attach_to_producer(summary, shift_weight(computation, computation.weight), computation.bias)
 
     def _shifts_at(self, computation, weight: Tensor) -> tuple[Tensor, Tensor]:
-        operands = (self.mean_grad, self.var_grad, weight.detach(),
+        operands = (self._mean_grad, self._var_grad, weight.detach(),
                     None if computation.bias is None else computation.bias.detach())
         (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
         return mean_now, var_now
@@ -217,11 +313,12 @@ class PositionWindow:
     @torch.no_grad()
     def statistics(self, compensate: bool = True) -> dict[str, Tensor]:
         """Valid entries, newest first, raw and moved to the latest producer call's weights."""
+        self.flush()
         stats = self.stats
         order = [slot for slot in self.newest_first() if float(stats[slot, SAMPLES, 0]) > 0]
         moved_mean, moved_var = stats[:, MEAN], stats[:, VAR]
         computation = self.recipe
-        if computation is not None and self.var_grad is not None and compensate:
+        if computation is not None and self._var_grad is not None and compensate:
             mean_now, var_now = self._shifts_at(computation, shift_weight(computation, computation.weight))
             moved_mean, moved_var = move_to_current_weights(stats[:, MEAN], stats[:, VAR], stats[:, MEAN_SHIFT],
                                                             stats[:, VAR_SHIFT], mean_now, var_now)
@@ -232,7 +329,8 @@ class PositionWindow:
         return bool((self.stats[:, 4, 0] > 0).any())
 
     def apply(self, fn) -> None:
-        for name in ("stats", "mean_grad", "var_grad"):
+        self.flush()
+        for name in ("stats", "_mean_grad", "_var_grad"):
             tensor = getattr(self, name)
             if tensor is not None:
                 moved = fn(tensor)
@@ -247,6 +345,16 @@ def _same_producer(stored: tuple | None, signature: tuple) -> bool:
     if stored is None or stored[:-1] != signature[:-1]:
         return False
     return stored[-1] in ("copied", None) or signature[-1] is None or stored[-1] == signature[-1]
+
+
+def copy_into_slots(windows: list[Tensor], dim: int, slots: list[int], entries: list[Tensor]) -> None:
+    """``windows[l].narrow(dim, slots[l], 1).copy_(entries[l])`` for every layer ``l``: in one call
+    of the C++ kernel where :mod:`cbn.kernels` is active, else one view per layer and one
+    ``_foreach_copy_``."""
+    if kernels.active():
+        torch.ops.cbn.copy_into_slots(windows, dim, slots, entries)
+    else:
+        torch._foreach_copy_([window.narrow(dim, slot, 1) for window, slot in zip(windows, slots)], entries)
 
 
 class CrossIterationWindow:
@@ -305,12 +413,15 @@ class CrossIterationWindow:
     def nbytes(self) -> int:
         """Bytes held by the entries and statistic gradients of every call position."""
         return sum(t.numel() * t.element_size() for p in self.positions
-                   for t in (p.stats, p.mean_grad, p.var_grad) if t is not None)
+                   for t in (p.stats, p._mean_grad, p._var_grad, *(g for entry in p.pending for g in entry[1:3]))
+                   if isinstance(t, Tensor))
 
     def state_dict(self) -> dict:
         """The window's entries, for an exact resume (:func:`cbn.window_state_dict`)."""
+        for position in self.positions:
+            position.flush()
         return {"window": self.window, "positions": [
-            {"stats": p.stats, "mean_grad": p.mean_grad, "var_grad": p.var_grad, "next_slot": p.next_slot,
+            {"stats": p.stats, "mean_grad": p._mean_grad, "var_grad": p._var_grad, "next_slot": p.next_slot,
              "signature": None if p.signature is None else (*p.signature[:-1], "copied")}
             for p in self.positions]}
 
@@ -325,7 +436,7 @@ class CrossIterationWindow:
             position.stats = saved["stats"].to(device=device, copy=True)
             for name in ("mean_grad", "var_grad"):
                 tensor = saved[name]
-                setattr(position, name, None if tensor is None else tensor.to(device=device, copy=True))
+                setattr(position, "_" + name, None if tensor is None else tensor.to(device=device, copy=True))
             position.next_slot = saved["next_slot"]
             position.signature = saved["signature"]
             self.positions.append(position)
@@ -338,9 +449,11 @@ class CrossIterationWindow:
         copy.__dict__.update({key: value for key, value in self.__dict__.items() if key != "positions"})
         copy.positions = []
         for position in self.positions:
+            position.flush()
             clone = PositionWindow.__new__(PositionWindow)
             clone.__dict__.update(position.__dict__)
-            for name in ("stats", "mean_grad", "var_grad"):
+            clone._readers, clone.pending = [], []
+            for name in ("stats", "_mean_grad", "_var_grad"):
                 tensor = getattr(position, name)
                 setattr(clone, name, None if tensor is None else tensor.clone())
             clone.signature = None if position.signature is None else (*position.signature[:-1], "copied")

@@ -1,0 +1,245 @@
+"""Training-step cost of CBN on real backbones, where users train: timm ResNet-18, ResNet-50,
+EfficientNet-B0 and the Faster R-CNN + FPN of ``examples/detector.py``, at 1, 2 and 8 images.
+
+Run from the repository root (about 25 minutes on one core for the default grid)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src:. python -m benchmarks.backbone_step --md docs/performance.md
+    PYTHONPATH=src:. python -m benchmarks.backbone_step --smoke       # seconds, tiny sizes
+
+Per model, input size and batch size, the variants are built from the same seed, trained until
+every window is full, then timed round-robin (the order rotates every round) in one process:
+
+- ``bn``: the model as timm / torchvision build it (``nn.BatchNorm2d`` or timm's ``BatchNormAct2d``);
+- ``floor``: BatchNorm plus one weight-gradient convolution per normalized convolution, the least
+  work a compensated CBN step can do (``benchmarks.train_step.WeightGradFloor``);
+- ``naive``: ``cbn.convert_model(..., compensate=False)``;
+- ``cbn``: the paper's rule (``differentiable_compensation=False``);
+- ``cbn-diff``: the default (differentiable compensation).
+
+A step is ``zero_grad`` + forward + loss + backward + SGD with momentum. Reported per cell: the
+median step time, the spread over rounds (first to third quartile), the ratio to BatchNorm of the
+same run; per variant and model (at batch 2, the smaller input), every ``aten::`` profiler event of
+one step (nested ones included) and the bytes the CBN windows hold between steps (entries and
+statistic gradients; the weights' bytes times ``window - 1`` is what the paper's method stores). Writes a JSON with every figure and a markdown section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.train_step import add_floor, command_line, interleave, machine_info, write_section
+
+VARIANTS = ("bn", "floor", "naive", "cbn", "cbn-diff")
+LABELS = {"bn": "BatchNorm", "floor": "floor", "naive": "naive CBN", "cbn": "paper's rule",
+          "cbn-diff": "default (differentiable)"}
+# (model, input sizes): two sizes each, the smaller one where 1-2 images per step are typical.
+MODELS = {
+    "resnet18": (64, 160),
+    "resnet50": (96, 128),
+    "efficientnet_b0": (128, 160),
+    "detector": (128, 192),
+}
+
+
+def build(model_name: str, variant: str, window: int, seed: int) -> nn.Module:
+    import cbn
+
+    torch.manual_seed(seed)
+    if model_name == "detector":
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+        from detector import build_detector
+
+        model = build_detector("bn")
+    else:
+        import timm
+
+        model = timm.create_model(model_name, pretrained=False, num_classes=10)
+    if variant == "bn":
+        return model
+    if variant == "floor":
+        return add_floor(model)
+    return cbn.convert_model(model, window=window, burnin=0, compensate=variant != "naive",
+                             differentiable_compensation=variant == "cbn-diff")
+
+
+class Step:
+    """One SGD training step of a model on fixed data (images and targets built once)."""
+
+    def __init__(self, model_name: str, model: nn.Module, batch: int, size: int, seed: int, device="cpu") -> None:
+        generator = torch.Generator().manual_seed(seed + 1000 * batch + size)
+        self.model = model.to(device).train()
+        self.device = torch.device(device)
+        self.detector = model_name == "detector"
+        if self.detector:
+            self.images = [torch.rand(1, size, size, generator=generator).to(device) for _ in range(batch)]
+            self.targets = []
+            for _ in range(batch):
+                corner = torch.rand(3, 2, generator=generator) * (size * 0.6)
+                extent = 12 + torch.rand(3, 2, generator=generator) * (size * 0.3)
+                self.targets.append({"boxes": torch.cat((corner, corner + extent), 1).to(device),
+                                     "labels": torch.randint(1, 11, (3,), generator=generator).to(device)})
+        else:
+            self.images = torch.randn(batch, 3, size, size, generator=generator).to(device)
+            self.target = torch.randint(0, 10, (batch,), generator=generator).to(device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.detector:
+            loss = sum(self.model(self.images, self.targets).values())
+        else:
+            loss = F.cross_entropy(self.model(self.images), self.target)
+        loss.backward()
+        self.optimizer.step()
+        if self.device.type == "cuda":  # the step's time, not its launch
+            torch.cuda.synchronize(self.device)
+
+
+def _quartiles(samples: list[float]) -> tuple[float, float]:
+    if len(samples) < 4:
+        return min(samples), max(samples)
+    q = statistics.quantiles(samples, n=4)
+    return q[0], q[2]
+
+
+def profile_step(step: Step) -> dict:
+    """aten ops of one step (every event, nested included) and the bytes CBN's windows hold."""
+    from cbn import CrossIterationBatchNormBase
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.events()
+    window_bytes = sum(m.window_state.nbytes() for m in step.model.modules()
+                       if isinstance(m, CrossIterationBatchNormBase))
+    return {"aten_ops": sum(e.name.startswith("aten::") for e in events),
+            "cbn_ops": sum(e.name.startswith("cbn::") for e in events), "window_bytes": window_bytes}
+
+
+def measure(args, log) -> list[dict]:
+    rows = []
+    cells = [(m, size, batch) for m in args.models for size in args.sizes_of(m) for batch in args.batch_sizes]
+    start = time.perf_counter()
+    for index, (model_name, size, batch) in enumerate(cells):
+        base = build(model_name, "bn", args.window, args.seed)
+        steps = {}
+        for variant in args.variants:
+            model = copy.deepcopy(base) if variant == "bn" else build(model_name, variant, args.window, args.seed)
+            steps[variant] = Step(model_name, model, batch, size, args.seed, args.device)
+        for step in steps.values():
+            for _ in range(args.window + 1):  # every window full
+                step()
+        times = interleave(steps, args.rounds)
+        reference = statistics.median(times["bn"]) if "bn" in times else None
+        profiled = {}
+        if batch == args.profile_batch and size == args.sizes_of(model_name)[0]:
+            profiled = {variant: profile_step(step) for variant, step in steps.items()}
+        for variant, samples in times.items():
+            median = statistics.median(samples)
+            low, high = _quartiles(samples)
+            rows.append({"model": model_name, "size": size, "batch": batch, "variant": variant,
+                         "window": args.window, "step_ms": 1e3 * median, "q1_ms": 1e3 * low, "q3_ms": 1e3 * high,
+                         "rounds": len(samples), "ratio": median / reference if reference else None,
+                         **profiled.get(variant, {})})
+        elapsed = time.perf_counter() - start
+        left = elapsed / (index + 1) * (len(cells) - index - 1)
+        log(f"[{index + 1}/{len(cells)}] {model_name} {size}px batch {batch}: "
+            + ", ".join(f"{r['variant']} {r['step_ms']:.0f} ms" + (f" ({r['ratio']:.2f}x)" if r["ratio"] else "")
+                        for r in rows[-len(times):])
+            + f"  [{elapsed:.0f}s, about {left:.0f}s left]")
+    return rows
+
+
+def markdown(rows: list[dict], command: str, machine: dict) -> str:
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in rows)]
+    lines = [
+        "### Real backbones (issue 29)",
+        "",
+        f"`{command}` (commit {machine.get('git_commit')}, {machine.get('device')}, {machine.get('threads')} thread(s), torch "
+        f"{torch.__version__}, load average at start {tuple(round(x, 2) for x in machine['load_average_start'])}). "
+        "Window 4, SGD with momentum, windows full; median step time of interleaved rounds (first to third "
+        "quartile in brackets), ratio to BatchNorm of the same run.",
+        "",
+        "| model | input | batch | " + " | ".join(LABELS[v] for v in variants) + " | default / paper |",
+        "|---|---|---|" + "---|" * (len(variants) + 1),
+    ]
+    keys = list(dict.fromkeys((r["model"], r["size"], r["batch"]) for r in rows))
+    for key in keys:
+        cells = {r["variant"]: r for r in rows if (r["model"], r["size"], r["batch"]) == key}
+        text = []
+        for v in variants:
+            c = cells.get(v)
+            if c is None:
+                text.append("-")
+            elif v == "bn":
+                text.append(f"{c['step_ms']:.0f} ms ({c['q1_ms']:.0f}-{c['q3_ms']:.0f})")
+            else:
+                text.append(f"{c['ratio']:.2f}x ({c['q1_ms']:.0f}-{c['q3_ms']:.0f} ms)")
+        paper, default = cells.get("cbn"), cells.get("cbn-diff")
+        ratio = f"{default['step_ms'] / paper['step_ms']:.2f}x" if paper and default else "-"
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(text) + f" | {ratio} |")
+    profiled = [r for r in rows if "aten_ops" in r]
+    if profiled:
+        lines += ["", "ATen operations per training step (every `aten::` profiler event, nested ones included) "
+                  "and MiB held by the CBN windows between steps, at the batch and input of the row:", "",
+                  "| model | input | batch | " + " | ".join(LABELS[v] for v in variants) + " |",
+                  "|---|---|---|" + "---|" * len(variants)]
+        for key in dict.fromkeys((r["model"], r["size"], r["batch"]) for r in profiled):
+            cells = {r["variant"]: r for r in profiled if (r["model"], r["size"], r["batch"]) == key}
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(
+                f"{c['aten_ops']} ops" + (f", {c['window_bytes'] / 2**20:.1f} MiB" if c['window_bytes'] else "") if (c := cells.get(v)) else "-"
+                for v in variants) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.backbone_step", description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes (default: two per model)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 8])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    p.add_argument("--window", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds per cell")
+    p.add_argument("--profile-batch", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (see benchmarks/gpu_check.sh)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=Path("docs/performance-ab/backbones.json"))
+    p.add_argument("--md", type=Path, default=None, help="write the section into this markdown file")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and 2 rounds (seconds)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.models, args.sizes, args.batch_sizes, args.rounds = ["resnet18"], [32], [2], 2
+        args.json = None
+    args.sizes_of = (lambda model: args.sizes) if args.sizes else (lambda model: MODELS[model])
+    return args
+
+
+def run(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    machine = machine_info(args.threads)
+    machine["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine["cpu"]
+    command = command_line("backbone_step", sys.argv[1:] if argv is None else argv)
+    rows = measure(args, lambda text: print(text, flush=True))
+    text = markdown(rows, command, machine)
+    print(text)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1) + "\n")
+    if args.md is not None:
+        write_section(args.md, "Real backbones (issue 29)", text)
+    return rows
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,91 @@
+// The producer's weight gradient of differentiable compensation, in one pass over a layer's window
+// (cbn.functional.differentiable_compensation.window_weight_gradient is the Python form):
+//
+//   out[c, f] = sum_t a[c, t] G_mu[group(c), t, f] + b[c, t] G_var[c, t, f]
+//
+// with a, b (C, k) the per-entry coefficients of the backward and G_mu (groups, k, fan_in),
+// G_var (C, k, fan_in) the window's statistic gradients. Each output row is summed in place over
+// the k entries (it stays in cache), so the window is read once and the result written once; an
+// entry whose two coefficients are zero for a channel (an empty slot) is not read. The ATen form
+// (a matrix product for the mean patches, then a batched product for the variance gradients) is
+// taken for other devices; both are float sums in another order, equal to rounding.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace cbn {
+namespace {
+
+using at::Tensor;
+
+Tensor aten_window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mean_gradients,
+                                   const Tensor& var_coefficients, const Tensor& var_gradients) {
+  const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
+  const int64_t groups = mean_gradients.size(0);
+  Tensor out;
+  if (groups == 1) {
+    out = at::mm(mean_coefficients, mean_gradients.select(0, 0));
+  } else {
+    out = at::bmm(mean_coefficients.reshape({groups, channels / groups, entries}), mean_gradients)
+              .reshape({channels, fan_in});
+  }
+  return at::baddbmm(out.unsqueeze(1), var_coefficients.unsqueeze(1), var_gradients).squeeze(1);
+}
+
+Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mean_gradients,
+                              const Tensor& var_coefficients, const Tensor& var_gradients) {
+  TORCH_CHECK(var_gradients.dim() == 3 && mean_gradients.dim() == 3, "cbn.window_weight_gradient: gradients ",
+              mean_gradients.sizes(), " and ", var_gradients.sizes(), " are not windows (3-D)");
+  const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
+  const int64_t groups = mean_gradients.size(0);
+  TORCH_CHECK(mean_gradients.size(1) == entries && mean_gradients.size(2) == fan_in && channels % groups == 0,
+              "cbn.window_weight_gradient: mean gradients ", mean_gradients.sizes(), " do not match ",
+              var_gradients.sizes());
+  TORCH_CHECK(mean_coefficients.sizes() == at::IntArrayRef({channels, entries}) &&
+                  var_coefficients.sizes() == at::IntArrayRef({channels, entries}),
+              "cbn.window_weight_gradient: coefficients ", mean_coefficients.sizes(), " and ",
+              var_coefficients.sizes(), " must be (", channels, ", ", entries, ")");
+  const auto dtype = var_gradients.scalar_type();
+  const Tensor mean_coef = mean_coefficients.to(dtype).contiguous(), var_coef = var_coefficients.to(dtype).contiguous();
+  if (!var_gradients.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
+    return aten_window_weight_gradient(mean_coef, mean_gradients.to(dtype), var_coef, var_gradients);
+  }
+  const Tensor mean_grads = mean_gradients.to(dtype).contiguous(), var_grads = var_gradients.contiguous();
+  Tensor out = at::empty({channels, fan_in}, var_grads.options());
+  const int64_t per_group = channels / groups;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_window_weight_gradient", [&] {
+    const scalar_t *a = mean_coef.const_data_ptr<scalar_t>(), *b = var_coef.const_data_ptr<scalar_t>();
+    const scalar_t *g_mu = mean_grads.const_data_ptr<scalar_t>(), *g_var = var_grads.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) {
+        scalar_t* row = o + c * fan_in;
+        std::fill(row, row + fan_in, scalar_t(0));
+        const scalar_t* patches = g_mu + (c / per_group) * entries * fan_in;
+        for (int64_t t = 0; t < entries; ++t) {
+          const scalar_t mean_weight = a[c * entries + t], var_weight = b[c * entries + t];
+          if (mean_weight == scalar_t(0) && var_weight == scalar_t(0)) continue;
+          const scalar_t* patch = patches + t * fan_in;
+          const scalar_t* gradient = g_var + (c * entries + t) * fan_in;
+          for (int64_t f = 0; f < fan_in; ++f) {
+            row[f] += mean_weight * patch[f] + var_weight * gradient[f];
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cbn, m) {
+  m.def("window_weight_gradient(Tensor mean_coefficients, Tensor mean_gradients, Tensor var_coefficients, "
+        "Tensor var_gradients) -> Tensor");
+  m.impl("window_weight_gradient", c10::DispatchKey::CompositeImplicitAutograd, &window_weight_gradient);
+}
+
+}  // namespace cbn
