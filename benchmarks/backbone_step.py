@@ -205,6 +205,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.backbone_step", description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="input sizes (default: two per model)")
+    p.add_argument("--cells", nargs="+", default=None, metavar="MODEL:SIZE",
+                   help="only these model and input-size pairs, e.g. resnet50:128 (overrides --models, --sizes)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 8])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--window", type=int, default=4)
@@ -221,6 +223,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.models, args.sizes, args.batch_sizes, args.rounds = ["resnet18"], [32], [2], 2
         args.json = None
     args.sizes_of = (lambda model: args.sizes) if args.sizes else (lambda model: MODELS[model])
+    if args.cells:
+        pairs = [cell.split(":") for cell in args.cells]
+        if any(len(pair) != 2 or pair[0] not in MODELS or not pair[1].isdigit() for pair in pairs):
+            p.error(f"--cells takes MODEL:SIZE with MODEL in {list(MODELS)}, got {args.cells}")
+        args.models = list(dict.fromkeys(model for model, _ in pairs))
+        sizes = {model: [int(size) for m, size in pairs if m == model] for model in args.models}
+        args.sizes_of = sizes.__getitem__
     return args
 
 
