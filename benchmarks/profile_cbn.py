@@ -258,7 +258,7 @@ def report(args) -> str:
 
 def main(argv: list[str] | None = None) -> str:
     p = argparse.ArgumentParser(prog="python -m benchmarks.profile_cbn", description=__doc__.split("\n")[0])
-    p.add_argument("--variant", default="cbn", choices=["cbn", "naive", "authors", "floor"])
+    p.add_argument("--variant", default="cbn", choices=["cbn", "cbn-diff", "naive", "authors", "floor"])
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--window", type=int, default=4)
     p.add_argument("--steps", type=int, default=10)

@@ -119,7 +119,8 @@ def _compile(verbose: bool) -> None:
 
     with _ninja_on_path():
         cpp_extension.load(
-            name="cbn_kernels",
+            # One build per version of the sources: checkouts of other versions share the cache.
+            name=f"cbn_kernels_{sources_digest()[:16]}",
             sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3"],
             is_python_module=False,

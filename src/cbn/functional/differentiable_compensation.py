@@ -186,18 +186,27 @@ def producer_gradients(
         )
     gradients.used = True
     grad_spread = grad_share * inv_entries
-    mean_coefficients = terms.center_weights * grad_center + terms.spread_weights * grad_spread  # (k, C)
-    grad_weight = grad_bias = None
+    if kernels.active() and not gradients.copies:
+        # One call: the coefficients made in the kernel's channel loop.
+        rows, grad_bias = torch.ops.cbn.compensation_gradients(
+            terms.center_weights, terms.spread_weights, terms.unclamped, grad_center, grad_spread,
+            gradients.mean, gradients.var)
+    else:
+        mean_coefficients = terms.center_weights * grad_center + terms.spread_weights * grad_spread  # (k, C)
+        grad_bias = mean_coefficients.sum(0)
+        rows = None
+        if needs_weight:
+            var_coefficients = terms.unclamped * grad_spread
+            rows = _weight_gradient(gradients, mean_coefficients.t().contiguous(), var_coefficients.t().contiguous())
+    grad_weight = None
     if needs_weight:
-        var_coefficients = terms.unclamped * grad_spread
-        rows = _weight_gradient(gradients, mean_coefficients.t().contiguous(), var_coefficients.t().contiguous())
         grad_weight = rows.view(weight.shape)
         if grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
-    if needs_bias and bias is not None:
-        grad_bias = mean_coefficients.sum(0)
-        if grad_bias.dtype != bias.dtype:
-            grad_bias = grad_bias.to(bias.dtype)
+    if not needs_bias or bias is None:
+        grad_bias = None
+    elif grad_bias.dtype != bias.dtype:
+        grad_bias = grad_bias.to(bias.dtype)
     return grad_weight, grad_bias
 
 

@@ -347,6 +347,24 @@ def _same_producer(stored: tuple | None, signature: tuple) -> bool:
     return stored[-1] in ("copied", None) or signature[-1] is None or stored[-1] == signature[-1]
 
 
+def flush_positions(positions: list[PositionWindow]) -> None:
+    """:meth:`PositionWindow.flush` of many positions, their finite pending gradients written in one
+    :func:`copy_into_slots` call (a converted model's step, before it summarizes its windows)."""
+    windows, slots, sources = [], [], []
+    for position in positions:
+        if not position.pending or not all(mean is not None and finite for _, mean, _, finite in position.pending):
+            position.flush()  # (nothing pending, or clears and non-finite values: one by one)
+            continue
+        pending, position.pending = position.pending, []
+        position._before_writing({entry[0] for entry in pending})
+        for slot, mean, var, _ in pending:
+            windows += (position._mean_grad, position._var_grad)
+            slots += (slot, slot)
+            sources += (mean, var)
+    if windows:
+        copy_into_slots(windows, 1, slots, sources)
+
+
 def copy_into_slots(windows: list[Tensor], dim: int, slots: list[int], entries: list[Tensor]) -> None:
     """``windows[l].narrow(dim, slots[l], 1).copy_(entries[l])`` for every layer ``l``: in one call
     of the C++ kernel where :mod:`cbn.kernels` is active, else one view per layer and one
