@@ -310,20 +310,21 @@ def test_window_weight_gradient_equals_the_exact_sum(groups, dtype):
         assert ((out.double() - exact).abs() <= bound).all()
 
 
-def test_weight_fingerprint_is_the_probed_sum_and_sees_any_single_change():
+
+def test_weight_fingerprint_equals_the_probed_dot_and_sees_any_single_change():
     from cbn.producer_call import _probe
 
     torch.manual_seed(0)
     weight, bias = torch.randn(8, 4, 3, 3), torch.randn(8)
-    probe = [_probe(t.numel(), torch.float64, t.device) for t in (weight, bias)]
-    exact = sum(float(t.double().flatten() @ p) for t, p in zip((weight, bias), probe))
-    assert float(probe[0].min()) >= 0.5 and float(probe[0].max()) < 1.5
-    fast = torch.ops.cbn.weight_fingerprint([weight, bias])
-    magnitude = sum(float(t.double().abs().flatten() @ p) for t, p in zip((weight, bias), probe))
-    assert abs(fast - exact) <= 1e-12 * magnitude
+    probes = [_probe(t.numel(), t.dtype, t.device) for t in (weight, bias)]
+    fast = torch.ops.cbn.weight_fingerprint([weight, bias], probes)
+    exact = sum(float(t.double().flatten() @ p.double()) for t, p in zip((weight, bias), probes))
+    magnitude = sum(float(t.double().abs().flatten() @ p.double()) for t, p in zip((weight, bias), probes))
+    assert abs(fast - exact) <= weight.numel() * 2.0**-24 * magnitude
     # The same values in another layout, the same number; any single value changed, another one.
-    assert torch.ops.cbn.weight_fingerprint([weight.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3), bias]) == fast
+    other_layout = weight.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
+    assert torch.ops.cbn.weight_fingerprint([other_layout.contiguous(), bias], probes) == fast
     for index in (0, 77, weight.numel() - 1):
         changed = weight.clone()
         changed.view(-1)[index] += 1e-3
-        assert torch.ops.cbn.weight_fingerprint([changed, bias]) != fast
+        assert torch.ops.cbn.weight_fingerprint([changed, bias], probes) != fast

@@ -12,23 +12,23 @@ The C++ kernels run the per-step work from C++:
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;
-- ``torch.ops.cbn.window_weight_gradient``: the producer's weight gradient of differentiable
-  compensation, one pass over a layer's window in the backward;
+- ``torch.ops.cbn.window_weight_gradient`` and ``compensation_gradients``: the producer's
+  gradients of differentiable compensation, one pass over a layer's window in the backward;
 - ``torch.ops.cbn.weight_fingerprint``: the number by which a layer sees its producer's weights
-  change (:func:`cbn.producer_call.producer_fingerprint`), one read of the weight;
+  change (:func:`cbn.producer_call.producer_fingerprint`), one call per layer;
 - ``torch.ops.cbn.write_entries`` and ``copy_into_slots``: the record of a converted model's
   forward (window entries, gradient slots, running statistics) on
   the CPU (:mod:`cbn.layers.window_record`).
 
-Two are fused loops that sum in another order than the Python implementation, so they agree
+Three are fused loops that sum in another order than the Python implementation, so they agree
 with it to float rounding (tested): the normalization of contiguous float inputs (statistics
 summed in double in two passes, as BatchNorm's training kernel, where Python takes BatchNorm's
-Welford kernel) and the variance terms (tested against the textbook bound
-``gamma_n sum |a b|``; within one run every product comes from the same kernel, so a Taylor step
-at unchanged weights still leaves an entry exactly as stored). The rest (channels-last or half
-precision normalization, statistic gradients, mean terms, record) runs the same ATen operations,
-or the same float arithmetic per channel, in the same order: the same values, bit for bit
-(tested).
+Welford kernel), the variance terms, the producer gradients of differentiable compensation
+(tested against the textbook bound ``gamma_n sum |a b|``; within one run every product comes
+from the same kernel, so a Taylor step at unchanged weights still leaves an entry exactly as
+stored). The rest (channels-last or half precision normalization, statistic gradients, mean
+terms, record) runs the same ATen operations, or the same float arithmetic per channel, in the
+same order: the same values, bit for bit (tested).
 
 Where they come from, in order: the extension ``cbn._kernels`` that ``pip install .`` (or the
 wheel built from the source tree) compiled ahead of time with ``setup.py``; else a build at first

@@ -238,16 +238,14 @@ def reading_would_recompute() -> bool:
 
 
 def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
-    """A number that changes when a producer's weight or bias changes: their values weighted by
-    fixed pseudo-random numbers in ``[0.5, 1.5)`` and summed (exact equality for unchanged values,
-    in any layout), read back once per call. The C++ kernel ``cbn::weight_fingerprint`` makes the
-    weights in registers (one read of the weight, on the CPU); elsewhere a dot product with a
-    probe of the same numbers. Both are compared only with themselves (toggling
-    :func:`cbn.kernels.use_kernels` mid-training counts one extra iteration)."""
+    """A number that changes when a producer's weight or bias changes: their dot product with
+    a fixed pseudo-random vector (exact equality for unchanged values, in any layout), read back
+    once per call; in one call of the C++ kernel ``cbn::weight_fingerprint`` where
+    :mod:`cbn.kernels` is active (its sum in another order: it is compared only with itself)."""
     tensors = [t for t in (computation.weight, computation.bias) if t is not None and t.numel()]
     with torch.no_grad():
-        if kernels.active() and all(t.device.type == "cpu" for t in tensors):
-            return torch.ops.cbn.weight_fingerprint(tensors)
+        if kernels.active():
+            return torch.ops.cbn.weight_fingerprint(tensors, [_probe(t.numel(), t.dtype, t.device) for t in tensors])
         total = None
         for tensor in tensors:
             flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
@@ -260,13 +258,13 @@ _PROBES: dict[tuple, Tensor] = {}
 
 
 def _probe(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The weights of ``cbn::weight_fingerprint``: ``0.5 + ((i * 2654435761 mod 2^32) >> 8) / 2^24``."""
     key = (numel, dtype, device)
     probe = _PROBES.get(key)
     if probe is None:
         if len(_PROBES) > 512:
             _PROBES.clear()
+        generator = torch.Generator().manual_seed(numel)
         with torch.inference_mode(False):
-            hashed = torch.arange(numel, dtype=torch.int64).mul_(2654435761).remainder_(2**32).div_(256, rounding_mode="floor")
-            probe = _PROBES[key] = (hashed.double() / 2**24 + 0.5).to(dtype=dtype, device=device)
+            probe = _PROBES[key] = torch.rand(numel, generator=generator, dtype=torch.float64).add_(0.5).to(
+                dtype=dtype, device=device)
     return probe

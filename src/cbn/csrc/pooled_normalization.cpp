@@ -185,9 +185,32 @@ double run_centred_dot(const T* a, const T* x, double center, int64_t count) {
   return total;
 }
 
-Tensor per_channel(const Tensor& values, int64_t channels, const at::TensorOptions& options) {
-  return values.to(options).expand({channels}).contiguous();
-}
+// One value per channel, read through a pointer and a stride (0 where one value stands for every
+// channel, e.g. a 0-dim count): no ATen operation where the values already have the input's dtype
+// (at batch 1-2 each operation is a dispatch that costs more than the values).
+template <typename scalar_t>
+struct Channels {
+  Tensor converted;  // keeps a converted copy alive
+  const scalar_t* data = nullptr;
+  int64_t stride = 0;
+  bool present = false;
+
+  Channels(const std::optional<Tensor>& values, int64_t channels) {
+    if (!values.has_value() || !values->defined()) return;
+    Tensor own = *values;
+    if (own.scalar_type() != c10::CppTypeToScalarType<scalar_t>::value || !own.is_cpu()) {
+      converted = own.to(at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value).device(at::kCPU));
+      own = converted;
+    }
+    TORCH_CHECK(own.numel() == 1 || (own.dim() == 1 && own.size(0) == channels),
+                "cbn::pooled_normalization: per-channel values of shape ", own.sizes(), " for ", channels, " channels");
+    data = own.const_data_ptr<scalar_t>();
+    stride = own.numel() == 1 ? 0 : own.stride(0);
+    present = true;
+  }
+
+  scalar_t operator[](int64_t c) const { return data[c * stride]; }
+};
 
 bool takes_fused_form(const Tensor& input, at::ScalarType stats_dtype) {
   return input.is_cpu() && input.scalar_type() == stats_dtype &&
@@ -207,21 +230,15 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     Tensor batch_mean = at::empty({channels}, options), batch_var = at::empty({channels}, options);
     Tensor mean = at::empty({channels}, options), var = at::empty({channels}, options);
     Tensor output = at::empty_like(input);
-    // The pooling constants may broadcast (a 0-dim count): one value per channel from here on.
-    const Tensor centers = per_channel(center, channels, options), inv = per_channel(inv_entries, channels, options);
-    const Tensor share = per_channel(spread_share, channels, options);
-    const Tensor dweight = per_channel(delta_weight, channels, options);
-    const Tensor gamma = weight.has_value() ? per_channel(*weight, channels, options) : Tensor();
-    const Tensor beta = bias.has_value() ? per_channel(*bias, channels, options) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cbn_fused_pooled_normalization", [&] {
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       scalar_t* y = output.mutable_data_ptr<scalar_t>();
       scalar_t *bm = batch_mean.mutable_data_ptr<scalar_t>(), *bv = batch_var.mutable_data_ptr<scalar_t>();
       scalar_t *pm = mean.mutable_data_ptr<scalar_t>(), *pv = var.mutable_data_ptr<scalar_t>();
-      const scalar_t *c0 = centers.const_data_ptr<scalar_t>(), *n_inv = inv.const_data_ptr<scalar_t>();
-      const scalar_t *sh = share.const_data_ptr<scalar_t>(), *dw = dweight.const_data_ptr<scalar_t>();
-      const scalar_t* g = gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* b = beta.defined() ? beta.const_data_ptr<scalar_t>() : nullptr;
+      // The pooling constants may broadcast (a 0-dim count).
+      const Channels<scalar_t> c0(center, channels), n_inv(inv_entries, channels);
+      const Channels<scalar_t> sh(spread_share, channels), dw(delta_weight, channels);
+      const Channels<scalar_t> g(weight, channels), b(bias, channels);
       at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           double sum = 0;
@@ -236,8 +253,8 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
           pm[c] = c0[c] + delta * n_inv[c];
           pv[c] = (sh[c] + bv[c] * n_inv[c]) + delta * delta * dw[c];
           const double invstd = 1.0 / std::sqrt(static_cast<double>(pv[c]) + eps);
-          const double scale = g != nullptr ? invstd * static_cast<double>(g[c]) : invstd;
-          const double shift = (b != nullptr ? static_cast<double>(b[c]) : 0.0) - static_cast<double>(pm[c]) * scale;
+          const double scale = g.present ? invstd * static_cast<double>(g[c]) : invstd;
+          const double shift = (b.present ? static_cast<double>(b[c]) : 0.0) - static_cast<double>(pm[c]) * scale;
           const scalar_t alpha = static_cast<scalar_t>(scale), beta_c = static_cast<scalar_t>(shift);
           for (int64_t n = 0; n < samples; ++n) {
             const int64_t offset = (n * channels + c) * spatial;
@@ -254,7 +271,6 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     const Saved saved = read_context(ctx);
     const auto& [input, weight, mean, var, inv_entries, center, eps, needs_input, needs_weight, needs_bias,
                  needs_center, needs_share] = saved;
-    const Tensor inv = per_channel(inv_entries, input.size(1), input.options());
     const Tensor grad_output = grads[0].contiguous();
     const int64_t samples = input.size(0), channels = input.size(1);
     const int64_t spatial = input.numel() / (samples * channels);
@@ -262,20 +278,17 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     const auto options = input.options();
     Tensor grad_input = needs_input ? at::empty_like(input) : Tensor();
     Tensor sum_g_xhat = at::empty({channels}, options), sum_g = at::empty({channels}, options);
-    const Tensor gamma = weight.defined() ? per_channel(weight, channels, options) : Tensor();
     // dL/dc and dL/d(P/n), per channel in the loop below, where the past summary needs them.
     const bool summary = needs_summary(saved);
-    const Tensor centers = summary ? per_channel(center, channels, options) : Tensor();
     Tensor summary_center = summary ? at::empty({channels}, options) : Tensor();
     Tensor summary_share = summary ? at::empty({channels}, options) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cbn_fused_pooled_normalization_backward", [&] {
       const scalar_t *x = input.const_data_ptr<scalar_t>(), *dy = grad_output.const_data_ptr<scalar_t>();
       const scalar_t *pm = mean.const_data_ptr<scalar_t>(), *pv = var.const_data_ptr<scalar_t>();
-      const scalar_t* n_inv = inv.const_data_ptr<scalar_t>();
-      const scalar_t* g = gamma.defined() ? gamma.const_data_ptr<scalar_t>() : nullptr;
+      const Channels<scalar_t> n_inv(inv_entries, channels), g(weight, channels);
       scalar_t *h_out = sum_g_xhat.mutable_data_ptr<scalar_t>(), *g_out = sum_g.mutable_data_ptr<scalar_t>();
       scalar_t* dx = needs_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* c0 = summary ? centers.const_data_ptr<scalar_t>() : nullptr;
+      const Channels<scalar_t> c0(summary ? std::optional<Tensor>(center) : std::nullopt, channels);
       scalar_t* gc_out = summary ? summary_center.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* gs_out = summary ? summary_share.mutable_data_ptr<scalar_t>() : nullptr;
       at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
@@ -291,7 +304,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
           const double h = centred * invstd;  // sum g x_hat
           g_out[c] = static_cast<scalar_t>(total);
           h_out[c] = static_cast<scalar_t>(h);
-          const double gamma_s = (g != nullptr ? static_cast<double>(g[c]) : 1.0) * invstd;
+          const double gamma_s = (g.present ? static_cast<double>(g[c]) : 1.0) * invstd;
           if (gc_out != nullptr) {
             // A = dL/dmu_bar, B = dL/dvar_bar; dL/dc = (1 - 1/n) (A - 2 B (mu_bar - c)), dL/d(P/n) = B.
             const double grad_mean = -gamma_s * total, grad_var = -0.5 * gamma_s * invstd * h;

@@ -234,7 +234,8 @@ class _AttachedPast(torch.autograd.Function):
     def forward(ctx, weight, bias, center, spread_share, inv_entries, terms):
         ctx.terms, ctx.weight, ctx.bias = terms, weight.detach(), None if bias is None else bias.detach()
         ctx.save_for_backward(inv_entries)
-        return center.clone(), spread_share.clone()
+        # Views, not copies: the same values with this function's gradient.
+        return center.view_as(center), spread_share.view_as(spread_share)
 
     @staticmethod
     @once_differentiable
