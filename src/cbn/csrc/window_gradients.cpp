@@ -82,43 +82,38 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
 
 // The producer's gradients of differentiable compensation from the backward's dL/dc and dL/dP
 // (cbn.functional.differentiable_compensation.producer_gradients), for one layer in one call:
-//   a[c, t] = w[t, c] g_c[c] + p[t, c] g_P[c],   b[c, t] = q[t, c] g_P[c],   dL/db[c] = sum_t a[c, t]
+//   a[c, t] = w[c, t] g_c[c] + p[c, t] g_P[c],   b[c, t] = q[c, t] g_P[c],   dL/db[c] = sum_t a[c, t]
 // and dL/dW[c] = sum_t a[c, t] G_mu[group(c), t] + b[c, t] G_var[c, t] as in window_weight_gradient,
-// the coefficients made inside the channel loop (no operation per coefficient tensor). w, p, q:
-// (k, C) with any strides; g_c, g_P: (C,). Returns (dL/dW rows (C, fan_in), dL/db (C,)).
-std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& center_weights, const Tensor& spread_weights,
-                                                  const Tensor& unclamped, const Tensor& grad_center,
+// the coefficients made inside the channel loop (no operation per coefficient tensor).
+// coefficients: (C, 3, k), per channel the rows w, p, q; g_c, g_P: (C,). Returns (dL/dW rows
+// (C, fan_in), dL/db (C,)).
+std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, const Tensor& grad_center,
                                                   const Tensor& grad_spread, const Tensor& mean_gradients,
                                                   const Tensor& var_gradients) {
   const auto dtype = var_gradients.scalar_type();
   const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
-  const bool one_dtype = center_weights.scalar_type() == dtype && spread_weights.scalar_type() == dtype &&
-                         unclamped.scalar_type() == dtype && grad_center.scalar_type() == dtype &&
+  TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == channels && coefficients.size(1) == 3 &&
+                  coefficients.size(2) == entries && grad_center.numel() == channels &&
+                  grad_spread.numel() == channels && mean_gradients.dim() == 3 && mean_gradients.size(1) == entries &&
+                  mean_gradients.size(2) == fan_in && channels % mean_gradients.size(0) == 0,
+              "cbn.compensation_gradients: coefficients ", coefficients.sizes(), ", gradients ",
+              mean_gradients.sizes(), " and ", var_gradients.sizes(), " do not match");
+  const bool one_dtype = coefficients.scalar_type() == dtype && grad_center.scalar_type() == dtype &&
                          grad_spread.scalar_type() == dtype && mean_gradients.scalar_type() == dtype;
   if (!var_gradients.is_cpu() || !one_dtype || (dtype != at::kFloat && dtype != at::kDouble) ||
-      !mean_gradients.is_contiguous() || !var_gradients.is_contiguous()) {
-    const Tensor g_c = grad_center.to(dtype), g_p = grad_spread.to(dtype);
-    const Tensor mean_coefficients = center_weights.to(dtype) * g_c + spread_weights.to(dtype) * g_p;
-    const Tensor var_coefficients = unclamped.to(dtype) * g_p;
-    return {window_weight_gradient(mean_coefficients.t(), mean_gradients, var_coefficients.t(), var_gradients),
-            mean_coefficients.sum(0)};
+      !coefficients.is_contiguous() || !mean_gradients.is_contiguous() || !var_gradients.is_contiguous()) {
+    const Tensor g_c = grad_center.to(dtype).unsqueeze(1), g_p = grad_spread.to(dtype).unsqueeze(1);
+    const Tensor coef = coefficients.to(dtype);
+    const Tensor mean_coefficients = coef.select(1, 0) * g_c + coef.select(1, 1) * g_p;
+    const Tensor var_coefficients = coef.select(1, 2) * g_p;
+    return {window_weight_gradient(mean_coefficients, mean_gradients, var_coefficients, var_gradients),
+            mean_coefficients.sum(1)};
   }
-  TORCH_CHECK(center_weights.size(0) == entries && center_weights.size(1) == channels &&
-                  spread_weights.sizes() == center_weights.sizes() && unclamped.sizes() == center_weights.sizes() &&
-                  grad_center.numel() == channels && grad_spread.numel() == channels &&
-                  mean_gradients.size(1) == entries && mean_gradients.size(2) == fan_in &&
-                  channels % mean_gradients.size(0) == 0,
-              "cbn.compensation_gradients: coefficients ", center_weights.sizes(), ", gradients ",
-              mean_gradients.sizes(), " and ", var_gradients.sizes(), " do not match");
   const int64_t per_group = channels / mean_gradients.size(0);
   Tensor rows = at::empty({channels, fan_in}, var_gradients.options());
   Tensor grad_bias = at::empty({channels}, var_gradients.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_compensation_gradients", [&] {
-    const scalar_t *w = center_weights.const_data_ptr<scalar_t>(), *p = spread_weights.const_data_ptr<scalar_t>();
-    const scalar_t *q = unclamped.const_data_ptr<scalar_t>();
-    const int64_t w_t = center_weights.stride(0), w_c = center_weights.stride(1);
-    const int64_t p_t = spread_weights.stride(0), p_c = spread_weights.stride(1);
-    const int64_t q_t = unclamped.stride(0), q_c = unclamped.stride(1);
+    const scalar_t* coef = coefficients.const_data_ptr<scalar_t>();
     const scalar_t *g_c = grad_center.const_data_ptr<scalar_t>(), *g_p = grad_spread.const_data_ptr<scalar_t>();
     const int64_t gc_s = grad_center.stride(0), gp_s = grad_spread.stride(0);
     const scalar_t *g_mu = mean_gradients.const_data_ptr<scalar_t>(), *g_var = var_gradients.const_data_ptr<scalar_t>();
@@ -129,11 +124,12 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& center_weights, 
         scalar_t* row = o + c * fan_in;
         std::fill(row, row + fan_in, scalar_t(0));
         const scalar_t center = g_c[c * gc_s], spread = g_p[c * gp_s];
+        const scalar_t *w = coef + c * 3 * entries, *p = w + entries, *q = p + entries;
         const scalar_t* patches = g_mu + (c / per_group) * entries * fan_in;
         scalar_t bias = 0;
         for (int64_t t = 0; t < entries; ++t) {
-          const scalar_t mean_weight = w[t * w_t + c * w_c] * center + p[t * p_t + c * p_c] * spread;
-          const scalar_t var_weight = q[t * q_t + c * q_c] * spread;
+          const scalar_t mean_weight = w[t] * center + p[t] * spread;
+          const scalar_t var_weight = q[t] * spread;
           bias += mean_weight;
           if (mean_weight == scalar_t(0) && var_weight == scalar_t(0)) continue;
           const scalar_t* patch = patches + t * fan_in;
@@ -155,8 +151,8 @@ TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("window_weight_gradient(Tensor mean_coefficients, Tensor mean_gradients, Tensor var_coefficients, "
         "Tensor var_gradients) -> Tensor");
   m.impl("window_weight_gradient", c10::DispatchKey::CompositeImplicitAutograd, &window_weight_gradient);
-  m.def("compensation_gradients(Tensor center_weights, Tensor spread_weights, Tensor unclamped, Tensor grad_center, "
-        "Tensor grad_spread, Tensor mean_gradients, Tensor var_gradients) -> (Tensor, Tensor)");
+  m.def("compensation_gradients(Tensor coefficients, Tensor grad_center, Tensor grad_spread, Tensor mean_gradients, "
+        "Tensor var_gradients) -> (Tensor, Tensor)");
   m.impl("compensation_gradients", c10::DispatchKey::CompositeImplicitAutograd, &compensation_gradients);
 }
 

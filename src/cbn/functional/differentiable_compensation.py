@@ -79,15 +79,29 @@ class WindowGradients:
 
 class CompensationTerms(NamedTuple):
     """A window's summary and the per-entry coefficients of its derivatives in the producer's
-    weight rows and bias (module doc), all ``(k, C)``: ``center_weights`` ``w``, ``spread_weights``
-    ``p``, ``unclamped`` ``q`` (1 where the variance clamp is inactive). ``gradients``: the statistic
-    gradients they multiply (:class:`WindowGradients`), given by the window at the call."""
+    weight rows and bias (module doc): ``coefficients`` ``(C, 3, k)``, per channel the rows ``w``,
+    ``p`` and ``q`` (1 where the variance clamp is inactive), contiguous per channel for the
+    backward's pass. ``gradients``: the statistic gradients they multiply (:class:`WindowGradients`),
+    given by the window at the call."""
 
     past: PastStatistics
-    center_weights: Tensor
-    spread_weights: Tensor
-    unclamped: Tensor
+    coefficients: Tensor
     gradients: WindowGradients | None = None
+
+    @property
+    def center_weights(self) -> Tensor:
+        """``w``, ``(k, C)``."""
+        return self.coefficients[:, 0].t()
+
+    @property
+    def spread_weights(self) -> Tensor:
+        """``p``, ``(k, C)``."""
+        return self.coefficients[:, 1].t()
+
+    @property
+    def unclamped(self) -> Tensor:
+        """``q``, ``(k, C)``."""
+        return self.coefficients[:, 2].t()
 
 
 @torch.no_grad()
@@ -126,11 +140,10 @@ def compensation_coefficients(
     unclamped = valid * (moved_var > 0).to(mean.dtype)  # q
     center_weights = valid / past.count.clamp_min(1)  # w
     spread_weights = 2 * (valid * (moved_mean - past.center) - unclamped * delta)  # p
-    pieces = zip(
-        zip(*(t.split(sizes) if t is not None else [None] * len(sizes) for t in past)),
-        center_weights.split(sizes, dim=1), spread_weights.split(sizes, dim=1), unclamped.split(sizes, dim=1),
-    )
-    return [CompensationTerms(PastStatistics(*layer_past), w, p, q) for layer_past, w, p, q in pieces]
+    # (C, 3, k): each channel's coefficients side by side, each layer's channels one block.
+    coefficients = torch.stack((center_weights, spread_weights, unclamped)).permute(2, 0, 1).contiguous()
+    pieces = zip(zip(*(t.split(sizes) if t is not None else [None] * len(sizes) for t in past)), coefficients.split(sizes))
+    return [CompensationTerms(PastStatistics(*layer_past), layer_coefficients) for layer_past, layer_coefficients in pieces]
 
 
 def window_weight_gradient(
@@ -189,8 +202,7 @@ def producer_gradients(
     if kernels.active() and not gradients.copies:
         # One call: the coefficients made in the kernel's channel loop.
         rows, grad_bias = torch.ops.cbn.compensation_gradients(
-            terms.center_weights, terms.spread_weights, terms.unclamped, grad_center, grad_spread,
-            gradients.mean, gradients.var)
+            terms.coefficients, grad_center, grad_spread, gradients.mean, gradients.var)
     else:
         mean_coefficients = terms.center_weights * grad_center + terms.spread_weights * grad_spread  # (k, C)
         grad_bias = mean_coefficients.sum(0)
