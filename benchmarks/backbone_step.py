@@ -125,6 +125,29 @@ def profile_step(step: Step) -> dict:
             "cbn_ops": sum(e.name.startswith("cbn::") for e in events), "window_bytes": window_bytes}
 
 
+def self_times(model_name: str, size: int, batch: int, args, top: int = 14) -> str:
+    """Self CPU time per op and step (``torch.profiler``, 3 steps after 6) of each variant, as a
+    markdown table: where a variant's extra time goes."""
+    import collections
+
+    totals = {}
+    for variant in args.variants:
+        step = Step(model_name, build(model_name, variant, args.window, args.seed), batch, size, args.seed, args.device)
+        for _ in range(6):
+            step()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        totals[variant] = collections.Counter({e.key: e.self_cpu_time_total / 3e3 for e in prof.key_averages()})
+    names = sorted({name for counts in totals.values() for name, _ in counts.most_common(top)},
+                   key=lambda name: -max(counts[name] for counts in totals.values()))
+    lines = [f"Self CPU ms per step, {model_name} at {size}x{size}, batch {batch}:", "",
+             "| op | " + " | ".join(LABELS[v] for v in totals) + " |", "|---|" + "---|" * len(totals)]
+    lines += [f"| `{name}` | " + " | ".join(f"{counts[name]:.1f}" for counts in totals.values()) + " |" for name in names]
+    lines.append("| all | " + " | ".join(f"{sum(counts.values()):.1f}" for counts in totals.values()) + " |")
+    return "\n".join(lines)
+
+
 def measure(args, log) -> list[dict]:
     rows = []
     cells = [(m, size, batch) for m in args.models for size in args.sizes_of(m) for batch in args.batch_sizes]
@@ -218,6 +241,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=Path("docs/performance-ab/backbones.json"))
     p.add_argument("--md", type=Path, default=None, help="write the section into this markdown file")
     p.add_argument("--smoke", action="store_true", help="tiny sizes and 2 rounds (seconds)")
+    p.add_argument("--self-times", metavar="MODEL:SIZE:BATCH", default=None,
+                   help="instead of timing: the self CPU time per op of each variant for one cell")
     args = p.parse_args(argv)
     if args.smoke:
         args.models, args.sizes, args.batch_sizes, args.rounds = ["resnet18"], [32], [2], 2
@@ -236,6 +261,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def run(argv=None) -> list[dict]:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.self_times:
+        model_name, size, batch = args.self_times.split(":")
+        print(self_times(model_name, int(size), int(batch), args))
+        return []
     machine = machine_info(args.threads)
     machine["device"] = torch.cuda.get_device_name() if args.device.startswith("cuda") else machine["cpu"]
     command = command_line("backbone_step", sys.argv[1:] if argv is None else argv)
