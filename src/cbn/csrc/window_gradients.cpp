@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 namespace cbn {
@@ -85,11 +86,13 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
 //   a[c, t] = w[c, t] g_c[c] + p[c, t] g_P[c],   b[c, t] = q[c, t] g_P[c],   dL/db[c] = sum_t a[c, t]
 // and dL/dW[c] = sum_t a[c, t] G_mu[group(c), t] + b[c, t] G_var[c, t] as in window_weight_gradient,
 // the coefficients made inside the channel loop (no operation per coefficient tensor).
-// coefficients: (C, 3, k), per channel the rows w, p, q; g_c, g_P: (C,). Returns (dL/dW rows
-// (C, fan_in), dL/db (C,)).
+// coefficients: (C, 3, k), per channel the rows w, p, q; g_c, g_P: (C,). Returns (dL/dW in the
+// shape weight_shape, whose values are its (C, fan_in) rows in order, dL/db (C,)). dL/dW is a
+// tensor of its own, not a view: autograd then adds the producer's other weight gradient into it
+// in place instead of allocating their sum.
 std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, const Tensor& grad_center,
                                                   const Tensor& grad_spread, const Tensor& mean_gradients,
-                                                  const Tensor& var_gradients) {
+                                                  const Tensor& var_gradients, at::IntArrayRef weight_shape) {
   const auto dtype = var_gradients.scalar_type();
   const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
   TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == channels && coefficients.size(1) == 3 &&
@@ -98,6 +101,8 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
                   mean_gradients.size(2) == fan_in && channels % mean_gradients.size(0) == 0,
               "cbn.compensation_gradients: coefficients ", coefficients.sizes(), ", gradients ",
               mean_gradients.sizes(), " and ", var_gradients.sizes(), " do not match");
+  TORCH_CHECK(c10::multiply_integers(weight_shape) == channels * fan_in, "cbn.compensation_gradients: a weight of shape ",
+              weight_shape, " does not have ", channels, " rows of ", fan_in);
   const bool one_dtype = coefficients.scalar_type() == dtype && grad_center.scalar_type() == dtype &&
                          grad_spread.scalar_type() == dtype && mean_gradients.scalar_type() == dtype;
   if (!var_gradients.is_cpu() || !one_dtype || (dtype != at::kFloat && dtype != at::kDouble) ||
@@ -106,11 +111,12 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
     const Tensor coef = coefficients.to(dtype);
     const Tensor mean_coefficients = coef.select(1, 0) * g_c + coef.select(1, 1) * g_p;
     const Tensor var_coefficients = coef.select(1, 2) * g_p;
-    return {window_weight_gradient(mean_coefficients, mean_gradients, var_coefficients, var_gradients),
+    return {window_weight_gradient(mean_coefficients, mean_gradients, var_coefficients, var_gradients)
+                .reshape(weight_shape),
             mean_coefficients.sum(1)};
   }
   const int64_t per_group = channels / mean_gradients.size(0);
-  Tensor rows = at::empty({channels, fan_in}, var_gradients.options());
+  Tensor rows = at::empty(weight_shape, var_gradients.options());
   Tensor grad_bias = at::empty({channels}, var_gradients.options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_compensation_gradients", [&] {
     const scalar_t* coef = coefficients.const_data_ptr<scalar_t>();
@@ -152,7 +158,7 @@ TORCH_LIBRARY_FRAGMENT(cbn, m) {
         "Tensor var_gradients) -> Tensor");
   m.impl("window_weight_gradient", c10::DispatchKey::CompositeImplicitAutograd, &window_weight_gradient);
   m.def("compensation_gradients(Tensor coefficients, Tensor grad_center, Tensor grad_spread, Tensor mean_gradients, "
-        "Tensor var_gradients) -> (Tensor, Tensor)");
+        "Tensor var_gradients, int[] weight_shape) -> (Tensor, Tensor)");
   m.impl("compensation_gradients", c10::DispatchKey::CompositeImplicitAutograd, &compensation_gradients);
 }
 

@@ -201,8 +201,10 @@ def producer_gradients(
     grad_spread = grad_share * inv_entries
     if kernels.active() and not gradients.copies:
         # One call: the coefficients made in the kernel's channel loop.
+        # (dL/dW in the weight's shape, not a view: autograd adds the producer's own weight
+        # gradient into it in place.)
         rows, grad_bias = torch.ops.cbn.compensation_gradients(
-            terms.coefficients, grad_center, grad_spread, gradients.mean, gradients.var)
+            terms.coefficients, grad_center, grad_spread, gradients.mean, gradients.var, list(weight.shape))
     else:
         mean_coefficients = terms.center_weights * grad_center + terms.spread_weights * grad_spread  # (k, C)
         grad_bias = mean_coefficients.sum(0)
@@ -212,7 +214,7 @@ def producer_gradients(
             rows = _weight_gradient(gradients, mean_coefficients.t().contiguous(), var_coefficients.t().contiguous())
     grad_weight = None
     if needs_weight:
-        grad_weight = rows.view(weight.shape)
+        grad_weight = rows if rows.shape == weight.shape else rows.view(weight.shape)
         if grad_weight.dtype != weight.dtype:
             grad_weight = grad_weight.to(weight.dtype)
     if not needs_bias or bias is None:
@@ -253,9 +255,12 @@ class _AttachedPast(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_center, grad_share):
         (inv_entries,) = ctx.saved_tensors
-        zeros = torch.zeros_like(inv_entries.expand(ctx.terms.unclamped.shape[1:]))
+        if grad_center is None or grad_share is None:
+            zeros = inv_entries.new_zeros(ctx.terms.coefficients.shape[0])
+            grad_center = zeros if grad_center is None else grad_center
+            grad_share = zeros if grad_share is None else grad_share
         grads = producer_gradients(
-            ctx.terms, zeros if grad_center is None else grad_center, zeros if grad_share is None else grad_share,
+            ctx.terms, grad_center, grad_share,
             inv_entries, ctx.weight, ctx.bias, *ctx.needs_input_grad[:2],
         )
         return *grads, None, None, None, None
