@@ -80,8 +80,8 @@ def fold_conv_bn(model: nn.Module) -> tuple[nn.Module, int]:
 def count_norms(model: nn.Module) -> dict:
     out: dict = {}
     for m in model.modules():
-        kind = type(m).__name__
-        if "Norm" in kind or kind.startswith("MABN"):
+        kind = type(m).__name__  # norm layers only, not wrappers such as Conv2dNormActivation
+        if kind.endswith(("Norm", "Norm1d", "Norm2d", "Norm3d")) or kind.startswith("MABN"):
             out[kind] = out.get(kind, 0) + 1
     return out
 
