@@ -80,8 +80,22 @@ def build_detector(variant: str, canvas: int = 128, channels: int = 64, window: 
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
     norm = make_norm("gn", gn_groups=32) if variant == "gn" else nn.BatchNorm2d
+    model = assemble_detector(resnet10_body(norm), norm, canvas, channels)
+    if variant == "cbn":
+        model = cbn.convert_model(model, window=window, burnin=burnin)
+    return model
+
+
+def resnet10_body(norm=nn.BatchNorm2d) -> ResNet:
+    """The backbone's body: ``ResNet(BasicBlock, [1, 1, 1, 1])`` with a 1-channel stem."""
     body = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=norm)
     body.conv1 = nn.Conv2d(1, 64, kernel_size=7, stride=2, padding=3, bias=False)  # grey-level input
+    return body
+
+
+def assemble_detector(body: ResNet, norm, canvas: int = 128, channels: int = 64) -> nn.Module:
+    """Faster R-CNN + FPN around ``body`` with ``norm`` (a constructor of one argument, the
+    channels) in every FPN convolution and in the box head."""
     backbone = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512], channels,
                                extra_blocks=LastLevelMaxPool(), norm_layer=norm)
     levels = ["0", "1", "2", "pool"]
@@ -98,8 +112,6 @@ def build_detector(variant: str, canvas: int = 128, channels: int = 64, window: 
         box_predictor=FastRCNNPredictor(representation, len(CLASSES) + 1),
         box_batch_size_per_image=64, box_detections_per_img=20,
     )
-    if variant == "cbn":
-        model = cbn.convert_model(model, window=window, burnin=burnin)
     return model
 
 
