@@ -30,9 +30,10 @@ gives (``normalization.past_summary_gradients``)::
 
 The per-channel work (``w``, ``p``, ``q``) is done in the forward, for all layers of a model in
 one chain (:func:`compensation_coefficients`); the weight-sized work is one pass over the window
-in the backward (:func:`window_weight_gradient`, a C++ kernel on the CPU), reading the statistic
-gradients the forward's summary was computed from (:class:`WindowGradients`: the window's own
-tensors, and private copies of slots the window overwrote before this backward ran).
+in the backward (:func:`producer_gradients`: the C++ kernel ``cbn::compensation_gradients`` on
+the CPU, :func:`window_weight_gradient` otherwise), reading the statistic gradients the
+forward's summary was computed from (:class:`WindowGradients`: the window's own tensors, and
+private copies of slots the window overwrote before this backward ran).
 """
 
 from __future__ import annotations

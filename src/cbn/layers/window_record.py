@@ -26,7 +26,7 @@ from ..functional.statistic_gradients import (
     statistic_shifts_of_layers,
 )
 from ..functional.window import MEAN_SHIFT, SAMPLES, VAR_SHIFT
-from .window_state import PositionWindow, copy_into_slots
+from .window_state import PositionWindow, copy_into_slots, write_gradient_slots
 
 
 class StepRecord(NamedTuple):
@@ -259,39 +259,13 @@ def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor
 
 
 def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -> None:
-    """Statistic gradients into their slots (zeros for entries stored without them); kept by the
-    window until its next read where a differentiable summary waits for its backward."""
-    windows, written_slots, sources, cleared = [], [], [], []
-    # On the CPU the flags cost nothing to read; elsewhere deferred gradients are cleaned when written.
-    all_finite = finite.device.type == "cpu" and bool(finite.all())
-    for i, slot in zip(windowed, slots):
-        window = records[i].window
-        if window.var_grad is None:
-            continue
-        entry = None if gradients[i] is None else (gradients[i].mean, gradients[i].var)
-        if window.defer_gradients(slot, entry, all_finite):
-            continue
-        pair = (window.mean_grad, window.var_grad)
-        if gradients[i] is None:
-            cleared += [window.narrow(1, slot, 1) for window in pair]
-        else:
-            windows += pair
-            written_slots += (slot, slot)
-            sources += (gradients[i].mean, gradients[i].var)
-    if cleared:
-        torch._foreach_zero_(cleared)
-    if not windows:
-        return
-    if finite.device.type == "cpu":
-        # One copy for all, zeros only where needed.
-        copy_into_slots(windows, 1, written_slots, sources)
-        if not all_finite:
-            for window, slot in zip(windows, written_slots):
-                torch.nan_to_num_(window.narrow(1, slot, 1), 0.0, 0.0, 0.0)
-    else:
-        # On an accelerator, no synchronisation: every copy replaces non-finite values.
-        for window, slot, source in zip(windows, written_slots, sources):
-            torch.nan_to_num(source, 0.0, 0.0, 0.0, out=window.narrow(1, slot, 1))
+    """The new entries' statistic gradients (``None``: stored without them) to their windows
+    (:func:`cbn.layers.window_state.write_gradient_slots`, which owns the rings)."""
+    entries = [(records[i].window, slot, None if gradients[i] is None else (gradients[i].mean, gradients[i].var))
+               for i, slot in zip(windowed, slots) if records[i].window.var_grad is not None]
+    if entries:
+        # On the CPU the flags cost nothing to read; elsewhere every write replaces non-finite values.
+        write_gradient_slots(entries, finite.device.type == "cpu" and bool(finite.all()))
 
 
 def _update_running_stats(records, tracking, sizes, finite_channels: Tensor, samples: Tensor) -> None:

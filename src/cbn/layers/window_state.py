@@ -347,6 +347,35 @@ def _same_producer(stored: tuple | None, signature: tuple) -> bool:
     return stored[-1] in ("copied", None) or signature[-1] is None or stored[-1] == signature[-1]
 
 
+def write_gradient_slots(entries: list[tuple[PositionWindow, int, tuple[Tensor, Tensor] | None]],
+                         finite: bool) -> None:
+    """New entries' statistic gradients into their positions' slots: ``(position, slot, (mean,
+    var))``, or ``None`` for an entry stored without them (its slot cleared). ``finite``: known
+    to hold no NaN or infinity (else each write replaces them with zeros). A position where a
+    differentiable summary waits for its backward keeps them aside until its next read
+    (:meth:`PositionWindow.defer_gradients`); the others are written now, in one copy."""
+    windows, written_slots, sources, cleared = [], [], [], []
+    for position, slot, gradients in entries:
+        if position.defer_gradients(slot, gradients, finite):
+            continue
+        pair = (position._mean_grad, position._var_grad)
+        if gradients is None:
+            cleared += [ring.narrow(1, slot, 1) for ring in pair]
+        else:
+            windows += pair
+            written_slots += (slot, slot)
+            sources += gradients
+    if cleared:
+        torch._foreach_zero_(cleared)
+    if not windows:
+        return
+    if finite:
+        copy_into_slots(windows, 1, written_slots, sources)
+    else:
+        for ring, slot, source in zip(windows, written_slots, sources):
+            torch.nan_to_num(source, 0.0, 0.0, 0.0, out=ring.narrow(1, slot, 1))
+
+
 def flush_positions(positions: list[PositionWindow]) -> None:
     """:meth:`PositionWindow.flush` of many positions, their finite pending gradients written in one
     :func:`copy_into_slots` call (a converted model's step, before it summarizes its windows)."""
