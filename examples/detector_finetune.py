@@ -126,45 +126,15 @@ def accuracy(model: nn.Module, images, labels, pad: int) -> float:
 
 
 def pretrain(cfg: PretrainConfig, weights_path: str = PRETRAINED, progress: bool = True) -> dict:
-    from cbn.experiments.data import load_split, train_batches
+    """The body's BatchNorm pretraining (the loop of :func:`cbn.experiments.finetune.train_classifier`);
+    saves the body's weights (float16 convolutions) and its record beside them."""
+    from cbn.experiments.finetune import train_classifier
     from cbn.experiments.train import source_commit
 
-    torch.set_num_threads(cfg.threads)
-    wall0 = time.perf_counter()
-    train_images, train_labels = load_split("train", cfg.data_dir)
-    test_images, test_labels = load_split("test", cfg.data_dir)
-    train_images, train_labels = train_images[: cfg.train_images], train_labels[: cfg.train_images]
-    padded = F.pad(train_images, (cfg.pad,) * 4)
-    torch.manual_seed(cfg.seed)
-    model = classifier()
-    steps_per_epoch = len(train_labels) // cfg.batch_size
-    total = max(1, steps_per_epoch * cfg.epochs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    curve, step = [], 0
-    model.train()
-    for epoch in range(cfg.epochs):
-        loss_sum, seen = 0.0, 0
-        for x, y in train_batches(padded, train_labels, cfg.batch_size, cfg.seed, epoch, padding=cfg.crop_padding):
-            loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_sum += loss.item()
-            seen += 1
-            if progress and step % 25 == 0:
-                print(f"[pretrain] step {step}/{total} loss {loss.item():.3f} {time.perf_counter() - wall0:.0f}s",
-                      flush=True)
-        test_acc = accuracy(model, test_images, test_labels, cfg.pad)
-        curve.append({"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, seen),
-                      "test_accuracy": test_acc})
-        if progress:
-            print(f"[pretrain] epoch {epoch + 1}: train loss {loss_sum / max(1, seen):.4f} test acc {test_acc:.2f}",
-                  flush=True)
+    run = train_classifier(cfg, classifier, accuracy, progress, log_every=25)
+    model, curve, total, wall0 = run.model, run.curve, run.steps, run.wall0
+    train_images, train_labels, test_images, test_labels = (run.train_images, run.train_labels, run.test_images,
+                                                            run.test_labels)
     state = body_state(model)
     path = Path(weights_path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -196,11 +197,26 @@ def _accuracy(model: nn.Module, images: Tensor, labels: Tensor, pad: int) -> flo
     return 100.0 * correct / len(labels)
 
 
-def pretrain(cfg: PretrainConfig, weights_path: str = PRETRAINED, progress: bool = True) -> dict:
-    """Train the encoder with BatchNorm on Fashion-MNIST classification; save its weights to
-    ``weights_path`` and its record beside it (``.json``). Returns the record."""
+class PretrainRun(NamedTuple):
+    """What :func:`train_classifier` leaves: the trained model, its per-epoch curve, the steps it
+    took, the data it used and when it started."""
+
+    model: nn.Module
+    curve: list
+    steps: int
+    train_images: Tensor
+    train_labels: Tensor
+    test_images: Tensor
+    test_labels: Tensor
+    wall0: float
+
+
+def train_classifier(cfg, make_model, accuracy, progress: bool = True, log_every: int = 100) -> PretrainRun:
+    """The pretraining both studies share: ``make_model()`` trained with BatchNorm on Fashion-MNIST
+    classification (the first ``cfg.train_images`` training images padded by ``cfg.pad``, random
+    crops, SGD with momentum and a cosine schedule), tested after every epoch with
+    ``accuracy(model, images, labels, pad)``."""
     from cbn.experiments.data import load_split, train_batches
-    from cbn.experiments.train import source_commit
 
     torch.set_num_threads(cfg.threads)
     wall0 = time.perf_counter()
@@ -209,9 +225,8 @@ def pretrain(cfg: PretrainConfig, weights_path: str = PRETRAINED, progress: bool
     train_images, train_labels = train_images[: cfg.train_images], train_labels[: cfg.train_images]
     padded = F.pad(train_images, (cfg.pad,) * 4)
     torch.manual_seed(cfg.seed)
-    model = EncoderClassifier(lambda c: nn.BatchNorm2d(c, momentum=cfg.bn_momentum), cfg.widths)
-    steps_per_epoch = len(train_labels) // cfg.batch_size
-    total = steps_per_epoch * cfg.epochs
+    model = make_model()
+    total = max(1, len(train_labels) // cfg.batch_size * cfg.epochs)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.base_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -228,13 +243,25 @@ def pretrain(cfg: PretrainConfig, weights_path: str = PRETRAINED, progress: bool
             step += 1
             loss_sum += loss.item()
             seen += 1
-            if progress and step % 100 == 0:
+            if progress and step % log_every == 0:
                 print(f"[pretrain] step {step}/{total} loss {loss.item():.3f} "
                       f"{time.perf_counter() - wall0:.0f}s", flush=True)
-        test_acc = _accuracy(model, test_images, test_labels, cfg.pad)
+        test_acc = accuracy(model, test_images, test_labels, cfg.pad)
         curve.append({"epoch": epoch + 1, "step": step, "train_loss": loss_sum / max(1, seen), "test_accuracy": test_acc})
         if progress:
             print(f"[pretrain] epoch {epoch + 1}: train loss {loss_sum / max(1, seen):.4f}  test acc {test_acc:.2f}", flush=True)
+    return PretrainRun(model, curve, total, train_images, train_labels, test_images, test_labels, wall0)
+
+
+def pretrain(cfg: PretrainConfig, weights_path: str = PRETRAINED, progress: bool = True) -> dict:
+    """Train the encoder with BatchNorm on Fashion-MNIST classification; save its weights to
+    ``weights_path`` and its record beside it (``.json``). Returns the record."""
+    from cbn.experiments.train import source_commit
+
+    run = train_classifier(cfg, lambda: EncoderClassifier(lambda c: nn.BatchNorm2d(c, momentum=cfg.bn_momentum),
+                                                          cfg.widths), _accuracy, progress)
+    model, curve, total, train_images, train_labels, wall0 = (run.model, run.curve, run.steps, run.train_images,
+                                                              run.train_labels, run.wall0)
     path = Path(weights_path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in model.state_dict().items() if k.startswith("down.")}
