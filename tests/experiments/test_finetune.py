@@ -179,3 +179,15 @@ def test_a_tiny_finetuning_run_records_its_environment_and_no_paths(pretrained, 
     text = (tmp_path / "runs" / "mabn_bs2_seed0.json").read_text()
     assert str(tmp_path) not in text and "/home/" not in text
     assert json.loads(text)["config"]["method"] == "mabn"
+
+
+def test_pretrain_tiny_writes_the_encoder_and_its_record(tiny_fashion, tmp_path):
+    from cbn.experiments.finetune import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(epochs=2, batch_size=16, train_images=48, data_dir=str(tiny_fashion))
+    record = pretrain(cfg, str(tmp_path / "encoder.pt"), progress=False)
+    saved = json.loads((tmp_path / "encoder.json").read_text())
+    assert saved["steps"] == 6 and [point["step"] for point in saved["curve"]] == [3, 6]
+    assert 0 <= saved["test_accuracy"] <= 100 and saved["weights_sha256"] == record["weights_sha256"]
+    state = torch.load(tmp_path / "encoder.pt", weights_only=True)
+    assert state and all(key.startswith("down.") for key in state)
