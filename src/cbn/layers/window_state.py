@@ -173,20 +173,7 @@ class PositionWindow:
 
     def flush(self) -> None:
         """Write the pending gradients into their slots (non-finite values as zeros)."""
-        if not self.pending:
-            return
-        pending, self.pending = self.pending, []
-        self._before_writing({entry[0] for entry in pending})
-        for slot, mean, var, finite in pending:
-            if mean is not None and finite:
-                copy_into_slots([self._mean_grad, self._var_grad], 1, [slot, slot], [mean, var])
-                continue
-            for ring, source in ((self._mean_grad, mean), (self._var_grad, var)):
-                target = ring.narrow(1, slot, 1)
-                if source is None:
-                    target.zero_()
-                else:
-                    torch.nan_to_num(source, 0.0, 0.0, 0.0, out=target)
+        flush_positions([self])
 
     def write_slot(self, slot: int, stats: Tensor, mean_grad: Tensor, var_grad: Tensor) -> None:
         """Replace one entry and its gradients (a recompute filling in an entry stored without them)."""
@@ -354,42 +341,40 @@ def write_gradient_slots(entries: list[tuple[PositionWindow, int, tuple[Tensor, 
     to hold no NaN or infinity (else each write replaces them with zeros). A position where a
     differentiable summary waits for its backward keeps them aside until its next read
     (:meth:`PositionWindow.defer_gradients`); the others are written now, in one copy."""
-    windows, written_slots, sources, cleared = [], [], [], []
-    for position, slot, gradients in entries:
-        if position.defer_gradients(slot, gradients, finite):
-            continue
-        pair = (position._mean_grad, position._var_grad)
-        if gradients is None:
-            cleared += [ring.narrow(1, slot, 1) for ring in pair]
-        else:
-            windows += pair
-            written_slots += (slot, slot)
-            sources += gradients
-    if cleared:
-        torch._foreach_zero_(cleared)
-    if not windows:
-        return
-    if finite:
-        copy_into_slots(windows, 1, written_slots, sources)
-    else:
-        for ring, slot, source in zip(windows, written_slots, sources):
-            torch.nan_to_num(source, 0.0, 0.0, 0.0, out=ring.narrow(1, slot, 1))
+    _write_into_rings([(position, slot, *(gradients if gradients is not None else (None, None)), finite)
+                       for position, slot, gradients in entries
+                       if not position.defer_gradients(slot, gradients, finite)])
 
 
 def flush_positions(positions: list[PositionWindow]) -> None:
-    """:meth:`PositionWindow.flush` of many positions, their finite pending gradients written in one
-    :func:`copy_into_slots` call (a converted model's step, before it summarizes its windows)."""
-    windows, slots, sources = [], [], []
+    """:meth:`PositionWindow.flush` of many positions, their pending gradients written together (a
+    converted model's step, before it summarizes its windows)."""
+    writes = []
     for position in positions:
-        if not position.pending or not all(mean is not None and finite for _, mean, _, finite in position.pending):
-            position.flush()  # (nothing pending, or clears and non-finite values: one by one)
-            continue
-        pending, position.pending = position.pending, []
-        position._before_writing({entry[0] for entry in pending})
-        for slot, mean, var, _ in pending:
-            windows += (position._mean_grad, position._var_grad)
-            slots += (slot, slot)
-            sources += (mean, var)
+        if position.pending:
+            pending, position.pending = position.pending, []
+            position._before_writing({entry[0] for entry in pending})
+            writes += [(position, *entry) for entry in pending]
+    _write_into_rings(writes)
+
+
+def _write_into_rings(writes: list[tuple[PositionWindow, int, Tensor | None, Tensor | None, bool]]) -> None:
+    """``(position, slot, mean, var, finite)``: finite gradients copied in one
+    :func:`copy_into_slots` call, absent ones (``None``) as zeros, the others with non-finite
+    values replaced by zeros."""
+    windows, slots, sources, cleared = [], [], [], []
+    for position, slot, mean, var, finite in writes:
+        for ring, source in ((position._mean_grad, mean), (position._var_grad, var)):
+            if source is None:
+                cleared.append(ring.narrow(1, slot, 1))
+            elif finite:
+                windows.append(ring)
+                slots.append(slot)
+                sources.append(source)
+            else:
+                torch.nan_to_num(source, 0.0, 0.0, 0.0, out=ring.narrow(1, slot, 1))
+    if cleared:
+        torch._foreach_zero_(cleared)
     if windows:
         copy_into_slots(windows, 1, slots, sources)
 
