@@ -20,7 +20,17 @@ A step is ``zero_grad`` + forward + loss + backward + SGD with momentum. Reporte
 median step time, the spread over rounds (first to third quartile), the ratio to BatchNorm of the
 same run; per variant and model (at batch 2, the smaller input), every ``aten::`` profiler event of
 one step (nested ones included) and the bytes the CBN windows hold between steps (entries and
-statistic gradients; the weights' bytes times ``window - 1`` is what the paper's method stores). Writes a JSON with every figure and a markdown section.
+statistic gradients; the weights' bytes times ``window - 1`` is what the paper's method stores).
+
+Memory bound (CPU): per cell, the read bandwidth of one thread over a buffer far larger than the
+caches (``read_bandwidth``), and the bytes a compensated step must move at least through the
+window (``window_traffic``): the paper's rule reads every past slot and the weights once for the
+Taylor step and writes the new entry, (k + 1) |W|; the default also reads the past slots once in
+the backward and writes the weight gradient, (2k + 1) |W| (|W|: the compensated producers' weight
+values, k - 1 past slots). ``floor + traffic / bandwidth`` is the least step time a compensated
+variant can reach on this machine, reported beside the measured one.
+
+Writes a JSON with every figure and a markdown section.
 """
 
 from __future__ import annotations
@@ -148,6 +158,39 @@ def self_times(model_name: str, size: int, batch: int, args, top: int = 14) -> s
     return "\n".join(lines)
 
 
+def read_bandwidth(mebibytes: int = 256, repeats: int = 5) -> float:
+    """Bytes per second one thread reads from memory: the median over ``repeats`` sums of a
+    buffer far larger than the caches (a fresh buffer, touched once before timing)."""
+    buffer = torch.ones(mebibytes * 2**20 // 4)
+    buffer.sum()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - start)
+    return buffer.numel() * 4 / statistics.median(times)
+
+
+def window_traffic(model: nn.Module, differentiable: bool) -> int:
+    """The bytes one compensated training step must move through the window at least (module
+    docstring): (past slots + 2) |W| for the paper's rule, (2 past slots + 3) |W| for the default,
+    summed over every compensated call position."""
+    from cbn import CrossIterationBatchNormBase
+
+    total = 0
+    for layer in model.modules():
+        if not isinstance(layer, CrossIterationBatchNormBase):
+            continue
+        for position in layer.window_state.positions:
+            gradients = position.var_grad
+            if gradients is None:
+                continue
+            channels, slots, fan_in = gradients.shape
+            passes = 2 * slots + 3 if differentiable else slots + 2
+            total += passes * channels * fan_in * gradients.element_size()
+    return total
+
+
 def measure(args, log) -> list[dict]:
     rows = []
     cells = [(m, size, batch) for m in args.models for size in args.sizes_of(m) for batch in args.batch_sizes]
@@ -163,16 +206,23 @@ def measure(args, log) -> list[dict]:
                 step()
         times = interleave(steps, args.rounds)
         reference = statistics.median(times["bn"]) if "bn" in times else None
+        bandwidth = read_bandwidth() if args.device == "cpu" else None
+        floor = statistics.median(times["floor"]) if "floor" in times else None
         profiled = {}
         if batch == args.profile_batch and size == args.sizes_of(model_name)[0]:
             profiled = {variant: profile_step(step) for variant, step in steps.items()}
         for variant, samples in times.items():
             median = statistics.median(samples)
             low, high = _quartiles(samples)
+            bound = {}
+            if variant in ("cbn", "cbn-diff") and bandwidth and floor:
+                traffic = window_traffic(steps[variant].model, variant == "cbn-diff")
+                bound = {"traffic_bytes": traffic, "read_bandwidth": bandwidth,
+                         "bound_ms": 1e3 * (floor + traffic / bandwidth)}
             rows.append({"model": model_name, "size": size, "batch": batch, "variant": variant,
                          "window": args.window, "step_ms": 1e3 * median, "q1_ms": 1e3 * low, "q3_ms": 1e3 * high,
                          "rounds": len(samples), "ratio": median / reference if reference else None,
-                         **profiled.get(variant, {})})
+                         **bound, **profiled.get(variant, {})})
         elapsed = time.perf_counter() - start
         left = elapsed / (index + 1) * (len(cells) - index - 1)
         log(f"[{index + 1}/{len(cells)}] {model_name} {size}px batch {batch}: "
@@ -210,6 +260,28 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
         paper, default = cells.get("cbn"), cells.get("cbn-diff")
         ratio = f"{default['step_ms'] / paper['step_ms']:.2f}x" if paper and default else "-"
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(text) + f" | {ratio} |")
+    bounded = [r for r in rows if "bound_ms" in r]
+    if bounded:
+        lines += ["", "Memory bound: the floor of the same run plus the bytes the variant must move through its "
+                  "window per step (`window_traffic`) at the read bandwidth of one thread measured in the same "
+                  "cell (`read_bandwidth`); ratios to BatchNorm:", "",
+                  "| model | input | batch | read GB/s | window traffic, paper's rule / default | "
+                  "paper's rule: bound, measured | default: bound, measured |", "|---|---|---|---|---|---|---|"]
+        for key in dict.fromkeys((r["model"], r["size"], r["batch"]) for r in bounded):
+            cells = {r["variant"]: r for r in rows if (r["model"], r["size"], r["batch"]) == key}
+            base = cells["bn"]["step_ms"] if "bn" in cells else None
+            if base is None:
+                continue
+            any_cell = next(c for v, c in cells.items() if "bound_ms" in c)
+
+            def pair(v):
+                c = cells.get(v)
+                return f"{c['bound_ms'] / base:.2f}x, {c['ratio']:.2f}x" if c and "bound_ms" in c else "-"
+
+            traffic = " / ".join(f"{cells[v]['traffic_bytes'] / 2**20:.0f} MiB" if v in cells and "traffic_bytes" in cells[v]
+                                 else "-" for v in ("cbn", "cbn-diff"))
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {any_cell['read_bandwidth'] / 1e9:.1f} | {traffic} | "
+                         f"{pair('cbn')} | {pair('cbn-diff')} |")
     profiled = [r for r in rows if "aten_ops" in r]
     if profiled:
         lines += ["", "ATen operations per training step (every `aten::` profiler event, nested ones included) "

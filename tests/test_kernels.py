@@ -112,9 +112,9 @@ def test_pooled_normalization_has_no_double_backward():
     nn.Linear(5, 3), nn.Conv2d(64, 8, 3),
 ], ids=["conv", "grouped", "transposed", "linear", "wide"])
 def test_statistic_shifts_of_layers_equal_python(producer):
-    # Mean terms: the same kernels, bit for bit. Variance terms: the same dot products summed in
-    # another order, within the float bound gamma_n sum |a b| (gamma_n = n u / (1 - n u),
-    # n = fan_in, u = 2^-24).
+    # Both terms are dot products of fan_in values (the mean terms plus the bias), summed by the
+    # kernel and by ATen in different orders: each within the float bound gamma_m (sum |a b| + |bias|)
+    # of the float64 sum (gamma_m = m u / (1 - m u), m = fan_in + 1, u = 2^-24).
     channels = producer.weight.shape[1] * producer.groups if isinstance(producer, nn.ConvTranspose2d) else producer.weight.shape[0]
     rows = weight_rows(producer, producer.weight.detach())
     groups = getattr(producer, "groups", 1)
@@ -128,18 +128,22 @@ def test_statistic_shifts_of_layers_equal_python(producer):
         reference = [statistic_shifts(gradients, *operand[2:]) for operand in operands]
     _assert_identical(python[0], [mean for mean, _ in reference])
     _assert_identical(python[1], [var for _, var in reference])
-    _assert_identical(fast[0], [mean for mean, _ in reference])
-    magnitude = (gradients.var.double().abs() * rows.double().abs().unsqueeze(1)).sum(-1).t()
-    n_u = rows.shape[1] * 2.0**-24
-    bound = n_u / (1 - n_u) * magnitude
-    exact = (gradients.var.double() * rows.double().unsqueeze(1)).sum(-1).t()
-    for fast_var, (_, python_var) in zip(fast[1], reference):
-        assert fast_var.dtype == python_var.dtype and fast_var.shape == python_var.shape
-        assert ((fast_var.double() - exact).abs() <= bound).all()
-        assert ((python_var.double() - exact).abs() <= bound).all()
+    m_u = (rows.shape[1] + 1) * 2.0**-24
+    gamma = m_u / (1 - m_u)
+    patches = gradients.mean.double().repeat_interleave(channels // groups, dim=0)  # (C, k, fan_in): each channel's group
+    for terms, gradient in ((0, patches), (1, gradients.var.double())):
+        for (_, _, _, layer_bias), fast_terms, reference_terms in zip(operands, fast[terms], [r[terms] for r in reference]):
+            offset = torch.zeros(channels, dtype=torch.float64)
+            if terms == 0 and layer_bias is not None:  # the bias enters the mean terms only
+                offset = layer_bias.double()
+            exact = (gradient * rows.double().unsqueeze(1)).sum(-1).t() + offset
+            bound = gamma * ((gradient.abs() * rows.double().abs().unsqueeze(1)).sum(-1).t() + offset.abs())
+            for computed in (fast_terms, reference_terms):
+                assert computed.dtype == reference_terms.dtype and computed.shape == reference_terms.shape
+                assert ((computed.double() - exact).abs() <= bound).all()
 
 
-def test_variance_shifts_do_not_depend_on_the_thread_count():
+def test_statistic_shifts_do_not_depend_on_the_thread_count():
     gradients = StatisticGradients(torch.randn(1, 3, 4608), torch.randn(512, 3, 4608))
     operands = [(gradients.mean, gradients.var, torch.randn(512, 4608), None)]
     threads = torch.get_num_threads()
@@ -148,10 +152,11 @@ def test_variance_shifts_do_not_depend_on_the_thread_count():
         for count in (1, 2):
             torch.set_num_threads(count)
             with torch.no_grad():
-                results.append(statistic_shifts_of_layers(operands)[1][0])
+                results.append(statistic_shifts_of_layers(operands))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(*results)
+    (mean_1, var_1), (mean_2, var_2) = [(means[0], variances[0]) for means, variances in results]
+    assert torch.equal(mean_1, mean_2) and torch.equal(var_1, var_2)
 
 
 def test_statistic_gradients_of_layers_equal_python_bit_for_bit():

@@ -34,3 +34,32 @@ def test_markdown_reports_the_default_against_the_paper_rule():
             dict(row, variant="cbn-diff", step_ms=18.0, ratio=1.8)]
     text = markdown(rows, "cmd", {"git_commit": "abc", "device": "cpu", "threads": 1, "load_average_start": (0, 0, 0)})
     assert "| resnet18 | 64 | 2 | 10 ms (1-2) | 1.50x (1-2 ms) | 1.80x (1-2 ms) | 1.20x |" in text
+
+
+def test_window_traffic_counts_the_compensated_weights_per_pass():
+    import torch
+    from torch import nn
+
+    import cbn
+    from benchmarks.backbone_step import window_traffic
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+    weights = 8 * 3 * 9 + 4 * 8  # the two producers' weight values, |W|
+    model = cbn.convert_model(model, window=4, burnin=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(5):  # windows full: 3 past slots
+        optimizer.zero_grad()
+        model(torch.randn(2, 3, 8, 8)).square().mean().backward()
+        optimizer.step()
+    assert window_traffic(model, differentiable=False) == (3 + 2) * weights * 4
+    assert window_traffic(model, differentiable=True) == (2 * 3 + 3) * weights * 4
+
+
+def test_markdown_reports_the_memory_bound_beside_the_measured_ratio():
+    row = dict(model="resnet18", size=64, batch=2, window=4, q1_ms=1.0, q3_ms=2.0)
+    bound = dict(read_bandwidth=8e9, traffic_bytes=2**20 * 100)
+    rows = [dict(row, variant="bn", step_ms=10.0, ratio=1.0), dict(row, variant="floor", step_ms=12.0, ratio=1.2),
+            dict(row, variant="cbn", step_ms=15.0, ratio=1.5, bound_ms=13.0, **bound),
+            dict(row, variant="cbn-diff", step_ms=18.0, ratio=1.8, bound_ms=14.0, **bound)]
+    text = markdown(rows, "cmd", {"git_commit": "abc", "device": "cpu", "threads": 1, "load_average_start": (0, 0, 0)})
+    assert "| resnet18 | 64 | 2 | 8.0 | 100 MiB / 100 MiB | 1.30x, 1.50x | 1.40x, 1.80x |" in text

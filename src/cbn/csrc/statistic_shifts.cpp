@@ -1,14 +1,14 @@
 // First-order terms (d mu/dW . W + b, d var/dW . W) of many layers' window entries in one call:
 // the loop of cbn.functional.statistic_gradients.statistic_shifts over the layers of a model.
 //
-// The mean terms use the same ATen kernels as the Python implementation (identical results).
-// The variance terms, one dot product of fan_in values per channel and entry, are summed here
-// in one pass over the gradients: the Python form (an element-wise product, then a sum) writes
-// and reads back a temporary as large as the gradient window, (k - 1) weight-sized tensors, which
-// is most of the Taylor step's memory traffic on large models. Both forms are float dot products
-// in a different order, so they agree to rounding (within n u sum |a b|), not bit for bit. Every
-// product of one run comes from the same kernel, so a Taylor step at unchanged weights leaves an
-// entry exactly as stored.
+// Both terms are dot products of fan_in values with the channel's weight row, summed here in one
+// pass per channel: the row is read from memory once for the mean and the variance terms of every
+// entry (the Python form reads it twice, in a matrix product and in an element-wise product whose
+// temporary is as large as the gradient window, (k - 1) weight-sized tensors: most of the Taylor
+// step's memory traffic on large models). Both forms are float dot products in a different order,
+// so they agree to rounding (within n u sum |a b|), not bit for bit. Every product of one run
+// comes from the same kernel, so a Taylor step at unchanged weights leaves an entry exactly as
+// stored.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -44,28 +44,61 @@ scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return lanes[0] + tail;
 }
 
-// gradients (C, k, fan_in) and rows (C, fan_in) -> (k, C): out[t, c] = gradients[c, t] . rows[c].
-Tensor row_dot_products(const Tensor& gradients, const Tensor& rows) {
-  const Tensor grads = gradients.contiguous();
-  const Tensor weights = rows.contiguous();
-  const int64_t channels = grads.size(0), entries = grads.size(1), fan_in = grads.size(2);
-  TORCH_CHECK(weights.size(0) == channels && weights.size(1) == fan_in,
-              "cbn.statistic_shifts_many: gradients ", grads.sizes(), " do not match weight rows ", weights.sizes());
-  Tensor out = at::empty({entries, channels}, grads.options());
-  AT_DISPATCH_FLOATING_TYPES(grads.scalar_type(), "cbn_row_dot_products", [&] {
-    const scalar_t* g = grads.const_data_ptr<scalar_t>();
-    const scalar_t* w = weights.const_data_ptr<scalar_t>();
-    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+// The terms of one layer in one pass over the channels:
+//   mean[t, c] = mean_gradients[group(c), t] . rows[c] + bias[c],   var[t, c] = var_gradients[c, t] . rows[c]
+// mean_gradients (groups, k, fan_in), var_gradients (C, k, fan_in), rows (C, fan_in), bias (C) or
+// undefined, all contiguous host tensors of one floating dtype.
+std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor& var_gradients, const Tensor& rows,
+                                      const Tensor& bias) {
+  const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
+  const int64_t groups = mean_gradients.size(0);
+  TORCH_CHECK(rows.size(0) == channels && rows.size(1) == fan_in && mean_gradients.size(1) == entries &&
+                  mean_gradients.size(2) == fan_in && channels % groups == 0,
+              "cbn.statistic_shifts_many: gradients ", mean_gradients.sizes(), " and ", var_gradients.sizes(),
+              " do not match weight rows ", rows.sizes());
+  Tensor mean_out = at::empty({entries, channels}, var_gradients.options());
+  Tensor var_out = at::empty({entries, channels}, var_gradients.options());
+  const int64_t per_group = channels / groups;
+  AT_DISPATCH_FLOATING_TYPES(var_gradients.scalar_type(), "cbn_row_shifts", [&] {
+    const scalar_t* g_mu = mean_gradients.const_data_ptr<scalar_t>();
+    const scalar_t* g_var = var_gradients.const_data_ptr<scalar_t>();
+    const scalar_t* w = rows.const_data_ptr<scalar_t>();
+    const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* mean = mean_out.mutable_data_ptr<scalar_t>();
+    scalar_t* var = var_out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
+        const scalar_t* row = w + c * fan_in;
+        const scalar_t* patches = g_mu + (c / per_group) * entries * fan_in;
+        const scalar_t offset = b == nullptr ? scalar_t(0) : b[c];
         for (int64_t t = 0; t < entries; ++t) {
-          o[t * channels + c] = dot(g + (c * entries + t) * fan_in, w + c * fan_in, fan_in);
+          mean[t * channels + c] = dot(patches + t * fan_in, row, fan_in) + offset;
+          var[t * channels + c] = dot(g_var + (c * entries + t) * fan_in, row, fan_in);
         }
       }
     });
   });
-  return out;
+  return {std::move(mean_out), std::move(var_out)};
+}
+
+// The ATen form, for other devices and mixed dtypes: a matrix product (or, for grouped
+// convolutions, element-wise products and sums) for the mean terms, products and sums for the
+// variance terms.
+std::tuple<Tensor, Tensor> aten_row_shifts(const Tensor& mean_grad, const Tensor& var_grad, const Tensor& rows,
+                                           const std::optional<Tensor>& bias) {
+  const int64_t channels = rows.size(0), groups = mean_grad.size(0);
+  Tensor mean_shift;
+  if (groups == 1) {
+    mean_shift = at::mm(mean_grad.select(0, 0), rows.t());
+  } else {
+    const Tensor grouped_rows = rows.view({groups, 1, channels / groups, -1});
+    mean_shift = (mean_grad.unsqueeze(2) * grouped_rows).sum(-1).transpose(0, 1).flatten(1);
+  }
+  if (bias.has_value() && bias->defined()) {
+    mean_shift = mean_shift + *bias;
+  }
+  return {std::move(mean_shift), (var_grad * rows.unsqueeze(1)).sum(-1).t()};
 }
 
 // mean_gradients[l]: (groups, k, fan_in); var_gradients[l]: (C, k, fan_in); weights[l]: the
@@ -83,24 +116,21 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
     const Tensor& mean_grad = mean_gradients[l];
     const Tensor& var_grad = var_gradients[l];
     const int64_t channels = weights[l].size(0);
-    const int64_t groups = mean_grad.size(0);
     Tensor rows = weights[l].dim() == 2 ? weights[l] : weights[l].reshape({channels, -1});
-    if (rows.scalar_type() != var_grad.scalar_type()) {
-      rows = rows.to(var_grad.scalar_type());
+    const auto dtype = var_grad.scalar_type();
+    if (rows.scalar_type() != dtype) {
+      rows = rows.to(dtype);
     }
-    Tensor mean_shift;
-    if (groups == 1) {
-      mean_shift = at::mm(mean_grad.select(0, 0), rows.t());
-    } else {
-      const Tensor grouped_rows = rows.view({groups, 1, channels / groups, -1});
-      mean_shift = (mean_grad.unsqueeze(2) * grouped_rows).sum(-1).transpose(0, 1).flatten(1);
-    }
-    // The one-pass kernel reads host memory: other devices take the ATen form.
-    Tensor var_shift = var_grad.is_cpu() ? row_dot_products(var_grad, rows) : (var_grad * rows.unsqueeze(1)).sum(-1).t();
     const std::optional<Tensor> bias = biases.get(l);
-    if (bias.has_value() && bias->defined()) {
-      mean_shift = mean_shift + *bias;
-    }
+    const bool has_bias = bias.has_value() && bias->defined();
+    // The one-pass kernel reads host memory of one floating dtype; anything else takes ATen's form.
+    const bool one_pass = var_grad.is_cpu() && mean_grad.is_cpu() && rows.is_cpu() &&
+                          (dtype == at::kFloat || dtype == at::kDouble) && mean_grad.scalar_type() == dtype &&
+                          (!has_bias || (bias->is_cpu() && bias->scalar_type() == dtype));
+    auto [mean_shift, var_shift] =
+        one_pass ? row_shifts(mean_grad.contiguous(), var_grad.contiguous(), rows.contiguous(),
+                              has_bias ? bias->contiguous() : Tensor())
+                 : aten_row_shifts(mean_grad, var_grad, rows, bias);
     mean_shifts.push_back(std::move(mean_shift));
     var_shifts.push_back(std::move(var_shift));
   }
