@@ -48,6 +48,7 @@ from benchmarks.train_step import (
     run_section,
     window_state_bytes,
 )
+from cbn import kernels
 from cbn.experiments.models import resnet20
 from cbn.experiments.norms import make_norm
 
@@ -84,8 +85,9 @@ def conv_shapes(batch: int) -> list[dict]:
     return shapes
 
 
-def theory_flops(variant: str, batch: int, window: int) -> dict:
-    """FLOPs of one training step from the shapes (2 per multiply-add)."""
+def theory_flops(variant: str, batch: int, window: int, kernels: bool = True) -> dict:
+    """FLOPs of one training step from the shapes (2 per multiply-add); ``kernels``: whether
+    cbn's C++ kernels run (they take the mean shifts out of ATen's matrix product)."""
     counted = uncounted = 0
     past = window - 1
     for s in conv_shapes(batch):
@@ -99,7 +101,12 @@ def theory_flops(variant: str, batch: int, window: int) -> dict:
             # one weight-gradient convolution: C variance rows plus the mean patch (an extra
             # channel below batch 8, a batch-summed convolution from 8 on)
             counted += 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
-            counted += 2 * window * c * f  # mean shifts, k entries (k - 1 moved, 1 stored): mm
+            # Mean shifts, k entries (k - 1 moved, 1 stored): a matrix product without the
+            # kernels, in the kernel's pass with the variance shifts with them.
+            if kernels:
+                uncounted += 2 * window * c * f
+            else:
+                counted += 2 * window * c * f
             uncounted += 2 * window * c * f  # variance shifts: element-wise products and sums
         elif variant == "authors":
             counted += 2 * conv  # autograd.grad of the mean and of the second moment
@@ -204,7 +211,7 @@ def measure(args, log) -> list[dict]:
         reference = trainers["bn"].model
         bn_step, bn_eval = statistics.median(times["bn"]), statistics.median(eval_times["bn"])
         for variant, trainer in trainers.items():
-            flops = theory_flops(variant, batch, args.window)
+            flops = theory_flops(variant, batch, args.window, kernels.active())
             rows.append({
                 "variant": variant, "batch": batch, "window": args.window,
                 "memory_theory_bytes": theory_memory(variant, args.window),

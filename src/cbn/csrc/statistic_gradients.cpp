@@ -7,7 +7,10 @@
 //   d mu[c]/d W[c]  = mean_i u[i]                          (the same for every channel)
 //   d var[c]/d W[c] = (2/m) sum_i (y[i, c] - mu[c]) u[i]
 // Both are the weight gradient of one convolution whose grad_output is [y - mu | 1/2], C + 1
-// channels, scaled by 2/m afterwards.
+// channels, scaled by 2/m: the grad_output when a channel has fewer samples than weight values
+// (m < fan_in), else the result, whichever is smaller (_scales_activations). The weight passed
+// to the convolution is uninitialized memory in the input's memory format: only its shape is
+// read, and an expanded scalar would be copied into a contiguous weight at every call.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -42,23 +45,33 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> convolution_statistic_gradi
 
     const int64_t channels = output.size(1);
     const int64_t samples = output.numel() / channels;
+    const int64_t fan_in = weights[l].numel() / weights[l].size(0);
+    const bool scale_first = samples < fan_in;
+    const double scale = 2.0 / static_cast<double>(samples);
     std::vector<int64_t> mean_shape(output.dim(), 1);
     mean_shape[1] = channels;
     std::vector<int64_t> grad_shape = output.sizes().vec();
     grad_shape[1] = channels + 1;
     Tensor grad_output = at::empty(grad_shape, output.options());
-    grad_output.narrow(1, channels, 1).fill_(0.5);
+    grad_output.narrow(1, channels, 1).fill_(scale_first ? 0.5 * scale : 0.5);
     Tensor centred = grad_output.narrow(1, 0, channels);
     at::sub_out(centred, output, means[l].view(mean_shape));
+    if (scale_first) {
+      centred.mul_(scale);
+    }
 
     std::vector<int64_t> weight_shape = weights[l].sizes().vec();
     weight_shape[0] = channels + 1;
-    const Tensor placeholder = at::zeros({}, output.options()).expand(weight_shape);
+    const Tensor placeholder =
+        at::empty(weight_shape, output.options().memory_format(input.suggest_memory_format()));
     const std::vector<int64_t> no_output_padding(spatial, 0);
     Tensor both = std::get<1>(at::convolution_backward(
         grad_output, input, placeholder, std::nullopt, stride, padding, dilation, false, no_output_padding, 1,
         {false, true, false}));
-    both = both.mul_(2.0 / static_cast<double>(samples)).reshape({channels + 1, 1, -1});
+    if (!scale_first) {
+      both.mul_(scale);
+    }
+    both = both.reshape({channels + 1, 1, -1});
     mean_grads.push_back(both.narrow(0, channels, 1));
     var_grads.push_back(both.narrow(0, 0, channels));
   }

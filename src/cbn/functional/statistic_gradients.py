@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import kernels
-from .._cache import bounded_get
 
 _CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _TRANSPOSED = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -220,48 +219,64 @@ def _inductor_keeps_convolutions_channels_last(device_type: str) -> bool:
 
 
 # Per-thread scratch tensors of the per-step path (a layer may run in several threads, e.g.
-# under nn.DataParallel): weight placeholders and the gradient buffer of _centred_and_uniform.
+# under nn.DataParallel): the gradient buffers of _centred_and_uniform.
 _SCRATCH = threading.local()
 # Largest gradient buffer kept between calls: 1 Mi values (4 MiB in float32).
 _SCRATCH_NUMEL = 1 << 20
 
 
 def _weight_placeholder(shape: list[int], like: Tensor) -> Tensor:
-    """What ``convolution_backward`` reads of the weight is its shape: an expanded scalar."""
-    if torch.compiler.is_compiling():
-        return like.new_zeros(()).expand(shape)
-    placeholders = _SCRATCH.__dict__.setdefault("placeholders", {})
-    return bounded_get(placeholders, (tuple(shape), like.dtype, like.device),
-                       lambda: like.new_zeros(()).expand(shape), 256)
+    """What ``convolution_backward`` reads of the weight when it computes only the weight's
+    gradient: its shape and memory format (that of ``like``, the convolution's input, so that no
+    backend copies it into another). Uninitialized memory that nothing reads: the allocation
+    touches no page of it (an expanded scalar would be copied into a contiguous weight, a
+    weight-sized write per call)."""
+    layout = torch.contiguous_format
+    if not like.is_contiguous():
+        for channels_last in (torch.channels_last, torch.channels_last_3d):
+            if like.dim() == (4 if channels_last is torch.channels_last else 5) and like.is_contiguous(memory_format=channels_last):
+                layout = channels_last
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
 
 
-def _centred_and_uniform(output: Tensor, channel_mean: Tensor) -> Tensor:
-    """``[y - mu | 1/2]``: the variance's gradient and the uniform extra output channel, both
-    ``m / 2`` times what they are. The weight gradient is linear in them: scaling its small
-    result by ``2 / m`` afterwards saves a pass over the activations.
+def _scales_activations(samples: int, fan_in: int) -> bool:
+    """Where the factor ``2 / m`` of a statistic gradient is applied: to the gradient fed to the
+    weight-gradient convolution when a channel has fewer samples than weight values
+    (``m < fan_in``, small batches on wide layers), else to the weight-sized result. The
+    gradient is linear in it; whichever tensor is smaller takes the extra pass."""
+    return samples < fan_in
+
+
+def _centred_and_uniform(output: Tensor, channel_mean: Tensor, scale: float = 1.0) -> Tensor:
+    """``scale [y - mu | 1/2]``: the variance's gradient and the uniform extra output channel,
+    ``m / 2`` times what they are unless ``scale`` is ``2 / m`` (:func:`_scales_activations`).
 
     Outside a compiled graph, a small result is a per-thread scratch buffer of its shape, valid
     until the next call for that shape, whose uniform channel was written once, when it was made
-    (small batches, where the saved operations count); a large one is allocated each call, so
-    that no activation-sized memory is held between steps.
+    (small batches, where the saved operations count; ``scale`` is a function of the shape); a
+    large one is allocated each call, so that no activation-sized memory is held between steps.
     """
     channels = output.shape[1]
     if torch.compiler.is_compiling():  # a graph takes no ``out=`` into a slice
-        uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 0.5)
-        return torch.cat((output - channel_mean, uniform), dim=1)
+        uniform = output.new_full((output.shape[0], 1, *output.shape[2:]), 0.5 * scale)
+        centred = output - channel_mean
+        return torch.cat((centred if scale == 1.0 else centred.mul_(scale), uniform), dim=1)
     shape = (output.shape[0], channels + 1, *output.shape[2:])
-    key = (shape, output.dtype, output.device)
+    key = (shape, output.dtype, output.device, scale)
     buffers = _SCRATCH.__dict__.setdefault("grad_outputs", {})
     grad_output = buffers.get(key)
     if grad_output is None:
         with torch.inference_mode(False):  # kept between calls: never an inference tensor
             grad_output = output.new_empty(shape)
-            grad_output.narrow(1, channels, 1).fill_(0.5)
+            grad_output.narrow(1, channels, 1).fill_(0.5 * scale)
         if grad_output.numel() <= _SCRATCH_NUMEL:
             if len(buffers) > 16:
                 buffers.clear()
             buffers[key] = grad_output
-    torch.sub(output, channel_mean, out=grad_output.narrow(1, 0, channels))
+    centred = grad_output.narrow(1, 0, channels)
+    torch.sub(output, channel_mean, out=centred)
+    if scale != 1.0:
+        centred.mul_(scale)
     return grad_output
 
 
@@ -366,10 +381,13 @@ def producer_statistic_gradients(
     if groups == 1 and output.shape[0] < _SPLIT_BATCH:
         # One weight-gradient convolution gives both: an extra output channel whose gradient is the
         # uniform 1/m yields the mean patch next to the C variance rows.
-        grad_output = _centred_and_uniform(output, channel_mean)
-        both = _convolution_weight_gradient(
-            producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1
-        ).mul_(2.0 / samples).reshape(channels + 1, 1, -1)
+        # (The C++ kernel cbn::convolution_statistic_gradients does the same, bit for bit.)
+        scale_first = _scales_activations(samples, producer.weight[0].numel())
+        grad_output = _centred_and_uniform(output, channel_mean, 2.0 / samples if scale_first else 1.0)
+        both = _convolution_weight_gradient(producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1)
+        if not scale_first:
+            both = both.mul_(2.0 / samples)
+        both = both.reshape(channels + 1, 1, -1)
         return StatisticGradients(both.narrow(0, channels, 1), both.narrow(0, 0, channels))
     var_grad = _convolution_weight_gradient(
         producer, output - channel_mean, padded, [channels, *kernel_shape], padding, groups
