@@ -12,6 +12,13 @@ PRODUCERS = {
     "conv1d_replicate_same": (lambda: nn.Conv1d(3, 4, 4, padding="same", padding_mode="replicate"), (2, 3, 9)),
     "conv3d_dilated": (lambda: nn.Conv3d(2, 4, 3, padding=(1, 0, 2), dilation=(1, 2, 1)), (2, 2, 4, 7, 6)),
     "depthwise": (lambda: nn.Conv2d(3, 3, 3, groups=3), (2, 3, 6, 6)),
+    # The mean patches of grouped and large-batch convolutions come from a dilated depthwise
+    # convolution of the batch sum: strides, dilations and kernels that differ per axis, 1-D and 3-D.
+    "depthwise_5x3_strided_dilated": (lambda: nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=4),
+                                      (2, 4, 9, 8)),
+    "conv1d_depthwise_strided": (lambda: nn.Conv1d(4, 4, 5, stride=2, padding=2, groups=4), (2, 4, 11)),
+    "conv3d_batch8_strided": (lambda: nn.Conv3d(2, 3, (3, 2, 3), stride=(1, 2, 2), padding=(1, 0, 1), dilation=(2, 1, 1)),
+                              (8, 2, 5, 6, 7)),
     "linear": (lambda: nn.Linear(5, 4), (7, 5)),
 }
 

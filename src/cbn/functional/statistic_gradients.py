@@ -392,13 +392,31 @@ def producer_statistic_gradients(
     var_grad = _convolution_weight_gradient(
         producer, output - channel_mean, padded, [channels, *kernel_shape], padding, groups
     ).mul_(2.0 / samples)
-    # Padding is applied per sample with the same index map, so it commutes with the batch sum.
-    batch_sum = padded.sum(0, keepdim=True)
-    uniform = output.new_full((1, groups, *output.shape[2:]), 1.0 / samples)
-    mean_grad = _convolution_weight_gradient(
-        producer, uniform, batch_sum, [groups, *kernel_shape], padding, groups
-    )
+    mean_grad = _mean_patches(producer, padded, padding, list(output.shape[2:]), kernel_shape[1:], samples)
     return StatisticGradients(mean_grad.reshape(groups, 1, -1), var_grad.reshape(channels, 1, -1))
+
+
+def _mean_patches(producer, padded: Tensor, padding: list[int], output_size: list[int], kernel_size: list[int],
+                  samples: int) -> Tensor:
+    """The mean input patch of a convolution, per input channel: ``(C_in, *kernel_size)``, the
+    values at kernel offset ``o`` averaged over the ``m`` output positions ``p``::
+
+        patch[c, o] = (1/m) sum_n sum_p x_padded[n, c, p * stride + o * dilation]
+
+    Padding is applied per sample with the same index map, so it commutes with the batch sum; the
+    sum over ``p`` at every offset is one depthwise convolution of the batch sum with a kernel of
+    ``1/m`` the size of the output, dilated by the stride (a forward convolution: on CPU, oneDNN's
+    weight gradient of a depthwise convolution, the other way to get it, is several times slower
+    for 5x5 kernels). Grouped weights read it as ``(groups, C_in/groups * kernel)`` rows.
+    """
+    batch_sum = padded.sum(0, keepdim=True)
+    in_channels, spatial = batch_sum.shape[1], len(output_size)
+    uniform = batch_sum.new_full((in_channels, 1, *output_size), 1.0 / samples)
+    sums = torch.convolution(batch_sum, uniform, None, [1] * spatial, padding, list(producer.stride), False,
+                             [0] * spatial, in_channels)
+    # Offsets o * dilation, o < kernel size: every dilation-th value of the first ones.
+    offsets = tuple(slice(0, (k - 1) * d + 1, d) for k, d in zip(kernel_size, producer.dilation))
+    return sums[(0, slice(None), *offsets)]
 
 
 def producer_statistic_gradients_of_layers(operands: list[tuple]) -> list[StatisticGradients]:
