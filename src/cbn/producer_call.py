@@ -238,14 +238,19 @@ def reading_would_recompute() -> bool:
 
 
 def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
-    """A number that changes when a producer's weight or bias changes: their dot product with
-    a fixed pseudo-random vector (exact equality for unchanged values, in any layout), read back
-    once per call; in one call of the C++ kernel ``cbn::weight_fingerprint`` where
-    :mod:`cbn.kernels` is active (its sum in another order: it is compared only with itself)."""
+    """A number that changes when a producer's weight or bias changes: the dot product of their
+    values (in memory order) with a fixed pseudo-random probe (exact equality for unchanged values,
+    in any layout), read back once per call; in one call of the C++ kernel ``cbn::weight_fingerprint``
+    where :mod:`cbn.kernels` is active (its sum in another order: it is compared only with itself).
+
+    The probe is the sum of two short random probes repeated with coprime periods
+    (:data:`PROBE_PERIODS`): the kernel reads them from the cache and only the weights from memory,
+    and two positions share a probe value only ``4093 x 4099`` values apart, so any single change,
+    and any exchange of two values closer than that, changes the number."""
     tensors = [t for t in (computation.weight, computation.bias) if t is not None and t.numel()]
     with torch.no_grad():
-        if kernels.active():
-            return torch.ops.cbn.weight_fingerprint(tensors, [_probe(t.numel(), t.dtype, t.device) for t in tensors])
+        if kernels.active() and tensors:
+            return torch.ops.cbn.weight_fingerprint(tensors, *_probe_periods(tensors[0].dtype, tensors[0].device))
         total = None
         for tensor in tensors:
             flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)
@@ -254,17 +259,31 @@ def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
     return 0.0 if total is None else float(total)
 
 
+PROBE_PERIODS = (4093, 4099)  # coprime: the probe repeats only every 4093 x 4099 values
 _PROBES: dict[tuple, Tensor] = {}
 
 
+def _probe_periods(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The two short probes, values in ``[0.5, 1.5)`` (never zero: every value counts)."""
+    key = ("periods", dtype, device)
+    periods = _PROBES.get(key)
+    if periods is None:
+        generator = torch.Generator().manual_seed(0)
+        with torch.inference_mode(False):
+            values = torch.rand(sum(PROBE_PERIODS), generator=generator, dtype=torch.float64).add_(0.5)
+            periods = _PROBES[key] = tuple(part.to(dtype=dtype, device=device) for part in values.split(PROBE_PERIODS))
+    return periods
+
+
 def _probe(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The probe of ``numel`` values: ``first[j % 4093] + second[j % 4099]``, summed in ``dtype``."""
     key = (numel, dtype, device)
     probe = _PROBES.get(key)
     if probe is None:
         if len(_PROBES) > 512:
             _PROBES.clear()
-        generator = torch.Generator().manual_seed(numel)
         with torch.inference_mode(False):
-            probe = _PROBES[key] = torch.rand(numel, generator=generator, dtype=torch.float64).add_(0.5).to(
-                dtype=dtype, device=device)
+            first, second = (period.repeat(-(-numel // period.numel()))[:numel]
+                             for period in _probe_periods(dtype, device))
+            probe = _PROBES[key] = first + second
     return probe

@@ -11,6 +11,7 @@
 // stored.
 
 #include <ATen/ATen.h>
+#include <algorithm>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -137,28 +138,75 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
   return {std::move(mean_shifts), std::move(var_shifts)};
 }
 
-// The number by which a layer sees its producer's weights change
-// (cbn.producer_call.producer_fingerprint): sum over tensors of tensors[i] . probes[i], in one
-// call instead of a view, a dot product and a read-back per tensor (at batch 1-2 each ATen
-// operation is a dispatch that costs more than the values). Contiguous float CPU tensors take
-// the dot product above; other ones ATen's. Unchanged values give the same number.
-double weight_fingerprint(at::TensorList tensors, at::TensorList probes) {
-  TORCH_CHECK(tensors.size() == probes.size(), "cbn.weight_fingerprint: one probe per tensor");
+// sum_j values[j] (first[j % P1] + second[j % P2]) for the periods P1, P2 of the two probes, in
+// blocks in which neither probe index wraps (the probes stay in the L1 cache: one stream from
+// memory, the values).
+template <typename scalar_t>
+double periodic_dot(const scalar_t* values, int64_t n, const scalar_t* first, int64_t first_period,
+                    const scalar_t* second, int64_t second_period) {
+  constexpr int kLanes = 16;
   double total = 0;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const Tensor& values = tensors[i];
-    const Tensor& probe = probes[i];
-    TORCH_CHECK(values.numel() == probe.numel(), "cbn.weight_fingerprint: a probe of ", probe.numel(),
-                " values for a tensor of ", values.numel());
+  int64_t j = 0, i1 = 0, i2 = 0;
+  while (j < n) {
+    const int64_t length = std::min({n - j, first_period - i1, second_period - i2});
+    const scalar_t *v = values + j, *a = first + i1, *b = second + i2;
+    scalar_t lanes[kLanes] = {};
+    int64_t k = 0;
+    for (; k + kLanes <= length; k += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        lanes[l] += v[k + l] * (a[k + l] + b[k + l]);
+      }
+    }
+    scalar_t tail = 0;
+    for (; k < length; ++k) {
+      tail += v[k] * (a[k] + b[k]);
+    }
+    for (int width = kLanes / 2; width > 0; width /= 2) {
+      for (int l = 0; l < width; ++l) {
+        lanes[l] += lanes[l + width];
+      }
+    }
+    total += static_cast<double>(lanes[0] + tail);
+    j += length;
+    i1 = (i1 + length) % first_period;
+    i2 = (i2 + length) % second_period;
+  }
+  return total;
+}
+
+// The number by which a layer sees its producer's weights change
+// (cbn.producer_call.producer_fingerprint): sum over tensors of the dot product of their values,
+// in memory order, with the probe that repeats first (period P1) plus the probe that repeats
+// second (period P2), in one call instead of several ATen operations and a read-back per tensor
+// (at batch 1-2 each is a dispatch that costs more than the values). With coprime periods two
+// positions get the same probe value only P1 P2 values apart, so any single change, and any
+// exchange of two values closer than that, changes the number. Contiguous float CPU tensors take
+// the loop above; other ones an ATen dot product with the repeated probe. Unchanged values give
+// the same number.
+double weight_fingerprint(at::TensorList tensors, const Tensor& first, const Tensor& second) {
+  TORCH_CHECK(first.dim() == 1 && second.dim() == 1 && first.numel() > 0 && second.numel() > 0 &&
+                  first.scalar_type() == second.scalar_type(),
+              "cbn.weight_fingerprint: two 1-D probes of one dtype");
+  double total = 0;
+  for (const Tensor& values : tensors) {
     const auto dtype = values.scalar_type();
-    if (!values.is_cpu() || !values.is_contiguous() || !probe.is_contiguous() || probe.scalar_type() != dtype ||
-        (dtype != at::kFloat && dtype != at::kDouble)) {
-      total += at::dot(values.reshape({-1}), probe.reshape({-1}).to(values.options())).item<double>();
+    const int64_t n = values.numel();
+    if (n == 0) {
       continue;
     }
+    if (!values.is_cpu() || !values.is_contiguous() || first.scalar_type() != dtype || !first.is_cpu() ||
+        !second.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
+      const auto repeated = [n](const Tensor& probe) {
+        return probe.repeat({(n + probe.numel() - 1) / probe.numel()}).narrow(0, 0, n);
+      };
+      const Tensor probe = (repeated(first) + repeated(second)).to(values.options());
+      total += at::dot(values.reshape({-1}), probe).item<double>();
+      continue;
+    }
+    const Tensor a = first.contiguous(), b = second.contiguous();
     AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_weight_fingerprint", [&] {
-      total += static_cast<double>(dot(values.const_data_ptr<scalar_t>(), probe.const_data_ptr<scalar_t>(),
-                                       values.numel()));
+      total += periodic_dot(values.const_data_ptr<scalar_t>(), n, a.const_data_ptr<scalar_t>(), a.numel(),
+                            b.const_data_ptr<scalar_t>(), b.numel());
     });
   }
   return total;
@@ -167,7 +215,7 @@ double weight_fingerprint(at::TensorList tensors, at::TensorList probes) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("weight_fingerprint(Tensor[] tensors, Tensor[] probes) -> float");
+  m.def("weight_fingerprint(Tensor[] tensors, Tensor first, Tensor second) -> float");
   m.impl("weight_fingerprint", c10::DispatchKey::CompositeImplicitAutograd, &weight_fingerprint);
   m.def("statistic_shifts_many(Tensor[] mean_gradients, Tensor[] var_gradients, Tensor[] weights, "
         "Tensor?[] biases) -> (Tensor[], Tensor[])");
