@@ -245,8 +245,8 @@ def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
 
     The probe is the sum of two short random probes repeated with coprime periods
     (:data:`PROBE_PERIODS`): the kernel reads them from the cache and only the weights from memory,
-    and two positions share a probe value only ``4093 x 4099`` values apart, so any single change,
-    and any exchange of two values closer than that, changes the number."""
+    and two positions meet the same pair of probe values only ``4093 x 4099`` values apart, so any
+    single change, and any exchange of two values closer than that, changes the number."""
     tensors = [t for t in (computation.weight, computation.bias) if t is not None and t.numel()]
     with torch.no_grad():
         if kernels.active() and tensors:
@@ -260,18 +260,19 @@ def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
 
 
 PROBE_PERIODS = (4093, 4099)  # coprime: the probe repeats only every 4093 x 4099 values
+_PERIODS: dict[tuple, tuple[Tensor, Tensor]] = {}
 _PROBES: dict[tuple, Tensor] = {}
 
 
 def _probe_periods(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
     """The two short probes, values in ``[0.5, 1.5)`` (never zero: every value counts)."""
-    key = ("periods", dtype, device)
-    periods = _PROBES.get(key)
+    key = (dtype, device)
+    periods = _PERIODS.get(key)
     if periods is None:
         generator = torch.Generator().manual_seed(0)
         with torch.inference_mode(False):
             values = torch.rand(sum(PROBE_PERIODS), generator=generator, dtype=torch.float64).add_(0.5)
-            periods = _PROBES[key] = tuple(part.to(dtype=dtype, device=device) for part in values.split(PROBE_PERIODS))
+            periods = _PERIODS[key] = tuple(part.to(dtype=dtype, device=device) for part in values.split(PROBE_PERIODS))
     return periods
 
 

@@ -11,10 +11,11 @@
 // stored.
 
 #include <ATen/ATen.h>
-#include <algorithm>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <algorithm>
 
 namespace cbn {
 namespace {

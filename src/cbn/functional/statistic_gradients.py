@@ -232,10 +232,9 @@ def _weight_placeholder(shape: list[int], like: Tensor) -> Tensor:
     touches no page of it (an expanded scalar would be copied into a contiguous weight, a
     weight-sized write per call)."""
     layout = torch.contiguous_format
-    if not like.is_contiguous():
-        for channels_last in (torch.channels_last, torch.channels_last_3d):
-            if like.dim() == (4 if channels_last is torch.channels_last else 5) and like.is_contiguous(memory_format=channels_last):
-                layout = channels_last
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(like.dim())
+    if channels_last is not None and not like.is_contiguous() and like.is_contiguous(memory_format=channels_last):
+        layout = channels_last
     return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
 
 
