@@ -85,8 +85,8 @@ def conv_shapes(batch: int) -> list[dict]:
     return shapes
 
 
-def theory_flops(variant: str, batch: int, window: int, kernels: bool = True) -> dict:
-    """FLOPs of one training step from the shapes (2 per multiply-add); ``kernels``: whether
+def theory_flops(variant: str, batch: int, window: int, with_kernels: bool = True) -> dict:
+    """FLOPs of one training step from the shapes (2 per multiply-add); ``with_kernels``: whether
     cbn's C++ kernels run (they take the mean shifts out of ATen's matrix product)."""
     counted = uncounted = 0
     past = window - 1
@@ -103,7 +103,7 @@ def theory_flops(variant: str, batch: int, window: int, kernels: bool = True) ->
             counted += 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
             # Mean shifts, k entries (k - 1 moved, 1 stored): a matrix product without the
             # kernels, in the kernel's pass with the variance shifts with them.
-            if kernels:
+            if with_kernels:
                 uncounted += 2 * window * c * f
             else:
                 counted += 2 * window * c * f
