@@ -25,6 +25,7 @@ SUMMARIES = (
     ("docs/data/finetune/reference-long/summary.json", "test_miou"),
     ("docs/data/finetune/reference-32k/summary.json", "test_miou"),
     ("docs/data/finetune/budget-32k/summary.json", "test_miou"),
+    ("docs/data/finetune/budget-32k-no-photometry/summary.json", "test_miou"),
     ("docs/data/detector-finetune/summary.json", "test_map"),
 )
 
