@@ -23,6 +23,7 @@ rendezvous variables; :func:`init_process_group` reads them::
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import tempfile
 import time
@@ -71,9 +72,15 @@ def cleanup() -> None:
 def _run(rank: int, fn: Callable, world_size: int, rendezvous: str, backend: str | None, args: tuple) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # one machine: the loopback interface
+    # A worker killed by a signal (a native abort) reports nothing through the spawn context's
+    # error file: print the Python stack of every thread to stderr first.
+    faulthandler.enable(all_threads=True)
     init_process_group(rank, world_size, backend, init_method=f"file://{rendezvous}")
     try:
         fn(rank, world_size, *args)
+        # No rank tears its connections down while another may still use them: a peer closing
+        # mid-teardown can abort gloo's transport thread in the rank that is slower to finish.
+        dist.barrier()
     finally:
         cleanup()
 

@@ -236,3 +236,8 @@ def fsdp_against_ddp(rank, world_size, out_dir, steps=6):
                              window_bytes=sum(model[i][1].window_state.nbytes() for i in (0, 1)))
     with open(os.path.join(out_dir, f"{rank}.json"), "w") as f:
         json.dump(results, f)
+
+
+def abort_natively(rank, world_size):
+    """Stands for a native abort (a C++ exception escaping a transport thread): no Python error file."""
+    os.abort()
