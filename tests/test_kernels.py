@@ -350,3 +350,47 @@ def test_weight_fingerprint_equals_the_probed_dot_and_sees_any_single_change():
     slow = torch.ops.cbn.weight_fingerprint([strided], *periods)
     assert abs(slow - float(strided.double().flatten() @ probe)) <= (
         strided.numel() * 2.0**-24 * float(strided.double().abs().flatten() @ probe))
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("only_center", [False, True])
+def test_attached_past_in_cpp_equals_the_python_function_and_records_its_backward(with_bias, only_center):
+    # cbn::attach_past (no Python in backward) against _AttachedPast with the same kernel inside:
+    # the same producer gradients bit for bit, grouped mean patches, a float32 producer with
+    # float64 window terms; the backward marks the summary used, and a released one is refused.
+    from cbn.functional.differentiable_compensation import (
+        _AttachedPast, CompensationTerms, WindowGradients, backward_has_run, release,
+    )
+
+    assert cbn.kernels.available()
+    generator = torch.Generator().manual_seed(0)
+    channels, entries, fan_in, groups = 6, 3, 10, 2
+
+    def draw(*shape, dtype=torch.float64):
+        return torch.randn(*shape, generator=generator, dtype=dtype)
+
+    coefficients, center, share = draw(channels, 3, entries), draw(channels), draw(channels).abs()
+    mean_grad, var_grad = draw(groups, entries, fan_in), draw(channels, entries, fan_in)
+    inv_entries = torch.tensor(0.25, dtype=torch.float64)
+    weight = draw(channels, 5, 2, dtype=torch.float32).requires_grad_()
+    bias = draw(channels, dtype=torch.float32).requires_grad_() if with_bias else None
+    grad_center, grad_share = draw(channels), draw(channels)
+    results = []
+    for form in ("cpp", "python"):
+        gradients = WindowGradients(mean_grad, var_grad)
+        if form == "cpp":
+            outputs = torch.ops.cbn.attach_past(weight, bias, center, share, inv_entries, coefficients, mean_grad,
+                                                var_grad, gradients.state)
+        else:
+            outputs = _AttachedPast.apply(weight, bias, center, share, inv_entries,
+                                          CompensationTerms(None, coefficients, gradients))
+        assert torch.equal(outputs[0], center) and torch.equal(outputs[1], share)
+        used = outputs[:1] if only_center else outputs
+        leaves = [weight] + ([bias] if with_bias else [])
+        results.append(torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)], retain_graph=True))
+        assert backward_has_run(gradients.state)
+        release(gradients.state)
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)])
+    for cpp, python in zip(*results):
+        assert cpp.dtype == torch.float32 and torch.equal(cpp, python)

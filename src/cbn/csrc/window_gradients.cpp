@@ -14,6 +14,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 namespace cbn {
@@ -151,6 +152,70 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
   return {std::move(rows), std::move(grad_bias)};
 }
 
+// The past summary (c, P/n) of differentiable compensation as a function of the producer's weight
+// and bias (cbn.functional.differentiable_compensation._AttachedPast is the Python form): the
+// forward returns views of c and P/n; the backward turns dL/dc and dL/d(P/n) into the producer's
+// gradients with compensation_gradients, g_P = dL/d(P/n) / n. backward_state is the summary's one
+// byte shared with Python (WindowGradients): the backward refuses to run once the window has
+// moved on (kReleased) and records that it ran (kUsed), which tells the window it may write in place.
+constexpr uint8_t kUsed = 1, kReleased = 2;
+
+struct AttachedPast : public torch::autograd::Function<AttachedPast> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const Tensor& weight, const std::optional<Tensor>& bias,
+      const Tensor& center, const Tensor& spread_share, const Tensor& inv_entries, const Tensor& coefficients,
+      const Tensor& mean_gradients, const Tensor& var_gradients, const Tensor& backward_state) {
+    TORCH_CHECK(backward_state.is_cpu() && backward_state.scalar_type() == at::kByte && backward_state.numel() == 1,
+                "cbn.attach_past: backward_state must be one uint8 value on the CPU");
+    // Not saved for backward: the window's own tensors, which it writes in place only after this
+    // backward ran (the state says so), and the weight and bias, of which only shapes are needed.
+    ctx->saved_data["inv_entries"] = inv_entries;
+    ctx->saved_data["coefficients"] = coefficients;
+    ctx->saved_data["mean_gradients"] = mean_gradients;
+    ctx->saved_data["var_gradients"] = var_gradients;
+    ctx->saved_data["backward_state"] = backward_state;
+    ctx->saved_data["weight_shape"] = weight.sizes();
+    ctx->saved_data["weight_dtype"] = weight.scalar_type();
+    ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+    return {center.view_as(center), spread_share.view_as(spread_share)};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "cbn: the backward of differentiable compensation is not differentiable (no double backward)");
+    uint8_t* state = ctx->saved_data["backward_state"].toTensor().mutable_data_ptr<uint8_t>();
+    TORCH_CHECK(*state != kReleased,
+                "cbn: a second backward through a Cross-Iteration BatchNorm forward after a later training "
+                "forward of the same layer (retain_graph=True): differentiable compensation reads the window "
+                "in backward, and the window has moved on. Run every backward of a forward before the next "
+                "training forward, or use differentiable_compensation=False.");
+    *state = kUsed;
+    const Tensor inv_entries = ctx->saved_data["inv_entries"].toTensor();
+    const Tensor coefficients = ctx->saved_data["coefficients"].toTensor();
+    const int64_t channels = coefficients.size(0);
+    const Tensor grad_center = grads[0].defined() ? grads[0] : at::zeros({channels}, inv_entries.options());
+    const Tensor grad_share = grads[1].defined() ? grads[1] : at::zeros({channels}, inv_entries.options());
+    const auto weight_shape = ctx->saved_data["weight_shape"].toIntVector();
+    auto [grad_weight, grad_bias] = compensation_gradients(
+        coefficients, grad_center, grad_share * inv_entries, ctx->saved_data["mean_gradients"].toTensor(),
+        ctx->saved_data["var_gradients"].toTensor(), weight_shape);
+    const bool needs_weight = ctx->needs_input_grad(0), needs_bias = ctx->needs_input_grad(1);
+    const auto& bias_dtype = ctx->saved_data["bias_dtype"];
+    return {needs_weight ? grad_weight.to(ctx->saved_data["weight_dtype"].toScalarType()) : Tensor(),
+            needs_bias && !bias_dtype.isNone() ? grad_bias.to(bias_dtype.toScalarType()) : Tensor(),
+            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::vector<Tensor> attach_past(const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& center,
+                                const Tensor& spread_share, const Tensor& inv_entries, const Tensor& coefficients,
+                                const Tensor& mean_gradients, const Tensor& var_gradients,
+                                const Tensor& backward_state) {
+  return AttachedPast::apply(weight, bias, center, spread_share, inv_entries, coefficients, mean_gradients,
+                             var_gradients, backward_state);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
@@ -160,6 +225,9 @@ TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("compensation_gradients(Tensor coefficients, Tensor grad_center, Tensor grad_spread, Tensor mean_gradients, "
         "Tensor var_gradients, int[] weight_shape) -> (Tensor, Tensor)");
   m.impl("compensation_gradients", c10::DispatchKey::CompositeImplicitAutograd, &compensation_gradients);
+  m.def("attach_past(Tensor weight, Tensor? bias, Tensor center, Tensor spread_share, Tensor inv_entries, "
+        "Tensor coefficients, Tensor mean_gradients, Tensor var_gradients, Tensor backward_state) -> Tensor[]");
+  m.impl("attach_past", c10::DispatchKey::CompositeImplicitAutograd, &attach_past);
 }
 
 }  // namespace cbn

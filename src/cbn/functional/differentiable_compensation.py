@@ -32,8 +32,9 @@ The per-channel work (``w``, ``p``, ``q``) is done in the forward, for all layer
 one chain (:func:`compensation_coefficients`); the weight-sized work is one pass over the window
 in the backward (:func:`producer_gradients`: the C++ kernel ``cbn::compensation_gradients`` on
 the CPU, :func:`window_weight_gradient` otherwise), reading the statistic gradients the
-forward's summary was computed from (:class:`WindowGradients`: the window's own tensors, and
-private copies of slots the window overwrote before this backward ran).
+forward's summary was computed from (:class:`WindowGradients`: the window's own tensors, which
+the window leaves unchanged until that backward has run). Where the C++ kernels are active the
+summary's autograd function is the C++ ``cbn::attach_past`` (no Python in the backward).
 """
 
 from __future__ import annotations
@@ -51,31 +52,45 @@ from .window import PastStatistics, move_to_current_weights, pool_past, with_poo
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 
 
+# Values of WindowGradients.state (the C++ backward, cbn::attach_past, writes the same ones).
+_WAITING, _USED, _RELEASED = 0, 1, 2
+
+
+def backward_has_run(state: Tensor) -> bool:
+    """Whether the backward of the summary with this :attr:`WindowGradients.state` has run."""
+    return int(state) != _WAITING
+
+
+def release(state: Tensor) -> None:
+    """Refuse any further backward of the summary with this state (the window moved on)."""
+    state.fill_(_RELEASED)
+
+
 class WindowGradients:
     """The statistic gradients a differentiable summary was computed from, as its backward reads them.
 
     ``mean`` ``(groups, k, fan_in)`` and ``var`` ``(C, k, fan_in)`` are the window's own tensors, not
     copies: the backward reads them in one pass. The window (:mod:`cbn.layers.window_state`) owns
-    them and writes their slots; before it overwrites a slot while this summary waits for its
-    backward, it calls :meth:`keep`, and the backward reads the copy instead. After the backward
-    the window may write freely; it :meth:`release`\\ s the summary, and a second backward through
-    it (``retain_graph=True`` across a later forward) is refused rather than read other entries.
+    them; while this summary waits for its backward, the window writes new entries into fresh
+    tensors, never into these. Once the backward ran (:meth:`mark_used`) the window may write them
+    in place; it then :meth:`release`\\ s the summary, and a second backward through it
+    (``retain_graph=True`` across a later forward) is refused rather than read other entries.
+
+    ``state``: one ``uint8`` on the CPU (waiting, used, released), which the C++ backward reads and
+    writes without Python. The summary's autograd node holds it (the Python form holds this object,
+    the C++ form only its tensors), so the window tracks summaries by a weak reference to it.
     """
 
     def __init__(self, mean: Tensor, var: Tensor) -> None:
         self.mean, self.var = mean, var
-        self.copies: dict[int, tuple[Tensor, Tensor]] = {}
-        self.used = False  # a backward has read it
-        self.released = False
+        self.state = torch.zeros((), dtype=torch.uint8)
 
-    def keep(self, slots) -> None:
-        """Copy the slots ``slots`` before the window overwrites them (once per slot)."""
-        for slot in slots:
-            if slot not in self.copies:
-                self.copies[slot] = (self.mean[:, slot].clone(), self.var[:, slot].clone())
+    @property
+    def released(self) -> bool:
+        return int(self.state) == _RELEASED
 
-    def release(self) -> None:
-        self.released = True
+    def mark_used(self) -> None:
+        self.state.fill_(_USED)
 
 
 class CompensationTerms(NamedTuple):
@@ -198,9 +213,9 @@ def producer_gradients(
             "in backward, and the window has moved on. Run every backward of a forward before the next "
             "training forward, or use differentiable_compensation=False."
         )
-    gradients.used = True
+    gradients.mark_used()
     grad_spread = grad_share * inv_entries
-    if kernels.active() and not gradients.copies:
+    if kernels.active():
         # One call: the coefficients made in the kernel's channel loop.
         # (dL/dW in the weight's shape, not a view: autograd adds the producer's own weight
         # gradient into it in place.)
@@ -212,7 +227,8 @@ def producer_gradients(
         rows = None
         if needs_weight:
             var_coefficients = terms.unclamped * grad_spread
-            rows = _weight_gradient(gradients, mean_coefficients.t().contiguous(), var_coefficients.t().contiguous())
+            rows = window_weight_gradient(mean_coefficients.t().contiguous(), gradients.mean,
+                                          var_coefficients.t().contiguous(), gradients.var)
     grad_weight = None
     if needs_weight:
         grad_weight = rows if rows.shape == weight.shape else rows.view(weight.shape)
@@ -223,23 +239,6 @@ def producer_gradients(
     elif grad_bias.dtype != bias.dtype:
         grad_bias = grad_bias.to(bias.dtype)
     return grad_weight, grad_bias
-
-
-def _weight_gradient(gradients: WindowGradients, mean_coefficients: Tensor, var_coefficients: Tensor) -> Tensor:
-    """:func:`window_weight_gradient` over the window, with the slots the window overwrote since
-    the forward read from their copies."""
-    if not gradients.copies:
-        return window_weight_gradient(mean_coefficients, gradients.mean, var_coefficients, gradients.var)
-    slots = sorted(gradients.copies)
-    in_window_mean, in_window_var = mean_coefficients.clone(), var_coefficients.clone()
-    in_window_mean[:, slots] = 0
-    in_window_var[:, slots] = 0
-    out = window_weight_gradient(in_window_mean, gradients.mean, in_window_var, gradients.var)
-    for slot in slots:
-        copied_mean, copied_var = gradients.copies[slot]
-        out += window_weight_gradient(mean_coefficients[:, slot:slot + 1], copied_mean.unsqueeze(1),
-                                      var_coefficients[:, slot:slot + 1], copied_var.unsqueeze(1))
-    return out
 
 
 class _AttachedPast(torch.autograd.Function):
@@ -290,7 +289,13 @@ def apply_attachment(past: PastStatistics) -> PastStatistics:
     if past.attachment is None or past.attachment[0] is None:  # (unattached: values only)
         return past._replace(attachment=None)
     weight, bias, terms = past.attachment
-    center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries, terms)
+    if kernels.active():
+        center, spread_share = torch.ops.cbn.attach_past(
+            weight, bias, past.center, past.spread_share, past.inv_entries, terms.coefficients,
+            terms.gradients.mean, terms.gradients.var, terms.gradients.state)
+    else:
+        center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries,
+                                                   terms)
     return past._replace(center=center, spread_share=spread_share, attachment=None)
 
 

@@ -21,9 +21,10 @@ last backward through the layer, or since its producer's weights changed. Each
 Under differentiable compensation a summary's backward reads the statistic gradients it was
 computed from, in one pass (:class:`cbn.functional.differentiable_compensation.WindowGradients`). The position keeps track of
 those summaries (weakly): a new entry's gradients wait (``pending``) while one of them waits for
-its backward, and are written at the position's next read; any other write first copies the
-slots such a summary still needs into it. So every backward reads exactly the entries its
-forward pooled, whatever ran in between (two views before one backward, checkpointing).
+its backward, and are written at the position's next read; any other write while such a summary
+waits goes into fresh tensors (the position replaces its rings by copies and leaves the summary
+the ones it was computed from). So every backward reads exactly the entries its forward pooled,
+whatever ran in between (two views before one backward, checkpointing).
 
 The window is the layer's own transient state, like BatchNorm's batch statistics: plain tensors,
 not buffers, so ``state_dict``, ``DistributedDataParallel``'s buffer broadcast, FSDP, EMA and SWA
@@ -45,7 +46,7 @@ from typing import NamedTuple
 
 from .. import kernels
 from ..functional.differentiable_compensation import (
-    CompensationTerms, WindowGradients, attach_to_producer, compensation_coefficients,
+    CompensationTerms, WindowGradients, attach_to_producer, backward_has_run, compensation_coefficients, release,
 )
 from ..functional.statistic_gradients import LinearCall, producer_groups, shift_weight, statistic_shifts_of_layers
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
@@ -135,31 +136,41 @@ class PositionWindow:
         return [(self.next_slot - offset) % self.past for offset in range(1, self.past + 1)]
 
     def reader(self) -> WindowGradients:
-        """The statistic gradients for a differentiable summary's backward, tracked by this position."""
+        """The statistic gradients for a differentiable summary's backward, tracked by this
+        position (through the backward state its autograd node holds) until the rings change."""
         self.flush()
         reader = WindowGradients(self._mean_grad, self._var_grad)
         self._readers = [ref for ref in self._readers if ref() is not None]
-        self._readers.append(weakref.ref(reader))
+        self._readers.append(weakref.ref(reader.state))
         return reader
 
-    def _waiting_readers(self) -> list[WindowGradients]:
-        """Summaries whose backward has not run, still alive."""
-        return [r for ref in self._readers if (r := ref()) is not None and not r.used and not r.released]
+    def _reader_states(self) -> list[Tensor]:
+        """Backward states of the summaries of the current rings still held by an autograd graph."""
+        return [state for ref in self._readers if (state := ref()) is not None]
 
-    def _before_writing(self, slots) -> None:
-        """Give the summaries still waiting for their backward copies of ``slots``; release the
-        others (their backward ran: a second one would read the new entries)."""
-        alive = []
-        for ref in self._readers:
-            reader = ref()
-            if reader is None or reader.released:
-                continue
-            if reader.used:
-                reader.release()
+    def _waiting_readers(self) -> list[Tensor]:
+        """Backward states of the summaries of the current rings whose backward has not run."""
+        return [state for state in self._reader_states() if not backward_has_run(state)]
+
+    def _new_rings(self, mean_grad: Tensor | None, var_grad: Tensor | None) -> None:
+        """Replace the rings; summaries of the old ones keep them, untracked (nothing writes them)."""
+        self._mean_grad, self._var_grad = mean_grad, var_grad
+        self._readers = []
+
+    def _before_writing(self) -> None:
+        """Release the summaries whose backward ran (a second one would read the new entries); if
+        one still waits for its backward, write from now on into copies of the rings, leaving it
+        the tensors it was computed from."""
+        states = self._reader_states()
+        waiting = False
+        for state in states:
+            if backward_has_run(state):
+                release(state)
             else:
-                reader.keep(slots)
-                alive.append(ref)
-        self._readers = alive
+                waiting = True
+        self._readers = []
+        if waiting:
+            self._new_rings(self._mean_grad.clone(), self._var_grad.clone())
 
     def defer_gradients(self, slot: int, gradients: tuple[Tensor, Tensor] | None, finite: bool) -> bool:
         """Keep a new entry's gradients (``None``: a slot to clear; ``finite``: known to hold no
@@ -178,7 +189,7 @@ class PositionWindow:
     def write_slot(self, slot: int, stats: Tensor, mean_grad: Tensor, var_grad: Tensor) -> None:
         """Replace one entry and its gradients (a recompute filling in an entry stored without them)."""
         self.flush()
-        self._before_writing({slot})
+        self._before_writing()
         self.stats[slot] = stats
         self._mean_grad[:, slot] = mean_grad
         self._var_grad[:, slot] = var_grad
@@ -186,7 +197,7 @@ class PositionWindow:
     def empty(self, keep: set[int] = frozenset()) -> None:
         """Invalidate every entry but those in the slots ``keep`` (whose gradients are pending)."""
         self.flush()
-        self._before_writing(range(self.past))
+        self._before_writing()
         kept = {slot: self.stats[slot].clone() for slot in keep}
         self.stats.zero_()
         for grad in (self._mean_grad, self._var_grad):
@@ -203,8 +214,7 @@ class PositionWindow:
         shape = (self.stats.shape[2], self.past, fan_in)
         if self._var_grad is None or self._var_grad.shape != shape or self._mean_grad.shape[0] != groups:
             self.pending = []  # entries of another producer layout: emptied anyway
-            self._mean_grad = self.stats.new_zeros(groups, self.past, fan_in)
-            self._var_grad = self.stats.new_zeros(shape)
+            self._new_rings(self.stats.new_zeros(groups, self.past, fan_in), self.stats.new_zeros(shape))
 
     def bind(self, call, keep: set[int] = frozenset()):
         """The producer call this position's entries are moved by in the current forward:
@@ -353,7 +363,7 @@ def flush_positions(positions: list[PositionWindow]) -> None:
     for position in positions:
         if position.pending:
             pending, position.pending = position.pending, []
-            position._before_writing({entry[0] for entry in pending})
+            position._before_writing()
             writes += [(position, *entry) for entry in pending]
     _write_into_rings(writes)
 
