@@ -200,10 +200,14 @@ struct AttachedPast : public torch::autograd::Function<AttachedPast> {
     auto [grad_weight, grad_bias] = compensation_gradients(
         coefficients, grad_center, grad_share * inv_entries, ctx->saved_data["mean_gradients"].toTensor(),
         ctx->saved_data["var_gradients"].toTensor(), weight_shape);
+    const auto in_dtype = [](const Tensor& gradient, const c10::IValue& dtype) {
+      const auto scalar_type = dtype.toScalarType();
+      return gradient.scalar_type() == scalar_type ? gradient : gradient.to(scalar_type);
+    };
     const bool needs_weight = ctx->needs_input_grad(0), needs_bias = ctx->needs_input_grad(1);
     const auto& bias_dtype = ctx->saved_data["bias_dtype"];
-    return {needs_weight ? grad_weight.to(ctx->saved_data["weight_dtype"].toScalarType()) : Tensor(),
-            needs_bias && !bias_dtype.isNone() ? grad_bias.to(bias_dtype.toScalarType()) : Tensor(),
+    return {needs_weight ? in_dtype(grad_weight, ctx->saved_data["weight_dtype"]) : Tensor(),
+            needs_bias && !bias_dtype.isNone() ? in_dtype(grad_bias, bias_dtype) : Tensor(),
             Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
