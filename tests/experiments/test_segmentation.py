@@ -174,6 +174,30 @@ def test_study_records_resumes_and_summarizes(tiny_fashion, tmp_path, monkeypatc
     assert (out / "miou_vs_batch.png").stat().st_size > 1000 and "BN + precise stats" in result["table"]
 
 
+def test_a_run_recorded_meanwhile_by_another_lane_is_not_run_again(tiny_fashion, tmp_path, monkeypatch, capsys):
+    # Two processes of one study (two single-thread lanes): a run the other lane recorded after this
+    # one planned its runs is skipped, not trained again over its record.
+    from cbn.experiments.segmentation import train
+
+    base = {"canvas": 32, "widths": [4, 8], "train_scenes": 8, "test_scenes": 4, "images": 4,
+            "eval_points": 1, "train_eval_scenes": 4, "precise_bn_scenes": 4, "data_dir": str(tiny_fashion)}
+    spec = dense_sweep.StudySpec(methods=("bn",), batch_sizes=(2,), seeds=(0,), small_batch_seeds=(0, 1), base=base)
+    out = tmp_path / "dense"
+    first, second = spec.configs(str(out))
+    launched = []
+
+    def launch(cfg):
+        launched.append(cfg.run_name())
+        train(cfg)
+        train(second)  # meanwhile, the other lane records the next run
+        return 0
+
+    monkeypatch.setattr(dense_sweep, "_launch", launch)
+    dense_sweep.run_study(spec, str(out))
+    assert launched == [first.run_name()]
+    assert f"{second.run_name()} recorded meanwhile by another process: skipped" in capsys.readouterr().out
+
+
 def test_methods_are_data_driven():
     assert METHODS["naive"].convert == {"compensate": False} and METHODS["syncbn"].nproc == 2
     args = dense_sweep.build_parser().parse_args(

@@ -180,6 +180,10 @@ def run_study(spec: StudySpec, out: str, commit_every: float | None = None, dry_
     last_commit = time.perf_counter()
     failures = []
     for index, cfg in enumerate(pending):
+        if record_path(cfg).exists():  # (another process of the same study, a second lane, ran it meanwhile)
+            print(f"[study] run {len(done) + index + 1}/{len(configs)}: {cfg.run_name()} recorded meanwhile "
+                  "by another process: skipped", flush=True)
+            continue
         estimates = [_estimate(c, durations) for c in pending[index:]]
         known = [e for e in estimates if e is not None]
         eta = "unknown" if not known else _format_seconds(sum(known) * len(estimates) / len(known))
