@@ -184,7 +184,8 @@ class PositionWindow:
 
     def flush(self) -> None:
         """Write the pending gradients into their slots (non-finite values as zeros)."""
-        flush_positions([self])
+        if self.pending:  # (every read of the rings calls this: most find nothing to write)
+            flush_positions([self])
 
     def write_slot(self, slot: int, stats: Tensor, mean_grad: Tensor, var_grad: Tensor) -> None:
         """Replace one entry and its gradients (a recompute filling in an entry stored without them)."""
