@@ -3,9 +3,10 @@
 ``torch.ops.cbn.write_entries`` reads and writes host memory directly, so
 under ``FakeTensorMode`` (``torch.compile``, ``torch.export``, ``torch.library.opcheck``) they
 cannot run: these functions say what they return without touching data. ``copy_into_slots`` needs
-none (its C++ body is ATen copies, which fake tensors run). The three CompositeImplicitAutograd
-operators (``pooled_normalization``, ``convolution_statistic_gradients``,
-``statistic_shifts_many``) cannot take a fake implementation (torch refuses one for that key);
+none (its C++ body is ATen copies, which fake tensors run). The CompositeImplicitAutograd
+operators (``pooled_normalization``, ``convolution_statistic_gradients``, ``weight_fingerprint``,
+``statistic_shifts_many``, ``window_weight_gradient``, ``compensation_gradients``,
+``attach_past``) cannot take a fake implementation (torch refuses one for that key);
 compiled graphs take cbn's traceable Python form instead (:func:`cbn.kernels.active`).
 :mod:`cbn.kernels` imports this module once the operators are loaded.
 
