@@ -21,10 +21,12 @@ from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 SOURCES = sorted(Path("src/cbn/csrc").glob("*.cpp"))
+HEADERS = sorted(Path("src/cbn/csrc").glob("*.h"))
 
 
 def sources_digest(sources):
-    """sha256 over the sources' names and contents, in name order (as cbn.kernels.sources_digest)."""
+    """sha256 over the sources' and headers' names and contents, in name order (as
+    cbn.kernels.sources_digest)."""
     digest = hashlib.sha256()
     for source in sorted(sources, key=lambda path: path.name):
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
@@ -35,10 +37,11 @@ class BuildKernels(BuildExtension):
     def run(self):
         super().run()
         target = Path(self.get_ext_fullpath("cbn._kernels")).parent / "_kernels.sha256"
-        target.write_text(sources_digest(SOURCES) + "\n")
+        target.write_text(sources_digest(SOURCES + HEADERS) + "\n")
 
 
 setup(
-    ext_modules=[CppExtension("cbn._kernels", [source.as_posix() for source in SOURCES], extra_compile_args=["-O3"])],
+    ext_modules=[CppExtension("cbn._kernels", [source.as_posix() for source in SOURCES], extra_compile_args=["-O3"],
+                              depends=[header.as_posix() for header in HEADERS])],
     cmdclass={"build_ext": BuildKernels.with_options(use_ninja=True)},
 )

@@ -50,7 +50,7 @@ from cbn.experiments.models import resnet20
 from cbn.functional.statistic_gradients import _in_compiled_convolution_layout
 
 # Environment variables that change CPU timings; recorded in the command line of the report.
-ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
+ENV_VARS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "KMP_BLOCKTIME", "CBN_KERNELS_SIMD")
 VARIANTS = ("bn", "floor", "cbn", "naive", "cbn-python", "naive-python", "authors")
 WINDOWED = ("cbn", "cbn-diff", "naive", "cbn-python", "naive-python", "authors")
 # Run on request (--variants): CBN without its C++ kernels, for an interleaved comparison.
@@ -439,6 +439,7 @@ def machine_info(threads: int) -> dict:
         "platform": platform.platform(),
         "git_commit": git("rev-parse", "--short", "HEAD"),
         "cbn_kernels": cbn_kernels_available(),
+        "cbn_kernels_instruction_set": cbn_kernels_instruction_set(),
         "load_average_start": os.getloadavg(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -448,6 +449,12 @@ def cbn_kernels_available() -> bool:
     import cbn.kernels
 
     return cbn.kernels.available()
+
+
+def cbn_kernels_instruction_set() -> str | None:
+    import cbn.kernels
+
+    return cbn.kernels.instruction_set()
 
 
 def _cell(row: dict | None) -> str:

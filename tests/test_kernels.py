@@ -394,3 +394,36 @@ def test_attached_past_in_cpp_equals_the_python_function_and_records_its_backwar
             torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)])
     for cpp, python in zip(*results):
         assert cpp.dtype == torch.float32 and torch.equal(cpp, python)
+
+
+def test_the_fused_loops_run_the_copy_the_cpu_supports():
+    # cpu_simd.h: AVX2 and FMA where the CPU has them (as ATen's own kernels choose), else the
+    # build's baseline.
+    import platform
+
+    assert cbn.kernels.active()
+    capability = torch.backends.cpu.get_cpu_capability()
+    expected = "avx2" if platform.machine() == "x86_64" and capability in ("AVX2", "AVX512") else "baseline"
+    assert cbn.kernels.instruction_set() in (expected, "build")
+
+
+def test_the_baseline_copy_of_the_fused_loops_passes_the_same_oracles():
+    # Every CPU without AVX2 runs the baseline copy: the oracle tests of the fused kernels, run
+    # again in a process that takes it (CBN_KERNELS_SIMD=baseline).
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, CBN_KERNELS_SIMD="baseline")
+    root = Path(__file__).resolve().parents[1]
+    taken = subprocess.run([sys.executable, "-c", "import cbn.kernels, torch; assert cbn.kernels.available(); "
+                            "print(torch.ops.cbn.instruction_set())"], env=env, capture_output=True, text=True,
+                           cwd=root, timeout=600)
+    assert taken.returncode == 0 and taken.stdout.split()[-1] in ("baseline", "build"), taken.stdout + taken.stderr
+    selected = "pooled_normalization_equals_python or statistic_shifts or window_weight_gradient " \
+               "or weight_fingerprint or attached_past"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                           __file__, "-k", selected], env=env, capture_output=True, text=True, cwd=root,
+                          timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

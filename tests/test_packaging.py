@@ -55,7 +55,7 @@ def test_setup_records_the_digest_kernels_checks():
     (function,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "sources_digest"]
     namespace = {"hashlib": hashlib}
     exec(compile(ast.Module([function], []), "setup.py", "exec"), namespace)
-    assert namespace["sources_digest"](cbn.kernels.SOURCES) == cbn.kernels.sources_digest()
+    assert namespace["sources_digest"](cbn.kernels.SOURCES + cbn.kernels.HEADERS) == cbn.kernels.sources_digest()
 
 
 def test_an_extension_built_from_other_sources_is_not_loaded(tmp_path, monkeypatch):

@@ -20,6 +20,11 @@ The C++ kernels run the per-step work from C++:
   forward (window entries, gradient slots, running statistics) on
   the CPU (:mod:`cbn.layers.window_record`).
 
+The fused loops are compiled twice, for the build's baseline and with AVX2 and FMA, and run the
+copy the CPU supports (as ATen's own kernels do; :func:`instruction_set` says which,
+``CBN_KERNELS_SIMD=baseline`` keeps the baseline): at batch 1-2 their rows stay in cache, where
+vector width bounds them. The two copies agree to float rounding (FMA rounds once).
+
 Three are fused loops that sum in another order than the Python implementation, so they agree
 with it to float rounding (tested): the normalization of contiguous float inputs (statistics
 summed in double in two passes, as BatchNorm's training kernel, where Python takes BatchNorm's
@@ -62,6 +67,7 @@ from typing import Iterator
 import torch
 
 SOURCES = sorted((Path(__file__).parent / "csrc").glob("*.cpp"))
+HEADERS = sorted((Path(__file__).parent / "csrc").glob("*.h"))
 _LOCK = threading.Lock()
 _loaded: bool | None = None  # None: not tried yet
 _origin: str | None = None  # the library loaded: the installed extension's path, or "jit"
@@ -149,9 +155,10 @@ def _installed_extension() -> str | None:
 
 
 def sources_digest() -> str:
-    """sha256 over the C++ sources' names and contents, in name order (as ``setup.py`` records it)."""
+    """sha256 over the C++ sources' and headers' names and contents, in name order (as
+    ``setup.py`` records it)."""
     digest = hashlib.sha256()
-    for source in sorted(SOURCES, key=lambda path: path.name):
+    for source in sorted(SOURCES + HEADERS, key=lambda path: path.name):
         digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
     return digest.hexdigest()
 
@@ -194,6 +201,14 @@ def use_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _enabled = previous
+
+
+def instruction_set() -> str | None:
+    """Which copy of the fused loops runs (``csrc/cpu_simd.h``): ``"avx2"`` (AVX2 and FMA, where
+    the CPU has them), ``"baseline"`` (the build's target, or ``CBN_KERNELS_SIMD=baseline``), or
+    ``"build"`` (a build that targets more than the baseline, or not x86-64); ``None`` where the
+    kernels are not loaded. The copies agree to float rounding."""
+    return str(torch.ops.cbn.instruction_set()) if available() else None
 
 
 def active() -> bool:

@@ -28,6 +28,8 @@
 #include <cmath>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
+
 namespace cbn {
 namespace {
 
@@ -239,7 +241,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       const Channels<scalar_t> c0(center, channels), n_inv(inv_entries, channels);
       const Channels<scalar_t> sh(spread_share, channels), dw(delta_weight, channels);
       const Channels<scalar_t> g(weight, channels), b(bias, channels);
-      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      const auto channel_loop = [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           double sum = 0;
           for_each_run(x, samples, channels, spatial, c, [&](const scalar_t* run) { sum += run_sum(run, spatial); });
@@ -261,7 +263,8 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
             for (int64_t j = 0; j < spatial; ++j) y[offset + j] = x[offset + j] * alpha + beta_c;
           }
         }
-      });
+      };
+      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
     });
     return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, center,
                           spread_share, eps);
@@ -291,7 +294,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       const Channels<scalar_t> c0(summary ? std::optional<Tensor>(center) : std::nullopt, channels);
       scalar_t* gc_out = summary ? summary_center.mutable_data_ptr<scalar_t>() : nullptr;
       scalar_t* gs_out = summary ? summary_share.mutable_data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+      const auto channel_loop = [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
           const double center = static_cast<double>(pm[c]);
           double total = 0, centred = 0;
@@ -323,7 +326,8 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
             for (int64_t j = 0; j < spatial; ++j) dx[offset + j] = a * dy[offset + j] + bx * x[offset + j] + d;
           }
         }
-      });
+      };
+      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
     });
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
             needs_center ? summary_center : Tensor(), Tensor(), needs_share ? summary_share : Tensor(), Tensor(),

@@ -15,6 +15,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
+
 #include <algorithm>
 
 namespace cbn {
@@ -69,7 +71,7 @@ std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor
     scalar_t* mean = mean_out.mutable_data_ptr<scalar_t>();
     scalar_t* var = var_out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    const auto channel_loop = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const scalar_t* row = w + c * fan_in;
         const scalar_t* patches = g_mu + (c / per_group) * entries * fan_in;
@@ -79,7 +81,8 @@ std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor
           var[t * channels + c] = dot(g_var + (c * entries + t) * fan_in, row, fan_in);
         }
       }
-    });
+    };
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
   });
   return {std::move(mean_out), std::move(var_out)};
 }
@@ -206,8 +209,10 @@ double weight_fingerprint(at::TensorList tensors, const Tensor& first, const Ten
     }
     const Tensor a = first.contiguous(), b = second.contiguous();
     AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_weight_fingerprint", [&] {
-      total += periodic_dot(values.const_data_ptr<scalar_t>(), n, a.const_data_ptr<scalar_t>(), a.numel(),
-                            b.const_data_ptr<scalar_t>(), b.numel());
+      simd::run([&] {
+        total += periodic_dot(values.const_data_ptr<scalar_t>(), n, a.const_data_ptr<scalar_t>(), a.numel(),
+                              b.const_data_ptr<scalar_t>(), b.numel());
+      });
     });
   }
   return total;

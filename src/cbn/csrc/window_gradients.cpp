@@ -17,6 +17,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "cpu_simd.h"
+
 namespace cbn {
 namespace {
 
@@ -62,7 +64,7 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
     const scalar_t *g_mu = mean_grads.const_data_ptr<scalar_t>(), *g_var = var_grads.const_data_ptr<scalar_t>();
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    const auto channel_loop = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         scalar_t* row = o + c * fan_in;
         std::fill(row, row + fan_in, scalar_t(0));
@@ -77,7 +79,8 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
           }
         }
       }
-    });
+    };
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
   });
   return out;
 }
@@ -126,7 +129,7 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
     const scalar_t *g_mu = mean_gradients.const_data_ptr<scalar_t>(), *g_var = var_gradients.const_data_ptr<scalar_t>();
     scalar_t *o = rows.mutable_data_ptr<scalar_t>(), *db = grad_bias.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) {
+    const auto channel_loop = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         scalar_t* row = o + c * fan_in;
         std::fill(row, row + fan_in, scalar_t(0));
@@ -147,7 +150,8 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
         }
         db[c] = bias;
       }
-    });
+    };
+    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
   });
   return {std::move(rows), std::move(grad_bias)};
 }

@@ -108,7 +108,8 @@ def freeze_batchnorms(model: nn.Module) -> nn.Module:
 
 def environment(model: nn.Module | None = None) -> dict:
     """What decides float results beyond the commit: CPU, vector ISA torch uses, torch build,
-    threads, and whether cbn's C++ kernels ran (None where the model has no CBN layer). No paths."""
+    threads, whether cbn's C++ kernels ran (None where the model has no CBN layer) and which copy of
+    their fused loops (:func:`cbn.kernels.instruction_set`). No paths."""
     cpu, flags = platform.processor() or "unknown", []
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -120,7 +121,7 @@ def environment(model: nn.Module | None = None) -> dict:
                 break
     except OSError:
         pass
-    kernels = None
+    kernels = instruction_set = None
     if model is not None:
         from cbn import CrossIterationBatchNorm2d
 
@@ -128,6 +129,7 @@ def environment(model: nn.Module | None = None) -> dict:
             import cbn.kernels
 
             kernels = bool(cbn.kernels.active())
+            instruction_set = cbn.kernels.instruction_set() if kernels else None
     return {
         "cpu": cpu, "cpu_flags": flags, "machine": platform.machine(),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -136,6 +138,7 @@ def environment(model: nn.Module | None = None) -> dict:
         "mkl": torch.backends.mkl.is_available(), "python": platform.python_version(),
         "threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "cbn_kernels_ran": kernels, "cbn_kernels_env": os.environ.get("CBN_KERNELS", "1"),
+        "cbn_kernels_instruction_set": instruction_set,
     }
 
 
