@@ -167,7 +167,8 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
         (nn.Conv1d(3, 4, 3, padding=1), torch.randn(1, 3, 11)),
         (nn.Conv3d(2, 3, 2, stride=2), torch.randn(3, 2, 4, 6, 4)),
         (call, torch.randn(2, 3, 10)),
-        # Not in the one-convolution form: the Python function in both modes.
+        # Not in the one-convolution form: the Python function in both modes (the grouped one's and
+        # batch 8's mean patches from cbn::mean_patches where the kernels are active: below).
         (nn.Conv2d(4, 6, 3, groups=2), torch.randn(2, 4, 6, 6)),
         (nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.randn(2, 3, 6, 6)),
         (nn.Conv2d(3, 4, 3), torch.randn(8, 3, 6, 6)),
@@ -182,10 +183,53 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
             mean = y.mean([0, *range(2, y.dim())])
             operands.append((producer, x, y, mean))
         fast, python = _both(lambda: producer_statistic_gradients_of_layers(operands))
-        reference = [producer_statistic_gradients(*operand) for operand in operands]
+        with cbn.kernels.use_kernels(False):
+            reference = [producer_statistic_gradients(*operand) for operand in operands]
+    with_mean_patches = (4, 6)  # the grouped one, and batch 8 (two weight-gradient convolutions)
     for found in (fast, python):
-        for gradients, expected in zip(found, reference):
+        for index, (gradients, expected) in enumerate(zip(found, reference)):
+            if found is fast and index in with_mean_patches:
+                # Their mean patches are cbn::mean_patches' sums (the test below): the variance rows only.
+                _assert_identical(gradients[1:], expected[1:])
+                continue
             _assert_identical(gradients, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("producer,shape", [
+    (lambda: nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=4), (3, 4, 11, 9)),
+    (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), (2, 6, 16, 16)),
+    (lambda: nn.Conv2d(4, 6, 3, groups=2), (1, 4, 7, 5)),
+], ids=["depthwise_5x3_strided_dilated", "depthwise_stride2", "grouped"])
+def test_mean_patches_kernel_equals_the_exact_window_sums(producer, shape, dtype):
+    # cbn::mean_patches (separable window sums) and the convolution of the Python form, both within
+    # the textbook bound (n + 1) u sum |x| / m of the float64 window sums, n = N H_out W_out terms.
+    from cbn.functional.statistic_gradients import _mean_patches
+
+    torch.manual_seed(0)
+    producer = producer().to(dtype)
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    output_size = list(producer(x).shape[2:])
+    kernel_size = list(producer.weight.shape[2:])
+    padding = list(producer.padding)
+    samples = shape[0] * output_size[0] * output_size[1]
+
+    def patches(values):
+        return _mean_patches(producer, values, padding, output_size, kernel_size, samples)
+
+    assert cbn.kernels.active()
+    fast = patches(x)
+    assert torch.equal(fast, torch.ops.cbn.mean_patches(x, kernel_size, list(producer.stride), padding,
+                                                        list(producer.dilation), output_size, samples))
+    with cbn.kernels.use_kernels(False):
+        python = patches(x)
+        exact, magnitude = patches(x.double()), patches(x.double().abs())
+    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    bound = (samples + 1) * unit * magnitude
+    for found in (fast, python):
+        assert found.dtype == dtype and found.shape == (shape[1], *kernel_size)
+        assert ((found.double() - exact).abs() <= bound).all()
+    assert exact.abs().max() > 0.1  # (padding, strides and dilation leave values in every patch)
 
 
 def _train(model, steps=6, memory_format=torch.contiguous_format):

@@ -9,6 +9,9 @@ The C++ kernels run the per-step work from C++:
   is its Python twin), fused into two passes each way for contiguous float CPU inputs;
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
+- ``torch.ops.cbn.mean_patches``: the mean input patches of a grouped 2-D convolution (the mean
+  gradients of depthwise producers), as separable window sums instead of a convolution with an
+  output-sized kernel;
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;
@@ -25,13 +28,14 @@ copy the CPU supports (as ATen's own kernels do; :func:`instruction_set` says wh
 ``CBN_KERNELS_SIMD=baseline`` keeps the baseline): at batch 1-2 their rows stay in cache, where
 vector width bounds them. The two copies agree to float rounding (FMA rounds once).
 
-Three are fused loops that sum in another order than the Python implementation, so they agree
+Four are fused loops that sum in another order than the Python implementation, so they agree
 with it to float rounding (tested): the normalization of contiguous float inputs (statistics
 summed in double in two passes, as BatchNorm's training kernel, where Python takes BatchNorm's
 Welford kernel), the variance terms, the producer gradients of differentiable compensation
 (tested against the textbook bound ``gamma_n sum |a b|``; within one run every product comes
 from the same kernel, so a Taylor step at unchanged weights still leaves an entry exactly as
-stored). The rest (channels-last or half precision normalization, statistic gradients, mean
+stored), the mean patches of grouped convolutions (tested against the float64 dense Jacobian).
+The rest (channels-last or half precision normalization, the other statistic gradients, mean
 terms, record) runs the same ATen operations, or the same float arithmetic per channel, in the
 same order: the same values, bit for bit (tested).
 

@@ -395,6 +395,9 @@ def producer_statistic_gradients(
     return StatisticGradients(mean_grad.reshape(groups, 1, -1), var_grad.reshape(channels, 1, -1))
 
 
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def _mean_patches(producer, padded: Tensor, padding: list[int], output_size: list[int], kernel_size: list[int],
                   samples: int) -> Tensor:
     """The mean input patch of a convolution, per input channel: ``(C_in, *kernel_size)``, the
@@ -406,8 +409,14 @@ def _mean_patches(producer, padded: Tensor, padding: list[int], output_size: lis
     sum over ``p`` at every offset is one depthwise convolution of the batch sum with a kernel of
     ``1/m`` the size of the output, dilated by the stride (a forward convolution: on CPU, oneDNN's
     weight gradient of a depthwise convolution, the other way to get it, is several times slower
-    for 5x5 kernels). Grouped weights read it as ``(groups, C_in/groups * kernel)`` rows.
+    for 5x5 kernels). Grouped weights read it as ``(groups, C_in/groups * kernel)`` rows. Where
+    :mod:`cbn.kernels` is active, 2-D float inputs on the CPU take ``cbn::mean_patches``: the same
+    sums, separable (rows, then columns), equal to rounding.
     """
+    if kernels.active() and padded.dim() == 4 and padded.device.type == "cpu" and padded.dtype in _KERNEL_DTYPES:
+        # The window sums, separable, in C++ (cbn::mean_patches): k_h passes over the batch sum.
+        return torch.ops.cbn.mean_patches(padded, kernel_size, list(producer.stride), padding,
+                                          list(producer.dilation), output_size, samples)
     batch_sum = padded.sum(0, keepdim=True)
     in_channels, spatial = batch_sum.shape[1], len(output_size)
     uniform = batch_sum.new_full((in_channels, 1, *output_size), 1.0 / samples)
