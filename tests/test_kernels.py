@@ -471,3 +471,42 @@ def test_the_baseline_copy_of_the_fused_loops_passes_the_same_oracles():
                            __file__, "-k", selected], env=env, capture_output=True, text=True, cwd=root,
                           timeout=600)
     assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("producer,shape", [
+    (lambda: nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=4), (3, 4, 11, 12)),
+    (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), (2, 6, 16, 17)),
+    (lambda: nn.Conv2d(5, 5, 3, padding=1, groups=5, bias=False), (1, 5, 12, 21)),
+], ids=["5x3_strided_dilated", "stride2", "stride1_wide_rows"])
+def test_depthwise_variance_gradients_equal_the_exact_weight_gradient(producer, shape, dtype):
+    # cbn::depthwise_variance_gradients (centred inline) and the Python form (a weight-gradient
+    # convolution of y - mu), both within (n + 1) u (2/m) sum |y - mu| |x| of the float64 weight
+    # gradient, n = N H_out W_out terms per weight.
+    torch.manual_seed(0)
+    producer = producer().to(dtype)
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    with torch.no_grad():
+        y = producer(x)
+    mean = y.mean((0, 2, 3))
+    channels, samples = y.shape[1], y.numel() // y.shape[1]
+
+    def weight_gradient(values, grad_output):
+        return torch.nn.grad.conv2d_weight(values, list(producer.weight.shape), grad_output, producer.stride,
+                                           producer.padding, producer.dilation, producer.groups) * (2.0 / samples)
+
+    centred = (y.double() - mean.double().view(1, -1, 1, 1))
+    exact = weight_gradient(x.double(), centred).reshape(channels, 1, -1)
+    magnitude = weight_gradient(x.double().abs(), centred.abs()).reshape(channels, 1, -1)
+    assert cbn.kernels.active()
+    fast = producer_statistic_gradients(producer, x, y, mean).var
+    assert torch.equal(fast.reshape(channels, *producer.weight.shape[2:]), torch.ops.cbn.depthwise_variance_gradients(
+        x, y, mean, list(producer.kernel_size), list(producer.stride), list(producer.padding), list(producer.dilation)))
+    with cbn.kernels.use_kernels(False):
+        python = producer_statistic_gradients(producer, x, y, mean).var
+    unit = 2.0**-24 if dtype == torch.float32 else 2.0**-53
+    bound = (samples + 1) * unit * magnitude
+    for found in (fast, python):
+        assert found.dtype == dtype and found.shape == exact.shape
+        assert ((found.double() - exact).abs() <= bound).all()
+    assert exact.abs().max() > 0.1

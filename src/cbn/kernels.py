@@ -9,9 +9,9 @@ The C++ kernels run the per-step work from C++:
   is its Python twin), fused into two passes each way for contiguous float CPU inputs;
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
-- ``torch.ops.cbn.mean_patches``: the mean input patches of a grouped 2-D convolution (the mean
-  gradients of depthwise producers), as separable window sums instead of a convolution with an
-  output-sized kernel;
+- ``torch.ops.cbn.mean_patches`` and ``depthwise_variance_gradients``: the statistic gradients of
+  grouped 2-D convolutions (depthwise producers): the mean patches as separable window sums
+  instead of a convolution with an output-sized kernel, the variance rows centred inline;
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;
@@ -34,7 +34,8 @@ summed in double in two passes, as BatchNorm's training kernel, where Python tak
 Welford kernel), the variance terms, the producer gradients of differentiable compensation
 (tested against the textbook bound ``gamma_n sum |a b|``; within one run every product comes
 from the same kernel, so a Taylor step at unchanged weights still leaves an entry exactly as
-stored), the mean patches of grouped convolutions (tested against the float64 dense Jacobian).
+stored), the statistic gradients of grouped convolutions (tested against float64 sums and the
+dense Jacobian).
 The rest (channels-last or half precision normalization, the other statistic gradients, mean
 terms, record) runs the same ATen operations, or the same float arithmetic per channel, in the
 same order: the same values, bit for bit (tested).
