@@ -9,10 +9,9 @@ The C++ kernels run the per-step work from C++:
   is its Python twin), fused into two passes each way for contiguous float CPU inputs;
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
-- ``torch.ops.cbn.mean_patches`` and ``depthwise_statistic_gradients``: the statistic gradients of
+- ``torch.ops.cbn.mean_patches`` and ``depthwise_variance_gradients``: the statistic gradients of
   grouped 2-D convolutions (depthwise producers): the mean patches as separable window sums
-  instead of a convolution with an output-sized kernel; for depthwise producers both from one read,
-  the variance rows centred inline;
+  instead of a convolution with an output-sized kernel, the variance rows centred inline;
 - ``torch.ops.cbn.statistic_shifts_many``: the first-order terms of all layers' window entries
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;

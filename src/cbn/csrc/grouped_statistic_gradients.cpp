@@ -13,8 +13,8 @@
 //   are added, against one multiply-add per input value and output-sized kernel position for the
 //   convolution (oneDNN has no fast path for kernels that large: 19 ms of an EfficientNet-B0 step
 //   at 160x160, batch 2).
-// - depthwise_statistic_gradients: the variance gradients of a depthwise convolution (one input
-//   channel per output channel), centred inline, and its mean patches from the same reads (below).
+// - depthwise_variance_gradients: the variance gradients of a depthwise convolution (one input
+//   channel per output channel), centred inline (below).
 //
 // Both are float sums in another order than the convolutions': they agree to rounding (tested
 // against float64 sums and the dense Jacobian).
@@ -109,39 +109,25 @@ Tensor mean_patches(const Tensor& input, at::IntArrayRef kernel_size, at::IntArr
   return out;
 }
 
-// (sum_u (y[u] - mean) x[u * step], sum_u x[u * step]): independent partial sums in kLanes lanes
-// (vector registers).
+// sum_u (y[u] - mean) x[u * step]: independent partial sums in kLanes lanes (vector registers).
 template <typename scalar_t>
-std::pair<double, double> centred_dot_and_sum(const scalar_t* y, const scalar_t* x, int64_t count, int64_t step,
-                                              scalar_t mean) {
+double centred_dot(const scalar_t* y, const scalar_t* x, int64_t count, int64_t step, scalar_t mean) {
   constexpr int kLanes = 8;
-  scalar_t lanes[kLanes] = {}, sums[kLanes] = {};
+  scalar_t lanes[kLanes] = {};
   int64_t u = 0;
   if (step == 1) {
     for (; u + kLanes <= count; u += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        lanes[k] += (y[u + k] - mean) * x[u + k];
-        sums[k] += x[u + k];
-      }
+      for (int k = 0; k < kLanes; ++k) lanes[k] += (y[u + k] - mean) * x[u + k];
     }
   } else {
     for (; u + kLanes <= count; u += kLanes) {
-      for (int k = 0; k < kLanes; ++k) {
-        lanes[k] += (y[u + k] - mean) * x[(u + k) * step];
-        sums[k] += x[(u + k) * step];
-      }
+      for (int k = 0; k < kLanes; ++k) lanes[k] += (y[u + k] - mean) * x[(u + k) * step];
     }
   }
-  double total = 0, sum = 0;
-  for (; u < count; ++u) {
-    total += static_cast<double>((y[u] - mean) * x[u * step]);
-    sum += static_cast<double>(x[u * step]);
-  }
-  for (int k = 0; k < kLanes; ++k) {
-    total += static_cast<double>(lanes[k]);
-    sum += static_cast<double>(sums[k]);
-  }
-  return {total, sum};
+  double total = 0;
+  for (; u < count; ++u) total += static_cast<double>((y[u] - mean) * x[u * step]);
+  for (int k = 0; k < kLanes; ++k) total += static_cast<double>(lanes[k]);
+  return total;
 }
 
 // The variance gradients of a depthwise convolution's output (one input channel per output
@@ -150,15 +136,14 @@ std::pair<double, double> centred_dot_and_sum(const scalar_t* y, const scalar_t*
 //
 //   var[c, a, b] = (2/m) sum_n sum_{p, q} (y[n, c, p, q] - mu[c]) x[n, c, p s_h + a d_h - pad_h, q s_w + b d_w - pad_w]
 //
-// and, from the same reads, the mean patches (as mean_patches). Returns both (C, k_h, k_w), the
-// weight rows' layout: (mean patches, variance gradients).
-std::tuple<Tensor, Tensor> depthwise_statistic_gradients(const Tensor& input, const Tensor& output, const Tensor& mean,
+// Returns (C, k_h, k_w), the weight rows' layout.
+Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, const Tensor& mean,
                                     at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                     at::IntArrayRef dilation) {
-  check_settings("depthwise_statistic_gradients", input, kernel_size, stride, padding, dilation);
+  check_settings("depthwise_variance_gradients", input, kernel_size, stride, padding, dilation);
   TORCH_CHECK(output.dim() == 4 && output.size(0) == input.size(0) && output.size(1) == input.size(1) &&
                   output.scalar_type() == input.scalar_type() && mean.numel() == input.size(1),
-              "cbn.depthwise_statistic_gradients: an output of shape ", output.sizes(), " and a mean of ",
+              "cbn.depthwise_variance_gradients: an output of shape ", output.sizes(), " and a mean of ",
               mean.numel(), " values for an input of shape ", input.sizes());
   const Tensor values = input.contiguous(), outputs = output.contiguous();
   const Tensor means = mean.to(input.scalar_type()).contiguous();
@@ -167,38 +152,34 @@ std::tuple<Tensor, Tensor> depthwise_statistic_gradients(const Tensor& input, co
   const int64_t kernel_h = kernel_size[0], kernel_w = kernel_size[1];
   const auto rows = inside(kernel_h, out_h, stride[0], dilation[0], padding[0], height);
   const auto columns = inside(kernel_w, out_w, stride[1], dilation[1], padding[1], width);
-  Tensor patches_out = at::empty({channels, kernel_h, kernel_w}, values.options());
   Tensor out = at::empty({channels, kernel_h, kernel_w}, values.options());
-  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cbn_depthwise_statistic_gradients", [&] {
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cbn_depthwise_variance_gradients", [&] {
     const scalar_t *x = values.const_data_ptr<scalar_t>(), *y = outputs.const_data_ptr<scalar_t>();
     const scalar_t* mu = means.const_data_ptr<scalar_t>();
-    scalar_t *gradients = out.mutable_data_ptr<scalar_t>(), *patches = patches_out.mutable_data_ptr<scalar_t>();
-    const double samples = static_cast<double>(batch * out_h * out_w), scale = 2.0 / samples;
+    scalar_t* gradients = out.mutable_data_ptr<scalar_t>();
+    const double scale = 2.0 / static_cast<double>(batch * out_h * out_w);
     const auto channel_loop = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         for (int64_t a = 0; a < kernel_h; ++a) {
           for (int64_t b = 0; b < kernel_w; ++b) {
-            double total = 0, sum = 0;
+            double total = 0;
             for (int64_t n = 0; n < batch; ++n) {
               const scalar_t* plane = x + (n * channels + c) * height * width;
               const scalar_t* out_plane = y + (n * channels + c) * out_h * out_w;
               for (int64_t t = 0; t < rows[a].count; ++t) {
                 const scalar_t* x_row = plane + (rows[a].input + t * stride[0]) * width + columns[b].input;
                 const scalar_t* y_row = out_plane + (rows[a].output + t) * out_w + columns[b].output;
-                const auto [row_total, row_sum] = centred_dot_and_sum(y_row, x_row, columns[b].count, stride[1], mu[c]);
-                total += row_total;
-                sum += row_sum;
+                total += centred_dot(y_row, x_row, columns[b].count, stride[1], mu[c]);
               }
             }
             gradients[(c * kernel_h + a) * kernel_w + b] = static_cast<scalar_t>(total * scale);
-            patches[(c * kernel_h + a) * kernel_w + b] = static_cast<scalar_t>(sum / samples);
           }
         }
       }
     };
     at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
   });
-  return {std::move(patches_out), std::move(out)};
+  return out;
 }
 
 }  // namespace
@@ -207,9 +188,9 @@ TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("mean_patches(Tensor input, int[] kernel_size, int[] stride, int[] padding, int[] dilation, "
         "int[] output_size, int samples) -> Tensor");
   m.impl("mean_patches", c10::DispatchKey::CompositeImplicitAutograd, &mean_patches);
-  m.def("depthwise_statistic_gradients(Tensor input, Tensor output, Tensor mean, int[] kernel_size, int[] stride, "
-        "int[] padding, int[] dilation) -> (Tensor, Tensor)");
-  m.impl("depthwise_statistic_gradients", c10::DispatchKey::CompositeImplicitAutograd, &depthwise_statistic_gradients);
+  m.def("depthwise_variance_gradients(Tensor input, Tensor output, Tensor mean, int[] kernel_size, int[] stride, "
+        "int[] padding, int[] dilation) -> Tensor");
+  m.impl("depthwise_variance_gradients", c10::DispatchKey::CompositeImplicitAutograd, &depthwise_variance_gradients);
 }
 
 }  // namespace cbn

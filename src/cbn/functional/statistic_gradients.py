@@ -389,15 +389,14 @@ def producer_statistic_gradients(
         both = both.reshape(channels + 1, 1, -1)
         return StatisticGradients(both.narrow(0, channels, 1), both.narrow(0, 0, channels))
     if _takes_depthwise_kernel(groups, kernel_shape, padded, output):
-        # Both from one read of the input, the variance rows centred inline, without the
-        # output-sized temporary (cbn::depthwise_statistic_gradients).
-        mean_grad, var_grad = torch.ops.cbn.depthwise_statistic_gradients(
-            padded, output, mean, kernel_shape[1:], list(producer.stride), padding, list(producer.dilation))
+        # Centred inline, without the output-sized temporary (cbn::depthwise_variance_gradients).
+        var_grad = torch.ops.cbn.depthwise_variance_gradients(padded, output, mean, kernel_shape[1:],
+                                                              list(producer.stride), padding, list(producer.dilation))
     else:
         var_grad = _convolution_weight_gradient(
             producer, output - channel_mean, padded, [channels, *kernel_shape], padding, groups
         ).mul_(2.0 / samples)
-        mean_grad = _mean_patches(producer, padded, padding, list(output.shape[2:]), kernel_shape[1:], samples)
+    mean_grad = _mean_patches(producer, padded, padding, list(output.shape[2:]), kernel_shape[1:], samples)
     return StatisticGradients(mean_grad.reshape(groups, 1, -1), var_grad.reshape(channels, 1, -1))
 
 
@@ -406,8 +405,8 @@ _DEPTHWISE_MIN_WIDTH = 8
 
 
 def _takes_depthwise_kernel(groups: int, kernel_shape: list[int], padded: Tensor, output: Tensor) -> bool:
-    """Whether the statistic gradients of a grouped producer go through
-    ``cbn::depthwise_statistic_gradients``: a 2-D depthwise convolution (one input channel per
+    """Whether the variance gradients of a grouped producer go through
+    ``cbn::depthwise_variance_gradients``: a 2-D depthwise convolution (one input channel per
     output channel) of float CPU tensors, with the kernels active, and output rows of at least
     :data:`_DEPTHWISE_MIN_WIDTH` values (its loops run along them: on shorter rows ATen's weight
     gradient is faster, e.g. 5x5 outputs of 1152 channels, 0.6 ms against 0.8)."""
