@@ -432,7 +432,7 @@ def _mean_patches(producer, padded: Tensor, padding: list[int], output_size: lis
     sums, separable (rows, then columns), equal to rounding.
     """
     if kernels.active() and padded.dim() == 4 and padded.device.type == "cpu" and padded.dtype in _KERNEL_DTYPES:
-        # The window sums, separable, in C++ (cbn::mean_patches): k_h passes over the batch sum.
+        # The window sums, separable, in C++ (cbn::mean_patches): k_h passes over the input rows.
         return torch.ops.cbn.mean_patches(padded, kernel_size, list(producer.stride), padding,
                                           list(producer.dilation), output_size, samples)
     batch_sum = padded.sum(0, keepdim=True)
