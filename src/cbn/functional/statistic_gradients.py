@@ -404,16 +404,20 @@ _KERNEL_DTYPES = (torch.float32, torch.float64)
 _DEPTHWISE_MIN_WIDTH = 8
 
 
+def _in_grouped_kernels(padded: Tensor) -> bool:
+    """Whether ``padded`` is an input the grouped-convolution kernels take
+    (``csrc/grouped_statistic_gradients.cpp``): 2-D, float or double, on the CPU, kernels active."""
+    return kernels.active() and padded.dim() == 4 and padded.device.type == "cpu" and padded.dtype in _KERNEL_DTYPES
+
+
 def _takes_depthwise_kernel(groups: int, kernel_shape: list[int], padded: Tensor, output: Tensor) -> bool:
     """Whether the variance gradients of a grouped producer go through
     ``cbn::depthwise_variance_gradients``: a 2-D depthwise convolution (one input channel per
     output channel) of float CPU tensors, with the kernels active, and output rows of at least
     :data:`_DEPTHWISE_MIN_WIDTH` values (its loops run along them: on shorter rows ATen's weight
     gradient is faster, e.g. 5x5 outputs of 1152 channels, 0.6 ms against 0.8)."""
-    return (kernels.active() and padded.dim() == 4 and kernel_shape[0] == 1 and groups == output.shape[1]
-            and output.shape[3] >= _DEPTHWISE_MIN_WIDTH
-            and groups == padded.shape[1] and padded.device.type == "cpu" and padded.dtype in _KERNEL_DTYPES
-            and output.dtype == padded.dtype)
+    return (_in_grouped_kernels(padded) and kernel_shape[0] == 1 and groups == output.shape[1] == padded.shape[1]
+            and output.shape[3] >= _DEPTHWISE_MIN_WIDTH and output.dtype == padded.dtype)
 
 
 def _mean_patches(producer, padded: Tensor, padding: list[int], output_size: list[int], kernel_size: list[int],
@@ -431,7 +435,7 @@ def _mean_patches(producer, padded: Tensor, padding: list[int], output_size: lis
     :mod:`cbn.kernels` is active, 2-D float inputs on the CPU take ``cbn::mean_patches``: the same
     sums, separable (rows, then columns), equal to rounding.
     """
-    if kernels.active() and padded.dim() == 4 and padded.device.type == "cpu" and padded.dtype in _KERNEL_DTYPES:
+    if _in_grouped_kernels(padded):
         # The window sums, separable, in C++ (cbn::mean_patches): k_h passes over the input rows.
         return torch.ops.cbn.mean_patches(padded, kernel_size, list(producer.stride), padding,
                                           list(producer.dilation), output_size, samples)
