@@ -8,9 +8,13 @@
 // both, else the baseline copy. Both copies compute the same sums in the same order; FMA rounds a
 // product and a sum once instead of twice, so the two agree to float rounding, not bit for bit
 // (within one process every call takes the same copy). CBN_KERNELS_SIMD=baseline in the
-// environment keeps the baseline copy.
+// environment keeps the baseline copy. simd::parallel_for(n, grain, loop) splits [0, n) over ATen's
+// threads and runs loop(begin, end) on each part through simd::run.
 #pragma once
 
+#include <ATen/Parallel.h>
+
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -55,6 +59,11 @@ inline void run(const Loop& loop, Args... args) {
 inline const char* instruction_set() { return "build"; }
 
 #endif
+
+template <typename Loop>
+inline void parallel_for(int64_t size, int64_t grain, const Loop& loop) {
+  at::parallel_for(0, size, grain, [&](int64_t begin, int64_t end) { run(loop, begin, end); });
+}
 
 }  // namespace simd
 }  // namespace cbn

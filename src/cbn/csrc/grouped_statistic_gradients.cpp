@@ -21,11 +21,9 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <utility>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -104,7 +102,7 @@ Tensor mean_patches(const Tensor& input, at::IntArrayRef kernel_size, at::IntArr
         }
       }
     };
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+    simd::parallel_for(channels, 1, channel_loop);
   });
   return out;
 }
@@ -177,7 +175,7 @@ Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, c
         }
       }
     };
-    at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+    simd::parallel_for(channels, 1, channel_loop);
   });
   return out;
 }

@@ -22,7 +22,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/autograd.h>
 
 #include <cmath>
@@ -264,7 +263,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
           }
         }
       };
-      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+      simd::parallel_for(channels, 1, channel_loop);
     });
     return finish_forward(ctx, input, weight, bias, output, batch_mean, batch_var, mean, var, inv_entries, center,
                           spread_share, eps);
@@ -327,7 +326,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
           }
         }
       };
-      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+      simd::parallel_for(channels, 1, channel_loop);
     });
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
             needs_center ? summary_center : Tensor(), Tensor(), needs_share ? summary_share : Tensor(), Tensor(),

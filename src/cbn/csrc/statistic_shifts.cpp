@@ -12,7 +12,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "cpu_simd.h"
@@ -82,7 +81,7 @@ std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor
         }
       }
     };
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+    simd::parallel_for(channels, grain, channel_loop);
   });
   return {std::move(mean_out), std::move(var_out)};
 }

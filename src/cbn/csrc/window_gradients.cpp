@@ -12,7 +12,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <c10/util/accumulate.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -80,7 +79,7 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
         }
       }
     };
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+    simd::parallel_for(channels, grain, channel_loop);
   });
   return out;
 }
@@ -151,7 +150,7 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
         db[c] = bias;
       }
     };
-    at::parallel_for(0, channels, grain, [&](int64_t begin, int64_t end) { simd::run(channel_loop, begin, end); });
+    simd::parallel_for(channels, grain, channel_loop);
   });
   return {std::move(rows), std::move(grad_bias)};
 }
