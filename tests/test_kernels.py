@@ -478,11 +478,13 @@ def test_the_baseline_copy_of_the_fused_loops_passes_the_same_oracles():
     (lambda: nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=4), (3, 4, 11, 12)),
     (lambda: nn.Conv2d(6, 6, 3, stride=2, padding=1, groups=6), (2, 6, 16, 17)),
     (lambda: nn.Conv2d(5, 5, 3, padding=1, groups=5, bias=False), (1, 5, 12, 21)),
-], ids=["5x3_strided_dilated", "stride2", "stride1_wide_rows"])
+    (lambda: nn.Conv2d(3, 3, 5, padding=2, groups=3), (2, 3, 5, 5)),
+    (lambda: nn.Conv2d(4, 4, 3, stride=3, padding=2, dilation=2, groups=4), (2, 4, 13, 11)),
+], ids=["5x3_strided_dilated", "stride2", "stride1_wide_rows", "short_rows_5x5", "stride3_dilated"])
 def test_depthwise_variance_gradients_equal_the_exact_weight_gradient(producer, shape, dtype):
-    # cbn::depthwise_variance_gradients (centred inline) and the Python form (a weight-gradient
-    # convolution of y - mu), both within (n + 1) u (2/m) sum |y - mu| |x| of the float64 weight
-    # gradient, n = N H_out W_out terms per weight.
+    # cbn::depthwise_variance_gradients (one dot product per kernel offset, over phase planes) and
+    # the Python form (a weight-gradient convolution of y - mu), both within
+    # (n + 1) u (2/m) sum |y - mu| |x| of the float64 weight gradient, n = N H_out W_out terms per weight.
     torch.manual_seed(0)
     producer = producer().to(dtype)
     x = torch.randn(shape, dtype=dtype) * 2 + 1

@@ -17,7 +17,7 @@ PRODUCERS = {
     "depthwise_5x3_strided_dilated": (lambda: nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=4),
                                       (2, 4, 9, 8)),
     "conv1d_depthwise_strided": (lambda: nn.Conv1d(4, 4, 5, stride=2, padding=2, groups=4), (2, 4, 11)),
-    # Output rows of 8 or more: the depthwise variance gradients of the C++ kernels (centred inline).
+    # Wider rows, strides and dilations per axis: the phase planes of cbn::depthwise_variance_gradients.
     "depthwise_wide_rows": (lambda: nn.Conv2d(3, 3, 3, padding=1, groups=3), (2, 3, 5, 12)),
     "depthwise_wide_rows_strided_dilated": (
         lambda: nn.Conv2d(2, 2, (3, 5), stride=(1, 2), padding=(1, 2), dilation=(2, 1), groups=2), (2, 2, 6, 19)),

@@ -10,6 +10,13 @@
 // (within one process every call takes the same copy). CBN_KERNELS_SIMD=baseline in the
 // environment keeps the baseline copy. simd::parallel_for(n, grain, loop) splits [0, n) over ATen's
 // threads and runs loop(begin, end) on each part through simd::run.
+//
+// simd::dot(a, b, n) and simd::dot_with_sum(a, b, c, n) (sum a[j] (b[j] + c[j])) are the dot
+// products of those loops: four independent 32-byte vectors of partial sums (one AVX register each
+// in the AVX2 copy, two SSE registers in the baseline copy), because a sum kept in one or two
+// registers waits on the latency of each addition and reads a window row at a fraction of the
+// memory's bandwidth. The partial sums are folded in a fixed order: a product's result depends on
+// its operands and n only (not on the call, the thread or the other products of a loop).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -59,6 +66,96 @@ inline void run(const Loop& loop, Args... args) {
 inline const char* instruction_set() { return "build"; }
 
 #endif
+
+namespace detail {
+
+#if defined(__GNUC__) || defined(__clang__)
+
+// (vector_size on a template-dependent type is ignored by GCC: one typedef per scalar type.)
+template <typename scalar_t>
+struct VectorOf;
+template <>
+struct VectorOf<float> {
+  typedef float type __attribute__((vector_size(32)));
+};
+template <>
+struct VectorOf<double> {
+  typedef double type __attribute__((vector_size(32)));
+};
+
+template <typename scalar_t>
+struct Lanes {
+  using type = typename VectorOf<scalar_t>::type;
+  static constexpr int width = sizeof(type) / sizeof(scalar_t);
+  static_assert(width > 1, "a vector of several lanes");
+  static inline type load(const scalar_t* p) {
+    type v;
+    __builtin_memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static inline scalar_t fold(const type& v) {
+    scalar_t lanes[width];
+    __builtin_memcpy(lanes, &v, sizeof(v));
+    for (int half = width / 2; half > 0; half /= 2) {
+      for (int k = 0; k < half; ++k) lanes[k] += lanes[k + half];
+    }
+    return lanes[0];
+  }
+};
+
+template <bool kSecond, typename scalar_t>
+inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
+  using L = Lanes<scalar_t>;
+  using V = typename L::type;
+  constexpr int W = L::width;
+  const auto term = [&](int64_t j) -> V {
+    return kSecond ? L::load(a + j) * (L::load(b + j) + L::load(c + j)) : L::load(a + j) * L::load(b + j);
+  };
+  V s0 = {}, s1 = {}, s2 = {}, s3 = {};
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    s0 += term(j);
+    s1 += term(j + W);
+    s2 += term(j + 2 * W);
+    s3 += term(j + 3 * W);
+  }
+  for (; j + W <= n; j += W) s0 += term(j);
+  scalar_t tail = 0;
+  for (; j < n; ++j) tail += a[j] * (kSecond ? b[j] + c[j] : b[j]);
+  return L::fold((s0 + s1) + (s2 + s3)) + tail;
+}
+
+#else
+
+template <bool kSecond, typename scalar_t>
+inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
+  constexpr int kLanes = 16;
+  scalar_t lanes[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    for (int k = 0; k < kLanes; ++k) lanes[k] += a[j + k] * (kSecond ? b[j + k] + c[j + k] : b[j + k]);
+  }
+  scalar_t tail = 0;
+  for (; j < n; ++j) tail += a[j] * (kSecond ? b[j] + c[j] : b[j]);
+  for (int half = kLanes / 2; half > 0; half /= 2) {
+    for (int k = 0; k < half; ++k) lanes[k] += lanes[k + half];
+  }
+  return lanes[0] + tail;
+}
+
+#endif
+
+}  // namespace detail
+
+template <typename scalar_t>
+inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
+  return detail::lane_dot<false>(a, b, b, n);
+}
+
+template <typename scalar_t>
+inline scalar_t dot_with_sum(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
+  return detail::lane_dot<true>(a, b, c, n);
+}
 
 template <typename Loop>
 inline void parallel_for(int64_t size, int64_t grain, const Loop& loop) {

@@ -107,32 +107,22 @@ Tensor mean_patches(const Tensor& input, at::IntArrayRef kernel_size, at::IntArr
   return out;
 }
 
-// sum_u (y[u] - mean) x[u * step]: independent partial sums in kLanes lanes (vector registers).
-template <typename scalar_t>
-double centred_dot(const scalar_t* y, const scalar_t* x, int64_t count, int64_t step, scalar_t mean) {
-  constexpr int kLanes = 8;
-  scalar_t lanes[kLanes] = {};
-  int64_t u = 0;
-  if (step == 1) {
-    for (; u + kLanes <= count; u += kLanes) {
-      for (int k = 0; k < kLanes; ++k) lanes[k] += (y[u + k] - mean) * x[u + k];
-    }
-  } else {
-    for (; u + kLanes <= count; u += kLanes) {
-      for (int k = 0; k < kLanes; ++k) lanes[k] += (y[u + k] - mean) * x[(u + k) * step];
-    }
-  }
-  double total = 0;
-  for (; u < count; ++u) total += static_cast<double>((y[u] - mean) * x[u * step]);
-  for (int k = 0; k < kLanes; ++k) total += static_cast<double>(lanes[k]);
-  return total;
-}
-
 // The variance gradients of a depthwise convolution's output (one input channel per output
 // channel), the weight gradient of the convolution for the gradient 2 (y - mu) / m, centred inline
 // instead of in an output-sized temporary:
 //
 //   var[c, a, b] = (2/m) sum_n sum_{p, q} (y[n, c, p, q] - mu[c]) x[n, c, p s_h + a d_h - pad_h, q s_w + b d_w - pad_w]
+//
+// Each term of one kernel offset as one long dot product (output rows are 5-80 values: a loop per
+// row and offset spent more time on its ends than on its values). Writing the offset a d_h =
+// alpha s_h + rho and b d_w = beta s_w + sigma, the input read is
+//   x[s_h (p + alpha) + rho - pad_h, s_w (q + beta) + sigma - pad_w] = phase[rho, sigma][p + alpha, q + beta]
+// on the phase plane phase[rho, sigma][i, j] = x[s_h i + rho - pad_h, s_w j + sigma - pad_w] (zero
+// outside the input; one plane for stride 1). With the centred output laid out in rows of the
+// phase planes' width R (zeros after its W_out values), the sum over p, q for one offset is the
+// dot product of that buffer with the phase plane from (alpha, beta) on, out_h R values long: the
+// reads that run past a row's end meet the zeros. Per channel and sample the phase planes and the
+// centred rows are built once (about the input's and the output's size) and stay in the cache.
 //
 // Returns (C, k_h, k_w), the weight rows' layout.
 Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, const Tensor& mean,
@@ -148,8 +138,12 @@ Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, c
   const int64_t batch = values.size(0), channels = values.size(1), height = values.size(2), width = values.size(3);
   const int64_t out_h = outputs.size(2), out_w = outputs.size(3);
   const int64_t kernel_h = kernel_size[0], kernel_w = kernel_size[1];
-  const auto rows = inside(kernel_h, out_h, stride[0], dilation[0], padding[0], height);
-  const auto columns = inside(kernel_w, out_w, stride[1], dilation[1], padding[1], width);
+  const int64_t step_h = stride[0], step_w = stride[1];
+  // Phase planes: rows and columns reach out_h - 1 + alpha_max and out_w - 1 + beta_max, plus one
+  // row for the reads of the last offset that run past the last row (they meet zeros of the buffer).
+  const int64_t alpha_max = (kernel_h - 1) * dilation[0] / step_h, beta_max = (kernel_w - 1) * dilation[1] / step_w;
+  const int64_t row_width = out_w + beta_max, phase_rows = out_h + alpha_max + 1;
+  const int64_t phase_size = phase_rows * row_width, length = out_h * row_width;
   Tensor out = at::empty({channels, kernel_h, kernel_w}, values.options());
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cbn_depthwise_variance_gradients", [&] {
     const scalar_t *x = values.const_data_ptr<scalar_t>(), *y = outputs.const_data_ptr<scalar_t>();
@@ -157,21 +151,49 @@ Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, c
     scalar_t* gradients = out.mutable_data_ptr<scalar_t>();
     const double scale = 2.0 / static_cast<double>(batch * out_h * out_w);
     const auto channel_loop = [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> phases(step_h * step_w * phase_size), centred(length, scalar_t(0));
+      std::vector<double> totals(kernel_h * kernel_w);
       for (int64_t c = begin; c < end; ++c) {
-        for (int64_t a = 0; a < kernel_h; ++a) {
-          for (int64_t b = 0; b < kernel_w; ++b) {
-            double total = 0;
-            for (int64_t n = 0; n < batch; ++n) {
-              const scalar_t* plane = x + (n * channels + c) * height * width;
-              const scalar_t* out_plane = y + (n * channels + c) * out_h * out_w;
-              for (int64_t t = 0; t < rows[a].count; ++t) {
-                const scalar_t* x_row = plane + (rows[a].input + t * stride[0]) * width + columns[b].input;
-                const scalar_t* y_row = out_plane + (rows[a].output + t) * out_w + columns[b].output;
-                total += centred_dot(y_row, x_row, columns[b].count, stride[1], mu[c]);
+        std::fill(totals.begin(), totals.end(), 0.0);
+        for (int64_t n = 0; n < batch; ++n) {
+          const scalar_t* plane = x + (n * channels + c) * height * width;
+          const scalar_t* out_plane = y + (n * channels + c) * out_h * out_w;
+          for (int64_t rho = 0; rho < step_h; ++rho) {
+            for (int64_t sigma = 0; sigma < step_w; ++sigma) {
+              scalar_t* phase = phases.data() + (rho * step_w + sigma) * phase_size;
+              // The columns j of a phase row that read inside the input: [first, last).
+              const int64_t offset = sigma - padding[1];
+              const int64_t first = std::min(row_width, offset >= 0 ? 0 : (-offset + step_w - 1) / step_w);
+              const int64_t last = std::max(first, std::min(row_width, offset >= width ? 0 : (width - 1 - offset) / step_w + 1));
+              for (int64_t i = 0; i < phase_rows; ++i) {
+                scalar_t* phase_row = phase + i * row_width;
+                const int64_t row = step_h * i + rho - padding[0];
+                if (row < 0 || row >= height) {
+                  std::fill(phase_row, phase_row + row_width, scalar_t(0));
+                  continue;
+                }
+                const scalar_t* input_row = plane + row * width + offset;
+                std::fill(phase_row, phase_row + first, scalar_t(0));
+                for (int64_t j = first; j < last; ++j) phase_row[j] = input_row[step_w * j];
+                std::fill(phase_row + last, phase_row + row_width, scalar_t(0));
               }
             }
-            gradients[(c * kernel_h + a) * kernel_w + b] = static_cast<scalar_t>(total * scale);
           }
+          for (int64_t p = 0; p < out_h; ++p) {
+            for (int64_t q = 0; q < out_w; ++q) centred[p * row_width + q] = out_plane[p * out_w + q] - mu[c];
+          }
+          for (int64_t a = 0; a < kernel_h; ++a) {
+            const int64_t alpha = a * dilation[0] / step_h, rho = a * dilation[0] % step_h;
+            for (int64_t b = 0; b < kernel_w; ++b) {
+              const int64_t beta = b * dilation[1] / step_w, sigma = b * dilation[1] % step_w;
+              const scalar_t* phase = phases.data() + (rho * step_w + sigma) * phase_size;
+              totals[a * kernel_w + b] += static_cast<double>(
+                  simd::dot(centred.data(), phase + alpha * row_width + beta, length));
+            }
+          }
+        }
+        for (int64_t k = 0; k < kernel_h * kernel_w; ++k) {
+          gradients[c * kernel_h * kernel_w + k] = static_cast<scalar_t>(totals[k] * scale);
         }
       }
     };

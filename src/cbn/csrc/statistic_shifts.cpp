@@ -23,30 +23,6 @@ namespace {
 
 using at::Tensor;
 
-// Sum of a[j] * b[j]: independent partial sums in kLanes lanes (which the compiler keeps in SIMD
-// registers), folded pairwise in a fixed order: the same result for any thread count.
-template <typename scalar_t>
-scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  constexpr int kLanes = 16;
-  scalar_t lanes[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) {
-      lanes[k] += a[j + k] * b[j + k];
-    }
-  }
-  scalar_t tail = 0;
-  for (; j < n; ++j) {
-    tail += a[j] * b[j];
-  }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int k = 0; k < width; ++k) {
-      lanes[k] += lanes[k + width];
-    }
-  }
-  return lanes[0] + tail;
-}
-
 // The terms of one layer in one pass over the channels:
 //   mean[t, c] = mean_gradients[group(c), t] . rows[c] + bias[c],   var[t, c] = var_gradients[c, t] . rows[c]
 // mean_gradients (groups, k, fan_in), var_gradients (C, k, fan_in), rows (C, fan_in), bias (C) or
@@ -76,8 +52,8 @@ std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor
         const scalar_t* patches = g_mu + (c / per_group) * entries * fan_in;
         const scalar_t offset = b == nullptr ? scalar_t(0) : b[c];
         for (int64_t t = 0; t < entries; ++t) {
-          mean[t * channels + c] = dot(patches + t * fan_in, row, fan_in) + offset;
-          var[t * channels + c] = dot(g_var + (c * entries + t) * fan_in, row, fan_in);
+          mean[t * channels + c] = simd::dot(patches + t * fan_in, row, fan_in) + offset;
+          var[t * channels + c] = simd::dot(g_var + (c * entries + t) * fan_in, row, fan_in);
         }
       }
     };
@@ -147,29 +123,11 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
 template <typename scalar_t>
 double periodic_dot(const scalar_t* values, int64_t n, const scalar_t* first, int64_t first_period,
                     const scalar_t* second, int64_t second_period) {
-  constexpr int kLanes = 16;
   double total = 0;
   int64_t j = 0, i1 = 0, i2 = 0;
   while (j < n) {
     const int64_t length = std::min({n - j, first_period - i1, second_period - i2});
-    const scalar_t *v = values + j, *a = first + i1, *b = second + i2;
-    scalar_t lanes[kLanes] = {};
-    int64_t k = 0;
-    for (; k + kLanes <= length; k += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        lanes[l] += v[k + l] * (a[k + l] + b[k + l]);
-      }
-    }
-    scalar_t tail = 0;
-    for (; k < length; ++k) {
-      tail += v[k] * (a[k] + b[k]);
-    }
-    for (int width = kLanes / 2; width > 0; width /= 2) {
-      for (int l = 0; l < width; ++l) {
-        lanes[l] += lanes[l + width];
-      }
-    }
-    total += static_cast<double>(lanes[0] + tail);
+    total += static_cast<double>(simd::dot_with_sum(values + j, first + i1, second + i2, length));
     j += length;
     i1 = (i1 + length) % first_period;
     i2 = (i2 + length) % second_period;
