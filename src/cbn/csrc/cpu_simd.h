@@ -67,10 +67,11 @@ inline const char* instruction_set() { return "build"; }
 
 #endif
 
-namespace detail {
-
 #if defined(__GNUC__) || defined(__clang__)
+#define CBN_VECTOR_EXTENSIONS 1
 
+// Lanes<scalar_t>::type: a 32-byte vector of scalar_t (GCC and Clang vector extensions), with
+// load, store and fold (the sum of its lanes, pairwise in a fixed order).
 // (vector_size on a template-dependent type is ignored by GCC: one typedef per scalar type.)
 template <typename scalar_t>
 struct VectorOf;
@@ -93,6 +94,7 @@ struct Lanes {
     __builtin_memcpy(&v, p, sizeof(v));
     return v;
   }
+  static inline void store(scalar_t* p, const type& v) { __builtin_memcpy(p, &v, sizeof(v)); }
   static inline scalar_t fold(const type& v) {
     scalar_t lanes[width];
     __builtin_memcpy(lanes, &v, sizeof(v));
@@ -102,6 +104,8 @@ struct Lanes {
     return lanes[0];
   }
 };
+
+namespace detail {
 
 template <bool kSecond, typename scalar_t>
 inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
@@ -125,7 +129,11 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
   return L::fold((s0 + s1) + (s2 + s3)) + tail;
 }
 
+}  // namespace detail
+
 #else
+
+namespace detail {
 
 template <bool kSecond, typename scalar_t>
 inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
@@ -143,9 +151,9 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
   return lanes[0] + tail;
 }
 
-#endif
-
 }  // namespace detail
+
+#endif
 
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
