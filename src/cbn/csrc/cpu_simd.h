@@ -68,10 +68,9 @@ inline const char* instruction_set() { return "build"; }
 #endif
 
 #if defined(__GNUC__) || defined(__clang__)
-#define CBN_VECTOR_EXTENSIONS 1
 
 // Lanes<scalar_t>::type: a 32-byte vector of scalar_t (GCC and Clang vector extensions), with
-// load, store and fold (the sum of its lanes, pairwise in a fixed order).
+// load and fold (the sum of its lanes, pairwise in a fixed order).
 // (vector_size on a template-dependent type is ignored by GCC: one typedef per scalar type.)
 template <typename scalar_t>
 struct VectorOf;
@@ -94,7 +93,6 @@ struct Lanes {
     __builtin_memcpy(&v, p, sizeof(v));
     return v;
   }
-  static inline void store(scalar_t* p, const type& v) { __builtin_memcpy(p, &v, sizeof(v)); }
   static inline scalar_t fold(const type& v) {
     scalar_t lanes[width];
     __builtin_memcpy(lanes, &v, sizeof(v));

@@ -27,42 +27,19 @@ using at::Tensor;
 
 // One channel's row of the window's weight gradient,
 //   row[f] = sum_t mean_weights[t] patches[t, f] + var_weights[t] gradients[t, f],
-// over the entries whose two weights are not both zero (the slots not yet filled), in one pass
-// over the row: a block of it stays in vector registers while every entry is added (adding one
-// entry at a time to the row in memory read and wrote it once per entry). used: room for the
-// entries' indices.
+// the entries added to the row one after the other, those whose two weights are both zero (the
+// slots not yet filled) skipped.
 template <typename scalar_t>
 void window_row(scalar_t* row, int64_t fan_in, int64_t entries, const scalar_t* mean_weights,
-                const scalar_t* var_weights, const scalar_t* patches, const scalar_t* gradients, int64_t* used) {
-  int64_t count = 0;
+                const scalar_t* var_weights, const scalar_t* patches, const scalar_t* gradients) {
+  std::fill(row, row + fan_in, scalar_t(0));
   for (int64_t t = 0; t < entries; ++t) {
-    if (mean_weights[t] != scalar_t(0) || var_weights[t] != scalar_t(0)) used[count++] = t;
-  }
-  int64_t f = 0;
-#ifdef CBN_VECTOR_EXTENSIONS
-  using L = simd::Lanes<scalar_t>;
-  using V = typename L::type;
-  constexpr int W = L::width;
-  for (; f + 2 * W <= fan_in; f += 2 * W) {
-    V first = {}, second = {};
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t t = used[i];
-      const scalar_t mean_weight = mean_weights[t], var_weight = var_weights[t];
-      const scalar_t *patch = patches + t * fan_in + f, *gradient = gradients + t * fan_in + f;
-      first += mean_weight * L::load(patch) + var_weight * L::load(gradient);
-      second += mean_weight * L::load(patch + W) + var_weight * L::load(gradient + W);
+    const scalar_t mean_weight = mean_weights[t], var_weight = var_weights[t];
+    if (mean_weight == scalar_t(0) && var_weight == scalar_t(0)) continue;
+    const scalar_t *patch = patches + t * fan_in, *gradient = gradients + t * fan_in;
+    for (int64_t f = 0; f < fan_in; ++f) {
+      row[f] += mean_weight * patch[f] + var_weight * gradient[f];
     }
-    L::store(row + f, first);
-    L::store(row + f + W, second);
-  }
-#endif
-  for (; f < fan_in; ++f) {
-    scalar_t sum = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const int64_t t = used[i];
-      sum += mean_weights[t] * patches[t * fan_in + f] + var_weights[t] * gradients[t * fan_in + f];
-    }
-    row[f] = sum;
   }
 }
 
@@ -107,10 +84,9 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> used(entries);
       for (int64_t c = begin; c < end; ++c) {
         window_row(o + c * fan_in, fan_in, entries, a + c * entries, b + c * entries,
-                   g_mu + (c / per_group) * entries * fan_in, g_var + c * entries * fan_in, used.data());
+                   g_mu + (c / per_group) * entries * fan_in, g_var + c * entries * fan_in);
       }
     };
     simd::parallel_for(channels, grain, channel_loop);
@@ -164,7 +140,6 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> mean_weights(entries), var_weights(entries);
-      std::vector<int64_t> used(entries);
       for (int64_t c = begin; c < end; ++c) {
         const scalar_t center = g_c[c * gc_s], spread = g_p[c * gp_s];
         const scalar_t *w = coef + c * 3 * entries, *p = w + entries, *q = p + entries;
@@ -176,7 +151,7 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
         }
         db[c] = bias;
         window_row(o + c * fan_in, fan_in, entries, mean_weights.data(), var_weights.data(),
-                   g_mu + (c / per_group) * entries * fan_in, g_var + c * entries * fan_in, used.data());
+                   g_mu + (c / per_group) * entries * fan_in, g_var + c * entries * fan_in);
       }
     };
     simd::parallel_for(channels, grain, channel_loop);
