@@ -159,6 +159,23 @@ def test_statistic_shifts_do_not_depend_on_the_thread_count():
     assert torch.equal(mean_1, mean_2) and torch.equal(var_1, var_2)
 
 
+@pytest.mark.parametrize("channels,fan_in,groups", [(7, 37, 1), (12, 203, 1), (6, 25, 6)])
+def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for_bit(channels, fan_in, groups):
+    # A new entry's shifts are taken alone (one entry per call) and its shifts in later windows
+    # with the other entries (several per call): the same numbers bit for bit, so that a Taylor step
+    # at unchanged weights moves a stored entry by exactly zero. Lengths with every tail of the
+    # four-vector dot product (37 = 32 + 5, 203 = 6 x 32 + 8 + 3, 25).
+    assert cbn.kernels.available()
+    torch.manual_seed(0)
+    mean_grad, var_grad = torch.randn(groups, 3, fan_in), torch.randn(channels, 3, fan_in)
+    weight, bias = torch.randn(channels, fan_in), torch.randn(channels)
+    (window_means,), (window_vars,) = torch.ops.cbn.statistic_shifts_many([mean_grad], [var_grad], [weight], [bias])
+    for t in range(3):
+        (mean,), (var,) = torch.ops.cbn.statistic_shifts_many([mean_grad[:, t:t + 1].contiguous()],
+                                                              [var_grad[:, t:t + 1].contiguous()], [weight], [bias])
+        assert torch.equal(mean[0], window_means[t]) and torch.equal(var[0], window_vars[t])
+
+
 def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
     convolution = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
     call = ConvolutionCall(torch.randn(4, 3, 3), None, (1,), "valid", (1,), 1)
@@ -466,6 +483,7 @@ def test_the_baseline_copy_of_the_fused_loops_passes_the_same_oracles():
                            cwd=root, timeout=600)
     assert taken.returncode == 0 and taken.stdout.split()[-1] in ("baseline", "build"), taken.stdout + taken.stderr
     selected = "pooled_normalization_equals_python or statistic_shifts or window_weight_gradient " \
+               "or depthwise_variance_gradients " \
                "or weight_fingerprint or attached_past"
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
                            __file__, "-k", selected], env=env, capture_output=True, text=True, cwd=root,
