@@ -164,7 +164,8 @@ Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, c
               // The columns j of a phase row that read inside the input: [first, last).
               const int64_t offset = sigma - padding[1];
               const int64_t first = std::min(row_width, offset >= 0 ? 0 : (-offset + step_w - 1) / step_w);
-              const int64_t last = std::max(first, std::min(row_width, offset >= width ? 0 : (width - 1 - offset) / step_w + 1));
+              const int64_t reach = offset >= width ? 0 : (width - 1 - offset) / step_w + 1;
+              const int64_t last = std::max(first, std::min(row_width, reach));
               for (int64_t i = 0; i < phase_rows; ++i) {
                 scalar_t* phase_row = phase + i * row_width;
                 const int64_t row = step_h * i + rho - padding[0];
@@ -172,9 +173,9 @@ Tensor depthwise_variance_gradients(const Tensor& input, const Tensor& output, c
                   std::fill(phase_row, phase_row + row_width, scalar_t(0));
                   continue;
                 }
-                const scalar_t* input_row = plane + row * width + offset;
+                const scalar_t* input_row = plane + row * width;
                 std::fill(phase_row, phase_row + first, scalar_t(0));
-                for (int64_t j = first; j < last; ++j) phase_row[j] = input_row[step_w * j];
+                for (int64_t j = first; j < last; ++j) phase_row[j] = input_row[step_w * j + offset];
                 std::fill(phase_row + last, phase_row + row_width, scalar_t(0));
               }
             }
