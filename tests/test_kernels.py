@@ -164,7 +164,8 @@ def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for
     # A new entry's shifts are taken alone (one entry per call) and its shifts in later windows
     # with the other entries (several per call): the same numbers bit for bit, so that a Taylor step
     # at unchanged weights moves a stored entry by exactly zero. Lengths with every tail of the
-    # four-vector dot product (37 = 32 + 5, 203 = 6 x 32 + 8 + 3, 25).
+    # four-vector dot product in float (blocks of 32, then of 8, then single values: 37 = 32 + 5,
+    # 203 = 6 x 32 + 8 + 3, 25 = 3 x 8 + 1).
     assert cbn.kernels.available()
     torch.manual_seed(0)
     mean_grad, var_grad = torch.randn(groups, 3, fan_in), torch.randn(channels, 3, fan_in)

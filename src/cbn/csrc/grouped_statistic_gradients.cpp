@@ -14,7 +14,8 @@
 //   convolution (oneDNN has no fast path for kernels that large: 19 ms of an EfficientNet-B0 step
 //   at 160x160, batch 2).
 // - depthwise_variance_gradients: the variance gradients of a depthwise convolution (one input
-//   channel per output channel), centred inline (below).
+//   channel per output channel), centred once per channel and sample, one dot product per kernel
+//   offset over the input's phase planes (below).
 //
 // Both are float sums in another order than the convolutions': they agree to rounding (tested
 // against float64 sums and the dense Jacobian).
