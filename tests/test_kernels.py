@@ -177,6 +177,39 @@ def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for
         assert torch.equal(mean[0], window_means[t]) and torch.equal(var[0], window_vars[t])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("summary", ["differentiable", "paper", "naive"])
+def test_window_summary_equals_python_bit_for_bit(dtype, summary):
+    # cbn::window_summary runs the Python forms' float operations in their order (scalar, no FMA):
+    # the same summaries and coefficients bit for bit, where entries are missing in some channels
+    # and the clamp acts in others.
+    from cbn.functional.differentiable_compensation import compensation_coefficients
+    from cbn.functional.window import MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, pool_windows
+
+    torch.manual_seed(0)
+    sizes = [5, 3, 8]
+    stats = torch.randn(3, 5, sum(sizes), dtype=dtype)
+    stats[:, VAR] = stats[:, VAR].abs()
+    stats[:, SAMPLES] = 18.0
+    stats.mul_((torch.rand(3, 1, sum(sizes)) >= 0.3).to(dtype))  # invalid entries: every row zero
+    stats[1, :, :4] = 0.0  # a slot empty in the first layer's channels
+    mean_now = stats[:, MEAN_SHIFT] + 0.5 * torch.randn(3, sum(sizes), dtype=dtype)
+    var_now = stats[:, VAR_SHIFT] + 2.0 * torch.randn(3, sum(sizes), dtype=dtype)
+
+    def summaries():
+        if summary == "differentiable":
+            terms = compensation_coefficients(stats, mean_now, var_now, sizes)
+            return [t for layer in terms for t in (*layer.past[:-1], layer.coefficients)]
+        shifts = (mean_now, var_now) if summary == "paper" else (None, None)
+        return [t for past in pool_windows(stats, *shifts, sizes) for t in past[:-1]]
+
+    fast, python = _both(summaries)
+    _assert_identical(fast, python)
+    if summary != "naive":  # the clamp acted somewhere, and some entries are missing
+        moved_var = stats[:, VAR] + (var_now - stats[:, VAR_SHIFT]) - (mean_now - stats[:, MEAN_SHIFT]) ** 2
+        assert ((moved_var < 0) & (stats[:, SAMPLES] > 0)).any() and (stats[:, SAMPLES] == 0).any()
+
+
 def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
     convolution = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2))
     call = ConvolutionCall(torch.randn(4, 3, 3), None, (1,), "valid", (1,), 1)
@@ -456,6 +489,57 @@ def test_attached_past_in_cpp_equals_the_python_function_and_records_its_backwar
             torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)])
     for cpp, python in zip(*results):
         assert cpp.dtype == torch.float32 and torch.equal(cpp, python)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("producer_bias", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_normalization_with_the_attachment_equals_the_summary_node_then_the_normalization(affine, producer_bias,
+                                                                                           layout):
+    # cbn::pooled_normalization given the summary's attachment (one autograd node) against
+    # cbn::attach_past followed by it (two): the same output and gradients bit for bit, for the
+    # input, the norm's affine parameters and the producer's weight and bias, with the optional
+    # tensors absent in every combination (the gradients' order must not depend on them); the
+    # backward marks the summary used, and a released one is refused.
+    from cbn.functional.differentiable_compensation import WindowGradients, backward_has_run, release
+
+    assert cbn.kernels.available()
+    generator = torch.Generator().manual_seed(0)
+    channels, entries, fan_in = 6, 3, 12
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    x = draw(2, channels, 5, 5).contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                           torch.contiguous_format).requires_grad_()
+    gamma, beta = (draw(channels).requires_grad_(), draw(channels).requires_grad_()) if affine else (None, None)
+    weight = draw(channels, fan_in).requires_grad_()
+    bias = draw(channels).requires_grad_() if producer_bias else None
+    center, share = draw(channels), draw(channels).abs()
+    inv_entries, delta_weight = torch.full((channels,), 0.25), torch.full((channels,), 3 / 16)
+    coefficients, mean_grad, var_grad = draw(channels, 3, entries), draw(1, entries, fan_in), draw(channels, entries, fan_in)
+    grad_output = draw(*x.shape)
+    leaves = [t for t in (x, gamma, beta, weight, bias) if t is not None]
+    results = []
+    for form in ("one node", "two nodes"):
+        gradients = WindowGradients(mean_grad, var_grad)
+        attachment = (weight, bias, coefficients, mean_grad, var_grad, gradients.state)
+        if form == "one node":
+            output = torch.ops.cbn.pooled_normalization(x, gamma, beta, center, inv_entries, share, delta_weight, 1e-5,
+                                                        torch.float32, *attachment)[0]
+        else:
+            summary = torch.ops.cbn.attach_past(weight, bias, center, share, inv_entries, coefficients, mean_grad,
+                                                var_grad, gradients.state)
+            output = torch.ops.cbn.pooled_normalization(x, gamma, beta, summary[0], inv_entries, summary[1],
+                                                        delta_weight, 1e-5, torch.float32)[0]
+        results.append((output, *torch.autograd.grad(output, leaves, grad_output, retain_graph=True)))
+        assert backward_has_run(gradients.state)
+        release(gradients.state)
+        with pytest.raises(RuntimeError, match="retain_graph=True"):
+            torch.autograd.grad(output, leaves, grad_output)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+    assert all(gradient.abs().max() > 0 for gradient in results[0][1:])
 
 
 def test_the_fused_loops_run_the_copy_the_cpu_supports():

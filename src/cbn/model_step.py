@@ -19,7 +19,7 @@ from torch import nn
 from . import _step_context
 from .functional.differentiable_compensation import compensation_coefficients
 from .functional.statistic_gradients import statistic_shifts_of_layers
-from .functional.window import PastStatistics, pool_window
+from .functional.window import pool_windows
 from .iterations import in_backward_recompute
 from .layers.cross_iteration_batchnorm import CrossIterationBatchNormBase
 from .layers.window_record import StepRecord, record_steps
@@ -48,22 +48,20 @@ def prepare_summaries(layers: list[CrossIterationBatchNormBase]) -> None:
         if len(members) == 1:
             continue  # nothing to batch: the layer computes its own summary
         stats = torch.cat([request.stats for _, request in members], dim=2)
+        sizes = [layer.num_features for layer, _ in members]
         if key[-1]:  # compensating
             operands = [request.operands for _, request in members]
             mean_now, var_now = statistic_shifts_of_layers(operands)
             if key[-2]:  # differentiable compensation: the layers attach the summaries at their call
-                terms = compensation_coefficients(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1),
-                                                  [layer.num_features for layer, _ in members])
+                terms = compensation_coefficients(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1), sizes)
                 for (layer, request), layer_terms in zip(members, terms):
                     layer.use_prepared_summary(PreparedSummary(layer_terms, request.recipe))
                 continue
-            past = pool_window(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1))
+            pasts = pool_windows(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1), sizes)
         else:
-            past = pool_window(stats, None, None)
-        sizes = [layer.num_features for layer, _ in members]
-        pieces = [part.split(sizes) if part is not None else [None] * len(sizes) for part in past]
-        for (layer, request), *summary in zip(members, *pieces):
-            layer.use_prepared_summary(PreparedSummary(PastStatistics(*summary), request.recipe))
+            pasts = pool_windows(stats, None, None, sizes)
+        for (layer, request), past in zip(members, pasts):
+            layer.use_prepared_summary(PreparedSummary(past, request.recipe))
 
 
 class ModelWindowStep:

@@ -17,8 +17,10 @@
 // Where the past summary carries gradients (differentiable compensation), both forms also return
 //   dL/dc = (1 - 1/n) (A - 2 B (mu_bar - c)),   dL/d(P/n) = B,
 // with A = -gamma s G and B = -gamma s^2 H / 2 (past_summary_gradients of the Python form); the
-// summary's own autograd function (cbn.functional.differentiable_compensation) turns them into
-// the producer's gradients.
+// summary's own autograd function (cbn::attach_past) turns them into the producer's gradients. Given
+// the summary's attachment itself (the producer's weight and bias, the coefficients, the window's
+// gradients and its backward state), the fused form does that in its own backward: one autograd
+// node per layer instead of two, the same numbers.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +30,7 @@
 #include <torch/library.h>
 
 #include "cpu_simd.h"
+#include "window_gradients.h"
 
 namespace cbn {
 namespace {
@@ -223,7 +226,20 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
   static variable_list forward(
       AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& weight,
       const std::optional<Tensor>& bias, const Tensor& center, const Tensor& inv_entries,
-      const Tensor& spread_share, const Tensor& delta_weight, double eps) {
+      const Tensor& spread_share, const Tensor& delta_weight, double eps,
+      const std::optional<Tensor>& producer_weight, const std::optional<Tensor>& producer_bias,
+      const std::optional<Tensor>& coefficients, const std::optional<Tensor>& mean_gradients,
+      const std::optional<Tensor>& var_gradients, const std::optional<Tensor>& backward_state) {
+    const bool attached = producer_weight.has_value() && producer_weight->defined();
+    ctx->saved_data["attached"] = attached;
+    // (Flags, not needs_input_grad: its index counts only the tensors given, and some are optional.)
+    ctx->saved_data["needs_producer_weight"] = attached && producer_weight->requires_grad();
+    ctx->saved_data["needs_producer_bias"] = attached && producer_bias.has_value() && producer_bias->defined() &&
+                                             producer_bias->requires_grad();
+    if (attached) {
+      save_attachment(ctx, *producer_weight, producer_bias, inv_entries, *coefficients, *mean_gradients,
+                      *var_gradients, *backward_state);
+    }
     const int64_t samples = input.size(0), channels = input.size(1);
     const int64_t spatial = input.numel() / (samples * channels);
     const double count = static_cast<double>(samples * spatial);
@@ -281,7 +297,8 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     Tensor grad_input = needs_input ? at::empty_like(input) : Tensor();
     Tensor sum_g_xhat = at::empty({channels}, options), sum_g = at::empty({channels}, options);
     // dL/dc and dL/d(P/n), per channel in the loop below, where the past summary needs them.
-    const bool summary = needs_summary(saved);
+    const bool attached = ctx->saved_data["attached"].toBool();
+    const bool summary = needs_summary(saved) || attached;
     Tensor summary_center = summary ? at::empty({channels}, options) : Tensor();
     Tensor summary_share = summary ? at::empty({channels}, options) : Tensor();
     AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "cbn_fused_pooled_normalization_backward", [&] {
@@ -328,21 +345,45 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       };
       simd::parallel_for(channels, 1, channel_loop);
     });
+    Tensor grad_producer_weight, grad_producer_bias;
+    if (attached) {
+      std::tie(grad_producer_weight, grad_producer_bias) = attached_producer_gradients(
+          ctx, summary_center, summary_share, ctx->saved_data["needs_producer_weight"].toBool(),
+          ctx->saved_data["needs_producer_bias"].toBool());
+    }
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
             needs_center ? summary_center : Tensor(), Tensor(), needs_share ? summary_share : Tensor(), Tensor(),
-            Tensor()};
+            Tensor(), grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
+// With a producer weight, the summary (center, spread_share) is attached to it: the other
+// attachment arguments must be given too (cbn.functional.differentiable_compensation.attach_to_producer).
 std::vector<Tensor> pooled_normalization(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const Tensor& center, const Tensor& inv_entries, const Tensor& spread_share,
-    const Tensor& delta_weight, double eps, at::ScalarType stats_dtype) {
+    const Tensor& delta_weight, double eps, at::ScalarType stats_dtype,
+    const std::optional<Tensor>& producer_weight, const std::optional<Tensor>& producer_bias,
+    const std::optional<Tensor>& coefficients, const std::optional<Tensor>& mean_gradients,
+    const std::optional<Tensor>& var_gradients, const std::optional<Tensor>& backward_state) {
+  const bool attached = producer_weight.has_value() && producer_weight->defined();
+  TORCH_CHECK(!attached || (coefficients.has_value() && mean_gradients.has_value() && var_gradients.has_value() &&
+                            backward_state.has_value()),
+              "cbn.pooled_normalization: an attached summary needs its coefficients, gradients and backward state");
   if (takes_fused_form(input, stats_dtype)) {
-    return FusedPooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps);
+    return FusedPooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps,
+                                           producer_weight, producer_bias, coefficients, mean_gradients,
+                                           var_gradients, backward_state);
   }
-  return PooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight,
-                                    eps, stats_dtype);
+  if (!attached) {
+    return PooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps,
+                                      stats_dtype);
+  }
+  // Other inputs: the summary's own autograd function, then the normalization.
+  const std::vector<Tensor> summary = attach_past(*producer_weight, producer_bias, center, spread_share, inv_entries,
+                                                  *coefficients, *mean_gradients, *var_gradients, *backward_state);
+  return PooledNormalization::apply(input, weight, bias, summary[0], inv_entries, summary[1], delta_weight, eps,
+                                    stats_dtype);
 }
 
 }  // namespace
@@ -350,7 +391,9 @@ std::vector<Tensor> pooled_normalization(
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("pooled_normalization(Tensor input, Tensor? weight, Tensor? bias, Tensor center, "
         "Tensor inv_entries, Tensor spread_share, Tensor delta_weight, float eps, "
-        "ScalarType stats_dtype) -> Tensor[]");
+        "ScalarType stats_dtype, Tensor? producer_weight=None, Tensor? producer_bias=None, "
+        "Tensor? coefficients=None, Tensor? mean_gradients=None, Tensor? var_gradients=None, "
+        "Tensor? backward_state=None) -> Tensor[]");
   m.impl("pooled_normalization", c10::DispatchKey::CompositeImplicitAutograd, &pooled_normalization);
 }
 

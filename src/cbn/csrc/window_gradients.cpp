@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "window_gradients.h"
 
 namespace cbn {
 namespace {
@@ -94,6 +95,8 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
   return out;
 }
 
+}  // namespace
+
 // The producer's gradients of differentiable compensation from the backward's dL/dc and dL/dP
 // (cbn.functional.differentiable_compensation.producer_gradients), for one layer in one call:
 //   a[c, t] = w[c, t] g_c[c] + p[c, t] g_P[c],   b[c, t] = q[c, t] g_P[c],   dL/db[c] = sum_t a[c, t]
@@ -159,65 +162,79 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
   return {std::move(rows), std::move(grad_bias)};
 }
 
+constexpr uint8_t kUsed = 1, kReleased = 2;  // backward_state: the backward ran / the window moved on
+
+void save_attachment(torch::autograd::AutogradContext* ctx, const Tensor& weight, const std::optional<Tensor>& bias,
+                     const Tensor& inv_entries, const Tensor& coefficients, const Tensor& mean_gradients,
+                     const Tensor& var_gradients, const Tensor& backward_state) {
+  TORCH_CHECK(backward_state.is_cpu() && backward_state.scalar_type() == at::kByte && backward_state.numel() == 1,
+              "cbn: an attached summary's backward_state must be one uint8 value on the CPU");
+  ctx->saved_data["attached_inv_entries"] = inv_entries;
+  ctx->saved_data["coefficients"] = coefficients;
+  ctx->saved_data["mean_gradients"] = mean_gradients;
+  ctx->saved_data["var_gradients"] = var_gradients;
+  ctx->saved_data["backward_state"] = backward_state;
+  ctx->saved_data["weight_shape"] = weight.sizes();
+  ctx->saved_data["weight_dtype"] = weight.scalar_type();
+  ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+}
+
+std::tuple<Tensor, Tensor> attached_producer_gradients(torch::autograd::AutogradContext* ctx, const Tensor& grad_center,
+                                                       const Tensor& grad_share, bool needs_weight, bool needs_bias) {
+  TORCH_CHECK(!at::GradMode::is_enabled(),
+              "cbn: the backward of differentiable compensation is not differentiable (no double backward)");
+  uint8_t* state = ctx->saved_data["backward_state"].toTensor().mutable_data_ptr<uint8_t>();
+  TORCH_CHECK(*state != kReleased,
+              "cbn: a second backward through a Cross-Iteration BatchNorm forward after a later training "
+              "forward of the same layer (retain_graph=True): differentiable compensation reads the window "
+              "in backward, and the window has moved on. Run every backward of a forward before the next "
+              "training forward, or use differentiable_compensation=False.");
+  *state = kUsed;
+  const Tensor inv_entries = ctx->saved_data["attached_inv_entries"].toTensor();
+  const Tensor coefficients = ctx->saved_data["coefficients"].toTensor();
+  const int64_t channels = coefficients.size(0);
+  const Tensor center = grad_center.defined() ? grad_center : at::zeros({channels}, inv_entries.options());
+  const Tensor share = grad_share.defined() ? grad_share : at::zeros({channels}, inv_entries.options());
+  const auto weight_shape = ctx->saved_data["weight_shape"].toIntVector();
+  auto [grad_weight, grad_bias] = compensation_gradients(
+      coefficients, center, share * inv_entries, ctx->saved_data["mean_gradients"].toTensor(),
+      ctx->saved_data["var_gradients"].toTensor(), weight_shape);
+  const auto in_dtype = [](const Tensor& gradient, const c10::IValue& dtype) {
+    const auto scalar_type = dtype.toScalarType();
+    return gradient.scalar_type() == scalar_type ? gradient : gradient.to(scalar_type);
+  };
+  const auto& bias_dtype = ctx->saved_data["bias_dtype"];
+  return {needs_weight ? in_dtype(grad_weight, ctx->saved_data["weight_dtype"]) : Tensor(),
+          needs_bias && !bias_dtype.isNone() ? in_dtype(grad_bias, bias_dtype) : Tensor()};
+}
+
+namespace {
+
 // The past summary (c, P/n) of differentiable compensation as a function of the producer's weight
 // and bias (cbn.functional.differentiable_compensation._AttachedPast is the Python form): the
 // forward returns views of c and P/n; the backward turns dL/dc and dL/d(P/n) into the producer's
 // gradients with compensation_gradients, g_P = dL/d(P/n) / n. backward_state is the summary's one
 // byte shared with Python (WindowGradients): the backward refuses to run once the window has
 // moved on (kReleased) and records that it ran (kUsed), which tells the window it may write in place.
-constexpr uint8_t kUsed = 1, kReleased = 2;
-
+// cbn::pooled_normalization takes the same attachment itself where it normalizes with the summary.
 struct AttachedPast : public torch::autograd::Function<AttachedPast> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const Tensor& weight, const std::optional<Tensor>& bias,
       const Tensor& center, const Tensor& spread_share, const Tensor& inv_entries, const Tensor& coefficients,
       const Tensor& mean_gradients, const Tensor& var_gradients, const Tensor& backward_state) {
-    TORCH_CHECK(backward_state.is_cpu() && backward_state.scalar_type() == at::kByte && backward_state.numel() == 1,
-                "cbn.attach_past: backward_state must be one uint8 value on the CPU");
-    // Not saved for backward: the window's own tensors, which it writes in place only after this
-    // backward ran (the state says so), and the weight and bias, of which only shapes are needed.
-    ctx->saved_data["inv_entries"] = inv_entries;
-    ctx->saved_data["coefficients"] = coefficients;
-    ctx->saved_data["mean_gradients"] = mean_gradients;
-    ctx->saved_data["var_gradients"] = var_gradients;
-    ctx->saved_data["backward_state"] = backward_state;
-    ctx->saved_data["weight_shape"] = weight.sizes();
-    ctx->saved_data["weight_dtype"] = weight.scalar_type();
-    ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
+    save_attachment(ctx, weight, bias, inv_entries, coefficients, mean_gradients, var_gradients, backward_state);
     return {center.view_as(center), spread_share.view_as(spread_share)};
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(),
-                "cbn: the backward of differentiable compensation is not differentiable (no double backward)");
-    uint8_t* state = ctx->saved_data["backward_state"].toTensor().mutable_data_ptr<uint8_t>();
-    TORCH_CHECK(*state != kReleased,
-                "cbn: a second backward through a Cross-Iteration BatchNorm forward after a later training "
-                "forward of the same layer (retain_graph=True): differentiable compensation reads the window "
-                "in backward, and the window has moved on. Run every backward of a forward before the next "
-                "training forward, or use differentiable_compensation=False.");
-    *state = kUsed;
-    const Tensor inv_entries = ctx->saved_data["inv_entries"].toTensor();
-    const Tensor coefficients = ctx->saved_data["coefficients"].toTensor();
-    const int64_t channels = coefficients.size(0);
-    const Tensor grad_center = grads[0].defined() ? grads[0] : at::zeros({channels}, inv_entries.options());
-    const Tensor grad_share = grads[1].defined() ? grads[1] : at::zeros({channels}, inv_entries.options());
-    const auto weight_shape = ctx->saved_data["weight_shape"].toIntVector();
-    auto [grad_weight, grad_bias] = compensation_gradients(
-        coefficients, grad_center, grad_share * inv_entries, ctx->saved_data["mean_gradients"].toTensor(),
-        ctx->saved_data["var_gradients"].toTensor(), weight_shape);
-    const auto in_dtype = [](const Tensor& gradient, const c10::IValue& dtype) {
-      const auto scalar_type = dtype.toScalarType();
-      return gradient.scalar_type() == scalar_type ? gradient : gradient.to(scalar_type);
-    };
-    const bool needs_weight = ctx->needs_input_grad(0), needs_bias = ctx->needs_input_grad(1);
-    const auto& bias_dtype = ctx->saved_data["bias_dtype"];
-    return {needs_weight ? in_dtype(grad_weight, ctx->saved_data["weight_dtype"]) : Tensor(),
-            needs_bias && !bias_dtype.isNone() ? in_dtype(grad_bias, bias_dtype) : Tensor(),
-            Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [grad_weight, grad_bias] =
+        attached_producer_gradients(ctx, grads[0], grads[1], ctx->needs_input_grad(0), ctx->needs_input_grad(1));
+    return {grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
+
+}  // namespace
 
 std::vector<Tensor> attach_past(const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& center,
                                 const Tensor& spread_share, const Tensor& inv_entries, const Tensor& coefficients,
@@ -226,8 +243,6 @@ std::vector<Tensor> attach_past(const Tensor& weight, const std::optional<Tensor
   return AttachedPast::apply(weight, bias, center, spread_share, inv_entries, coefficients, mean_gradients,
                              var_gradients, backward_state);
 }
-
-}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("window_weight_gradient(Tensor mean_coefficients, Tensor mean_gradients, Tensor var_coefficients, "

@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from .window import PastStatistics, move_to_current_weights, pool_past, with_pooling_weights
+from .window import PastStatistics, move_to_current_weights, pool_past, summary_kernel_applies, with_pooling_weights
 
 # Rows of a window's statistics tensor (as in ``window.pool_window``).
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
@@ -148,6 +148,11 @@ def compensation_coefficients(
         >>> terms.unclamped.shape
         torch.Size([2, 4])
     """
+    if summary_kernel_applies(stats, mean_shift_now, var_shift_now):
+        pieces = torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, sizes, True)
+        fields = len(PastStatistics._fields)  # all but the attachment, then the coefficients
+        return [CompensationTerms(PastStatistics(*pieces[start:start + fields - 1]), pieces[start + fields - 1])
+                for start in range(0, len(pieces), fields)]
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     moved_mean, moved_var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
     valid = (samples > 0).to(mean.dtype)
@@ -283,6 +288,18 @@ def attach_to_producer(terms: CompensationTerms, weight: Tensor, bias: Tensor | 
         ``center`` and ``spread_share`` carry the producer's gradients (:func:`apply_attachment`).
     """
     return with_pooling_weights(terms.past)._replace(attachment=(weight, bias, terms))
+
+
+def attachment_operands(past: PastStatistics) -> tuple:
+    """The attachment of ``past`` as the trailing arguments of the C++ ``cbn::pooled_normalization``
+    (producer weight and bias, coefficients, the window's gradients and backward state), which then
+    gives the producer its gradients in its own backward: one autograd node per layer instead of
+    :func:`apply_attachment`'s two. ``()`` where ``past`` is not attached."""
+    if past.attachment is None or past.attachment[0] is None:
+        return ()
+    weight, bias, terms = past.attachment
+    gradients = terms.gradients
+    return weight, bias, terms.coefficients, gradients.mean, gradients.var, gradients.state
 
 
 def apply_attachment(past: PastStatistics) -> PastStatistics:

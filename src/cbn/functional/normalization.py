@@ -46,7 +46,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import kernels
 from .._cache import bounded_get
-from .differentiable_compensation import apply_attachment
+from .differentiable_compensation import apply_attachment, attachment_operands
 from .window import PastStatistics, with_pooling_weights
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -278,12 +278,14 @@ def cross_iteration_batch_norm(
         batch_var = invstd.detach().pow(-2).sub_(eps)
         return output, PooledStatistics(batch_mean, batch_var, batch_mean, batch_var)
     if past is not None:
-        past = apply_attachment(with_pooling_weights(past))
+        past = with_pooling_weights(past)
     if past is not None and kernels.active():
         output, *stats = torch.ops.cbn.pooled_normalization(
             input, weight, bias, past.center, past.inv_entries, past.spread_share, past.delta_weight, eps, stats_dtype,
+            *attachment_operands(past),
         )
     else:
+        past = None if past is None else apply_attachment(past)
         center, share = (None, None) if past is None else (past.center, past.spread_share)
         output, *stats = CrossIterationNorm.apply(input, weight, bias, center, share, past, eps, stats_dtype)
     return output, PooledStatistics(*stats)

@@ -21,7 +21,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
+
+from .. import kernels
 
 
 # Rows of a window ``(k, 5, C)``: one entry's statistics, first-order terms and values per channel.
@@ -108,8 +111,41 @@ def pool_window(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Ten
         mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at the current weights, or
             ``None`` for uncompensated (naive) averaging.
     """
+    if summary_kernel_applies(stats, mean_shift_now, var_shift_now):
+        return PastStatistics(*torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, [stats.shape[2]],
+                                                            False))
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     if mean_shift_now is not None:
         mean, var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
     # Invalid slots hold samples = 0, so the plain sum counts the pooled values only.
     return pool_past(mean, var, (samples > 0).to(mean.dtype))._replace(samples=samples.sum(0))
+
+
+def pool_windows(
+    stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Tensor | None, sizes: list[int]
+) -> list[PastStatistics]:
+    """:func:`pool_window` of several layers' windows concatenated along ``C`` (``sizes``: the
+    channels of each), one summary per layer.
+
+    Example::
+
+        >>> stats = torch.zeros(3, 5, 24); stats[:, SAMPLES] = 8.0
+        >>> [past.center.shape for past in pool_windows(stats, None, None, [16, 8])]
+        [torch.Size([16]), torch.Size([8])]
+    """
+    if summary_kernel_applies(stats, mean_shift_now, var_shift_now):
+        pieces = torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, sizes, False)
+        fields = len(PastStatistics._fields) - 1  # all but the attachment
+        return [PastStatistics(*pieces[start:start + fields]) for start in range(0, len(pieces), fields)]
+    past = pool_window(stats, mean_shift_now, var_shift_now)
+    return [PastStatistics(*layer) for layer in zip(*(part.split(sizes) for part in past[:-1]))]
+
+
+def summary_kernel_applies(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Tensor | None) -> bool:
+    """Whether the C++ kernel ``cbn::window_summary`` summarizes these windows: :mod:`cbn.kernels`
+    active, float or double statistics (and shifts of their dtype) on the CPU, and no gradient to
+    record (the kernel has no backward; the layers summarize constants of the step)."""
+    operands = (stats,) if mean_shift_now is None else (stats, mean_shift_now, var_shift_now)
+    return (kernels.active() and stats.device.type == "cpu" and stats.dtype in (torch.float32, torch.float64)
+            and all(t.dtype == stats.dtype for t in operands)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands)))

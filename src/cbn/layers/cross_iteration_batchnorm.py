@@ -191,6 +191,11 @@ class CrossIterationBatchNormBase(_BatchNorm):
             + (", differentiable_compensation=False" if self.compensate and not self.differentiable_compensation else "")
         )
 
+    def _set_plain(self, name: str, value) -> None:
+        # A per-call attribute that is no parameter, buffer or module: written without
+        # nn.Module.__setattr__, whose checks cost more than the value at every training call.
+        self.__dict__[name] = value
+
     # ----------------------------------------------------------------------------- pairing
     def pairing_status(self) -> tuple[bool, tuple, str]:
         """``(compensated, producer parameters, reason)`` of the latest training forward: whether
@@ -212,9 +217,9 @@ class CrossIterationBatchNormBase(_BatchNorm):
         found = find_producer_call(input, self.num_features)
         if isinstance(found, ProducerCall):
             # Weakly: the report must not keep a producer alive (nor its activations).
-            self._last_pairing = PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters))
+            self._set_plain("_last_pairing", PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters)))
             return found
-        self._last_pairing = found
+        self._set_plain("_last_pairing", found)
         if self.compensate and self.window > 1 and not self._warned_unpaired and collector_for(self) is None:
             self._warned_unpaired = True
             warnings.warn(f"{type(self).__name__}({self.num_features}) averages uncompensated statistics: {found}. "
@@ -287,7 +292,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
         grad_recorded = torch.is_grad_enabled() and input.requires_grad
         state.take_position(advance=grad_recorded)
         computation = position.bind(call) if position is not None and self.compensate else None
-        prepared, self._prepared = self._prepared, None
+        prepared = self._prepared
+        self._set_plain("_prepared", None)
         if pooled and index == 0 and prepared is not None and same_call(prepared.recipe, computation):
             past = prepared.summary if computation is None else position.attach(prepared.summary, computation)
         else:
@@ -378,7 +384,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         (call position 0) with other layers' before a converted model's forward, or ``None``
         where the layer will compute its own (it will not pool, or its producer is not known to
         be current)."""
-        self._prepared = None
+        self._set_plain("_prepared", None)
         if self.window == 1 or self._counter.count + 1 <= self.burnin:
             return None
         return self._window_state.positions[0].summary_request(self.compensate, self.differentiable_compensation)
@@ -386,7 +392,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
     def use_prepared_summary(self, prepared: PreparedSummary) -> None:
         """Take the summary the model-level step computed; used at the first call of the forward
         if that call's producer is the one it was computed for (else the layer computes its own)."""
-        self._prepared = prepared
+        self._set_plain("_prepared", prepared)
 
     def window_statistics(self, position: int = 0) -> dict[str, Tensor]:
         """Stored past entries of a call position, newest first, raw and moved to the weights of
