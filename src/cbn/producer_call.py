@@ -248,9 +248,9 @@ def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
     and two positions meet the same pair of probe values only ``4093 x 4099`` values apart, so any
     single change, and any exchange of two values closer than that, changes the number."""
     tensors = [t for t in (computation.weight, computation.bias) if t is not None and t.numel()]
+    if kernels.active() and tensors:  # (a number: nothing for autograd to record)
+        return torch.ops.cbn.weight_fingerprint(tensors, *_probe_periods(tensors[0].dtype, tensors[0].device))
     with torch.no_grad():
-        if kernels.active() and tensors:
-            return torch.ops.cbn.weight_fingerprint(tensors, *_probe_periods(tensors[0].dtype, tensors[0].device))
         total = None
         for tensor in tensors:
             flat = tensor.view(-1) if tensor.is_contiguous() else tensor.reshape(-1)

@@ -148,6 +148,7 @@ double weight_fingerprint(at::TensorList tensors, const Tensor& first, const Ten
   TORCH_CHECK(first.dim() == 1 && second.dim() == 1 && first.numel() > 0 && second.numel() > 0 &&
                   first.scalar_type() == second.scalar_type(),
               "cbn.weight_fingerprint: two 1-D probes of one dtype");
+  const at::NoGradGuard no_grad;  // (the ATen form's products: a number, nothing for autograd to record)
   double total = 0;
   for (const Tensor& values : tensors) {
     const auto dtype = values.scalar_type();

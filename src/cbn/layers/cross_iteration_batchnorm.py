@@ -304,10 +304,11 @@ class CrossIterationBatchNormBase(_BatchNorm):
         else:
             output, stats = cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps,
                                                        _stats_dtype(state))
-        ticket = self._record(position, stats, samples, past, call, computation)
+        step = collector_for(self)
+        ticket = self._record(position, stats, samples, past, call, computation, step)
         if not grad_recorded or reading_would_recompute():  # a forward activation checkpointing may replay
             self._kept.keep(stats.batch_mean, past, ticket)
-        if grad_recorded and output.requires_grad and collector_for(self) is None:
+        if grad_recorded and output.requires_grad and step is None:
             # (a converted model's step restarts the positions at each of its forwards instead)
             output.register_hook(state.restart_positions)
         return output
@@ -349,16 +350,18 @@ class CrossIterationBatchNormBase(_BatchNorm):
             return cross_process_batch_norm(input, past, self.weight, self.bias, self.eps, dtype, self.process_group)[0]
         return cross_iteration_batch_norm(input, past, self.weight, self.bias, self.eps, dtype)[0]
 
-    def _record(self, position, stats, samples, past, call: ProducerCall | None, computation) -> EntryTicket | None:
+    def _record(self, position, stats, samples, past, call: ProducerCall | None, computation,
+                step) -> EntryTicket | None:
         """Record the step (window entry, statistic gradients, running statistics): with all
-        layers' after a converted model's forward, else at once (:mod:`cbn.layers.window_record`).
-        Returns the entry's ticket when its gradients are to be filled in by a recompute."""
+        layers' after a converted model's forward (``step``, the model-level step collecting this
+        layer's records, or ``None``), else at once (:mod:`cbn.layers.window_record`). Returns the
+        entry's ticket when its gradients are to be filled in by a recompute."""
         wants_gradients = (
             position is not None and self.compensate
             and self._counter.count > self.burnin - self.window + 1  # entries evicted before burn-in ends need none
         )
         source = None
-        if wants_gradients and call is not None and call.input is not None and position.var_grad is not None:
+        if wants_gradients and call is not None and call.input is not None and position.has_gradients:
             source = (call.computation, call.input, call.output)
         ticket = None
         if wants_gradients and source is None and (call is None or call.trainable) and not isinstance(samples, Tensor):
@@ -366,7 +369,6 @@ class CrossIterationBatchNormBase(_BatchNorm):
             ticket = EntryTicket(position)
         record = StepRecord(self, position, stats, samples, past.samples if past is not None else None,
                             source, computation, self.process_group, ticket)
-        step = collector_for(self)
         if step is not None and torch.is_grad_enabled() and not isinstance(samples, Tensor):
             step.defer(record)
         else:

@@ -118,7 +118,7 @@ def _record_group(records: list[StepRecord]) -> None:
 
 def _compensating(record: StepRecord) -> bool:
     """Whether the record's entry has first-order terms: gradients, or a bias that moves it."""
-    return record.window is not None and (record.window.var_grad is not None
+    return record.window is not None and (record.window.has_gradients
                                           or getattr(record.computation, "bias", None) is not None)
 
 
@@ -212,7 +212,7 @@ def _entry_gradients(records: list[StepRecord]) -> list:
 
 def _gradient_operands(record: StepRecord) -> tuple | None:
     """The :func:`producer_statistic_gradients` operands of a record, in the statistics dtype."""
-    if record.gradient_source is None or record.window is None or record.window.var_grad is None:
+    if record.gradient_source is None or record.window is None or not record.window.has_gradients:
         return None
     computation, producer_input, output = record.gradient_source
     dtype = record.window.stats.dtype
@@ -262,7 +262,7 @@ def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -
     """The new entries' statistic gradients (``None``: stored without them) to their windows
     (:func:`cbn.layers.window_state.write_gradient_slots`, which owns the rings)."""
     entries = [(records[i].window, slot, None if gradients[i] is None else (gradients[i].mean, gradients[i].var))
-               for i, slot in zip(windowed, slots) if records[i].window.var_grad is not None]
+               for i, slot in zip(windowed, slots) if records[i].window.has_gradients]
     if entries:
         # On the CPU the flags cost nothing to read; elsewhere every write replaces non-finite values.
         write_gradient_slots(entries, finite.device.type == "cpu" and bool(finite.all()))
@@ -342,7 +342,7 @@ def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tenso
     at the weights of its step (the recompute runs before the optimizer step). A non-finite
     result empties the slot."""
     window, slot = ticket.window, ticket.slot
-    if slot is None or window.var_grad is None or not bool(window.stats[slot, SAMPLES, 0] > 0):
+    if slot is None or not window.has_gradients or not bool(window.stats[slot, SAMPLES, 0] > 0):
         return
     dtype = window.stats.dtype
     (gradients,) = producer_statistic_gradients_of_layers(

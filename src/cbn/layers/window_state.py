@@ -122,6 +122,12 @@ class PositionWindow:
         return self._var_grad
 
     @property
+    def has_gradients(self) -> bool:
+        """Whether the position keeps statistic-gradient rings (pending entries need no writing
+        to tell)."""
+        return self._var_grad is not None
+
+    @property
     def past(self) -> int:
         return self.stats.shape[0]
 
