@@ -517,7 +517,8 @@ def test_normalization_with_the_attachment_equals_the_summary_node_then_the_norm
     bias = draw(channels).requires_grad_() if producer_bias else None
     center, share = draw(channels), draw(channels).abs()
     inv_entries, delta_weight = torch.full((channels,), 0.25), torch.full((channels,), 3 / 16)
-    coefficients, mean_grad, var_grad = draw(channels, 3, entries), draw(1, entries, fan_in), draw(channels, entries, fan_in)
+    coefficients = draw(channels, 3, entries)
+    mean_grad, var_grad = draw(1, entries, fan_in), draw(channels, entries, fan_in)
     grad_output = draw(*x.shape)
     leaves = [t for t in (x, gamma, beta, weight, bias) if t is not None]
     results = []

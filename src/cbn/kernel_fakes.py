@@ -5,7 +5,7 @@ under ``FakeTensorMode`` (``torch.compile``, ``torch.export``, ``torch.library.o
 cannot run: these functions say what they return without touching data. ``copy_into_slots`` needs
 none (its C++ body is ATen copies, which fake tensors run). The CompositeImplicitAutograd
 operators (``pooled_normalization``, ``convolution_statistic_gradients``, ``weight_fingerprint``,
-``statistic_shifts_many``, ``window_weight_gradient``, ``compensation_gradients``,
+``statistic_shifts_many``, ``window_summary``, ``window_weight_gradient``, ``compensation_gradients``,
 ``attach_past``, ``mean_patches``, ``depthwise_variance_gradients``,
 ``instruction_set``) cannot take a fake implementation (torch refuses one for that key);
 compiled graphs take cbn's traceable Python form instead (:func:`cbn.kernels.active`).

@@ -6,7 +6,14 @@ The C++ kernels run the per-step work from C++:
 
 - ``torch.ops.cbn.pooled_normalization``: the normalization with pooled statistics, forward and
   backward (a C++ autograd function; :class:`cbn.functional.normalization.CrossIterationNorm`
-  is its Python twin), fused into two passes each way for contiguous float CPU inputs;
+  is its Python twin), fused into two passes each way for contiguous float CPU inputs; given a
+  differentiable summary's attachment, its backward also gives the producer its gradients
+  (``attach_past``'s, in the same node);
+- ``torch.ops.cbn.window_summary``: the per-channel chain of a window's summary (Taylor step,
+  clamp, centre, spread, pooling weights, the coefficients of differentiable compensation) for
+  all layers of a model in one loop (:func:`cbn.functional.window.pool_window` and
+  :func:`cbn.functional.differentiable_compensation.compensation_coefficients`: the same float
+  operations in the same order, bit for bit);
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
 - ``torch.ops.cbn.mean_patches`` and ``depthwise_variance_gradients``: the statistic gradients of

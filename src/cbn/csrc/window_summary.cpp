@@ -17,6 +17,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -60,63 +61,74 @@ std::vector<Tensor> window_summary(const Tensor& stats_in, const std::optional<T
                   "cbn.window_summary: shifts must be (k, C) of the statistics' dtype, got ", shift->sizes());
     }
   }
-  const Tensor fields = at::empty({kSummaryFields, channels}, stats.options());
-  const Tensor rows = coefficients ? at::empty({channels, 3, entries}, stats.options()) : Tensor();
+  // Each output its own tensor, made without the dispatcher (views of one block would cost a
+  // dispatched slice each: more than the whole loop at a model's 20-50 layers).
+  const auto layers = static_cast<int64_t>(sizes.size());
+  std::vector<Tensor> pieces;
+  pieces.reserve(layers * (kSummaryFields + 1));
+  for (const int64_t size : sizes) {
+    for (int64_t field = 0; field < kSummaryFields; ++field) {
+      pieces.push_back(at::detail::empty_cpu({size}, dtype, false, at::MemoryFormat::Contiguous));
+    }
+    if (coefficients) {
+      pieces.push_back(at::detail::empty_cpu({size, 3, entries}, dtype, false, at::MemoryFormat::Contiguous));
+    }
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_window_summary", [&] {
     const scalar_t* s = stats.const_data_ptr<scalar_t>();
     const scalar_t* mean_now = moved ? mean_shift_now.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* var_now = moved ? var_shift_now.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* out = fields.mutable_data_ptr<scalar_t>();
-    scalar_t* coefficient = coefficients ? rows.mutable_data_ptr<scalar_t>() : nullptr;
     std::vector<scalar_t> moved_mean(entries), moved_var(entries), delta(entries), valid(entries);
     const auto at = [&](int64_t t, int64_t row, int64_t c) { return s[(t * 5 + row) * channels + c]; };
-    for (int64_t c = 0; c < channels; ++c) {
-      scalar_t count = 0, samples = 0;
-      for (int64_t t = 0; t < entries; ++t) {
-        valid[t] = at(t, kSamples, c) > 0 ? scalar_t(1) : scalar_t(0);
-        if (moved) {
-          delta[t] = mean_now[t * channels + c] - at(t, kMeanShift, c);
-          moved_mean[t] = at(t, kMean, c) + delta[t];
-          moved_var[t] = std::max(at(t, kVar, c) + (var_now[t * channels + c] - at(t, kVarShift, c)) -
-                                      delta[t] * delta[t], scalar_t(0));
-        } else {
-          moved_mean[t] = at(t, kMean, c);
-          moved_var[t] = at(t, kVar, c);
+    const int64_t per_layer = kSummaryFields + (coefficients ? 1 : 0);
+    int64_t c = 0;
+    for (int64_t l = 0; l < layers; ++l) {
+      scalar_t* out[kSummaryFields];
+      for (int64_t field = 0; field < kSummaryFields; ++field) {
+        out[field] = pieces[l * per_layer + field].mutable_data_ptr<scalar_t>();
+      }
+      scalar_t* coefficient =
+          coefficients ? pieces[l * per_layer + kSummaryFields].mutable_data_ptr<scalar_t>() : nullptr;
+      for (int64_t local = 0; local < sizes[l]; ++local, ++c) {
+        scalar_t count = 0, samples = 0;
+        for (int64_t t = 0; t < entries; ++t) {
+          valid[t] = at(t, kSamples, c) > 0 ? scalar_t(1) : scalar_t(0);
+          if (moved) {
+            delta[t] = mean_now[t * channels + c] - at(t, kMeanShift, c);
+            moved_mean[t] = at(t, kMean, c) + delta[t];
+            moved_var[t] = std::max(at(t, kVar, c) + (var_now[t * channels + c] - at(t, kVarShift, c)) -
+                                        delta[t] * delta[t], scalar_t(0));
+          } else {
+            moved_mean[t] = at(t, kMean, c);
+            moved_var[t] = at(t, kVar, c);
+          }
+          count += valid[t];
+          samples += at(t, kSamples, c);
         }
-        count += valid[t];
-        samples += at(t, kSamples, c);
-      }
-      const scalar_t divisor = std::max(count, scalar_t(1));
-      scalar_t center = 0;
-      for (int64_t t = 0; t < entries; ++t) center += valid[t] * moved_mean[t];
-      center /= divisor;
-      scalar_t spread = 0;
-      for (int64_t t = 0; t < entries; ++t) {
-        const scalar_t offset = moved_mean[t] - center;
-        spread += valid[t] * (moved_var[t] + offset * offset);
-      }
-      const scalar_t inv_entries = scalar_t(1) / (count + scalar_t(1));
-      const scalar_t values[kSummaryFields] = {center, spread, count, samples, inv_entries, spread * inv_entries,
-                                               count * (inv_entries * inv_entries)};
-      for (int64_t field = 0; field < kSummaryFields; ++field) out[field * channels + c] = values[field];
-      if (coefficient == nullptr) continue;
-      scalar_t* w = coefficient + c * 3 * entries;
-      for (int64_t t = 0; t < entries; ++t) {
-        const scalar_t unclamped = valid[t] * (moved_var[t] > 0 ? scalar_t(1) : scalar_t(0));
-        w[t] = valid[t] / divisor;
-        w[entries + t] = scalar_t(2) * (valid[t] * (moved_mean[t] - center) - unclamped * delta[t]);
-        w[2 * entries + t] = unclamped;
+        const scalar_t divisor = std::max(count, scalar_t(1));
+        scalar_t center = 0;
+        for (int64_t t = 0; t < entries; ++t) center += valid[t] * moved_mean[t];
+        center /= divisor;
+        scalar_t spread = 0;
+        for (int64_t t = 0; t < entries; ++t) {
+          const scalar_t offset = moved_mean[t] - center;
+          spread += valid[t] * (moved_var[t] + offset * offset);
+        }
+        const scalar_t inv_entries = scalar_t(1) / (count + scalar_t(1));
+        const scalar_t values[kSummaryFields] = {center, spread, count, samples, inv_entries, spread * inv_entries,
+                                                 count * (inv_entries * inv_entries)};
+        for (int64_t field = 0; field < kSummaryFields; ++field) out[field][local] = values[field];
+        if (coefficient == nullptr) continue;
+        scalar_t* w = coefficient + local * 3 * entries;
+        for (int64_t t = 0; t < entries; ++t) {
+          const scalar_t unclamped = valid[t] * (moved_var[t] > 0 ? scalar_t(1) : scalar_t(0));
+          w[t] = valid[t] / divisor;
+          w[entries + t] = scalar_t(2) * (valid[t] * (moved_mean[t] - center) - unclamped * delta[t]);
+          w[2 * entries + t] = unclamped;
+        }
       }
     }
   });
-  std::vector<Tensor> pieces;
-  pieces.reserve(sizes.size() * (kSummaryFields + 1));
-  int64_t start = 0;
-  for (const int64_t size : sizes) {
-    for (int64_t field = 0; field < kSummaryFields; ++field) pieces.push_back(fields[field].narrow(0, start, size));
-    if (coefficients) pieces.push_back(rows.narrow(0, start, size));
-    start += size;
-  }
   return pieces;
 }
 

@@ -217,7 +217,8 @@ class CrossIterationBatchNormBase(_BatchNorm):
         found = find_producer_call(input, self.num_features)
         if isinstance(found, ProducerCall):
             # Weakly: the report must not keep a producer alive (nor its activations).
-            self._set_plain("_last_pairing", PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters)))
+            outcome = PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters))
+            self._set_plain("_last_pairing", outcome)
             return found
         self._set_plain("_last_pairing", found)
         if self.compensate and self.window > 1 and not self._warned_unpaired and collector_for(self) is None:
