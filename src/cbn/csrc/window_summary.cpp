@@ -6,14 +6,16 @@
 // at batch 1-2; here it is one loop over the channels of the concatenated windows.
 //
 // Per channel, over the entries t of the window (valid_t = samples_t > 0):
-//   delta_t = S_mu,t - s_mu,t,   mu'_t = mu_t + delta_t,   var'_t = max(var_t + (S_var,t - s_var,t) - delta_t^2, 0)
+//   delta_t = S_mu,t - s_mu,t,   mu'_t = mu_t + delta_t,
+//   var'_t = max(var_t + (S_var,t - s_var,t) - delta_t^2, 0)
 //   count = sum valid,   c = sum valid mu' / max(count, 1),   P = sum valid (var' + (mu' - c)^2)
 //   1/n = 1 / (count + 1),   P/n,   (n - 1)/n^2 = count (1/n)^2
-//   w_t = valid_t / max(count, 1),   q_t = valid_t [var'_t > 0],   p_t = 2 (valid_t (mu'_t - c) - q_t delta_t)
+//   w_t = valid_t / max(count, 1),   q_t = valid_t [var'_t > 0],
+//   p_t = 2 (valid_t (mu'_t - c) - q_t delta_t)
 // without shifts (naive averaging) mu' = mu and var' = var (no step, no clamp). The same float
 // operations in the same order as the Python forms, in the statistics' dtype; the sums over the
-// entries run in entry order. The loop is scalar and built for the baseline only (no FMA), so it
-// rounds as the Python forms do; the tests hold it to float rounding of them.
+// entries run in entry order. The loop is scalar and not run through simd::run (no FMA), so it
+// rounds as the Python forms do: the tests hold it to them bit for bit.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
