@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
-from .window import PastStatistics, move_to_current_weights, pool_past, summary_kernel_applies, with_pooling_weights
+from .window import PastStatistics, move_to_current_weights, pool_past, summaries_in_kernel, with_pooling_weights
 
 # Rows of a window's statistics tensor (as in ``window.pool_window``).
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
@@ -148,11 +148,9 @@ def compensation_coefficients(
         >>> terms.unclamped.shape
         torch.Size([2, 4])
     """
-    if summary_kernel_applies(stats, mean_shift_now, var_shift_now):
-        pieces = torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, sizes, True)
-        fields = len(PastStatistics._fields)  # all but the attachment, then the coefficients
-        return [CompensationTerms(PastStatistics(*pieces[start:start + fields - 1]), pieces[start + fields - 1])
-                for start in range(0, len(pieces), fields)]
+    summaries = summaries_in_kernel(stats, mean_shift_now, var_shift_now, sizes, coefficients=True)
+    if summaries is not None:
+        return [CompensationTerms(PastStatistics(*fields[:-1]), fields[-1]) for fields in summaries]
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     moved_mean, moved_var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
     valid = (samples > 0).to(mean.dtype)

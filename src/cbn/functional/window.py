@@ -111,9 +111,9 @@ def pool_window(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Ten
         mean_shift_now, var_shift_now: ``(k, C)`` first-order terms at the current weights, or
             ``None`` for uncompensated (naive) averaging.
     """
-    if summary_kernel_applies(stats, mean_shift_now, var_shift_now):
-        return PastStatistics(*torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, [stats.shape[2]],
-                                                            False))
+    summaries = summaries_in_kernel(stats, mean_shift_now, var_shift_now, [stats.shape[2]], coefficients=False)
+    if summaries is not None:
+        return PastStatistics(*summaries[0])
     mean, var, mean_shift, var_shift, samples = stats.unbind(1)
     if mean_shift_now is not None:
         mean, var = move_to_current_weights(mean, var, mean_shift, var_shift, mean_shift_now, var_shift_now)
@@ -133,19 +133,26 @@ def pool_windows(
         >>> [past.center.shape for past in pool_windows(stats, None, None, [16, 8])]
         [torch.Size([16]), torch.Size([8])]
     """
-    if summary_kernel_applies(stats, mean_shift_now, var_shift_now):
-        pieces = torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, sizes, False)
-        fields = len(PastStatistics._fields) - 1  # all but the attachment
-        return [PastStatistics(*pieces[start:start + fields]) for start in range(0, len(pieces), fields)]
+    summaries = summaries_in_kernel(stats, mean_shift_now, var_shift_now, sizes, coefficients=False)
+    if summaries is not None:
+        return [PastStatistics(*fields) for fields in summaries]
     past = pool_window(stats, mean_shift_now, var_shift_now)
     return [PastStatistics(*layer) for layer in zip(*(part.split(sizes) for part in past[:-1]))]
 
 
-def summary_kernel_applies(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Tensor | None) -> bool:
-    """Whether the C++ kernel ``cbn::window_summary`` summarizes these windows: :mod:`cbn.kernels`
-    active, float or double statistics (and shifts of their dtype) on the CPU, and no gradient to
-    record (the kernel has no backward; the layers summarize constants of the step)."""
+def summaries_in_kernel(stats: Tensor, mean_shift_now: Tensor | None, var_shift_now: Tensor | None,
+                        sizes: list[int], coefficients: bool) -> list[list[Tensor]] | None:
+    """The C++ kernel ``cbn::window_summary`` on windows concatenated along ``C``: per layer the
+    fields of its :class:`PastStatistics` (all but the attachment), then with ``coefficients`` its
+    ``(C, 3, k)`` coefficients of differentiable compensation; ``None`` where the kernel does not
+    apply (:mod:`cbn.kernels` inactive, statistics not float or double on the CPU, shifts of
+    another dtype, or a gradient to record: the kernel has no backward, and the layers summarize
+    constants of the step)."""
     operands = (stats,) if mean_shift_now is None else (stats, mean_shift_now, var_shift_now)
-    return (kernels.active() and stats.device.type == "cpu" and stats.dtype in (torch.float32, torch.float64)
+    if not (kernels.active() and stats.device.type == "cpu" and stats.dtype in (torch.float32, torch.float64)
             and all(t.dtype == stats.dtype for t in operands)
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands)))
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in operands))):
+        return None
+    pieces = torch.ops.cbn.window_summary(stats, mean_shift_now, var_shift_now, sizes, coefficients)
+    per_layer = len(PastStatistics._fields) - 1 + coefficients
+    return [pieces[start:start + per_layer] for start in range(0, len(pieces), per_layer)]
