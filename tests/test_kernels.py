@@ -11,6 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import cbn
 import cbn.kernels
@@ -445,6 +446,76 @@ def test_weight_fingerprint_equals_the_probed_dot_and_sees_any_single_change():
     slow = torch.ops.cbn.weight_fingerprint([strided], *periods)
     assert abs(slow - float(strided.double().flatten() @ probe)) <= (
         strided.numel() * 2.0**-24 * float(strided.double().abs().flatten() @ probe))
+
+
+def _producers():
+    """Plain convolution producers of every kind the kernel takes, with their inputs."""
+    torch.manual_seed(0)
+    frozen_bias = nn.Conv2d(3, 8, 3)
+    frozen_bias.bias.requires_grad_(False)
+    return [
+        (nn.Conv2d(3, 8, 3, padding=1), torch.randn(2, 3, 7, 7)),
+        (nn.Conv2d(3, 8, 3, stride=2, bias=False), torch.randn(2, 3, 7, 7)),
+        (frozen_bias, torch.randn(2, 3, 7, 7)),
+        (nn.Conv2d(8, 8, 3, groups=8, padding=2, dilation=2), torch.randn(1, 8, 6, 6)),
+        (nn.ConvTranspose2d(4, 8, 3, stride=2, output_padding=1, groups=2), torch.randn(2, 4, 5, 5)),
+        (nn.Conv1d(3, 8, 3, dilation=2), torch.randn(2, 3, 9)),
+        (nn.Conv3d(3, 8, 3), torch.randn(2, 3, 5, 5, 5)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_convolution_producer_reads_what_python_reads_with_the_fingerprint(case):
+    from cbn.producer_call import _convolution_in_kernel, find_producer_call, producer_fingerprint
+
+    assert cbn.kernels.active()
+    conv, x = _producers()[case]
+    output = conv(x.requires_grad_())
+    with cbn.kernels.use_kernels(False):
+        python = find_producer_call(output, 8)
+    # What a call without autograd record compares it with (the kernels active): the same number.
+    fingerprint = producer_fingerprint(python.computation)
+    fast = _convolution_in_kernel(output, 8, None)
+    # A known producer's computation is reused only while weight, bias and settings are the same.
+    again = _convolution_in_kernel(output, 8, fast.known)
+    assert again.computation is fast.computation and again.signature is fast.signature
+    for found in (fast, again):
+        assert found.input is python.input and found.output is python.output
+        assert found.signature == python.signature and found.trainable and not found.input_deferred
+        assert len(found.parameters) == len(python.parameters)
+        assert all(a is b for a, b in zip(found.parameters, python.parameters))
+        assert found.computation.weight is python.computation.weight and found.computation.bias is python.computation.bias
+        assert found.computation == python.computation  # stride, padding, dilation, groups, transposed, ...
+        assert found.fingerprint == fingerprint
+    other = nn.Conv2d(3, 8, 3)  # another weight: read anew
+    not_same = _convolution_in_kernel(other(torch.randn(2, 3, 7, 7, requires_grad=True)), 8, fast.known)
+    assert not_same.computation is not fast.computation and not_same.computation.weight is other.weight
+
+
+def test_convolution_producer_leaves_every_other_case_to_python():
+    from cbn.producer_call import _convolution_in_kernel, find_producer_call
+
+    conv = nn.Conv2d(3, 8, 3)
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    output = conv(x)
+    frozen = nn.Conv2d(3, 8, 3).requires_grad_(False)
+    double = nn.Conv2d(3, 8, 3).double()
+    cases = {
+        "an activation between": torch.relu(conv(x)),
+        "a view between": conv(x).flatten(2).view(2, 8, 4, 4),
+        "other channels": output,  # asked for 7 channels below
+        "a frozen weight": frozen(x),
+        "float64": double(x.double()),
+        "a computed weight": F.conv2d(x, conv.weight * 2),
+    }
+    for name, value in cases.items():
+        assert _convolution_in_kernel(value, 7 if name == "other channels" else 8, None) is None, name
+    # Under a saved-tensor hook (what non-reentrant checkpointing installs) Python reads the record.
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        hooked = conv(x)
+        assert _convolution_in_kernel(hooked, 8, None) is None
+    assert _convolution_in_kernel(hooked, 8, None) is None  # its saved tensors carry the hooks
+    assert find_producer_call(hooked, 8).computation.weight is conv.weight
 
 
 @pytest.mark.parametrize("with_bias", [True, False])

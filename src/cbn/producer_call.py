@@ -20,7 +20,7 @@ producer fed by an input that needs no gradient) it says that.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -38,8 +38,7 @@ NO_RECORD = ("no autograd record of the producer in this forward (no_grad, reent
              "checkpointing, or a frozen producer whose input needs no gradient)")
 
 
-@dataclass(frozen=True)
-class ProducerCall:
+class ProducerCall(NamedTuple):
     """The producer of one call of a norm, as autograd recorded it.
 
     Attributes:
@@ -68,6 +67,11 @@ class ProducerCall:
     # The input could not be read in this forward without running a recompute (activation
     # checkpointing, ``use_reentrant=False``): the replay in backward provides it.
     input_deferred: bool = False
+    # producer_fingerprint(computation), where the C++ kernel took it while pairing (else None).
+    fingerprint: float | None = None
+    # What a later call of the same producer reuses when the kernel reads it (``known`` of
+    # find_producer_call): its settings as the kernel gives them, the computation and signature.
+    known: tuple | None = None
 
 
 def _op_name(node) -> str:
@@ -176,12 +180,14 @@ def _linear(node, output: Tensor, num_features: int, deferred: bool) -> Producer
                         signature, True, deferred)
 
 
-def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
+def find_producer_call(input: Tensor, num_features: int, known: tuple | None = None) -> ProducerCall | str:
     """The producer of ``input`` as autograd recorded it, or why there is none.
 
     Args:
         input: the tensor a norm received, ``(N, C, *)`` (or ``(M, C)`` rows after a linear map).
         num_features: the norm's ``C``.
+        known: :attr:`ProducerCall.known` of the caller's previous call: its computation and
+            signature are reused when this call's producer is the same (one object fewer per call).
 
     Returns:
         A :class:`ProducerCall`, or a sentence saying why ``input`` is not a producer's output
@@ -194,6 +200,10 @@ def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
         >>> call.computation.weight is conv.weight
         True
     """
+    if kernels.active():
+        found = _convolution_in_kernel(input, num_features, known)
+        if found is not None:
+            return found
     node = input.grad_fn
     if node is None:
         return NO_RECORD
@@ -226,6 +236,35 @@ def find_producer_call(input: Tensor, num_features: int) -> ProducerCall | str:
         return "input is a concatenation of several tensors (each block would need its own producer)"
     return (f"input is the result of {_op_name(node)}, not of a convolution or linear layer "
             "(e.g. an activation, an in-place op or a sum between them)")
+
+
+_BIAS_KINDS = ("none", "frozen", "parameter")
+
+
+def _convolution_in_kernel(input: Tensor, num_features: int, known: tuple | None) -> ProducerCall | None:
+    """The plain case of :func:`find_producer_call` (a convolution whose weight is a trainable
+    leaf, no view, no checkpointing, float32 host tensors) with its fingerprint, read in one call of
+    ``cbn::convolution_producer``; ``None`` for every other case, which the Python reading takes."""
+    weight, bias, producer_input, settings, fingerprint = torch.ops.cbn.convolution_producer(
+        input, num_features, *_probe_periods(torch.float32, _CPU))
+    if weight is None:
+        return None
+    if known is not None and known[0] == settings and known[1].weight is weight and known[1].bias is bias:
+        _, call, signature = known
+    else:
+        transposed, groups, bias_kind = bool(settings[0]), settings[1], _BIAS_KINDS[settings[2]]
+        dims = (len(settings) - 3) // 4
+        stride, padding, dilation, output_padding = (tuple(settings[3 + i * dims: 3 + (i + 1) * dims])
+                                                     for i in range(4))
+        call = ConvolutionCall(weight, bias, stride, padding, dilation, groups, transposed, output_padding)
+        signature = ("transposed" if transposed else "convolution", tuple(weight.shape), groups, bias_kind,
+                     id(weight))
+        known = (settings, call, signature)
+    return ProducerCall(call, producer_input, input, (weight,) if bias is None else (weight, bias), signature, True,
+                        False, fingerprint, known)
+
+
+_CPU = torch.device("cpu")
 
 
 def reading_would_recompute() -> bool:

@@ -117,70 +117,9 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
   return {std::move(mean_shifts), std::move(var_shifts)};
 }
 
-// sum_j values[j] (first[j % P1] + second[j % P2]) for the periods P1, P2 of the two probes, in
-// blocks in which neither probe index wraps (the probes stay in the L1 cache: one stream from
-// memory, the values).
-template <typename scalar_t>
-double periodic_dot(const scalar_t* values, int64_t n, const scalar_t* first, int64_t first_period,
-                    const scalar_t* second, int64_t second_period) {
-  double total = 0;
-  int64_t j = 0, i1 = 0, i2 = 0;
-  while (j < n) {
-    const int64_t length = std::min({n - j, first_period - i1, second_period - i2});
-    total += static_cast<double>(simd::dot_with_sum(values + j, first + i1, second + i2, length));
-    j += length;
-    i1 = (i1 + length) % first_period;
-    i2 = (i2 + length) % second_period;
-  }
-  return total;
-}
-
-// The number by which a layer sees its producer's weights change
-// (cbn.producer_call.producer_fingerprint): sum over tensors of the dot product of their values,
-// in memory order, with the probe that repeats first (period P1) plus the probe that repeats
-// second (period P2), in one call instead of several ATen operations and a read-back per tensor
-// (at batch 1-2 each is a dispatch that costs more than the values). With coprime periods two
-// positions get the same probe value only P1 P2 values apart, so any single change, and any
-// exchange of two values closer than that, changes the number. Contiguous float CPU tensors take
-// the loop above; other ones an ATen dot product with the repeated probe. Unchanged values give
-// the same number.
-double weight_fingerprint(at::TensorList tensors, const Tensor& first, const Tensor& second) {
-  TORCH_CHECK(first.dim() == 1 && second.dim() == 1 && first.numel() > 0 && second.numel() > 0 &&
-                  first.scalar_type() == second.scalar_type(),
-              "cbn.weight_fingerprint: two 1-D probes of one dtype");
-  const at::NoGradGuard no_grad;  // (the ATen form's products: a number, nothing for autograd to record)
-  double total = 0;
-  for (const Tensor& values : tensors) {
-    const auto dtype = values.scalar_type();
-    const int64_t n = values.numel();
-    if (n == 0) {
-      continue;
-    }
-    if (!values.is_cpu() || !values.is_contiguous() || first.scalar_type() != dtype || !first.is_cpu() ||
-        !second.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
-      const auto repeated = [n](const Tensor& probe) {
-        return probe.repeat({(n + probe.numel() - 1) / probe.numel()}).narrow(0, 0, n);
-      };
-      const Tensor probe = (repeated(first) + repeated(second)).to(values.options());
-      total += at::dot(values.reshape({-1}), probe).item<double>();
-      continue;
-    }
-    const Tensor a = first.contiguous(), b = second.contiguous();
-    AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_weight_fingerprint", [&] {
-      simd::run([&] {
-        total += periodic_dot(values.const_data_ptr<scalar_t>(), n, a.const_data_ptr<scalar_t>(), a.numel(),
-                              b.const_data_ptr<scalar_t>(), b.numel());
-      });
-    });
-  }
-  return total;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("weight_fingerprint(Tensor[] tensors, Tensor first, Tensor second) -> float");
-  m.impl("weight_fingerprint", c10::DispatchKey::CompositeImplicitAutograd, &weight_fingerprint);
   m.def("statistic_shifts_many(Tensor[] mean_gradients, Tensor[] var_gradients, Tensor[] weights, "
         "Tensor?[] biases) -> (Tensor[], Tensor[])");
   m.impl("statistic_shifts_many", c10::DispatchKey::CompositeImplicitAutograd, &statistic_shifts_many);

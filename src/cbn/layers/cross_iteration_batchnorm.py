@@ -90,6 +90,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         self._last_pairing: PairingOutcome | str = "no training forward yet"
         self._prepared: PreparedSummary | None = None  # from the model-level step, for call position 0
         self._warned_unpaired = False
+        self._known_producer: tuple | None = None  # ProducerCall.known of the latest paired call
         self.register_buffer("num_iterations", torch.zeros((), dtype=torch.long, device=device))
 
     # ----------------------------------------------------------------------------- state
@@ -151,6 +152,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         state = self.__dict__.copy()
         if isinstance(state["_last_pairing"], PairingOutcome):  # weak references: a copy pairs anew
             state["_last_pairing"] = "no training forward since this copy was made"
+        state["_known_producer"] = None  # (it holds the original's parameters)
         return state
 
     def _apply(self, fn, recurse=True):
@@ -214,8 +216,9 @@ class CrossIterationBatchNormBase(_BatchNorm):
         return True, parameters, ""
 
     def _pair(self, input: Tensor) -> ProducerCall | None:
-        found = find_producer_call(input, self.num_features)
+        found = find_producer_call(input, self.num_features, self._known_producer)
         if isinstance(found, ProducerCall):
+            self._set_plain("_known_producer", found.known)
             # Weakly: the report must not keep a producer alive (nor its activations).
             outcome = PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters))
             self._set_plain("_last_pairing", outcome)
@@ -321,7 +324,10 @@ class CrossIterationBatchNormBase(_BatchNorm):
         of this call's producer, or for a call without autograd record (``no_grad``, reentrant
         checkpointing) of the parameters the next call position last used."""
         if call is not None:
-            return call.signature, producer_fingerprint(call.computation) if call.trainable else None
+            if not call.trainable:
+                return call.signature, None
+            fingerprint = call.fingerprint
+            return call.signature, producer_fingerprint(call.computation) if fingerprint is None else fingerprint
         state = self._window_state
         position = state.positions[min(state.next_position, len(state.positions) - 1)]
         recipe = position.live_recipe()
