@@ -245,7 +245,7 @@ def _convolution_in_kernel(input: Tensor, num_features: int, known: tuple | None
     """The plain case of :func:`find_producer_call` (a convolution whose weight is a trainable
     leaf, no view, no checkpointing, float32 host tensors) with its fingerprint, read in one call of
     ``cbn::convolution_producer``; ``None`` for every other case, which the Python reading takes."""
-    weight, bias, producer_input, settings, fingerprint = torch.ops.cbn.convolution_producer(
+    weight, bias, producer_input, settings, fingerprint = torch.ops.cbn.convolution_producer.default(
         input, num_features, *_probe_periods(torch.float32, _CPU))
     if weight is None:
         return None

@@ -216,12 +216,15 @@ class CrossIterationBatchNormBase(_BatchNorm):
         return True, parameters, ""
 
     def _pair(self, input: Tensor) -> ProducerCall | None:
-        found = find_producer_call(input, self.num_features, self._known_producer)
+        known = self._known_producer
+        found = find_producer_call(input, self.num_features, known)
         if isinstance(found, ProducerCall):
-            self._set_plain("_known_producer", found.known)
-            # Weakly: the report must not keep a producer alive (nor its activations).
-            outcome = PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters))
-            self._set_plain("_last_pairing", outcome)
+            if found.known is not known or not isinstance(self._last_pairing, PairingOutcome):
+                # (the same known producer: the same parameters, the outcome already written)
+                self._set_plain("_known_producer", found.known)
+                # Weakly: the report must not keep a producer alive (nor its activations).
+                outcome = PairingOutcome(found.trainable, tuple(weakref.ref(p) for p in found.parameters))
+                self._set_plain("_last_pairing", outcome)
             return found
         self._set_plain("_last_pairing", found)
         if self.compensate and self.window > 1 and not self._warned_unpaired and collector_for(self) is None:

@@ -231,6 +231,11 @@ class PositionWindow:
         the slots ``keep``, whose gradients a recompute is filling in)."""
         if call is None:
             return self.live_recipe()
+        if call.computation is self.recipe and self.recipe_is_live:
+            # The very call object this position was last bound to (a producer the kernel reads
+            # reuses it while weight, bias and settings stay; see ``ProducerCall.known``): same
+            # signature, rings already made, the weight a parameter.
+            return call.computation
         signature = call.signature
         if self.signature != signature:
             if not _same_producer(self.signature, signature):
