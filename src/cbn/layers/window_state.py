@@ -147,14 +147,15 @@ class PositionWindow:
         self.flush()
         reader = WindowGradients(self._mean_grad, self._var_grad)
         self._readers = [ref for ref in self._readers if ref() is not None]
-        self._readers.append(weakref.ref(reader.state))
+        self._readers.append(weakref.ref(reader.flag))  # (alive while its state tensor is)
         return reader
 
-    def _reader_states(self) -> list[Tensor]:
-        """Backward states of the summaries of the current rings still held by an autograd graph."""
+    def _reader_states(self) -> list:
+        """Backward states (their NumPy flags) of the summaries of the current rings still held by
+        an autograd graph."""
         return [state for ref in self._readers if (state := ref()) is not None]
 
-    def _waiting_readers(self) -> list[Tensor]:
+    def _waiting_readers(self) -> list:
         """Backward states of the summaries of the current rings whose backward has not run."""
         return [state for state in self._reader_states() if not backward_has_run(state)]
 
