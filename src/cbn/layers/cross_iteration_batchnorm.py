@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+from torch.fx import Proxy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..functional.cross_process import cross_process_batch_norm
@@ -238,7 +239,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
         raise NotImplementedError  # given by the Input1d/2d/3d mixins of the public classes
 
     def forward(self, input: Tensor) -> Tensor:
-        if isinstance(input, torch.fx.Proxy):
+        if isinstance(input, Proxy):
             raise TypeError(
                 f"{type(self).__name__} cannot be traced by torch.fx: its training step keeps a window "
                 "in Python. Call cbn.revert_model(model) first (eval-mode CBN is BatchNorm), or make "
@@ -263,7 +264,7 @@ class CrossIterationBatchNormBase(_BatchNorm):
             # must not become inference tensors, which later training steps could not update.
             with torch.inference_mode(False), torch.no_grad():
                 return self.forward(input)
-        if torch.is_autocast_enabled(input.device.type):
+        if torch._C._is_any_autocast_enabled() and torch.is_autocast_enabled(input.device.type):
             # Statistics, windows and Taylor terms stay in float32: autocast would run the
             # matmuls of the statistic shifts in half precision.
             with torch.autocast(input.device.type, enabled=False):

@@ -78,8 +78,10 @@ class PreparedSummary(NamedTuple):
 def same_call(recipe, computation) -> bool:
     """Whether ``computation`` (this forward's producer call) is ``recipe`` (the call a summary was
     prepared for): the same weight and bias tensors and settings, or both absent (naive)."""
+    if recipe is computation:  # (the same call object, or both None)
+        return True
     if recipe is None or computation is None:
-        return recipe is None and computation is None
+        return False
     if type(recipe) is not type(computation) or recipe.weight is not computation.weight:
         return False
     if recipe.bias is not computation.bias:
