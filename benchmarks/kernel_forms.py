@@ -61,7 +61,9 @@ def products_case(channels: int, fan_in: int) -> dict:
     from cbn.functional.statistic_gradients import statistic_shifts_of_layers
 
     gen = torch.Generator().manual_seed(0)
-    operands = [(torch.randn(1, 3, fan_in, generator=gen), torch.randn(channels, 3, fan_in, generator=gen),
+    # The window's three slots, each entry's tensors of its own.
+    operands = [([torch.randn(1, fan_in, generator=gen) for _ in range(3)],
+                 [torch.randn(channels, fan_in, generator=gen) for _ in range(3)],
                  torch.randn(channels, fan_in, generator=gen), torch.randn(channels, generator=gen))]
 
     def step():

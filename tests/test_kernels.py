@@ -122,8 +122,10 @@ def test_statistic_shifts_of_layers_equal_python(producer):
     gradients = StatisticGradients(torch.randn(groups, 3, rows.shape[1]), torch.randn(channels, 3, rows.shape[1]))
     weight = rows if isinstance(producer, nn.ConvTranspose2d) else producer.weight.detach()
     bias = producer.bias.detach() if producer.bias is not None else None
-    # A float64 weight against float32 gradients takes the conversion path too.
-    operands = [(gradients.mean, gradients.var, weight, bias), (gradients.mean, gradients.var, weight.double(), None)]
+    # A window's slots: views of a window (strided rows) and tensors of their own (as the window
+    # keeps them); a float64 weight against float32 gradients takes the conversion path too.
+    own = ([slot.clone() for slot in gradients.mean.unbind(1)], [slot.clone() for slot in gradients.var.unbind(1)])
+    operands = [(gradients.mean.unbind(1), gradients.var.unbind(1), weight, bias), (*own, weight.double(), None)]
     with torch.no_grad():
         fast, python = _both(lambda: statistic_shifts_of_layers(operands))
         reference = [statistic_shifts(gradients, *operand[2:]) for operand in operands]
@@ -146,7 +148,7 @@ def test_statistic_shifts_of_layers_equal_python(producer):
 
 def test_statistic_shifts_do_not_depend_on_the_thread_count():
     gradients = StatisticGradients(torch.randn(1, 3, 4608), torch.randn(512, 3, 4608))
-    operands = [(gradients.mean, gradients.var, torch.randn(512, 4608), None)]
+    operands = [(gradients.mean.unbind(1), gradients.var.unbind(1), torch.randn(512, 4608), None)]
     threads = torch.get_num_threads()
     results = []
     try:
@@ -171,10 +173,11 @@ def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for
     torch.manual_seed(0)
     mean_grad, var_grad = torch.randn(groups, 3, fan_in), torch.randn(channels, 3, fan_in)
     weight, bias = torch.randn(channels, fan_in), torch.randn(channels)
-    (window_means,), (window_vars,) = torch.ops.cbn.statistic_shifts_many([mean_grad], [var_grad], [weight], [bias])
+    (window_means,), (window_vars,) = torch.ops.cbn.statistic_shifts_many(mean_grad.unbind(1), var_grad.unbind(1), [3],
+                                                                          [weight], [bias])
     for t in range(3):
-        (mean,), (var,) = torch.ops.cbn.statistic_shifts_many([mean_grad[:, t:t + 1].contiguous()],
-                                                              [var_grad[:, t:t + 1].contiguous()], [weight], [bias])
+        (mean,), (var,) = torch.ops.cbn.statistic_shifts_many([mean_grad[:, t].contiguous()],
+                                                              [var_grad[:, t].contiguous()], [1], [weight], [bias])
         assert torch.equal(mean[0], window_means[t]) and torch.equal(var[0], window_vars[t])
 
 
@@ -523,10 +526,8 @@ def test_convolution_producer_leaves_every_other_case_to_python():
 def test_attached_past_in_cpp_equals_the_python_function_and_records_its_backward(with_bias, only_center):
     # cbn::attach_past (no Python in backward) against _AttachedPast with the same kernel inside:
     # the same producer gradients bit for bit, grouped mean patches, a float32 producer with
-    # float64 window terms; the backward marks the summary used, and a released one is refused.
-    from cbn.functional.differentiable_compensation import (
-        _AttachedPast, CompensationTerms, WindowGradients, backward_has_run, release,
-    )
+    # float64 window terms; a second backward of the same graph gives the same gradients.
+    from cbn.functional.differentiable_compensation import _AttachedPast, CompensationTerms, WindowGradients
 
     assert cbn.kernels.available()
     generator = torch.Generator().manual_seed(0)
@@ -545,8 +546,8 @@ def test_attached_past_in_cpp_equals_the_python_function_and_records_its_backwar
     for form in ("cpp", "python"):
         gradients = WindowGradients(mean_grad, var_grad)
         if form == "cpp":
-            outputs = torch.ops.cbn.attach_past(weight, bias, center, share, inv_entries, coefficients, mean_grad,
-                                                var_grad, gradients.state)
+            outputs = torch.ops.cbn.attach_past(weight, bias, center, share, inv_entries, coefficients,
+                                                gradients.mean_slots, gradients.var_slots)
         else:
             outputs = _AttachedPast.apply(weight, bias, center, share, inv_entries,
                                           CompensationTerms(None, coefficients, gradients))
@@ -554,10 +555,8 @@ def test_attached_past_in_cpp_equals_the_python_function_and_records_its_backwar
         used = outputs[:1] if only_center else outputs
         leaves = [weight] + ([bias] if with_bias else [])
         results.append(torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)], retain_graph=True))
-        assert backward_has_run(gradients.state)
-        release(gradients.state)
-        with pytest.raises(RuntimeError, match="retain_graph=True"):
-            torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)])
+        again = torch.autograd.grad(used, leaves, [grad_center, grad_share][:len(used)])
+        assert all(torch.equal(a, b) for a, b in zip(again, results[-1]))
     for cpp, python in zip(*results):
         assert cpp.dtype == torch.float32 and torch.equal(cpp, python)
 
@@ -570,9 +569,9 @@ def test_normalization_with_the_attachment_equals_the_summary_node_then_the_norm
     # cbn::pooled_normalization given the summary's attachment (one autograd node) against
     # cbn::attach_past followed by it (two): the same output and gradients bit for bit, for the
     # input, the norm's affine parameters and the producer's weight and bias, with the optional
-    # tensors absent in every combination (the gradients' order must not depend on them); the
-    # backward marks the summary used, and a released one is refused.
-    from cbn.functional.differentiable_compensation import WindowGradients, backward_has_run, release
+    # tensors absent in every combination (the gradients' order must not depend on them); a
+    # second backward of the same graph gives the same gradients.
+    from cbn.functional.differentiable_compensation import WindowGradients
 
     assert cbn.kernels.available()
     generator = torch.Generator().manual_seed(0)
@@ -595,20 +594,18 @@ def test_normalization_with_the_attachment_equals_the_summary_node_then_the_norm
     results = []
     for form in ("one node", "two nodes"):
         gradients = WindowGradients(mean_grad, var_grad)
-        attachment = (weight, bias, coefficients, mean_grad, var_grad, gradients.state)
         if form == "one node":
             output = torch.ops.cbn.pooled_normalization(x, gamma, beta, center, inv_entries, share, delta_weight, 1e-5,
-                                                        torch.float32, *attachment)[0]
+                                                        torch.float32, gradients.mean_slots, gradients.var_slots,
+                                                        weight, bias, coefficients)[0]
         else:
-            summary = torch.ops.cbn.attach_past(weight, bias, center, share, inv_entries, coefficients, mean_grad,
-                                                var_grad, gradients.state)
+            summary = torch.ops.cbn.attach_past(weight, bias, center, share, inv_entries, coefficients,
+                                                gradients.mean_slots, gradients.var_slots)
             output = torch.ops.cbn.pooled_normalization(x, gamma, beta, summary[0], inv_entries, summary[1],
-                                                        delta_weight, 1e-5, torch.float32)[0]
+                                                        delta_weight, 1e-5, torch.float32, [], [])[0]
         results.append((output, *torch.autograd.grad(output, leaves, grad_output, retain_graph=True)))
-        assert backward_has_run(gradients.state)
-        release(gradients.state)
-        with pytest.raises(RuntimeError, match="retain_graph=True"):
-            torch.autograd.grad(output, leaves, grad_output)
+        again = torch.autograd.grad(output, leaves, grad_output)
+        assert all(torch.equal(a, b) for a, b in zip(again, results[-1][1:]))
     for one, two in zip(*results):
         assert torch.equal(one, two)
     assert all(gradient.abs().max() > 0 for gradient in results[0][1:])

@@ -1,19 +1,18 @@
 """Fake (meta) implementations of cbn's C++ operators that write state in place.
 
 ``torch.ops.cbn.write_entries`` reads and writes host memory directly, so
-under ``FakeTensorMode`` (``torch.compile``, ``torch.export``, ``torch.library.opcheck``) they
-cannot run: these functions say what they return without touching data. ``copy_into_slots`` needs
-none (its C++ body is ATen copies, which fake tensors run). The CompositeImplicitAutograd
+under ``FakeTensorMode`` (``torch.compile``, ``torch.export``, ``torch.library.opcheck``) it
+cannot run: the function here says what it returns without touching data. The CompositeImplicitAutograd
 operators (``pooled_normalization``, ``convolution_statistic_gradients``, ``weight_fingerprint``,
-``statistic_shifts_many``, ``window_summary``, ``window_weight_gradient``, ``compensation_gradients``,
-``attach_past``, ``mean_patches``, ``depthwise_variance_gradients``,
+``convolution_producer``, ``statistic_shifts_many``, ``window_summary``, ``window_weight_gradient``,
+``compensation_gradients``, ``attach_past``, ``mean_patches``, ``depthwise_variance_gradients``,
 ``instruction_set``) cannot take a fake implementation (torch refuses one for that key);
 compiled graphs take cbn's traceable Python form instead (:func:`cbn.kernels.active`).
 :mod:`cbn.kernels` imports this module once the operators are loaded.
 
 Example::
 
-    >>> torch.library.opcheck(torch.ops.cbn.copy_into_slots.default, (windows, 0, [1], entries))
+    >>> torch.library.opcheck(torch.ops.cbn.write_entries.default, recorded_arguments)
 """
 
 from __future__ import annotations

@@ -23,12 +23,15 @@ The C++ kernels run the per-step work from C++:
   (:func:`cbn.functional.statistic_shifts` looped over the layers), the variance terms as dot
   products summed in one pass, without the window-sized temporary of the Python form;
 - ``torch.ops.cbn.window_weight_gradient`` and ``compensation_gradients``: the producer's
-  gradients of differentiable compensation, one pass over a layer's window in the backward;
-- ``torch.ops.cbn.weight_fingerprint``: the number by which a layer sees its producer's weights
-  change (:func:`cbn.producer_call.producer_fingerprint`), one call per layer;
-- ``torch.ops.cbn.write_entries`` and ``copy_into_slots``: the record of a converted model's
-  forward (window entries, gradient slots, running statistics) on
-  the CPU (:mod:`cbn.layers.window_record`).
+  gradients of differentiable compensation, one pass over a layer's window in the backward.
+  These and ``statistic_shifts_many`` take a window as its gradient slots, one tensor per
+  entry (``csrc/gradient_slots.h``, :mod:`cbn.layers.window_state`);
+- ``torch.ops.cbn.convolution_producer``: pairing's common case, a norm fed by a convolution
+  whose weight is a trainable leaf, read from autograd's record in C++ with the fingerprint
+  (:func:`cbn.producer_call.find_producer_call`); ``weight_fingerprint``: the number by which a
+  layer sees its producer's weights change (:func:`cbn.producer_call.producer_fingerprint`);
+- ``torch.ops.cbn.write_entries``: the record of a converted model's forward (window entries,
+  running statistics) on the CPU (:mod:`cbn.layers.window_record`).
 
 The fused loops are compiled twice, for the build's baseline and with AVX2 and FMA, and run the
 copy the CPU supports (as ATen's own kernels do; :func:`instruction_set` says which,

@@ -23,7 +23,7 @@ from .functional.window import pool_windows
 from .iterations import in_backward_recompute
 from .layers.cross_iteration_batchnorm import CrossIterationBatchNormBase
 from .layers.window_record import StepRecord, record_steps
-from .layers.window_state import PreparedSummary, flush_positions
+from .layers.window_state import PreparedSummary
 
 
 @torch.no_grad()
@@ -37,8 +37,6 @@ def prepare_summaries(layers: list[CrossIterationBatchNormBase]) -> None:
     only the products with each producer's weights remain per layer. A layer uses its summary at
     its first call of the forward if that call's producer is the one it was computed for.
     """
-    # The gradients the last step's records kept aside (differentiable compensation), in one write.
-    flush_positions([position for layer in layers for position in layer.window_state.positions])
     groups: dict[tuple, list] = {}
     for layer in layers:
         request = layer.request_summary()

@@ -19,7 +19,7 @@
 // with A = -gamma s G and B = -gamma s^2 H / 2 (past_summary_gradients of the Python form); the
 // summary's own autograd function (cbn::attach_past) turns them into the producer's gradients. Given
 // the summary's attachment itself (the producer's weight and bias, the coefficients, the window's
-// gradients and its backward state), the fused form does that in its own backward: one autograd
+// gradient slots), the fused form does that in its own backward: one autograd
 // node per layer instead of two, the same numbers.
 
 #include <ATen/ATen.h>
@@ -228,8 +228,8 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
       const std::optional<Tensor>& bias, const Tensor& center, const Tensor& inv_entries,
       const Tensor& spread_share, const Tensor& delta_weight, double eps,
       const std::optional<Tensor>& producer_weight, const std::optional<Tensor>& producer_bias,
-      const std::optional<Tensor>& coefficients, const std::optional<Tensor>& mean_gradients,
-      const std::optional<Tensor>& var_gradients, const std::optional<Tensor>& backward_state) {
+      const std::optional<Tensor>& coefficients, const std::vector<Tensor>& mean_slots,
+      const std::vector<Tensor>& var_slots) {
     const bool attached = producer_weight.has_value() && producer_weight->defined();
     ctx->saved_data["attached"] = attached;
     // (Flags, not needs_input_grad: its index counts only the tensors given, and some are optional.)
@@ -237,8 +237,7 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     ctx->saved_data["needs_producer_bias"] = attached && producer_bias.has_value() && producer_bias->defined() &&
                                              producer_bias->requires_grad();
     if (attached) {
-      save_attachment(ctx, *producer_weight, producer_bias, inv_entries, *coefficients, *mean_gradients,
-                      *var_gradients, *backward_state);
+      save_attachment(ctx, *producer_weight, producer_bias, inv_entries, *coefficients, mean_slots, var_slots);
     }
     const int64_t samples = input.size(0), channels = input.size(1);
     const int64_t spatial = input.numel() / (samples * channels);
@@ -353,27 +352,27 @@ struct FusedPooledNormalization : public torch::autograd::Function<FusedPooledNo
     }
     return {grad_input, needs_weight ? sum_g_xhat : Tensor(), needs_bias ? sum_g : Tensor(),
             needs_center ? summary_center : Tensor(), Tensor(), needs_share ? summary_share : Tensor(), Tensor(),
-            Tensor(), grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor(), Tensor()};
+            Tensor(), grad_producer_weight, grad_producer_bias, Tensor(), Tensor(), Tensor()};
   }
 };
 
-// With a producer weight, the summary (center, spread_share) is attached to it: the other
-// attachment arguments must be given too (cbn.functional.differentiable_compensation.attach_to_producer).
+// With a producer weight, the summary (center, spread_share) is attached to it: the coefficients
+// and the window's gradient slots must be given too (empty lists where it is not attached;
+// cbn.functional.differentiable_compensation.attach_to_producer).
 std::vector<Tensor> pooled_normalization(
     const Tensor& input, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
     const Tensor& center, const Tensor& inv_entries, const Tensor& spread_share,
-    const Tensor& delta_weight, double eps, at::ScalarType stats_dtype,
-    const std::optional<Tensor>& producer_weight, const std::optional<Tensor>& producer_bias,
-    const std::optional<Tensor>& coefficients, const std::optional<Tensor>& mean_gradients,
-    const std::optional<Tensor>& var_gradients, const std::optional<Tensor>& backward_state) {
+    const Tensor& delta_weight, double eps, at::ScalarType stats_dtype, at::TensorList mean_slots,
+    at::TensorList var_slots, const std::optional<Tensor>& producer_weight, const std::optional<Tensor>& producer_bias,
+    const std::optional<Tensor>& coefficients) {
   const bool attached = producer_weight.has_value() && producer_weight->defined();
-  TORCH_CHECK(!attached || (coefficients.has_value() && mean_gradients.has_value() && var_gradients.has_value() &&
-                            backward_state.has_value()),
-              "cbn.pooled_normalization: an attached summary needs its coefficients, gradients and backward state");
+  TORCH_CHECK(!attached || (coefficients.has_value() && !var_slots.empty()),
+              "cbn.pooled_normalization: an attached summary needs its coefficients and gradient slots");
   if (takes_fused_form(input, stats_dtype)) {
+    // (The slots as a std::vector: constants of the step, not autograd inputs.)
     return FusedPooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps,
-                                           producer_weight, producer_bias, coefficients, mean_gradients,
-                                           var_gradients, backward_state);
+                                           producer_weight, producer_bias, coefficients, mean_slots.vec(),
+                                           var_slots.vec());
   }
   if (!attached) {
     return PooledNormalization::apply(input, weight, bias, center, inv_entries, spread_share, delta_weight, eps,
@@ -381,7 +380,7 @@ std::vector<Tensor> pooled_normalization(
   }
   // Other inputs: the summary's own autograd function, then the normalization.
   const std::vector<Tensor> summary = attach_past(*producer_weight, producer_bias, center, spread_share, inv_entries,
-                                                  *coefficients, *mean_gradients, *var_gradients, *backward_state);
+                                                  *coefficients, mean_slots, var_slots);
   return PooledNormalization::apply(input, weight, bias, summary[0], inv_entries, summary[1], delta_weight, eps,
                                     stats_dtype);
 }
@@ -391,9 +390,8 @@ std::vector<Tensor> pooled_normalization(
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("pooled_normalization(Tensor input, Tensor? weight, Tensor? bias, Tensor center, "
         "Tensor inv_entries, Tensor spread_share, Tensor delta_weight, float eps, "
-        "ScalarType stats_dtype, Tensor? producer_weight=None, Tensor? producer_bias=None, "
-        "Tensor? coefficients=None, Tensor? mean_gradients=None, Tensor? var_gradients=None, "
-        "Tensor? backward_state=None) -> Tensor[]");
+        "ScalarType stats_dtype, Tensor[] mean_slots, Tensor[] var_slots, Tensor? producer_weight=None, "
+        "Tensor? producer_bias=None, Tensor? coefficients=None) -> Tensor[]");
   m.impl("pooled_normalization", c10::DispatchKey::CompositeImplicitAutograd, &pooled_normalization);
 }
 

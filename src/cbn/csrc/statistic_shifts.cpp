@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include "cpu_simd.h"
+#include "gradient_slots.h"
 
 #include <algorithm>
 
@@ -24,23 +25,18 @@ namespace {
 using at::Tensor;
 
 // The terms of one layer in one pass over the channels:
-//   mean[t, c] = mean_gradients[group(c), t] . rows[c] + bias[c],   var[t, c] = var_gradients[c, t] . rows[c]
-// mean_gradients (groups, k, fan_in), var_gradients (C, k, fan_in), rows (C, fan_in), bias (C) or
-// undefined, all contiguous host tensors of one floating dtype.
-std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor& var_gradients, const Tensor& rows,
-                                      const Tensor& bias) {
-  const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
-  const int64_t groups = mean_gradients.size(0);
-  TORCH_CHECK(rows.size(0) == channels && rows.size(1) == fan_in && mean_gradients.size(1) == entries &&
-                  mean_gradients.size(2) == fan_in && channels % groups == 0,
-              "cbn.statistic_shifts_many: gradients ", mean_gradients.sizes(), " and ", var_gradients.sizes(),
-              " do not match weight rows ", rows.sizes());
-  Tensor mean_out = at::empty({entries, channels}, var_gradients.options());
-  Tensor var_out = at::empty({entries, channels}, var_gradients.options());
+//   mean[t, c] = mean_slots[t][group(c)] . rows[c] + bias[c],   var[t, c] = var_slots[t][c] . rows[c]
+// mean_slots k of (groups, fan_in), var_slots k of (C, fan_in) (gradient_slots.h), rows (C, fan_in)
+// contiguous, bias (C) or undefined, all host tensors of one floating dtype.
+std::tuple<Tensor, Tensor> row_shifts(const std::vector<Tensor>& mean_slots, const std::vector<Tensor>& var_slots,
+                                      const Tensor& rows, const Tensor& bias) {
+  const int64_t channels = rows.size(0), entries = static_cast<int64_t>(var_slots.size()), fan_in = rows.size(1);
+  const int64_t groups = mean_slots[0].size(0);
+  Tensor mean_out = at::empty({entries, channels}, rows.options());
+  Tensor var_out = at::empty({entries, channels}, rows.options());
   const int64_t per_group = channels / groups;
-  AT_DISPATCH_FLOATING_TYPES(var_gradients.scalar_type(), "cbn_row_shifts", [&] {
-    const scalar_t* g_mu = mean_gradients.const_data_ptr<scalar_t>();
-    const scalar_t* g_var = var_gradients.const_data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "cbn_row_shifts", [&] {
+    const SlotRows<scalar_t> g_mu(mean_slots), g_var(var_slots);
     const scalar_t* w = rows.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* mean = mean_out.mutable_data_ptr<scalar_t>();
@@ -49,11 +45,11 @@ std::tuple<Tensor, Tensor> row_shifts(const Tensor& mean_gradients, const Tensor
     const auto channel_loop = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
         const scalar_t* row = w + c * fan_in;
-        const scalar_t* patches = g_mu + (c / per_group) * entries * fan_in;
+        const int64_t group = c / per_group;
         const scalar_t offset = b == nullptr ? scalar_t(0) : b[c];
         for (int64_t t = 0; t < entries; ++t) {
-          mean[t * channels + c] = simd::dot(patches + t * fan_in, row, fan_in) + offset;
-          var[t * channels + c] = simd::dot(g_var + (c * entries + t) * fan_in, row, fan_in);
+          mean[t * channels + c] = simd::dot(g_mu.row(t, group), row, fan_in) + offset;
+          var[t * channels + c] = simd::dot(g_var.row(t, c), row, fan_in);
         }
       }
     };
@@ -81,36 +77,45 @@ std::tuple<Tensor, Tensor> aten_row_shifts(const Tensor& mean_grad, const Tensor
   return {std::move(mean_shift), (var_grad * rows.unsqueeze(1)).sum(-1).t()};
 }
 
-// mean_gradients[l]: (groups, k, fan_in); var_gradients[l]: (C, k, fan_in); weights[l]: the
-// weight rows (C, fan_in), or a weight that reshapes to them. Returns two lists of (k, C).
+// Layer l's window is the next entries[l] slots of mean_slots, (groups, fan_in) each, and of
+// var_slots, (C, fan_in) each (gradient_slots.h); weights[l]: the weight rows (C, fan_in), or a
+// weight that reshapes to them. Returns two lists of (entries[l], C).
 std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
-    at::TensorList mean_gradients, at::TensorList var_gradients, at::TensorList weights,
+    at::TensorList mean_slots, at::TensorList var_slots, at::IntArrayRef entries, at::TensorList weights,
     const c10::List<std::optional<Tensor>>& biases) {
   const size_t layers = weights.size();
-  TORCH_CHECK(mean_gradients.size() == layers && var_gradients.size() == layers && biases.size() == layers,
-              "cbn.statistic_shifts_many: one mean gradient, variance gradient, weight and bias per layer");
+  TORCH_CHECK(entries.size() == layers && biases.size() == layers && mean_slots.size() == var_slots.size(),
+              "cbn.statistic_shifts_many: a slot count, weight and bias per layer, as many mean as variance slots");
   std::vector<Tensor> mean_shifts, var_shifts;
   mean_shifts.reserve(layers);
   var_shifts.reserve(layers);
+  size_t first = 0;
   for (size_t l = 0; l < layers; ++l) {
-    const Tensor& mean_grad = mean_gradients[l];
-    const Tensor& var_grad = var_gradients[l];
+    const size_t count = static_cast<size_t>(entries[l]);
+    TORCH_CHECK(count > 0 && first + count <= var_slots.size(), "cbn.statistic_shifts_many: layer ", l, " asks for ",
+                count, " slots beyond the ", var_slots.size(), " given");
+    const at::TensorList layer_mean = mean_slots.slice(first, count), layer_var = var_slots.slice(first, count);
+    first += count;
     const int64_t channels = weights[l].size(0);
     Tensor rows = weights[l].dim() == 2 ? weights[l] : weights[l].reshape({channels, -1});
-    const auto dtype = var_grad.scalar_type();
+    const auto dtype = layer_var[0].scalar_type();
     if (rows.scalar_type() != dtype) {
       rows = rows.to(dtype);
     }
+    const int64_t fan_in = rows.size(1), groups = layer_mean[0].dim() == 2 ? layer_mean[0].size(0) : 0;
+    TORCH_CHECK(groups > 0 && channels % groups == 0, "cbn.statistic_shifts_many: mean gradient slots ",
+                layer_mean[0].sizes(), " do not match weight rows ", rows.sizes());
     const std::optional<Tensor> bias = biases.get(l);
     const bool has_bias = bias.has_value() && bias->defined();
     // The one-pass kernel reads host memory of one floating dtype; anything else takes ATen's form.
-    const bool one_pass = var_grad.is_cpu() && mean_grad.is_cpu() && rows.is_cpu() &&
-                          (dtype == at::kFloat || dtype == at::kDouble) && mean_grad.scalar_type() == dtype &&
+    const bool one_pass = layer_var[0].is_cpu() && layer_mean[0].is_cpu() && rows.is_cpu() &&
+                          (dtype == at::kFloat || dtype == at::kDouble) && layer_mean[0].scalar_type() == dtype &&
                           (!has_bias || (bias->is_cpu() && bias->scalar_type() == dtype));
     auto [mean_shift, var_shift] =
-        one_pass ? row_shifts(mean_grad.contiguous(), var_grad.contiguous(), rows.contiguous(),
-                              has_bias ? bias->contiguous() : Tensor())
-                 : aten_row_shifts(mean_grad, var_grad, rows, bias);
+        one_pass ? row_shifts(checked_slots(layer_mean, groups, fan_in, dtype, "cbn.statistic_shifts_many"),
+                              checked_slots(layer_var, channels, fan_in, dtype, "cbn.statistic_shifts_many"),
+                              rows.contiguous(), has_bias ? bias->contiguous() : Tensor())
+                 : aten_row_shifts(stacked_slots(layer_mean), stacked_slots(layer_var), rows, bias);
     mean_shifts.push_back(std::move(mean_shift));
     var_shifts.push_back(std::move(var_shift));
   }
@@ -120,7 +125,7 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("statistic_shifts_many(Tensor[] mean_gradients, Tensor[] var_gradients, Tensor[] weights, "
+  m.def("statistic_shifts_many(Tensor[] mean_slots, Tensor[] var_slots, int[] entries, Tensor[] weights, "
         "Tensor?[] biases) -> (Tensor[], Tensor[])");
   m.impl("statistic_shifts_many", c10::DispatchKey::CompositeImplicitAutograd, &statistic_shifts_many);
 }

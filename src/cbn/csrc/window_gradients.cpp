@@ -3,8 +3,8 @@
 //
 //   out[c, f] = sum_t a[c, t] G_mu[group(c), t, f] + b[c, t] G_var[c, t, f]
 //
-// with a, b (C, k) the per-entry coefficients of the backward and G_mu (groups, k, fan_in),
-// G_var (C, k, fan_in) the window's statistic gradients. Each output row is summed in place over
+// with a, b (C, k) the per-entry coefficients of the backward and G_mu, G_var the window's statistic
+// gradients, k slots of (groups, fan_in) and (C, fan_in) (gradient_slots.h). Each output row is summed in place over
 // the k entries (it stays in cache), so the window is read once and the result written once; an
 // entry whose two coefficients are zero for a channel (an empty slot) is not read. The ATen form
 // (a matrix product for the mean patches, then a batched product for the variance gradients) is
@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "gradient_slots.h"
 #include "window_gradients.h"
 
 namespace cbn {
@@ -27,17 +28,18 @@ namespace {
 using at::Tensor;
 
 // One channel's row of the window's weight gradient,
-//   row[f] = sum_t mean_weights[t] patches[t, f] + var_weights[t] gradients[t, f],
+//   row[f] = sum_t mean_weights[t] patches[t][f] + var_weights[t] gradients[t][f],
 // the entries added to the row one after the other, those whose two weights are both zero (the
 // slots not yet filled) skipped.
 template <typename scalar_t>
 void window_row(scalar_t* row, int64_t fan_in, int64_t entries, const scalar_t* mean_weights,
-                const scalar_t* var_weights, const scalar_t* patches, const scalar_t* gradients) {
+                const scalar_t* var_weights, const SlotRows<scalar_t>& patches, int64_t group,
+                const SlotRows<scalar_t>& gradients, int64_t channel) {
   std::fill(row, row + fan_in, scalar_t(0));
   for (int64_t t = 0; t < entries; ++t) {
     const scalar_t mean_weight = mean_weights[t], var_weight = var_weights[t];
     if (mean_weight == scalar_t(0) && var_weight == scalar_t(0)) continue;
-    const scalar_t *patch = patches + t * fan_in, *gradient = gradients + t * fan_in;
+    const scalar_t *patch = patches.row(t, group), *gradient = gradients.row(t, channel);
     for (int64_t f = 0; f < fan_in; ++f) {
       row[f] += mean_weight * patch[f] + var_weight * gradient[f];
     }
@@ -58,36 +60,44 @@ Tensor aten_window_weight_gradient(const Tensor& mean_coefficients, const Tensor
   return at::baddbmm(out.unsqueeze(1), var_coefficients.unsqueeze(1), var_gradients).squeeze(1);
 }
 
-Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mean_gradients,
-                              const Tensor& var_coefficients, const Tensor& var_gradients) {
-  TORCH_CHECK(var_gradients.dim() == 3 && mean_gradients.dim() == 3, "cbn.window_weight_gradient: gradients ",
-              mean_gradients.sizes(), " and ", var_gradients.sizes(), " are not windows (3-D)");
-  const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
-  const int64_t groups = mean_gradients.size(0);
-  TORCH_CHECK(mean_gradients.size(1) == entries && mean_gradients.size(2) == fan_in && channels % groups == 0,
-              "cbn.window_weight_gradient: mean gradients ", mean_gradients.sizes(), " do not match ",
-              var_gradients.sizes());
+// (groups, C, fan_in) of a window's slots, checked: its mean slots (groups, fan_in), its variance
+// slots (C, fan_in), as many of each, C a multiple of groups.
+std::tuple<int64_t, int64_t, int64_t> slot_shapes(at::TensorList mean_slots, at::TensorList var_slots, const char* op) {
+  TORCH_CHECK(!var_slots.empty() && mean_slots.size() == var_slots.size(), op, ": ", mean_slots.size(),
+              " mean gradient slots and ", var_slots.size(), " variance gradient slots (one or more of each)");
+  TORCH_CHECK(var_slots[0].dim() == 2 && mean_slots[0].dim() == 2, op, ": gradient slots must be 2-D");
+  const int64_t groups = mean_slots[0].size(0), channels = var_slots[0].size(0), fan_in = var_slots[0].size(1);
+  TORCH_CHECK(groups > 0 && channels % groups == 0 && mean_slots[0].size(1) == fan_in, op, ": mean gradient slots ",
+              mean_slots[0].sizes(), " do not match variance gradient slots ", var_slots[0].sizes());
+  return {groups, channels, fan_in};
+}
+
+Tensor window_weight_gradient(const Tensor& mean_coefficients, at::TensorList mean_slots,
+                              const Tensor& var_coefficients, at::TensorList var_slots) {
+  const auto [groups, channels, fan_in] = slot_shapes(mean_slots, var_slots, "cbn.window_weight_gradient");
+  const int64_t entries = static_cast<int64_t>(var_slots.size());
   TORCH_CHECK(mean_coefficients.sizes() == at::IntArrayRef({channels, entries}) &&
                   var_coefficients.sizes() == at::IntArrayRef({channels, entries}),
               "cbn.window_weight_gradient: coefficients ", mean_coefficients.sizes(), " and ",
               var_coefficients.sizes(), " must be (", channels, ", ", entries, ")");
-  const auto dtype = var_gradients.scalar_type();
+  const auto dtype = var_slots[0].scalar_type();
   const Tensor mean_coef = mean_coefficients.to(dtype).contiguous(), var_coef = var_coefficients.to(dtype).contiguous();
-  if (!var_gradients.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
-    return aten_window_weight_gradient(mean_coef, mean_gradients.to(dtype), var_coef, var_gradients);
+  if (!var_slots[0].is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
+    return aten_window_weight_gradient(mean_coef, stacked_slots(mean_slots).to(dtype), var_coef,
+                                       stacked_slots(var_slots).to(dtype));
   }
-  const Tensor mean_grads = mean_gradients.to(dtype).contiguous(), var_grads = var_gradients.contiguous();
-  Tensor out = at::empty({channels, fan_in}, var_grads.options());
+  const auto mean_grads = checked_slots(mean_slots, groups, fan_in, dtype, "cbn.window_weight_gradient");
+  const auto var_grads = checked_slots(var_slots, channels, fan_in, dtype, "cbn.window_weight_gradient");
+  Tensor out = at::empty({channels, fan_in}, var_grads[0].options());
   const int64_t per_group = channels / groups;
   AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_window_weight_gradient", [&] {
     const scalar_t *a = mean_coef.const_data_ptr<scalar_t>(), *b = var_coef.const_data_ptr<scalar_t>();
-    const scalar_t *g_mu = mean_grads.const_data_ptr<scalar_t>(), *g_var = var_grads.const_data_ptr<scalar_t>();
+    const SlotRows<scalar_t> g_mu(mean_grads), g_var(var_grads);
     scalar_t* o = out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        window_row(o + c * fan_in, fan_in, entries, a + c * entries, b + c * entries,
-                   g_mu + (c / per_group) * entries * fan_in, g_var + c * entries * fan_in);
+        window_row(o + c * fan_in, fan_in, entries, a + c * entries, b + c * entries, g_mu, c / per_group, g_var, c);
       }
     };
     simd::parallel_for(channels, grain, channel_loop);
@@ -107,38 +117,39 @@ Tensor window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mea
 // tensor of its own, not a view: autograd then adds the producer's other weight gradient into it
 // in place instead of allocating their sum.
 std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, const Tensor& grad_center,
-                                                  const Tensor& grad_spread, const Tensor& mean_gradients,
-                                                  const Tensor& var_gradients, at::IntArrayRef weight_shape) {
-  const auto dtype = var_gradients.scalar_type();
-  const int64_t channels = var_gradients.size(0), entries = var_gradients.size(1), fan_in = var_gradients.size(2);
+                                                  const Tensor& grad_spread, at::TensorList mean_slots,
+                                                  at::TensorList var_slots, at::IntArrayRef weight_shape) {
+  const auto [groups, channels, fan_in] = slot_shapes(mean_slots, var_slots, "cbn.compensation_gradients");
+  const int64_t entries = static_cast<int64_t>(var_slots.size());
+  const auto dtype = var_slots[0].scalar_type();
   TORCH_CHECK(coefficients.dim() == 3 && coefficients.size(0) == channels && coefficients.size(1) == 3 &&
                   coefficients.size(2) == entries && grad_center.numel() == channels &&
-                  grad_spread.numel() == channels && mean_gradients.dim() == 3 && mean_gradients.size(1) == entries &&
-                  mean_gradients.size(2) == fan_in && channels % mean_gradients.size(0) == 0,
-              "cbn.compensation_gradients: coefficients ", coefficients.sizes(), ", gradients ",
-              mean_gradients.sizes(), " and ", var_gradients.sizes(), " do not match");
+                  grad_spread.numel() == channels,
+              "cbn.compensation_gradients: coefficients ", coefficients.sizes(), " do not match ", entries,
+              " gradient slots of ", channels, " channels");
   TORCH_CHECK(c10::multiply_integers(weight_shape) == channels * fan_in, "cbn.compensation_gradients: a weight of shape ",
               weight_shape, " does not have ", channels, " rows of ", fan_in);
   const bool one_dtype = coefficients.scalar_type() == dtype && grad_center.scalar_type() == dtype &&
-                         grad_spread.scalar_type() == dtype && mean_gradients.scalar_type() == dtype;
-  if (!var_gradients.is_cpu() || !one_dtype || (dtype != at::kFloat && dtype != at::kDouble) ||
-      !coefficients.is_contiguous() || !mean_gradients.is_contiguous() || !var_gradients.is_contiguous()) {
+                         grad_spread.scalar_type() == dtype && mean_slots[0].scalar_type() == dtype;
+  if (!var_slots[0].is_cpu() || !one_dtype || (dtype != at::kFloat && dtype != at::kDouble) ||
+      !coefficients.is_contiguous()) {
     const Tensor g_c = grad_center.to(dtype).unsqueeze(1), g_p = grad_spread.to(dtype).unsqueeze(1);
     const Tensor coef = coefficients.to(dtype);
     const Tensor mean_coefficients = coef.select(1, 0) * g_c + coef.select(1, 1) * g_p;
     const Tensor var_coefficients = coef.select(1, 2) * g_p;
-    return {window_weight_gradient(mean_coefficients, mean_gradients, var_coefficients, var_gradients)
-                .reshape(weight_shape),
+    return {window_weight_gradient(mean_coefficients, mean_slots, var_coefficients, var_slots).reshape(weight_shape),
             mean_coefficients.sum(1)};
   }
-  const int64_t per_group = channels / mean_gradients.size(0);
-  Tensor rows = at::empty(weight_shape, var_gradients.options());
-  Tensor grad_bias = at::empty({channels}, var_gradients.options());
+  const auto mean_grads = checked_slots(mean_slots, groups, fan_in, dtype, "cbn.compensation_gradients");
+  const auto var_grads = checked_slots(var_slots, channels, fan_in, dtype, "cbn.compensation_gradients");
+  const int64_t per_group = channels / groups;
+  Tensor rows = at::empty(weight_shape, var_grads[0].options());
+  Tensor grad_bias = at::empty({channels}, var_grads[0].options());
   AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_compensation_gradients", [&] {
     const scalar_t* coef = coefficients.const_data_ptr<scalar_t>();
     const scalar_t *g_c = grad_center.const_data_ptr<scalar_t>(), *g_p = grad_spread.const_data_ptr<scalar_t>();
     const int64_t gc_s = grad_center.stride(0), gp_s = grad_spread.stride(0);
-    const scalar_t *g_mu = mean_gradients.const_data_ptr<scalar_t>(), *g_var = var_gradients.const_data_ptr<scalar_t>();
+    const SlotRows<scalar_t> g_mu(mean_grads), g_var(var_grads);
     scalar_t *o = rows.mutable_data_ptr<scalar_t>(), *db = grad_bias.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
@@ -153,8 +164,8 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
           bias += mean_weights[t];
         }
         db[c] = bias;
-        window_row(o + c * fan_in, fan_in, entries, mean_weights.data(), var_weights.data(),
-                   g_mu + (c / per_group) * entries * fan_in, g_var + c * entries * fan_in);
+        window_row(o + c * fan_in, fan_in, entries, mean_weights.data(), var_weights.data(), g_mu, c / per_group,
+                   g_var, c);
       }
     };
     simd::parallel_for(channels, grain, channel_loop);
@@ -162,18 +173,13 @@ std::tuple<Tensor, Tensor> compensation_gradients(const Tensor& coefficients, co
   return {std::move(rows), std::move(grad_bias)};
 }
 
-constexpr uint8_t kUsed = 1, kReleased = 2;  // backward_state: the backward ran / the window moved on
-
 void save_attachment(torch::autograd::AutogradContext* ctx, const Tensor& weight, const std::optional<Tensor>& bias,
-                     const Tensor& inv_entries, const Tensor& coefficients, const Tensor& mean_gradients,
-                     const Tensor& var_gradients, const Tensor& backward_state) {
-  TORCH_CHECK(backward_state.is_cpu() && backward_state.scalar_type() == at::kByte && backward_state.numel() == 1,
-              "cbn: an attached summary's backward_state must be one uint8 value on the CPU");
+                     const Tensor& inv_entries, const Tensor& coefficients, at::TensorList mean_slots,
+                     at::TensorList var_slots) {
   ctx->saved_data["attached_inv_entries"] = inv_entries;
   ctx->saved_data["coefficients"] = coefficients;
-  ctx->saved_data["mean_gradients"] = mean_gradients;
-  ctx->saved_data["var_gradients"] = var_gradients;
-  ctx->saved_data["backward_state"] = backward_state;
+  ctx->saved_data["mean_slots"] = mean_slots.vec();
+  ctx->saved_data["var_slots"] = var_slots.vec();
   ctx->saved_data["weight_shape"] = weight.sizes();
   ctx->saved_data["weight_dtype"] = weight.scalar_type();
   ctx->saved_data["bias_dtype"] = bias.has_value() ? c10::IValue(bias->scalar_type()) : c10::IValue();
@@ -183,13 +189,6 @@ std::tuple<Tensor, Tensor> attached_producer_gradients(torch::autograd::Autograd
                                                        const Tensor& grad_share, bool needs_weight, bool needs_bias) {
   TORCH_CHECK(!at::GradMode::is_enabled(),
               "cbn: the backward of differentiable compensation is not differentiable (no double backward)");
-  uint8_t* state = ctx->saved_data["backward_state"].toTensor().mutable_data_ptr<uint8_t>();
-  TORCH_CHECK(*state != kReleased,
-              "cbn: a second backward through a Cross-Iteration BatchNorm forward after a later training "
-              "forward of the same layer (retain_graph=True): differentiable compensation reads the window "
-              "in backward, and the window has moved on. Run every backward of a forward before the next "
-              "training forward, or use differentiable_compensation=False.");
-  *state = kUsed;
   const Tensor inv_entries = ctx->saved_data["attached_inv_entries"].toTensor();
   const Tensor coefficients = ctx->saved_data["coefficients"].toTensor();
   const int64_t channels = coefficients.size(0);
@@ -197,8 +196,8 @@ std::tuple<Tensor, Tensor> attached_producer_gradients(torch::autograd::Autograd
   const Tensor share = grad_share.defined() ? grad_share : at::zeros({channels}, inv_entries.options());
   const auto weight_shape = ctx->saved_data["weight_shape"].toIntVector();
   auto [grad_weight, grad_bias] = compensation_gradients(
-      coefficients, center, share * inv_entries, ctx->saved_data["mean_gradients"].toTensor(),
-      ctx->saved_data["var_gradients"].toTensor(), weight_shape);
+      coefficients, center, share * inv_entries, ctx->saved_data["mean_slots"].toTensorVector(),
+      ctx->saved_data["var_slots"].toTensorVector(), weight_shape);
   const auto in_dtype = [](const Tensor& gradient, const c10::IValue& dtype) {
     const auto scalar_type = dtype.toScalarType();
     return gradient.scalar_type() == scalar_type ? gradient : gradient.to(scalar_type);
@@ -213,16 +212,17 @@ namespace {
 // The past summary (c, P/n) of differentiable compensation as a function of the producer's weight
 // and bias (cbn.functional.differentiable_compensation._AttachedPast is the Python form): the
 // forward returns views of c and P/n; the backward turns dL/dc and dL/d(P/n) into the producer's
-// gradients with compensation_gradients, g_P = dL/d(P/n) / n. backward_state is the summary's one
-// byte shared with Python (WindowGradients): the backward refuses to run once the window has
-// moved on (kReleased) and records that it ran (kUsed), which tells the window it may write in place.
+// gradients with compensation_gradients, g_P = dL/d(P/n) / n, from the gradient slots the summary
+// was computed from (the window never writes them: a later entry replaces a slot's tensors), so
+// that every backward of it, before or after later forwards, reads the entries it pooled.
 // cbn::pooled_normalization takes the same attachment itself where it normalizes with the summary.
 struct AttachedPast : public torch::autograd::Function<AttachedPast> {
+  // (The slots as a std::vector, not a TensorList: constants of the step, not autograd inputs.)
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const Tensor& weight, const std::optional<Tensor>& bias,
       const Tensor& center, const Tensor& spread_share, const Tensor& inv_entries, const Tensor& coefficients,
-      const Tensor& mean_gradients, const Tensor& var_gradients, const Tensor& backward_state) {
-    save_attachment(ctx, weight, bias, inv_entries, coefficients, mean_gradients, var_gradients, backward_state);
+      const std::vector<Tensor>& mean_slots, const std::vector<Tensor>& var_slots) {
+    save_attachment(ctx, weight, bias, inv_entries, coefficients, mean_slots, var_slots);
     return {center.view_as(center), spread_share.view_as(spread_share)};
   }
 
@@ -230,7 +230,7 @@ struct AttachedPast : public torch::autograd::Function<AttachedPast> {
                                                  torch::autograd::variable_list grads) {
     auto [grad_weight, grad_bias] =
         attached_producer_gradients(ctx, grads[0], grads[1], ctx->needs_input_grad(0), ctx->needs_input_grad(1));
-    return {grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad_weight, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -238,21 +238,20 @@ struct AttachedPast : public torch::autograd::Function<AttachedPast> {
 
 std::vector<Tensor> attach_past(const Tensor& weight, const std::optional<Tensor>& bias, const Tensor& center,
                                 const Tensor& spread_share, const Tensor& inv_entries, const Tensor& coefficients,
-                                const Tensor& mean_gradients, const Tensor& var_gradients,
-                                const Tensor& backward_state) {
-  return AttachedPast::apply(weight, bias, center, spread_share, inv_entries, coefficients, mean_gradients,
-                             var_gradients, backward_state);
+                                at::TensorList mean_slots, at::TensorList var_slots) {
+  return AttachedPast::apply(weight, bias, center, spread_share, inv_entries, coefficients, mean_slots.vec(),
+                             var_slots.vec());
 }
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("window_weight_gradient(Tensor mean_coefficients, Tensor mean_gradients, Tensor var_coefficients, "
-        "Tensor var_gradients) -> Tensor");
+  m.def("window_weight_gradient(Tensor mean_coefficients, Tensor[] mean_slots, Tensor var_coefficients, "
+        "Tensor[] var_slots) -> Tensor");
   m.impl("window_weight_gradient", c10::DispatchKey::CompositeImplicitAutograd, &window_weight_gradient);
-  m.def("compensation_gradients(Tensor coefficients, Tensor grad_center, Tensor grad_spread, Tensor mean_gradients, "
-        "Tensor var_gradients, int[] weight_shape) -> (Tensor, Tensor)");
+  m.def("compensation_gradients(Tensor coefficients, Tensor grad_center, Tensor grad_spread, Tensor[] mean_slots, "
+        "Tensor[] var_slots, int[] weight_shape) -> (Tensor, Tensor)");
   m.impl("compensation_gradients", c10::DispatchKey::CompositeImplicitAutograd, &compensation_gradients);
   m.def("attach_past(Tensor weight, Tensor? bias, Tensor center, Tensor spread_share, Tensor inv_entries, "
-        "Tensor coefficients, Tensor mean_gradients, Tensor var_gradients, Tensor backward_state) -> Tensor[]");
+        "Tensor coefficients, Tensor[] mean_slots, Tensor[] var_slots) -> Tensor[]");
   m.impl("attach_past", c10::DispatchKey::CompositeImplicitAutograd, &attach_past);
 }
 

@@ -14,23 +14,21 @@
 namespace cbn {
 
 // (dL/dW, dL/db) of differentiable compensation from dL/dc and dL/d(P/n) scaled by 1/n
-// (cbn.functional.differentiable_compensation.producer_gradients), one pass over the window.
+// (cbn.functional.differentiable_compensation.producer_gradients), one pass over the window's
+// gradient slots (gradient_slots.h).
 std::tuple<at::Tensor, at::Tensor> compensation_gradients(const at::Tensor& coefficients, const at::Tensor& grad_center,
-                                                          const at::Tensor& grad_spread,
-                                                          const at::Tensor& mean_gradients,
-                                                          const at::Tensor& var_gradients,
-                                                          at::IntArrayRef weight_shape);
+                                                          const at::Tensor& grad_spread, at::TensorList mean_slots,
+                                                          at::TensorList var_slots, at::IntArrayRef weight_shape);
 
-// Keeps in ctx what the producer's gradients need: the window's tensors themselves (not saved for
-// backward: the window writes them in place only after this backward ran, which backward_state
-// records), the pooling's 1/n, and the shapes and dtypes of the producer's weight and bias.
+// Keeps in ctx what the producer's gradients need: the window's gradient slots themselves (not
+// saved for backward: constants of the step, which the window never writes), the pooling's 1/n,
+// and the shapes and dtypes of the producer's weight and bias.
 void save_attachment(torch::autograd::AutogradContext* ctx, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, const at::Tensor& inv_entries,
-                     const at::Tensor& coefficients, const at::Tensor& mean_gradients,
-                     const at::Tensor& var_gradients, const at::Tensor& backward_state);
+                     const at::Tensor& coefficients, at::TensorList mean_slots, at::TensorList var_slots);
 
 // (dL/dW, dL/db) of the producer, in the dtypes of its weight and bias, from the summary's
-// gradients dL/dc and dL/d(P/n) (either undefined: zeros); refuses a window that has moved on.
+// gradients dL/dc and dL/d(P/n) (either undefined: zeros).
 std::tuple<at::Tensor, at::Tensor> attached_producer_gradients(torch::autograd::AutogradContext* ctx,
                                                                const at::Tensor& grad_center,
                                                                const at::Tensor& grad_share, bool needs_weight,
@@ -41,7 +39,6 @@ std::tuple<at::Tensor, at::Tensor> attached_producer_gradients(torch::autograd::
 std::vector<at::Tensor> attach_past(const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                     const at::Tensor& center, const at::Tensor& spread_share,
                                     const at::Tensor& inv_entries, const at::Tensor& coefficients,
-                                    const at::Tensor& mean_gradients, const at::Tensor& var_gradients,
-                                    const at::Tensor& backward_state);
+                                    at::TensorList mean_slots, at::TensorList var_slots);
 
 }  // namespace cbn

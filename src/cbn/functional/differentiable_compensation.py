@@ -32,16 +32,15 @@ The per-channel work (``w``, ``p``, ``q``) is done in the forward, for all layer
 one chain (:func:`compensation_coefficients`); the weight-sized work is one pass over the window
 in the backward (:func:`producer_gradients`: the C++ kernel ``cbn::compensation_gradients`` on
 the CPU, :func:`window_weight_gradient` otherwise), reading the statistic gradients the
-forward's summary was computed from (:class:`WindowGradients`: the window's own tensors, which
-the window leaves unchanged until that backward has run). Where the C++ kernels are active the
+forward's summary was computed from (:class:`WindowGradients`: the window's own slot tensors,
+which the window never writes). Where the C++ kernels are active the
 summary's autograd function is the C++ ``cbn::attach_past`` (no Python in the backward).
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
-import numpy
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
@@ -53,50 +52,33 @@ from .window import PastStatistics, move_to_current_weights, pool_past, summarie
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
 
 
-# Values of WindowGradients.state (the C++ backward, cbn::attach_past, writes the same ones).
-_WAITING, _USED, _RELEASED = 0, 1, 2
-
-
-def backward_has_run(state: Tensor | numpy.ndarray) -> bool:
-    """Whether the backward of the summary with this :attr:`WindowGradients.state` (or its
-    :attr:`~WindowGradients.flag`) has run."""
-    return int(state) != _WAITING
-
-
-def release(state: Tensor | numpy.ndarray) -> None:
-    """Refuse any further backward of the summary with this state (the window moved on)."""
-    state[()] = _RELEASED
+def _slots(window: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Gradient slots: a ``(rows, k, fan_in)`` window's ``k`` slices, or the slots as given."""
+    return tuple(window.unbind(1)) if isinstance(window, Tensor) else tuple(window)
 
 
 class WindowGradients:
     """The statistic gradients a differentiable summary was computed from, as its backward reads them.
 
-    ``mean`` ``(groups, k, fan_in)`` and ``var`` ``(C, k, fan_in)`` are the window's own tensors, not
-    copies: the backward reads them in one pass. The window (:mod:`cbn.layers.window_state`) owns
-    them; while this summary waits for its backward, the window writes new entries into fresh
-    tensors, never into these. Once the backward ran (:meth:`mark_used`) the window may write them
-    in place; it then :meth:`release`\\ s the summary, and a second backward through it
-    (``retain_graph=True`` across a later forward) is refused rather than read other entries.
-
-    ``state``: one ``uint8`` on the CPU (waiting, used, released), which the C++ backward reads and
-    writes without Python. The summary's autograd node holds it (the Python form holds this object,
-    the C++ form only its tensors), so the window tracks summaries by a weak reference to it.
+    ``mean_slots``: the ``k`` mean patches ``(groups, fan_in)``; ``var_slots``: the ``k`` variance
+    gradients ``(C, fan_in)`` (a ``(rows, k, fan_in)`` window may be given instead of either: its
+    slices). They are the window's own tensors, not copies: the window never writes them (a new
+    entry replaces a slot's tensors, :mod:`cbn.layers.window_state`), so every backward of the
+    summary reads the entries its forward pooled, whatever ran in between, in one pass.
     """
 
-    def __init__(self, mean: Tensor, var: Tensor) -> None:
-        self.mean, self.var = mean, var
-        # ``state`` shares the memory of the NumPy value ``flag``, which the tensor keeps alive: the
-        # window reads and writes the flag without an ATen operation. (From a NumPy zero: one
-        # operation fewer per layer and step than torch.zeros' three.)
-        self.flag = numpy.zeros((), dtype=numpy.uint8)
-        self.state = torch.from_numpy(self.flag)
+    def __init__(self, mean: Tensor | Sequence[Tensor], var: Tensor | Sequence[Tensor]) -> None:
+        self.mean_slots, self.var_slots = _slots(mean), _slots(var)
 
     @property
-    def released(self) -> bool:
-        return int(self.state) == _RELEASED
+    def mean(self) -> Tensor:
+        """The mean patches as a window ``(groups, k, fan_in)`` (a copy)."""
+        return torch.stack(self.mean_slots, 1)
 
-    def mark_used(self) -> None:
-        self.state.fill_(_USED)
+    @property
+    def var(self) -> Tensor:
+        """The variance gradients as a window ``(C, k, fan_in)`` (a copy)."""
+        return torch.stack(self.var_slots, 1)
 
 
 class CompensationTerms(NamedTuple):
@@ -172,20 +154,29 @@ def compensation_coefficients(
 
 
 def window_weight_gradient(
-    mean_coefficients: Tensor, mean_gradients: Tensor, var_coefficients: Tensor, var_gradients: Tensor
+    mean_coefficients: Tensor,
+    mean_gradients: Tensor | Sequence[Tensor],
+    var_coefficients: Tensor,
+    var_gradients: Tensor | Sequence[Tensor],
 ) -> Tensor:
     """``out[c] = sum_t a[c, t] G_mu[group(c), t] + b[c, t] G_var[c, t]``: one pass over a window.
 
     Args:
         mean_coefficients, var_coefficients: ``a`` and ``b``, ``(C, k)``.
-        mean_gradients: ``G_mu``, ``(groups, k, fan_in)``; var_gradients: ``G_var``, ``(C, k, fan_in)``.
+        mean_gradients: ``G_mu``, ``(groups, k, fan_in)`` or its ``k`` slots ``(groups, fan_in)``;
+        var_gradients: ``G_var``, ``(C, k, fan_in)`` or its ``k`` slots ``(C, fan_in)``.
 
     Returns:
         ``(C, fan_in)`` in the dtype of ``var_gradients``: the C++ kernel
         ``cbn::window_weight_gradient`` where :mod:`cbn.kernels` is active, else ATen products.
     """
     if kernels.active():
-        return torch.ops.cbn.window_weight_gradient(mean_coefficients, mean_gradients, var_coefficients, var_gradients)
+        return torch.ops.cbn.window_weight_gradient(mean_coefficients, _slots(mean_gradients), var_coefficients,
+                                                    _slots(var_gradients))
+    if not isinstance(mean_gradients, Tensor):
+        mean_gradients = torch.stack(tuple(mean_gradients), 1)
+    if not isinstance(var_gradients, Tensor):
+        var_gradients = torch.stack(tuple(var_gradients), 1)
     groups, entries, fan_in = mean_gradients.shape
     channels = var_gradients.shape[0]
     mean_coefficients = mean_coefficients.to(var_gradients.dtype)
@@ -215,29 +206,22 @@ def producer_gradients(
     ``weight``, ``bias``: the producer's (for the shape and dtype of their gradients).
     """
     gradients = terms.gradients
-    if gradients.released:
-        raise RuntimeError(
-            "cbn: a second backward through a Cross-Iteration BatchNorm forward after a later training "
-            "forward of the same layer (retain_graph=True): differentiable compensation reads the window "
-            "in backward, and the window has moved on. Run every backward of a forward before the next "
-            "training forward, or use differentiable_compensation=False."
-        )
-    gradients.mark_used()
     grad_spread = grad_share * inv_entries
     if kernels.active():
         # One call: the coefficients made in the kernel's channel loop.
         # (dL/dW in the weight's shape, not a view: autograd adds the producer's own weight
         # gradient into it in place.)
         rows, grad_bias = torch.ops.cbn.compensation_gradients(
-            terms.coefficients, grad_center, grad_spread, gradients.mean, gradients.var, list(weight.shape))
+            terms.coefficients, grad_center, grad_spread, gradients.mean_slots, gradients.var_slots,
+            list(weight.shape))
     else:
         mean_coefficients = terms.center_weights * grad_center + terms.spread_weights * grad_spread  # (k, C)
         grad_bias = mean_coefficients.sum(0)
         rows = None
         if needs_weight:
             var_coefficients = terms.unclamped * grad_spread
-            rows = window_weight_gradient(mean_coefficients.t().contiguous(), gradients.mean,
-                                          var_coefficients.t().contiguous(), gradients.var)
+            rows = window_weight_gradient(mean_coefficients.t().contiguous(), gradients.mean_slots,
+                                          var_coefficients.t().contiguous(), gradients.var_slots)
     grad_weight = None
     if needs_weight:
         grad_weight = rows if rows.shape == weight.shape else rows.view(weight.shape)
@@ -292,16 +276,19 @@ def attach_to_producer(terms: CompensationTerms, weight: Tensor, bias: Tensor | 
     return with_pooling_weights(terms.past)._replace(attachment=(weight, bias, terms))
 
 
+_NOT_ATTACHED = ((), ())
+
+
 def attachment_operands(past: PastStatistics) -> tuple:
     """The attachment of ``past`` as the trailing arguments of the C++ ``cbn::pooled_normalization``
-    (producer weight and bias, coefficients, the window's gradients and backward state), which then
-    gives the producer its gradients in its own backward: one autograd node per layer instead of
-    :func:`apply_attachment`'s two. ``()`` where ``past`` is not attached."""
+    (the window's gradient slots, producer weight and bias, coefficients), which then gives the
+    producer its gradients in its own backward: one autograd node per layer instead of
+    :func:`apply_attachment`'s two. Two empty slot lists where ``past`` is not attached."""
     if past.attachment is None or past.attachment[0] is None:
-        return ()
+        return _NOT_ATTACHED
     weight, bias, terms = past.attachment
     gradients = terms.gradients
-    return weight, bias, terms.coefficients, gradients.mean, gradients.var, gradients.state
+    return gradients.mean_slots, gradients.var_slots, weight, bias, terms.coefficients
 
 
 def apply_attachment(past: PastStatistics) -> PastStatistics:
@@ -313,7 +300,7 @@ def apply_attachment(past: PastStatistics) -> PastStatistics:
     if kernels.active():
         center, spread_share = torch.ops.cbn.attach_past(
             weight, bias, past.center, past.spread_share, past.inv_entries, terms.coefficients,
-            terms.gradients.mean, terms.gradients.var, terms.gradients.state)
+            terms.gradients.mean_slots, terms.gradients.var_slots)
     else:
         center, spread_share = _AttachedPast.apply(weight, bias, past.center, past.spread_share, past.inv_entries,
                                                    terms)

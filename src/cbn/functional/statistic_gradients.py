@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -523,15 +523,17 @@ def statistic_shifts(
 
 
 def statistic_shifts_of_layers(
-    operands: list[tuple[Tensor, Tensor, Tensor, Tensor | None]],
+    operands: list[tuple[Sequence[Tensor], Sequence[Tensor], Tensor, Tensor | None]],
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`statistic_shifts` of many layers: ``operands`` holds one ``(mean gradients, variance
-    gradients, weight, bias)`` per layer, with the weight as :func:`shift_weight` gives it.
+    """:func:`statistic_shifts` of many layers: ``operands`` holds one ``(mean gradient slots,
+    variance gradient slots, weight, bias)`` per layer, the ``k`` slots of a window as its entries'
+    tensors (``(groups, fan_in)`` and ``(C, fan_in)``, see :mod:`cbn.layers.window_state`) and the
+    weight as :func:`shift_weight` gives it.
 
     Runs the C++ kernel ``cbn::statistic_shifts_many`` where :mod:`cbn.kernels` is active (no
     Python frame per layer; the variance terms summed in one pass, equal to float rounding),
-    else the Python loop. Both the window's terms and a new entry's go through it, so that a
-    Taylor step at unchanged weights cancels exactly in either mode.
+    else the Python loop on the stacked slots. Both the window's terms and a new entry's go
+    through it, so that a Taylor step at unchanged weights cancels exactly in either mode.
 
     Returns:
         The lists of ``(k, C)`` first-order terms of the mean and of the variance, per layer.
@@ -539,7 +541,11 @@ def statistic_shifts_of_layers(
     if not operands:
         return [], []
     if kernels.active():
-        mean_grads, var_grads, weights, biases = zip(*operands)
-        return torch.ops.cbn.statistic_shifts_many(mean_grads, var_grads, weights, biases)
-    shifts = [statistic_shifts(StatisticGradients(mean, var), weight, bias) for mean, var, weight, bias in operands]
+        mean_slots = [slot for operand in operands for slot in operand[0]]
+        var_slots = [slot for operand in operands for slot in operand[1]]
+        entries = [len(operand[1]) for operand in operands]
+        return torch.ops.cbn.statistic_shifts_many(mean_slots, var_slots, entries, [operand[2] for operand in operands],
+                                                   [operand[3] for operand in operands])
+    shifts = [statistic_shifts(StatisticGradients(torch.stack(tuple(mean), 1), torch.stack(tuple(var), 1)), weight, bias)
+              for mean, var, weight, bias in operands]
     return [mean for mean, _ in shifts], [var for _, var in shifts]

@@ -26,7 +26,7 @@ from ..functional.statistic_gradients import (
     statistic_shifts_of_layers,
 )
 from ..functional.window import MEAN_SHIFT, SAMPLES, VAR_SHIFT
-from .window_state import PositionWindow, copy_into_slots, write_gradient_slots
+from .window_state import PositionWindow, write_gradient_slots
 
 
 class StepRecord(NamedTuple):
@@ -146,7 +146,8 @@ def _write_entries(records, mean_shift, var_shift, windowed, slots) -> Tensor:
     finite_channels = finite[owner]
     if windowed:
         pieces = torch.where(finite_channels, entry, 0.0).unsqueeze(0).split(sizes, dim=2)
-        copy_into_slots([records[i].window.stats for i in windowed], 0, slots, [pieces[i] for i in windowed])
+        torch._foreach_copy_([records[i].window.stats.narrow(0, slot, 1) for i, slot in zip(windowed, slots)],
+                             [pieces[i] for i in windowed])
     tracking = [i for i, layer in enumerate(layers) if layer.track_running_stats]
     if tracking:
         _update_running_stats(records, tracking, sizes, finite_channels, samples)
@@ -192,8 +193,9 @@ def _write_entries_in_one_call(records, mean_shift, var_shift, windowed, slots) 
 
 
 def _entry_gradients(records: list[StepRecord]) -> list:
-    """Statistic gradients of the records (``None`` where not wanted), the convolutions of all
-    layers in one :func:`producer_statistic_gradients_of_layers` call."""
+    """Statistic gradients ``(mean patches, variance gradients)`` of the records' entries (``None``
+    where not wanted), the convolutions of all layers in one
+    :func:`producer_statistic_gradients_of_layers` call."""
     operands = [_gradient_operands(record) for record in records]
     wanted = [i for i, operand in enumerate(operands) if operand is not None]
     computed = producer_statistic_gradients_of_layers([operands[i] for i in wanted])
@@ -206,7 +208,9 @@ def _entry_gradients(records: list[StepRecord]) -> list:
             local_samples = record.gradient_source[2].numel() // record.stats.batch_mean.numel()
             entry_gradients = all_reduce_statistic_gradients(entry_gradients, local_samples, record.samples,
                                                              record.process_group)
-        gradients[i] = entry_gradients
+        # One entry: its mean patches (groups, fan_in) and variance gradients (C, fan_in), the
+        # tensors the window keeps as the slot's.
+        gradients[i] = (entry_gradients.mean.select(1, 0), entry_gradients.var.select(1, 0))
     return gradients
 
 
@@ -244,10 +248,12 @@ def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> t
     return torch.cat(mean_pieces, dim=1)[0], torch.cat(var_pieces, dim=1)[0]
 
 
-def _entry_operands(record: StepRecord, gradients) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """The :func:`statistic_shifts` operands of a new entry: its gradients, the weights of its step."""
+def _entry_operands(record: StepRecord, gradients) -> tuple:
+    """The :func:`statistic_shifts_of_layers` operands of a new entry: its gradients (one slot),
+    the weights of its step."""
     computation = record.gradient_source[0]  # called under no_grad: no detach needed
-    return gradients.mean, gradients.var, shift_weight(computation, computation.weight), computation.bias
+    mean, var = gradients
+    return (mean,), (var,), shift_weight(computation, computation.weight), computation.bias
 
 
 def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor, Tensor]:
@@ -260,9 +266,9 @@ def _shifts_without_gradients(record: StepRecord, zeros: Tensor) -> tuple[Tensor
 
 def _write_gradient_slots(records, gradients, windowed, slots, finite: Tensor) -> None:
     """The new entries' statistic gradients (``None``: stored without them) to their windows
-    (:func:`cbn.layers.window_state.write_gradient_slots`, which owns the rings)."""
-    entries = [(records[i].window, slot, None if gradients[i] is None else (gradients[i].mean, gradients[i].var))
-               for i, slot in zip(windowed, slots) if records[i].window.has_gradients]
+    (:func:`cbn.layers.window_state.write_gradient_slots`, which owns the slots)."""
+    entries = [(records[i].window, slot, gradients[i]) for i, slot in zip(windowed, slots)
+               if records[i].window.has_gradients]
     if entries:
         # On the CPU the flags cost nothing to read; elsewhere every write replaces non-finite values.
         write_gradient_slots(entries, finite.device.type == "cpu" and bool(finite.all()))
@@ -347,11 +353,11 @@ def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tenso
     dtype = window.stats.dtype
     (gradients,) = producer_statistic_gradients_of_layers(
         [(computation, producer_input.to(dtype), output.to(dtype), mean.to(dtype))])
+    mean_grad, var_grad = gradients.mean[:, 0], gradients.var[:, 0]
     (mean_shift,), (var_shift,) = statistic_shifts_of_layers(
-        [(gradients.mean, gradients.var, shift_weight(computation, computation.weight), computation.bias)])
+        [((mean_grad,), (var_grad,), shift_weight(computation, computation.weight), computation.bias)])
     entry = window.stats[slot].clone()
     entry[MEAN_SHIFT], entry[VAR_SHIFT] = mean_shift[0], var_shift[0]
-    mean_grad, var_grad = gradients.mean[:, 0], gradients.var[:, 0]
     if not all(bool(torch.isfinite(t).all()) for t in (entry, mean_grad, var_grad)):
         entry, mean_grad, var_grad = entry.zero_(), torch.zeros_like(mean_grad), torch.zeros_like(var_grad)
     window.write_slot(slot, entry, mean_grad, var_grad)

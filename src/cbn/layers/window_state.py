@@ -9,9 +9,9 @@ last backward through the layer, or since its producer's weights changed. Each
   ``var_shift`` (the first-order terms at the weights of the time, see
   :func:`cbn.functional.statistic_shifts`) and ``samples`` (values per channel; 0 marks an empty
   slot or one whose batch was not finite);
-- ``mean_grad`` ``(groups, window - 1, fan_in)`` and ``var_grad`` ``(C, window - 1, fan_in)``: the
-  statistic gradients, allocated once the position's producer is known (``None`` before, and for
-  a frozen or absent producer);
+- ``mean_slots`` and ``var_slots``: per slot the entry's statistic gradients, tensors of their own,
+  ``(groups, fan_in)`` and ``(C, fan_in)``, made once the position's producer is known (``None``
+  before, and for a frozen or absent producer); an empty slot holds zeros;
 - ``signature``: the producer its entries were recorded with (:class:`cbn.producer_call.ProducerCall`);
   a call with another producer empties the position, whose entries that producer cannot move;
 - ``recipe``: the position's latest producer call (its weight a parameter: ``recipe_is_live``;
@@ -19,34 +19,33 @@ last backward through the layer, or since its producer's weights changed. Each
   (``no_grad``, reentrant checkpointing) and in :meth:`PositionWindow.statistics`.
 
 Under differentiable compensation a summary's backward reads the statistic gradients it was
-computed from, in one pass (:class:`cbn.functional.differentiable_compensation.WindowGradients`). The position keeps track of
-those summaries (weakly): a new entry's gradients wait (``pending``) while one of them waits for
-its backward, and are written at the position's next read; any other write while such a summary
-waits goes into fresh tensors (the position replaces its rings by copies and leaves the summary
-the ones it was computed from). So every backward reads exactly the entries its forward pooled,
-whatever ran in between (two views before one backward, checkpointing).
+computed from, in one pass (:class:`cbn.functional.differentiable_compensation.WindowGradients`:
+the slots' tensors themselves). The window never writes a slot's tensors: a new entry, a cleared
+slot or an emptied position replaces them. So every backward reads exactly the entries its
+forward pooled, whatever ran in between (two views before one backward, checkpointing, a later
+forward before a retained graph's second backward), with no copy of the window and nothing to
+track; a slot's old tensors live as long as a summary that pooled them.
 
 The window is the layer's own transient state, like BatchNorm's batch statistics: plain tensors,
 not buffers, so ``state_dict``, ``DistributedDataParallel``'s buffer broadcast, FSDP, EMA and SWA
 copies see exactly BatchNorm's state and never a tensor whose size depends on pairing. This
-module owns the layout, allocation, slot pointers and producer of each position, and reads the
-entries back (moved and summarized); :mod:`cbn.layers.window_record` writes the entries into the
-slots it claims.
+module owns the layout, allocation, slot pointers, gradient slots and producer of each position,
+and reads the entries back (moved and summarized); :mod:`cbn.layers.window_record` writes the
+entries' statistics into the slots it claims and hands their gradients to
+:func:`write_gradient_slots`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 from torch import Tensor
 
 from typing import NamedTuple
 
-from .. import kernels
 from ..functional.differentiable_compensation import (
-    CompensationTerms, WindowGradients, attach_to_producer, backward_has_run, compensation_coefficients, release,
+    CompensationTerms, WindowGradients, attach_to_producer, compensation_coefficients,
 )
 from ..functional.statistic_gradients import LinearCall, producer_groups, shift_weight, statistic_shifts_of_layers
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
@@ -97,8 +96,8 @@ class PositionWindow:
 
     def __init__(self, num_features: int, past: int, dtype: torch.dtype, device) -> None:
         self.stats = torch.zeros(past, 5, num_features, dtype=dtype, device=device)
-        self._mean_grad: Tensor | None = None  # (groups, past, fan_in)
-        self._var_grad: Tensor | None = None  # (C, past, fan_in)
+        self.mean_slots: list[Tensor] | None = None  # past tensors (groups, fan_in)
+        self.var_slots: list[Tensor] | None = None  # past tensors (C, fan_in)
         self.next_slot = 0
         self.signature: tuple | None = None
         # The latest producer call: what moves the entries at a call without autograd record
@@ -106,28 +105,21 @@ class PositionWindow:
         # ``statistics`` moves them to.
         self.recipe = None
         self.recipe_is_live = False  # its weight is a parameter (current), not one call's values
-        # Differentiable summaries read in backward, and gradients waiting for them: (slot, mean, var,
-        # finite), mean and var None for a slot to clear, finite False where they may hold non-finite values.
-        self._readers: list[weakref.ref] = []
-        self.pending: list[tuple[int, Tensor | None, Tensor | None, bool]] = []
 
     @property
     def mean_grad(self) -> Tensor | None:
-        """The mean patches ``(groups, window - 1, fan_in)``, pending entries written."""
-        self.flush()
-        return self._mean_grad
+        """The mean patches as a window ``(groups, window - 1, fan_in)``: a copy of the slots."""
+        return None if self.mean_slots is None else torch.stack(self.mean_slots, 1)
 
     @property
     def var_grad(self) -> Tensor | None:
-        """The variance gradients ``(C, window - 1, fan_in)``, pending entries written."""
-        self.flush()
-        return self._var_grad
+        """The variance gradients as a window ``(C, window - 1, fan_in)``: a copy of the slots."""
+        return None if self.var_slots is None else torch.stack(self.var_slots, 1)
 
     @property
     def has_gradients(self) -> bool:
-        """Whether the position keeps statistic-gradient rings (pending entries need no writing
-        to tell)."""
-        return self._var_grad is not None
+        """Whether the position keeps statistic-gradient slots."""
+        return self.var_slots is not None
 
     @property
     def past(self) -> int:
@@ -144,87 +136,48 @@ class PositionWindow:
         return [(self.next_slot - offset) % self.past for offset in range(1, self.past + 1)]
 
     def reader(self) -> WindowGradients:
-        """The statistic gradients for a differentiable summary's backward, tracked by this
-        position (through the backward state its autograd node holds) until the rings change."""
-        self.flush()
-        reader = WindowGradients(self._mean_grad, self._var_grad)
-        self._readers = [ref for ref in self._readers if ref() is not None]
-        self._readers.append(weakref.ref(reader.flag))  # (alive while its state tensor is)
-        return reader
+        """The statistic gradients for a differentiable summary's backward: the slots' current tensors."""
+        return WindowGradients(self.mean_slots, self.var_slots)
 
-    def _reader_states(self) -> list:
-        """Backward states (their NumPy flags) of the summaries of the current rings still held by
-        an autograd graph."""
-        return [state for ref in self._readers if (state := ref()) is not None]
-
-    def _waiting_readers(self) -> list:
-        """Backward states of the summaries of the current rings whose backward has not run."""
-        return [state for state in self._reader_states() if not backward_has_run(state)]
-
-    def _new_rings(self, mean_grad: Tensor | None, var_grad: Tensor | None) -> None:
-        """Replace the rings; summaries of the old ones keep them, untracked (nothing writes them)."""
-        self._mean_grad, self._var_grad = mean_grad, var_grad
-        self._readers = []
-
-    def _before_writing(self) -> None:
-        """Release the summaries whose backward ran (a second one would read the new entries); if
-        one still waits for its backward, write from now on into copies of the rings, leaving it
-        the tensors it was computed from."""
-        states = self._reader_states()
-        waiting = False
-        for state in states:
-            if backward_has_run(state):
-                release(state)
-            else:
-                waiting = True
-        self._readers = []
-        if waiting:
-            self._new_rings(self._mean_grad.clone(), self._var_grad.clone())
-
-    def defer_gradients(self, slot: int, gradients: tuple[Tensor, Tensor] | None, finite: bool) -> bool:
-        """Keep a new entry's gradients (``None``: a slot to clear; ``finite``: known to hold no
-        NaN or infinity) until the next read when a differentiable summary waits for its backward;
-        ``False`` when they can be written now."""
-        if not self._waiting_readers():
-            self.flush()
-            return False
-        self.pending.append((slot, *(gradients if gradients is not None else (None, None)), finite))
-        return True
-
-    def flush(self) -> None:
-        """Write the pending gradients into their slots (non-finite values as zeros)."""
-        if self.pending:  # (every read of the rings calls this: most find nothing to write)
-            flush_positions([self])
+    def write_gradients(self, slot: int, mean: Tensor | None, var: Tensor | None, finite: bool) -> None:
+        """Replace a slot's gradients with a new entry's tensors, ``(groups, fan_in)`` and
+        ``(C, fan_in)`` (kept, not copied), or with zeros (``None``: stored without them).
+        ``finite``: known to hold no NaN or infinity (else those become zeros)."""
+        if mean is None:
+            mean, var = torch.zeros_like(self.mean_slots[slot]), torch.zeros_like(self.var_slots[slot])
+        elif not finite:
+            mean, var = (torch.nan_to_num(t, 0.0, 0.0, 0.0) for t in (mean, var))
+        self.mean_slots[slot], self.var_slots[slot] = mean, var
 
     def write_slot(self, slot: int, stats: Tensor, mean_grad: Tensor, var_grad: Tensor) -> None:
         """Replace one entry and its gradients (a recompute filling in an entry stored without them)."""
-        self.flush()
-        self._before_writing()
         self.stats[slot] = stats
-        self._mean_grad[:, slot] = mean_grad
-        self._var_grad[:, slot] = var_grad
+        self.mean_slots[slot], self.var_slots[slot] = mean_grad, var_grad
 
     def empty(self, keep: set[int] = frozenset()) -> None:
-        """Invalidate every entry but those in the slots ``keep`` (whose gradients are pending)."""
-        self.flush()
-        self._before_writing()
+        """Invalidate every entry but those in the slots ``keep`` (whose gradients a recompute is
+        filling in)."""
         kept = {slot: self.stats[slot].clone() for slot in keep}
         self.stats.zero_()
-        for grad in (self._mean_grad, self._var_grad):
-            if grad is not None:
-                grad.zero_()
+        if self.var_slots is not None:
+            self._zero_slots(self.mean_slots[0].shape[0], self.var_slots[0].shape[1])
         for slot, entry in kept.items():
             self.stats[slot] = entry
         if not keep:
             self.next_slot = 0
 
+    def _zero_slots(self, groups: int, fan_in: int) -> None:
+        """Every slot's gradients zeros (one tensor each for the mean and the variance: nothing
+        writes a slot's tensors)."""
+        zeros = self.stats.new_zeros(groups, fan_in), self.stats.new_zeros(self.stats.shape[2], fan_in)
+        self.mean_slots, self.var_slots = [zeros[0]] * self.past, [zeros[1]] * self.past
+
     def ensure_gradients(self, groups: int, fan_in: int) -> None:
-        """Statistic-gradient rings for a producer with ``groups`` weight groups and ``fan_in``
+        """Statistic-gradient slots for a producer with ``groups`` weight groups and ``fan_in``
         weights per output channel (made at the position's first compensated call)."""
-        shape = (self.stats.shape[2], self.past, fan_in)
-        if self._var_grad is None or self._var_grad.shape != shape or self._mean_grad.shape[0] != groups:
-            self.pending = []  # entries of another producer layout: emptied anyway
-            self._new_rings(self.stats.new_zeros(groups, self.past, fan_in), self.stats.new_zeros(shape))
+        if (self.var_slots is None or self.var_slots[0].shape[1] != fan_in
+                or self.mean_slots[0].shape[0] != groups):
+            self._zero_slots(groups, fan_in)
 
     def bind(self, call, keep: set[int] = frozenset()):
         """The producer call this position's entries are moved by in the current forward:
@@ -270,8 +223,7 @@ class PositionWindow:
         if computation is None:
             with torch.no_grad():
                 return pool_window(stats, None, None)
-        self.flush()
-        if self._var_grad is None:  # entries stored without gradients: only the bias moves them
+        if self.var_slots is None:  # entries stored without gradients: only the bias moves them
             bias = computation.bias
             with torch.no_grad():
                 if bias is None:
@@ -298,10 +250,9 @@ class PositionWindow:
         if not compensate:
             return SummaryRequest((self.past, stats.dtype, stats.device, False, False), stats, None, None)
         recipe = self.live_recipe()
-        if recipe is None or self._var_grad is None:
+        if recipe is None or self.var_slots is None:
             return None
-        self.flush()
-        operands = (self._mean_grad, self._var_grad, shift_weight(recipe, recipe.weight).detach(),
+        operands = (tuple(self.mean_slots), tuple(self.var_slots), shift_weight(recipe, recipe.weight).detach(),
                     None if recipe.bias is None else recipe.bias.detach())
         return SummaryRequest((self.past, stats.dtype, stats.device, differentiable, True), stats, operands, recipe)
 
@@ -317,7 +268,7 @@ class PositionWindow:
         return attach_to_producer(summary, shift_weight(computation, computation.weight), computation.bias)
 
     def _shifts_at(self, computation, weight: Tensor) -> tuple[Tensor, Tensor]:
-        operands = (self._mean_grad, self._var_grad, weight.detach(),
+        operands = (self.mean_slots, self.var_slots, weight.detach(),
                     None if computation.bias is None else computation.bias.detach())
         (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
         return mean_now, var_now
@@ -325,12 +276,11 @@ class PositionWindow:
     @torch.no_grad()
     def statistics(self, compensate: bool = True) -> dict[str, Tensor]:
         """Valid entries, newest first, raw and moved to the latest producer call's weights."""
-        self.flush()
         stats = self.stats
         order = [slot for slot in self.newest_first() if float(stats[slot, SAMPLES, 0]) > 0]
         moved_mean, moved_var = stats[:, MEAN], stats[:, VAR]
         computation = self.recipe
-        if computation is not None and self._var_grad is not None and compensate:
+        if computation is not None and self.var_slots is not None and compensate:
             mean_now, var_now = self._shifts_at(computation, shift_weight(computation, computation.weight))
             moved_mean, moved_var = move_to_current_weights(stats[:, MEAN], stats[:, VAR], stats[:, MEAN_SHIFT],
                                                             stats[:, VAR_SHIFT], mean_now, var_now)
@@ -341,13 +291,15 @@ class PositionWindow:
         return bool((self.stats[:, 4, 0] > 0).any())
 
     def apply(self, fn) -> None:
-        self.flush()
-        for name in ("stats", "_mean_grad", "_var_grad"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                moved = fn(tensor)
-                # Statistics stay in float32 or wider when the layer is cast to half precision.
-                setattr(self, name, moved.float() if moved.dtype in _LOW_PRECISION else moved)
+        # Statistics stay in float32 or wider when the layer is cast to half precision.
+        def moved(tensor: Tensor) -> Tensor:
+            tensor = fn(tensor)
+            return tensor.float() if tensor.dtype in _LOW_PRECISION else tensor
+
+        self.stats = moved(self.stats)
+        if self.var_slots is not None:
+            self.mean_slots = [moved(t) for t in self.mean_slots]
+            self.var_slots = [moved(t) for t in self.var_slots]
 
 
 def _same_producer(stored: tuple | None, signature: tuple) -> bool:
@@ -362,56 +314,11 @@ def _same_producer(stored: tuple | None, signature: tuple) -> bool:
 def write_gradient_slots(entries: list[tuple[PositionWindow, int, tuple[Tensor, Tensor] | None]],
                          finite: bool) -> None:
     """New entries' statistic gradients into their positions' slots: ``(position, slot, (mean,
-    var))``, or ``None`` for an entry stored without them (its slot cleared). ``finite``: known
-    to hold no NaN or infinity (else each write replaces them with zeros). A position where a
-    differentiable summary waits for its backward keeps them aside until its next read
-    (:meth:`PositionWindow.defer_gradients`); the others are written now, in one copy."""
-    _write_into_rings([(position, slot, *(gradients if gradients is not None else (None, None)), finite)
-                       for position, slot, gradients in entries
-                       if not position.defer_gradients(slot, gradients, finite)])
-
-
-def flush_positions(positions: list[PositionWindow]) -> None:
-    """:meth:`PositionWindow.flush` of many positions, their pending gradients written together (a
-    converted model's step, before it summarizes its windows)."""
-    writes = []
-    for position in positions:
-        if position.pending:
-            pending, position.pending = position.pending, []
-            position._before_writing()
-            writes += [(position, *entry) for entry in pending]
-    _write_into_rings(writes)
-
-
-def _write_into_rings(writes: list[tuple[PositionWindow, int, Tensor | None, Tensor | None, bool]]) -> None:
-    """``(position, slot, mean, var, finite)``: finite gradients copied in one
-    :func:`copy_into_slots` call, absent ones (``None``) as zeros, the others with non-finite
-    values replaced by zeros."""
-    windows, slots, sources, cleared = [], [], [], []
-    for position, slot, mean, var, finite in writes:
-        for ring, source in ((position._mean_grad, mean), (position._var_grad, var)):
-            if source is None:
-                cleared.append(ring.narrow(1, slot, 1))
-            elif finite:
-                windows.append(ring)
-                slots.append(slot)
-                sources.append(source)
-            else:
-                torch.nan_to_num(source, 0.0, 0.0, 0.0, out=ring.narrow(1, slot, 1))
-    if cleared:
-        torch._foreach_zero_(cleared)
-    if windows:
-        copy_into_slots(windows, 1, slots, sources)
-
-
-def copy_into_slots(windows: list[Tensor], dim: int, slots: list[int], entries: list[Tensor]) -> None:
-    """``windows[l].narrow(dim, slots[l], 1).copy_(entries[l])`` for every layer ``l``: in one call
-    of the C++ kernel where :mod:`cbn.kernels` is active, else one view per layer and one
-    ``_foreach_copy_``."""
-    if kernels.active():
-        torch.ops.cbn.copy_into_slots(windows, dim, slots, entries)
-    else:
-        torch._foreach_copy_([window.narrow(dim, slot, 1) for window, slot in zip(windows, slots)], entries)
+    var))`` of shapes ``(groups, fan_in)`` and ``(C, fan_in)``, kept as the slot's tensors, or
+    ``None`` for an entry stored without them (its slot cleared). ``finite``: known to hold no NaN
+    or infinity (else each write replaces them with zeros)."""
+    for position, slot, gradients in entries:
+        position.write_gradients(slot, *(gradients if gradients is not None else (None, None)), finite)
 
 
 class CrossIterationWindow:
@@ -468,17 +375,15 @@ class CrossIterationWindow:
             position.apply(fn)
 
     def nbytes(self) -> int:
-        """Bytes held by the entries and statistic gradients of every call position."""
-        return sum(t.numel() * t.element_size() for p in self.positions
-                   for t in (p.stats, p._mean_grad, p._var_grad, *(g for entry in p.pending for g in entry[1:3]))
-                   if isinstance(t, Tensor))
+        """Bytes held by the entries and statistic gradients of every call position (a tensor
+        shared by several slots counted once)."""
+        tensors = {id(t): t for p in self.positions for t in (p.stats, *(p.mean_slots or ()), *(p.var_slots or ()))}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def state_dict(self) -> dict:
         """The window's entries, for an exact resume (:func:`cbn.window_state_dict`)."""
-        for position in self.positions:
-            position.flush()
         return {"window": self.window, "positions": [
-            {"stats": p.stats, "mean_grad": p._mean_grad, "var_grad": p._var_grad, "next_slot": p.next_slot,
+            {"stats": p.stats, "mean_grad": p.mean_grad, "var_grad": p.var_grad, "next_slot": p.next_slot,
              "signature": None if p.signature is None else (*p.signature[:-1], "copied")}
             for p in self.positions]}
 
@@ -491,9 +396,10 @@ class CrossIterationWindow:
         for saved in state["positions"]:
             position = PositionWindow(self.num_features, self.window - 1, saved["stats"].dtype, device)
             position.stats = saved["stats"].to(device=device, copy=True)
-            for name in ("mean_grad", "var_grad"):
-                tensor = saved[name]
-                setattr(position, "_" + name, None if tensor is None else tensor.to(device=device, copy=True))
+            for name in ("mean", "var"):
+                window = saved[name + "_grad"]
+                slots = None if window is None else list(window.to(device=device, copy=True).unbind(1))
+                setattr(position, name + "_slots", slots)
             position.next_slot = saved["next_slot"]
             position.signature = saved["signature"]
             self.positions.append(position)
@@ -506,13 +412,12 @@ class CrossIterationWindow:
         copy.__dict__.update({key: value for key, value in self.__dict__.items() if key != "positions"})
         copy.positions = []
         for position in self.positions:
-            position.flush()
             clone = PositionWindow.__new__(PositionWindow)
             clone.__dict__.update(position.__dict__)
-            clone._readers, clone.pending = [], []
-            for name in ("stats", "_mean_grad", "_var_grad"):
-                tensor = getattr(position, name)
-                setattr(clone, name, None if tensor is None else tensor.clone())
+            clone.stats = position.stats.clone()
+            for name in ("mean_slots", "var_slots"):
+                slots = getattr(position, name)
+                setattr(clone, name, None if slots is None else [t.clone() for t in slots])
             clone.signature = None if position.signature is None else (*position.signature[:-1], "copied")
             clone.recipe = None  # it holds the original's parameters
             copy.positions.append(clone)
