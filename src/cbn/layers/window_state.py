@@ -190,7 +190,7 @@ class PositionWindow:
         if call.computation is self.recipe and self.recipe_is_live:
             # The very call object this position was last bound to (a producer the kernel reads
             # reuses it while weight, bias and settings stay; see ``ProducerCall.known``): same
-            # signature, rings already made, the weight a parameter.
+            # signature, gradient slots already made, the weight a parameter.
             return call.computation
         signature = call.signature
         if self.signature != signature:
