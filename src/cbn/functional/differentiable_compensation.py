@@ -46,15 +46,11 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import kernels
+from .statistic_gradients import gradient_slots, gradient_window
 from .window import PastStatistics, move_to_current_weights, pool_past, summaries_in_kernel, with_pooling_weights
 
 # Rows of a window's statistics tensor (as in ``window.pool_window``).
 _MEAN, _VAR, _MEAN_SHIFT, _VAR_SHIFT, _SAMPLES = range(5)
-
-
-def _slots(window: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
-    """Gradient slots: a ``(rows, k, fan_in)`` window's ``k`` slices, or the slots as given."""
-    return tuple(window.unbind(1)) if isinstance(window, Tensor) else tuple(window)
 
 
 class WindowGradients:
@@ -68,17 +64,17 @@ class WindowGradients:
     """
 
     def __init__(self, mean: Tensor | Sequence[Tensor], var: Tensor | Sequence[Tensor]) -> None:
-        self.mean_slots, self.var_slots = _slots(mean), _slots(var)
+        self.mean_slots, self.var_slots = gradient_slots(mean), gradient_slots(var)
 
     @property
     def mean(self) -> Tensor:
         """The mean patches as a window ``(groups, k, fan_in)`` (a copy)."""
-        return torch.stack(self.mean_slots, 1)
+        return gradient_window(self.mean_slots)
 
     @property
     def var(self) -> Tensor:
         """The variance gradients as a window ``(C, k, fan_in)`` (a copy)."""
-        return torch.stack(self.var_slots, 1)
+        return gradient_window(self.var_slots)
 
 
 class CompensationTerms(NamedTuple):
@@ -171,12 +167,9 @@ def window_weight_gradient(
         ``cbn::window_weight_gradient`` where :mod:`cbn.kernels` is active, else ATen products.
     """
     if kernels.active():
-        return torch.ops.cbn.window_weight_gradient(mean_coefficients, _slots(mean_gradients), var_coefficients,
-                                                    _slots(var_gradients))
-    if not isinstance(mean_gradients, Tensor):
-        mean_gradients = torch.stack(tuple(mean_gradients), 1)
-    if not isinstance(var_gradients, Tensor):
-        var_gradients = torch.stack(tuple(var_gradients), 1)
+        return torch.ops.cbn.window_weight_gradient(mean_coefficients, gradient_slots(mean_gradients),
+                                                    var_coefficients, gradient_slots(var_gradients))
+    mean_gradients, var_gradients = gradient_window(mean_gradients), gradient_window(var_gradients)
     groups, entries, fan_in = mean_gradients.shape
     channels = var_gradients.shape[0]
     mean_coefficients = mean_coefficients.to(var_gradients.dtype)

@@ -111,6 +111,19 @@ class StatisticGradients(NamedTuple):
     var: Tensor
 
 
+def gradient_slots(window: Tensor | Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """A window's gradients as its ``k`` slots, one tensor per entry: the slices ``(rows,
+    fan_in)`` of a ``(rows, k, fan_in)`` window (views), or the slots as given. The form in which
+    :mod:`cbn.layers.window_state` keeps them and the C++ kernels read them."""
+    return tuple(window.unbind(1)) if isinstance(window, Tensor) else tuple(window)
+
+
+def gradient_window(slots: Tensor | Sequence[Tensor]) -> Tensor:
+    """The ``k`` slots ``(rows, fan_in)`` stacked as a window ``(rows, k, fan_in)`` (a copy), or a
+    window as given: the layout of :class:`StatisticGradients` and the Python forms."""
+    return slots if isinstance(slots, Tensor) else torch.stack(tuple(slots), 1)
+
+
 def producer_groups(producer: nn.Module) -> int:
     """Number of weight groups whose output channels share one mean patch."""
     return producer.groups if isinstance(producer, (*_CONVOLUTIONS, *_TRANSPOSED, ConvolutionCall)) else 1
@@ -546,6 +559,6 @@ def statistic_shifts_of_layers(
         entries = [len(operand[1]) for operand in operands]
         return torch.ops.cbn.statistic_shifts_many(mean_slots, var_slots, entries, [operand[2] for operand in operands],
                                                    [operand[3] for operand in operands])
-    shifts = [statistic_shifts(StatisticGradients(torch.stack(tuple(mean), 1), torch.stack(tuple(var), 1)), weight, bias)
+    shifts = [statistic_shifts(StatisticGradients(gradient_window(mean), gradient_window(var)), weight, bias)
               for mean, var, weight, bias in operands]
     return [mean for mean, _ in shifts], [var for _, var in shifts]

@@ -21,6 +21,8 @@ from .._cache import bounded_get
 from ..functional.normalization import PooledStatistics
 from ..functional.cross_process import all_reduce_statistic_gradients
 from ..functional.statistic_gradients import (
+    StatisticGradients,
+    gradient_slots,
     producer_statistic_gradients_of_layers,
     shift_weight,
     statistic_shifts_of_layers,
@@ -208,10 +210,15 @@ def _entry_gradients(records: list[StepRecord]) -> list:
             local_samples = record.gradient_source[2].numel() // record.stats.batch_mean.numel()
             entry_gradients = all_reduce_statistic_gradients(entry_gradients, local_samples, record.samples,
                                                              record.process_group)
-        # One entry: its mean patches (groups, fan_in) and variance gradients (C, fan_in), the
-        # tensors the window keeps as the slot's.
-        gradients[i] = (entry_gradients.mean.select(1, 0), entry_gradients.var.select(1, 0))
+        gradients[i] = _entry_slot(entry_gradients)
     return gradients
+
+
+def _entry_slot(gradients: StatisticGradients) -> tuple[Tensor, Tensor]:
+    """One entry's gradients as the tensors its slot keeps: the mean patches ``(groups, fan_in)``
+    and the variance gradients ``(C, fan_in)``."""
+    (mean,), (var,) = gradient_slots(gradients.mean), gradient_slots(gradients.var)
+    return mean, var
 
 
 def _gradient_operands(record: StepRecord) -> tuple | None:
@@ -353,7 +360,7 @@ def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tenso
     dtype = window.stats.dtype
     (gradients,) = producer_statistic_gradients_of_layers(
         [(computation, producer_input.to(dtype), output.to(dtype), mean.to(dtype))])
-    mean_grad, var_grad = gradients.mean[:, 0], gradients.var[:, 0]
+    mean_grad, var_grad = _entry_slot(gradients)
     (mean_shift,), (var_shift,) = statistic_shifts_of_layers(
         [((mean_grad,), (var_grad,), shift_weight(computation, computation.weight), computation.bias)])
     entry = window.stats[slot].clone()

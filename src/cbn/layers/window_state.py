@@ -47,7 +47,9 @@ from typing import NamedTuple
 from ..functional.differentiable_compensation import (
     CompensationTerms, WindowGradients, attach_to_producer, compensation_coefficients,
 )
-from ..functional.statistic_gradients import LinearCall, producer_groups, shift_weight, statistic_shifts_of_layers
+from ..functional.statistic_gradients import (
+    LinearCall, gradient_slots, gradient_window, producer_groups, shift_weight, statistic_shifts_of_layers,
+)
 from ..functional.window import MEAN, MEAN_SHIFT, SAMPLES, VAR, VAR_SHIFT, PastStatistics, move_to_current_weights
 from ..functional.window import pool_window
 
@@ -109,12 +111,12 @@ class PositionWindow:
     @property
     def mean_grad(self) -> Tensor | None:
         """The mean patches as a window ``(groups, window - 1, fan_in)``: a copy of the slots."""
-        return None if self.mean_slots is None else torch.stack(self.mean_slots, 1)
+        return None if self.mean_slots is None else gradient_window(self.mean_slots)
 
     @property
     def var_grad(self) -> Tensor | None:
         """The variance gradients as a window ``(C, window - 1, fan_in)``: a copy of the slots."""
-        return None if self.var_slots is None else torch.stack(self.var_slots, 1)
+        return None if self.var_slots is None else gradient_window(self.var_slots)
 
     @property
     def has_gradients(self) -> bool:
@@ -398,7 +400,7 @@ class CrossIterationWindow:
             position.stats = saved["stats"].to(device=device, copy=True)
             for name in ("mean", "var"):
                 window = saved[name + "_grad"]
-                slots = None if window is None else list(window.to(device=device, copy=True).unbind(1))
+                slots = None if window is None else list(gradient_slots(window.to(device=device, copy=True)))
                 setattr(position, name + "_slots", slots)
             position.next_slot = saved["next_slot"]
             position.signature = saved["signature"]
