@@ -246,7 +246,7 @@ def _convolution_in_kernel(input: Tensor, num_features: int, known: tuple | None
     leaf, no view, no checkpointing, float32 host tensors) with its fingerprint, read in one call of
     ``cbn::convolution_producer``; ``None`` for every other case, which the Python reading takes."""
     weight, bias, producer_input, settings, fingerprint = torch.ops.cbn.convolution_producer.default(
-        input, num_features, *_FLOAT32_PROBES or _float32_probes())
+        input, num_features, *_probe_periods(torch.float32, _CPU))
     if weight is None:
         return None
     if known is not None and known[0] == settings and known[1].weight is weight and known[1].bias is bias:
@@ -264,13 +264,7 @@ def _convolution_in_kernel(input: Tensor, num_features: int, known: tuple | None
                         False, fingerprint, known)
 
 
-_FLOAT32_PROBES: tuple[Tensor, Tensor] | None = None  # _probe_periods(torch.float32, cpu), once made
-
-
-def _float32_probes() -> tuple[Tensor, Tensor]:
-    global _FLOAT32_PROBES
-    _FLOAT32_PROBES = _probe_periods(torch.float32, torch.device("cpu"))
-    return _FLOAT32_PROBES
+_CPU = torch.device("cpu")
 
 
 def reading_would_recompute() -> bool:
