@@ -102,9 +102,9 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
     if (rows.scalar_type() != dtype) {
       rows = rows.to(dtype);
     }
-    const int64_t fan_in = rows.size(1), groups = layer_mean[0].dim() == 2 ? layer_mean[0].size(0) : 0;
-    TORCH_CHECK(groups > 0 && channels % groups == 0, "cbn.statistic_shifts_many: mean gradient slots ",
-                layer_mean[0].sizes(), " do not match weight rows ", rows.sizes());
+    const auto [groups, slot_channels, fan_in] = slot_shapes(layer_mean, layer_var, "cbn.statistic_shifts_many");
+    TORCH_CHECK(slot_channels == channels && rows.size(1) == fan_in, "cbn.statistic_shifts_many: gradient slots ",
+                layer_var[0].sizes(), " do not match weight rows ", rows.sizes());
     const std::optional<Tensor> bias = biases.get(l);
     const bool has_bias = bias.has_value() && bias->defined();
     // The one-pass kernel reads host memory of one floating dtype; anything else takes ATen's form.

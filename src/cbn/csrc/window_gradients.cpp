@@ -60,18 +60,6 @@ Tensor aten_window_weight_gradient(const Tensor& mean_coefficients, const Tensor
   return at::baddbmm(out.unsqueeze(1), var_coefficients.unsqueeze(1), var_gradients).squeeze(1);
 }
 
-// (groups, C, fan_in) of a window's slots, checked: its mean slots (groups, fan_in), its variance
-// slots (C, fan_in), as many of each, C a multiple of groups.
-std::tuple<int64_t, int64_t, int64_t> slot_shapes(at::TensorList mean_slots, at::TensorList var_slots, const char* op) {
-  TORCH_CHECK(!var_slots.empty() && mean_slots.size() == var_slots.size(), op, ": ", mean_slots.size(),
-              " mean gradient slots and ", var_slots.size(), " variance gradient slots (one or more of each)");
-  TORCH_CHECK(var_slots[0].dim() == 2 && mean_slots[0].dim() == 2, op, ": gradient slots must be 2-D");
-  const int64_t groups = mean_slots[0].size(0), channels = var_slots[0].size(0), fan_in = var_slots[0].size(1);
-  TORCH_CHECK(groups > 0 && channels % groups == 0 && mean_slots[0].size(1) == fan_in, op, ": mean gradient slots ",
-              mean_slots[0].sizes(), " do not match variance gradient slots ", var_slots[0].sizes());
-  return {groups, channels, fan_in};
-}
-
 Tensor window_weight_gradient(const Tensor& mean_coefficients, at::TensorList mean_slots,
                               const Tensor& var_coefficients, at::TensorList var_slots) {
   const auto [groups, channels, fan_in] = slot_shapes(mean_slots, var_slots, "cbn.window_weight_gradient");
