@@ -391,18 +391,21 @@ def test_a_failed_build_warns_once_and_uses_python(monkeypatch):
 
 @pytest.mark.parametrize("groups", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_window_weight_gradient_equals_the_exact_sum(groups, dtype):
+@pytest.mark.parametrize("entries", [3, 20])
+def test_window_weight_gradient_equals_the_exact_sum(groups, dtype, entries):
     # One pass over the window (C++) and the ATen products (Python) against the float64 sum
     # sum_t a[c, t] G_mu[group(c), t] + b[c, t] G_var[c, t], within gamma_n sum |terms| (n = 2k).
+    # 20 entries: more than the kernel sums in registers at once (16), so a second block adds to the row.
     from cbn.functional.differentiable_compensation import window_weight_gradient
 
     generator = torch.Generator().manual_seed(0)
-    channels, entries, fan_in = 6, 3, 37
+    channels, fan_in = 6, 37
     mean_grad = torch.randn(groups, entries, fan_in, generator=generator, dtype=dtype)
     var_grad = torch.randn(channels, entries, fan_in, generator=generator, dtype=dtype)
     a = torch.randn(channels, entries, generator=generator, dtype=dtype)
     b = torch.randn(channels, entries, generator=generator, dtype=dtype)
     a[:, 1] = b[:, 1] = 0  # an empty slot: skipped by the kernel, zero in the sum
+    a[:, -2] = b[:, -2] = 0
     patches = mean_grad.double().repeat_interleave(channels // groups, dim=0)
     mean_terms, var_terms = a.double().unsqueeze(2) * patches, b.double().unsqueeze(2) * var_grad.double()
     exact = (mean_terms + var_terms).sum(1)

@@ -4,11 +4,12 @@
 //   out[c, f] = sum_t a[c, t] G_mu[group(c), t, f] + b[c, t] G_var[c, t, f]
 //
 // with a, b (C, k) the per-entry coefficients of the backward and G_mu, G_var the window's statistic
-// gradients, k slots of (groups, fan_in) and (C, fan_in) (gradient_slots.h). Each output row is summed in place over
-// the k entries (it stays in cache), so the window is read once and the result written once; an
-// entry whose two coefficients are zero for a channel (an empty slot) is not read. The ATen form
-// (a matrix product for the mean patches, then a batched product for the variance gradients) is
-// taken for other devices; both are float sums in another order, equal to rounding.
+// gradients, k slots of (groups, fan_in) and (C, fan_in) (gradient_slots.h). Each output value is
+// summed over the k entries in a vector register and written once, so the window is read once and
+// the result written once (the row is never read back); an entry whose two coefficients are zero
+// for a channel (an empty slot) is not read. The ATen form (a matrix product for the mean patches,
+// then a batched product for the variance gradients) is taken for other devices; both are float
+// sums in another order, equal to rounding.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -16,6 +17,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "cpu_simd.h"
@@ -29,21 +31,49 @@ using at::Tensor;
 
 // One channel's row of the window's weight gradient,
 //   row[f] = sum_t mean_weights[t] patches[t][f] + var_weights[t] gradients[t][f],
-// the entries added to the row one after the other, those whose two weights are both zero (the
-// slots not yet filled) skipped.
+// the entries summed in order into each value before it is written (the row is written once and
+// never read back), those whose two weights are both zero (the slots not yet filled) skipped.
 template <typename scalar_t>
 void window_row(scalar_t* row, int64_t fan_in, int64_t entries, const scalar_t* mean_weights,
                 const scalar_t* var_weights, const SlotRows<scalar_t>& patches, int64_t group,
                 const SlotRows<scalar_t>& gradients, int64_t channel) {
-  std::fill(row, row + fan_in, scalar_t(0));
-  for (int64_t t = 0; t < entries; ++t) {
-    const scalar_t mean_weight = mean_weights[t], var_weight = var_weights[t];
-    if (mean_weight == scalar_t(0) && var_weight == scalar_t(0)) continue;
-    const scalar_t *patch = patches.row(t, group), *gradient = gradients.row(t, channel);
-    for (int64_t f = 0; f < fan_in; ++f) {
-      row[f] += mean_weight * patch[f] + var_weight * gradient[f];
+  constexpr int64_t kMaxEntries = 16;
+  const scalar_t* patch[kMaxEntries];
+  const scalar_t* gradient[kMaxEntries];
+  scalar_t mean_weight[kMaxEntries], var_weight[kMaxEntries];
+  int64_t first = 0;
+  do {  // (more entries than kMaxEntries: a block of kMaxEntries at a time, each added to the row)
+    int64_t used = 0;
+    for (int64_t t = first; t < std::min(entries, first + kMaxEntries); ++t) {
+      if (mean_weights[t] == scalar_t(0) && var_weights[t] == scalar_t(0)) continue;
+      patch[used] = patches.row(t, group);
+      gradient[used] = gradients.row(t, channel);
+      mean_weight[used] = mean_weights[t];
+      var_weight[used] = var_weights[t];
+      ++used;
     }
-  }
+    const bool add_to_row = first > 0;
+    int64_t f = 0;
+#if defined(__GNUC__) || defined(__clang__)
+    using L = simd::Lanes<scalar_t>;
+    using V = typename L::type;
+    for (; f + L::width <= fan_in; f += L::width) {
+      V sum = add_to_row ? L::load(row + f) : V{};
+      for (int64_t u = 0; u < used; ++u) {
+        sum += mean_weight[u] * L::load(patch[u] + f) + var_weight[u] * L::load(gradient[u] + f);
+      }
+      __builtin_memcpy(row + f, &sum, sizeof(sum));
+    }
+#endif
+    for (; f < fan_in; ++f) {
+      scalar_t sum = add_to_row ? row[f] : scalar_t(0);
+      for (int64_t u = 0; u < used; ++u) {
+        sum += mean_weight[u] * patch[u][f] + var_weight[u] * gradient[u][f];
+      }
+      row[f] = sum;
+    }
+    first += kMaxEntries;
+  } while (first < entries);
 }
 
 Tensor aten_window_weight_gradient(const Tensor& mean_coefficients, const Tensor& mean_gradients,
