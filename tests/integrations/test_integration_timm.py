@@ -62,6 +62,10 @@ def test_create_model_builds_cbn_where_timm_builds_batchnorm_and_trains_compensa
         loss = nn.functional.cross_entropy(model(x), target)
         optimizer.zero_grad()
         loss.backward()
+        # At batch 2 on 32 x 32 inputs timm's deepest norms see 2 values per channel: which of the
+        # two is larger is decided by rounding, the first gradients reach 1e12, and without clipping
+        # the losses that follow depend on the CPU's convolution kernels (NaN on some).
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         producer = layer.pairing_status()[1]
         before = [p.detach().clone() for p in producer]
         optimizer.step()
@@ -71,9 +75,8 @@ def test_create_model_builds_cbn_where_timm_builds_batchnorm_and_trains_compensa
     report = cbn.pairing_report(model)
     assert len(report) == len(norms)
     assert all(row.compensated for row in report), cbn.format_pairing_report(report)
-    # An iteration is a change of the producer's weights (at batch 2 on 32x32 inputs timm's deepest
-    # norms see 2 values per channel and the first steps can grow the weights past the point where
-    # an SGD step still changes them in float32): the first forward, then each update before a forward.
+    # An iteration is a change of the producer's weights: the first forward, then each update
+    # before a forward.
     assert updates[0] and layer.iterations == 1 + sum(updates[:2])
     assert layer.window_state.positions[0].stats[0, 4].min() > 0  # the window holds a past entry
 
