@@ -163,19 +163,21 @@ def test_statistic_shifts_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.parametrize("channels,fan_in,groups", [(7, 37, 1), (12, 203, 1), (6, 25, 6)])
-def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for_bit(channels, fan_in, groups):
+@pytest.mark.parametrize("entries", [3, 6])
+def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for_bit(channels, fan_in, groups, entries):
     # A new entry's shifts are taken alone (one entry per call) and its shifts in later windows
     # with the other entries (several per call): the same numbers bit for bit, so that a Taylor step
     # at unchanged weights moves a stored entry by exactly zero. Lengths with every tail of the
     # four-vector dot product in float (blocks of 32, then of 8, then single values: 37 = 32 + 5,
-    # 203 = 6 x 32 + 8 + 3, 25 = 3 x 8 + 1).
+    # 203 = 6 x 32 + 8 + 3, 25 = 3 x 8 + 1); 6 entries: the kernel reads four rows side by side,
+    # then two.
     assert cbn.kernels.available()
     torch.manual_seed(0)
-    mean_grad, var_grad = torch.randn(groups, 3, fan_in), torch.randn(channels, 3, fan_in)
+    mean_grad, var_grad = torch.randn(groups, entries, fan_in), torch.randn(channels, entries, fan_in)
     weight, bias = torch.randn(channels, fan_in), torch.randn(channels)
-    (window_means,), (window_vars,) = torch.ops.cbn.statistic_shifts_many(mean_grad.unbind(1), var_grad.unbind(1), [3],
-                                                                          [weight], [bias])
-    for t in range(3):
+    (window_means,), (window_vars,) = torch.ops.cbn.statistic_shifts_many(mean_grad.unbind(1), var_grad.unbind(1),
+                                                                          [entries], [weight], [bias])
+    for t in range(entries):
         (mean,), (var,) = torch.ops.cbn.statistic_shifts_many([mean_grad[:, t].contiguous()],
                                                               [var_grad[:, t].contiguous()], [1], [weight], [bias])
         assert torch.equal(mean[0], window_means[t]) and torch.equal(var[0], window_vars[t])

@@ -17,6 +17,9 @@
 // registers waits on the latency of each addition and reads a window row at a fraction of the
 // memory's bandwidth. The partial sums are folded in a fixed order: a product's result depends on
 // its operands and n only (not on the call, the thread or the other products of a loop).
+// simd::dots(a, b, n, count, out) gives dot(a[t], b, n) for count rows a[t], bit for bit, reading
+// up to four rows side by side: one row after the other, a dot product over rows that are not in
+// cache waits on one memory stream at a time (half the bandwidth of three streams on a window).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -127,6 +130,31 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
   return L::fold((s0 + s1) + (s2 + s3)) + tail;
 }
 
+// lane_dot<false>(a[t], b, n) for t < kCount, the a[t] read side by side: the same partial sums,
+// each fed the same products in the same order, folded the same way.
+template <int kCount, typename scalar_t>
+inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, scalar_t* out) {
+  using L = Lanes<scalar_t>;
+  using V = typename L::type;
+  constexpr int W = L::width;
+  V s[kCount][4] = {};
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    for (int k = 0; k < 4; ++k) {  // (one vector of b live at a time: the sums stay in registers)
+      const V bk = L::load(b + j + k * W);
+      for (int t = 0; t < kCount; ++t) s[t][k] += L::load(a[t] + j + k * W) * bk;
+    }
+  }
+  const int64_t vectors_end = j;
+  for (int t = 0; t < kCount; ++t) {
+    int64_t i = vectors_end;
+    for (; i + W <= n; i += W) s[t][0] += L::load(a[t] + i) * L::load(b + i);
+    scalar_t tail = 0;
+    for (; i < n; ++i) tail += a[t][i] * b[i];
+    out[t] = L::fold((s[t][0] + s[t][1]) + (s[t][2] + s[t][3])) + tail;
+  }
+}
+
 }  // namespace detail
 
 #else
@@ -149,6 +177,11 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
   return lanes[0] + tail;
 }
 
+template <int kCount, typename scalar_t>
+inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, scalar_t* out) {
+  for (int t = 0; t < kCount; ++t) out[t] = lane_dot<false>(a[t], b, b, n);
+}
+
 }  // namespace detail
 
 #endif
@@ -156,6 +189,20 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return detail::lane_dot<false>(a, b, b, n);
+}
+
+// out[t] = dot(a[t], b, n) for t < count, bit for bit, up to four rows read side by side (one
+// memory stream after the other leaves most of the bandwidth unused on rows that are not in cache).
+template <typename scalar_t>
+inline void dots(const scalar_t* const* a, const scalar_t* b, int64_t n, int64_t count, scalar_t* out) {
+  int64_t t = 0;
+  for (; t + 4 <= count; t += 4) detail::lane_dots<4>(a + t, b, n, out + t);
+  switch (count - t) {
+    case 3: detail::lane_dots<3>(a + t, b, n, out + t); break;
+    case 2: detail::lane_dots<2>(a + t, b, n, out + t); break;
+    case 1: detail::lane_dots<1>(a + t, b, n, out + t); break;
+    default: break;
+  }
 }
 
 template <typename scalar_t>

@@ -3,12 +3,13 @@
 //
 // Both terms are dot products of fan_in values with the channel's weight row, summed here in one
 // pass per channel: the row is read from memory once for the mean and the variance terms of every
-// entry (the Python form reads it twice, in a matrix product and in an element-wise product whose
+// entry, and the entries' rows are read side by side (simd::dots: several memory streams at once).
+// The Python form reads the row twice, in a matrix product and in an element-wise product whose
 // temporary is as large as the gradient window, (k - 1) weight-sized tensors: most of the Taylor
-// step's memory traffic on large models). Both forms are float dot products in a different order,
+// step's memory traffic on large models. Both forms are float dot products in a different order,
 // so they agree to rounding (within n u sum |a b|), not bit for bit. Every product of one run
-// comes from the same kernel, so a Taylor step at unchanged weights leaves an entry exactly as
-// stored.
+// comes from the same kernel, and dots gives each row the sums dot gives it alone, so a Taylor
+// step at unchanged weights leaves an entry exactly as stored.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -18,6 +19,7 @@
 #include "gradient_slots.h"
 
 #include <algorithm>
+#include <vector>
 
 namespace cbn {
 namespace {
@@ -43,13 +45,21 @@ std::tuple<Tensor, Tensor> row_shifts(const std::vector<Tensor>& mean_slots, con
     scalar_t* var = var_out.mutable_data_ptr<scalar_t>();
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
+      std::vector<const scalar_t*> mean_rows(entries), var_rows(entries);
+      std::vector<scalar_t> mean_dots(entries), var_dots(entries);
       for (int64_t c = begin; c < end; ++c) {
         const scalar_t* row = w + c * fan_in;
         const int64_t group = c / per_group;
         const scalar_t offset = b == nullptr ? scalar_t(0) : b[c];
         for (int64_t t = 0; t < entries; ++t) {
-          mean[t * channels + c] = simd::dot(g_mu.row(t, group), row, fan_in) + offset;
-          var[t * channels + c] = simd::dot(g_var.row(t, c), row, fan_in);
+          mean_rows[t] = g_mu.row(t, group);
+          var_rows[t] = g_var.row(t, c);
+        }
+        simd::dots(mean_rows.data(), row, fan_in, entries, mean_dots.data());
+        simd::dots(var_rows.data(), row, fan_in, entries, var_dots.data());
+        for (int64_t t = 0; t < entries; ++t) {
+          mean[t * channels + c] = mean_dots[t] + offset;
+          var[t * channels + c] = var_dots[t];
         }
       }
     };
