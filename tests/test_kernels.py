@@ -18,10 +18,8 @@ import cbn.kernels
 from cbn.functional import PastStatistics, StatisticGradients, cross_iteration_batch_norm, pool_past, statistic_shifts
 from cbn.functional.statistic_gradients import (
     ConvolutionCall,
-    gradient_slots,
     producer_statistic_gradients,
     producer_statistic_gradients_of_layers,
-    statistic_gradients_and_shifts_of_layers,
     statistic_shifts_of_layers,
     weight_rows,
 )
@@ -252,35 +250,6 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
                 _assert_identical(gradients[1:], expected[1:])
                 continue
             _assert_identical(gradients, expected)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_entry_shifts_taken_with_the_gradients_equal_the_windows_bit_for_bit(bias):
-    # The statistic-gradient kernel takes each new entry's first-order terms right after its
-    # convolution; a later window takes them with cbn::statistic_shifts_many from the slots it
-    # keeps. They must agree bit for bit (a Taylor step at unchanged weights moves the entry by
-    # exactly zero), for the layers the kernel computes; the others get None.
-    assert cbn.kernels.available()
-    torch.manual_seed(0)
-    cases = [
-        (nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), bias=bias), (2, 3, 9, 8)),
-        (nn.Conv1d(3, 4, 3, padding=1, bias=bias), (1, 3, 11)),
-        (nn.Conv2d(16, 24, 1, stride=2, bias=bias), (2, 16, 7, 7)),
-        (nn.Conv2d(4, 6, 3, groups=2, bias=bias), (2, 4, 6, 6)),  # grouped: not the kernel's form
-    ]
-    operands = []
-    with torch.no_grad():
-        for producer, shape in cases:
-            x = torch.randn(shape)
-            y = producer(x)
-            operands.append((producer, x, y, y.mean([0, *range(2, y.dim())])))
-        gradients, shifts = statistic_gradients_and_shifts_of_layers(operands)
-        assert shifts[-1] is None and all(found is not None for found in shifts[:-1])
-        for (producer, *_), entry_gradients, found in zip(operands[:-1], gradients, shifts):
-            slots = gradient_slots(entry_gradients.mean), gradient_slots(entry_gradients.var)
-            (mean_shift,), (var_shift,) = statistic_shifts_of_layers([(*slots, producer.weight, producer.bias)])
-            assert found[0].shape == found[1].shape == (1, producer.out_channels)
-            assert torch.equal(found[0], mean_shift) and torch.equal(found[1], var_shift)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -15,9 +15,7 @@ The C++ kernels run the per-step work from C++:
   :func:`cbn.functional.differentiable_compensation.compensation_coefficients`: the same float
   operations in the same order, bit for bit);
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
-  convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them),
-  and each new entry's first-order terms taken right after its convolution, by
-  ``statistic_shifts_many``'s code (:func:`cbn.functional.statistic_gradients.statistic_gradients_and_shifts_of_layers`);
+  convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
 - ``torch.ops.cbn.mean_patches`` and ``depthwise_variance_gradients``: the statistic gradients of
   grouped 2-D convolutions (depthwise producers): the mean patches as separable window sums
   instead of a convolution with an output-sized kernel, the variance rows centred inline;

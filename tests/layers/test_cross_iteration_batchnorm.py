@@ -295,11 +295,9 @@ def test_non_finite_statistic_gradient_with_finite_statistics_is_never_stored(mo
         monkeypatch.setattr(window_step, "producer_statistic_gradients", lambda *args: poison(real(*args)))
         run = torch.compile(model, backend="aot_eager", fullgraph=True)
     else:  # the batched record computes all layers' at once (C++ kernel or Python)
-        real_of_layers = window_step.statistic_gradients_and_shifts_of_layers
-        # (No first-order terms from the kernel: those are taken from the poisoned gradients, as
-        # the kernel takes them from the gradients it returns.)
-        monkeypatch.setattr(window_step, "statistic_gradients_and_shifts_of_layers",
-                            lambda operands: ([poison(g) for g in real_of_layers(operands)[0]], [None] * len(operands)))
+        real_of_layers = window_step.producer_statistic_gradients_of_layers
+        monkeypatch.setattr(window_step, "producer_statistic_gradients_of_layers",
+                            lambda operands: [poison(g) for g in real_of_layers(operands)])
         run = model
     out = run(torch.randn(2, 3, 5, 5))
     assert torch.isfinite(out).all()

@@ -11,16 +11,9 @@
 // (m < fan_in), else the result, whichever is smaller (_scales_activations). The weight passed
 // to the convolution is uninitialized memory in the input's memory format: only its shape is
 // read, and an expanded scalar would be copied into a contiguous weight at every call.
-//
-// Each layer's first-order terms at its weights (the new entry's (d mu/dW . W + b, d var/dW . W))
-// are taken right after its convolution, while its gradients are in cache, by the function that
-// takes them in every later window (statistic_shifts.h): bit for bit the terms a separate
-// cbn::statistic_shifts_many call would give.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
-
-#include "statistic_shifts.h"
 
 namespace cbn {
 namespace {
@@ -28,19 +21,17 @@ namespace {
 using at::Tensor;
 
 // settings: per layer, its stride, padding and dilation (one value per spatial dimension each),
-// one layer after the other; biases: per layer, the producer's bias or None. Returns, per layer,
-// the mean gradients (1, 1, fan_in) and the variance gradients (C, 1, fan_in), views of one
-// (C + 1, 1, fan_in) tensor, and the first-order terms of the mean and of the variance, (1, C) each.
-std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
-convolution_statistic_gradients(at::TensorList inputs, at::TensorList outputs, at::TensorList means,
-                                at::TensorList weights, at::IntArrayRef settings,
-                                const c10::List<std::optional<Tensor>>& biases) {
+// one layer after the other. Returns, per layer, the mean gradients (1, 1, fan_in) and the
+// variance gradients (C, 1, fan_in): views of one (C + 1, 1, fan_in) tensor.
+std::tuple<std::vector<Tensor>, std::vector<Tensor>> convolution_statistic_gradients(
+    at::TensorList inputs, at::TensorList outputs, at::TensorList means, at::TensorList weights,
+    at::IntArrayRef settings) {
   const size_t layers = inputs.size();
-  TORCH_CHECK(outputs.size() == layers && means.size() == layers && weights.size() == layers &&
-                  biases.size() == layers,
-              "cbn.convolution_statistic_gradients: one input, output, mean, weight and bias per layer");
-  std::vector<Tensor> mean_grads, var_grads, mean_shifts, var_shifts;
-  for (auto* list : {&mean_grads, &var_grads, &mean_shifts, &var_shifts}) list->reserve(layers);
+  TORCH_CHECK(outputs.size() == layers && means.size() == layers && weights.size() == layers,
+              "cbn.convolution_statistic_gradients: one input, output, mean and weight per layer");
+  std::vector<Tensor> mean_grads, var_grads;
+  mean_grads.reserve(layers);
+  var_grads.reserve(layers);
   size_t offset = 0;
   for (size_t l = 0; l < layers; ++l) {
     const Tensor& input = inputs[l];
@@ -83,22 +74,15 @@ convolution_statistic_gradients(at::TensorList inputs, at::TensorList outputs, a
     both = both.reshape({channels + 1, 1, -1});
     mean_grads.push_back(both.narrow(0, channels, 1));
     var_grads.push_back(both.narrow(0, 0, channels));
-    // The entry's slots as the window keeps them, (1, fan_in) and (C, fan_in): the same rows.
-    const Tensor mean_slot = mean_grads.back().select(1, 0), var_slot = var_grads.back().select(1, 0);
-    c10::List<std::optional<Tensor>> bias;
-    bias.push_back(biases.get(l));
-    auto [mean_shift, var_shift] = statistic_shifts_many({mean_slot}, {var_slot}, {1}, {weights[l]}, bias);
-    mean_shifts.push_back(std::move(mean_shift[0]));
-    var_shifts.push_back(std::move(var_shift[0]));
   }
-  return {std::move(mean_grads), std::move(var_grads), std::move(mean_shifts), std::move(var_shifts)};
+  return {std::move(mean_grads), std::move(var_grads)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("convolution_statistic_gradients(Tensor[] inputs, Tensor[] outputs, Tensor[] means, Tensor[] weights, "
-        "int[] settings, Tensor?[] biases) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+        "int[] settings) -> (Tensor[], Tensor[])");
   m.impl("convolution_statistic_gradients", c10::DispatchKey::CompositeImplicitAutograd,
          &convolution_statistic_gradients);
 }

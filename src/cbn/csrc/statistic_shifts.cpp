@@ -17,7 +17,6 @@
 
 #include "cpu_simd.h"
 #include "gradient_slots.h"
-#include "statistic_shifts.h"
 
 #include <algorithm>
 #include <vector>
@@ -88,9 +87,9 @@ std::tuple<Tensor, Tensor> aten_row_shifts(const Tensor& mean_grad, const Tensor
   return {std::move(mean_shift), (var_grad * rows.unsqueeze(1)).sum(-1).t()};
 }
 
-}  // namespace
-
-// (Declared in statistic_shifts.h.)
+// Layer l's window is the next entries[l] slots of mean_slots, (groups, fan_in) each, and of
+// var_slots, (C, fan_in) each (gradient_slots.h); weights[l]: the weight rows (C, fan_in), or a
+// weight that reshapes to them. Returns two lists of (entries[l], C).
 std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
     at::TensorList mean_slots, at::TensorList var_slots, at::IntArrayRef entries, at::TensorList weights,
     const c10::List<std::optional<Tensor>>& biases) {
@@ -132,6 +131,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
   }
   return {std::move(mean_shifts), std::move(var_shifts)};
 }
+
+}  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
   m.def("statistic_shifts_many(Tensor[] mean_slots, Tensor[] var_slots, int[] entries, Tensor[] weights, "

@@ -469,19 +469,7 @@ def producer_statistic_gradients_of_layers(operands: list[tuple]) -> list[Statis
     ``cbn::convolution_statistic_gradients`` in one call (identical results); the others, and all
     of them without the kernels, through the Python function.
     """
-    return statistic_gradients_and_shifts_of_layers(operands)[0]
-
-
-def statistic_gradients_and_shifts_of_layers(
-    operands: list[tuple],
-) -> tuple[list[StatisticGradients], list[tuple[Tensor, Tensor] | None]]:
-    """:func:`producer_statistic_gradients_of_layers`, and the first-order terms of each new entry
-    at its producer's weights where the C++ kernel took them with its gradients: ``(mean terms,
-    variance terms)``, ``(1, C)`` each, bit for bit what :func:`statistic_shifts_of_layers` gives
-    for the entry's slots (the kernel takes them through the same function, while the gradients
-    are in cache); ``None`` for the layers it did not compute."""
     gradients: list[StatisticGradients | None] = [None] * len(operands)
-    shifts: list[tuple[Tensor, Tensor] | None] = [None] * len(operands)
     one_call = [i for i, (producer, _, output, _) in enumerate(operands) if _in_one_convolution(producer, output)]
     if one_call and kernels.active():
         settings: list[int] = []
@@ -489,16 +477,13 @@ def statistic_gradients_and_shifts_of_layers(
             producer, producer_input = operands[i][:2]
             _, padding = _padded_input(producer, producer_input)
             settings += [*producer.stride, *padding, *producer.dilation]
-        inputs, outputs, means, weights, biases = zip(*((x, y, mean, producer.weight, producer.bias)
-                                                        for producer, x, y, mean in (operands[i] for i in one_call)))
-        mean_grads, var_grads, mean_shifts, var_shifts = torch.ops.cbn.convolution_statistic_gradients(
-            inputs, outputs, means, weights, settings, biases)
-        for i, mean_grad, var_grad, mean_shift, var_shift in zip(one_call, mean_grads, var_grads, mean_shifts,
-                                                                 var_shifts):
+        inputs, outputs, means, weights = zip(*((x, y, mean, producer.weight) for producer, x, y, mean in
+                                                (operands[i] for i in one_call)))
+        mean_grads, var_grads = torch.ops.cbn.convolution_statistic_gradients(inputs, outputs, means, weights, settings)
+        for i, mean_grad, var_grad in zip(one_call, mean_grads, var_grads):
             gradients[i] = StatisticGradients(mean_grad, var_grad)
-            shifts[i] = (mean_shift, var_shift)
-    return ([found if found is not None else producer_statistic_gradients(*operand)
-             for found, operand in zip(gradients, operands)], shifts)
+    return [found if found is not None else producer_statistic_gradients(*operand)
+            for found, operand in zip(gradients, operands)]
 
 
 def _in_one_convolution(producer, output: Tensor) -> bool:

@@ -24,7 +24,6 @@ from ..functional.statistic_gradients import (
     StatisticGradients,
     gradient_slots,
     producer_statistic_gradients_of_layers,
-    statistic_gradients_and_shifts_of_layers,
     shift_weight,
     statistic_shifts_of_layers,
 )
@@ -103,9 +102,9 @@ def _record_batch(records: list[StepRecord]) -> None:
 
 def _record_group(records: list[StepRecord]) -> None:
     compensating = [_compensating(record) for record in records]
-    gradients, computed_shifts = _entry_gradients(records)
+    gradients = _entry_gradients(records)
     if any(compensating):
-        mean_shift, var_shift = _entry_shifts(records, gradients, computed_shifts, records[0].stats.batch_mean)
+        mean_shift, var_shift = _entry_shifts(records, gradients, records[0].stats.batch_mean)
     else:  # naive averaging only: every entry's first-order terms are zero
         mean_shift = var_shift = None
     windowed = [i for i, record in enumerate(records) if record.window is not None]
@@ -195,27 +194,24 @@ def _write_entries_in_one_call(records, mean_shift, var_shift, windowed, slots) 
     )
 
 
-def _entry_gradients(records: list[StepRecord]) -> tuple[list, list]:
+def _entry_gradients(records: list[StepRecord]) -> list:
     """Statistic gradients ``(mean patches, variance gradients)`` of the records' entries (``None``
     where not wanted), the convolutions of all layers in one
-    :func:`statistic_gradients_and_shifts_of_layers` call, and the entries' first-order terms
-    where that call took them with the gradients (else ``None``)."""
+    :func:`producer_statistic_gradients_of_layers` call."""
     operands = [_gradient_operands(record) for record in records]
     wanted = [i for i, operand in enumerate(operands) if operand is not None]
-    computed, computed_shifts = statistic_gradients_and_shifts_of_layers([operands[i] for i in wanted])
-    gradients, shifts = [None] * len(records), [None] * len(records)
-    for i, entry_gradients, entry_shifts in zip(wanted, computed, computed_shifts):
+    computed = producer_statistic_gradients_of_layers([operands[i] for i in wanted])
+    gradients = [None] * len(records)
+    for i, entry_gradients in zip(wanted, computed):
         record = records[i]
         if isinstance(record.samples, Tensor):
             # Pooled over processes: the record's mean is the global mean, ``samples`` the global
-            # count; each rank's gradients, centred on it, are pooled over the ranks (their terms
-            # are taken from the pooled gradients).
+            # count; each rank's gradients, centred on it, are pooled over the ranks.
             local_samples = record.gradient_source[2].numel() // record.stats.batch_mean.numel()
             entry_gradients = all_reduce_statistic_gradients(entry_gradients, local_samples, record.samples,
                                                              record.process_group)
-            entry_shifts = None
-        gradients[i], shifts[i] = _entry_slot(entry_gradients), entry_shifts
-    return gradients, shifts
+        gradients[i] = _entry_slot(entry_gradients)
+    return gradients
 
 
 def _entry_slot(gradients: StatisticGradients) -> tuple[Tensor, Tensor]:
@@ -236,25 +232,21 @@ def _gradient_operands(record: StepRecord) -> tuple | None:
     return computation, producer_input, output, record.stats.batch_mean
 
 
-def _entry_shifts(records: list[StepRecord], gradients: list, computed_shifts: list,
-                  like: Tensor) -> tuple[Tensor, Tensor]:
+def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> tuple[Tensor, Tensor]:
     """``(s_mu, s_var)`` of the new entries, the first-order terms at the weights of their step,
-    concatenated: those the statistic-gradient kernel took (``computed_shifts``), the products of
-    the other entries that have gradients in one :func:`statistic_shifts_of_layers` call (both
-    bit for bit what a later window's Taylor step takes). (For a producer ``y = W u + b`` they
-    equal ``(mean, 2 var)`` in exact arithmetic; the products are taken all the same, so that a
-    Taylor step at unchanged weights leaves the entry exactly as stored, in float32 and under
-    autocast.) Without gradients: ``(b, 0)``, the terms of zero gradients, so that only a change
-    of the bias moves the entry."""
-    with_gradients = [i for i, g in enumerate(gradients) if g is not None and computed_shifts[i] is None]
+    concatenated: the products of all entries that have gradients in one
+    :func:`statistic_shifts_of_layers` call. (For a producer ``y = W u + b`` they equal
+    ``(mean, 2 var)`` in exact arithmetic; the products are taken all the same, so that a Taylor
+    step at unchanged weights leaves the entry exactly as stored, in float32 and under autocast.)
+    Without gradients: ``(b, 0)``, the terms of zero gradients, so that only a change of the bias
+    moves the entry."""
+    with_gradients = [i for i, g in enumerate(gradients) if g is not None]
     products = statistic_shifts_of_layers([_entry_operands(records[i], gradients[i]) for i in with_gradients])
     computed = dict(zip(with_gradients, zip(*products)))
     zeros = like.new_zeros(max(record.stats.batch_mean.numel() for record in records))
     mean_pieces, var_pieces = [], []
     for i, record in enumerate(records):
-        if computed_shifts[i] is not None:
-            mean_shift, var_shift = computed_shifts[i]
-        elif i in computed:
+        if i in computed:
             mean_shift, var_shift = computed[i]
         else:
             mean_shift, var_shift = (piece.unsqueeze(0) for piece in _shifts_without_gradients(record, zeros))
