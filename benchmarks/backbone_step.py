@@ -115,7 +115,8 @@ class Step:
             torch.cuda.synchronize(self.device)
 
 
-def _quartiles(samples: list[float]) -> tuple[float, float]:
+def quartiles(samples: list[float]) -> tuple[float, float]:
+    """First and third quartile (the extremes below four samples)."""
     if len(samples) < 4:
         return min(samples), max(samples)
     q = statistics.quantiles(samples, n=4)
@@ -213,7 +214,7 @@ def measure(args, log) -> list[dict]:
             profiled = {variant: profile_step(step) for variant, step in steps.items()}
         for variant, samples in times.items():
             median = statistics.median(samples)
-            low, high = _quartiles(samples)
+            low, high = quartiles(samples)
             bound = {}
             if variant in ("cbn", "cbn-diff") and bandwidth and floor:
                 traffic = window_traffic(steps[variant].model, variant == "cbn-diff")

@@ -16,8 +16,9 @@ statistic gradients, each as large as the weight):
 Windows of the shapes the layers of a timm model give (one per convolution, its groups kept),
 filled with random values; each pass timed over every layer after a write to a buffer larger
 than the caches (as in a step, where the convolutions evicted the window). Reported: the median
-over ``--repeats`` of each pass, the bytes it moves at least, and the bandwidth that makes, beside
-the read bandwidth of one thread over a large buffer (``benchmarks.backbone_step.read_bandwidth``).
+over ``--repeats`` of each pass and its quartiles, the bytes it moves at least, and the bandwidth
+that makes, beside the read bandwidth of one thread over a large buffer
+(``benchmarks.backbone_step.read_bandwidth``).
 Only the C++ kernels are timed (:mod:`cbn.kernels`). To compare two versions of the library, run
 this in a ``git worktree`` of each, alternately.
 """
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks.backbone_step import read_bandwidth
+from benchmarks.backbone_step import quartiles, read_bandwidth
 from benchmarks.train_step import command_line, machine_info
 
 
@@ -95,9 +96,9 @@ def measure(model_name: str, entries: int, repeats: int, layers: int | None) -> 
     rows = []
     for name, (_, nbytes) in timed.items():
         median = statistics.median(times[name])
+        q1, q3 = quartiles(times[name])
         rows.append(dict(model=model_name, layers=len(shapes), entries=entries, pass_=name, ms=median * 1e3,
-                         q1_ms=statistics.quantiles(times[name], n=4)[0] * 1e3 if repeats > 1 else median * 1e3,
-                         bytes=nbytes, bandwidth=nbytes / median))
+                         q1_ms=q1 * 1e3, q3_ms=q3 * 1e3, bytes=nbytes, bandwidth=nbytes / median))
     return rows
 
 
@@ -106,12 +107,13 @@ def markdown(rows: list[dict], bandwidth: float, command: str, machine: dict) ->
         f"Command: `{command}` (commit {machine['git_commit']}, {machine['cpu']}, 1 thread; one thread reads "
         f"{bandwidth / 1e9:.1f} GB/s from a large buffer)",
         "",
-        "| model | layers | pass | median | bytes at least | bandwidth reached |",
+        "| model | layers | pass | median (quartiles) | bytes at least | bandwidth reached |",
         "|---|---|---|---|---|---|",
     ]
     for row in rows:
-        lines.append(f"| {row['model']} | {row['layers']} | {row['pass_']} | {row['ms']:.2f} ms | "
-                     f"{row['bytes'] / 1e6:.0f} MB | {row['bandwidth'] / 1e9:.1f} GB/s |")
+        lines.append(f"| {row['model']} | {row['layers']} | {row['pass_']} | {row['ms']:.2f} ms "
+                     f"({row['q1_ms']:.2f}-{row['q3_ms']:.2f}) | {row['bytes'] / 1e6:.0f} MB | "
+                     f"{row['bandwidth'] / 1e9:.1f} GB/s |")
     return "\n".join(lines)
 
 
