@@ -13,7 +13,8 @@ Per variant and batch size:
   method (theory) and from the model's buffers and window lists (measured);
 - **FLOPs of one training step** (forward, backward, SGD), from the layer shapes (theory: every
   convolution and matrix product, counted as ``torch.utils.flop_counter`` counts them, plus the
-  element-wise Taylor products it does not count) and from ``FlopCounterMode``;
+  element-wise Taylor products and the kernels' own convolution loops it does not count) and from
+  ``FlopCounterMode``;
 - **training-step time**, variants interleaved round-robin in one process, medians;
 - **inference time** of the eval-mode model: BN and Batch Renorm folded into the convolutions,
   naive CBN and CBN after ``cbn.revert_model`` and folding, GroupNorm and the authors' layer as
@@ -87,7 +88,8 @@ def conv_shapes(batch: int) -> list[dict]:
 
 def theory_flops(variant: str, batch: int, window: int, with_kernels: bool = True) -> dict:
     """FLOPs of one training step from the shapes (2 per multiply-add); ``with_kernels``: whether
-    cbn's C++ kernels run (they take the mean shifts out of ATen's matrix product)."""
+    cbn's C++ kernels run (they take the mean shifts out of ATen's matrix product, and below batch
+    8 the statistic-gradient convolutions out of ATen's weight gradient)."""
     counted = uncounted = 0
     past = window - 1
     for s in conv_shapes(batch):
@@ -99,8 +101,14 @@ def theory_flops(variant: str, batch: int, window: int, with_kernels: bool = Tru
             continue
         if variant == "cbn":
             # one weight-gradient convolution: C variance rows plus the mean patch (an extra
-            # channel below batch 8, a batch-summed convolution from 8 on)
-            counted += 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
+            # channel below batch 8, a batch-summed convolution from 8 on). Below batch 8 the
+            # kernels take every ResNet-20 layer in their own loops, outside ATen (2-D float32
+            # producers whose input channels come in eights, and the stem: stride 1, 3x3).
+            statistic_gradients = 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
+            if with_kernels and n < 8:
+                uncounted += statistic_gradients
+            else:
+                counted += statistic_gradients
             # Mean shifts, k entries (k - 1 moved, 1 stored): a matrix product without the
             # kernels, in the kernel's pass with the variance shifts with them.
             if with_kernels:
@@ -241,11 +249,12 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
         "ResNet-20 on 1x28x28 inputs, window 4, SGD. Extra memory is the persistent state beyond "
         "BatchNorm's running statistics. FLOPs count every convolution and matrix product as "
         "`torch.utils.flop_counter` does (2 per multiply-add); the theory column adds, in brackets, "
-        "the element-wise Taylor products that the counter does not see. Times are medians of "
+        "what the counter does not see: the element-wise Taylor products and, in cbn's C++ kernels below "
+        "batch 8, the statistic-gradient convolutions. Times are medians of "
         "interleaved rounds, as ratios to BatchNorm in the same run; inference is the eval-mode "
         "model, folded where it can be (BN, Batch Renorm, and CBN after `cbn.revert_model`).",
         "",
-        "| method | batch | extra memory, theory / measured (KiB) | GFLOPs per step, theory [+ element-wise] / flop_counter "
+        "| method | batch | extra memory, theory / measured (KiB) | GFLOPs per step, theory [+ outside ATen] / flop_counter "
         "| training step (ms, x BN) | inference (ms, x BN) |",
         "|---|---|---|---|---|---|",
     ]

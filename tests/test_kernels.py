@@ -252,6 +252,57 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
             _assert_identical(gradients, expected)
 
 
+@pytest.mark.parametrize("producer,shape,form", [
+    (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 9, 7), "channel vectors"),
+    (lambda: nn.Conv2d(8, 16, 1, stride=2, bias=False), (1, 8, 9, 9), "channel vectors"),
+    (lambda: nn.Conv2d(8, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (3, 8, 10, 7), "channel vectors"),
+    (lambda: nn.Conv2d(3, 6, 3, padding=1), (2, 3, 8, 8), "shifted rows"),
+    (lambda: nn.Conv2d(5, 4, (5, 3), padding=(2, 0)), (3, 5, 9, 7), "shifted rows"),
+    (lambda: nn.Conv2d(1, 7, (1, 3)), (1, 1, 4, 11), "shifted rows"),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9), "ATen"),
+    (lambda: nn.Conv2d(3, 4, 1), (2, 3, 5, 5), "ATen"),
+], ids=["3x3", "1x1_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "aten_stride2",
+        "aten_1x1"])
+def test_convolution_statistic_gradients_equal_the_exact_sums(producer, shape, form):
+    # cbn::convolution_statistic_gradients on float32 2-D producers: the direct loops (any stride with
+    # input channels in eights, else stride 1 with several taps) and ATen's weight gradient, within
+    # (n + 3) u sum |terms| of the float64 sums (n = N H_out W_out products per value, 3 roundings
+    # of the centred and scaled output), the variance rows (2/m) sum (y - mu) u and the mean patch.
+    # Which loop ran shows in the ATen operations it dispatched: none for the direct ones.
+    torch.manual_seed(0)
+    producer = producer()
+    x = torch.randn(shape) * 2 + 1
+    with torch.no_grad():
+        y = producer(x)
+    mean = y.mean((0, 2, 3))
+    channels, samples = y.shape[1], y.numel() // y.shape[1]
+    assert cbn.kernels.active()
+    settings = [*producer.stride, *producer.padding, *producer.dilation]
+    with torch.autograd.profiler.profile() as profile:
+        (mean_grad,), (var_grad,) = torch.ops.cbn.convolution_statistic_gradients([x], [y], [mean], [producer.weight],
+                                                                                   settings)
+    weight_gradients = sum(event.name == "aten::convolution_backward" for event in profile.function_events)
+    assert weight_gradients == (1 if form == "ATen" else 0)
+    (listed,) = producer_statistic_gradients_of_layers([(producer, x, y, mean)])
+    assert torch.equal(listed.mean, mean_grad) and torch.equal(listed.var, var_grad)
+
+    def weight_gradient(values, grad_output):
+        return torch.nn.grad.conv2d_weight(values, [grad_output.shape[1], *producer.weight.shape[1:]], grad_output,
+                                           producer.stride, producer.padding, producer.dilation) / samples
+
+    centred = 2 * (y.double() - mean.double().view(1, -1, 1, 1))
+    exact = weight_gradient(x.double(), centred).reshape(channels, 1, -1)
+    magnitude = weight_gradient(x.double().abs(), centred.abs()).reshape(channels, 1, -1)
+    uniform = torch.ones_like(y[:, :1], dtype=torch.float64)
+    exact_patch = weight_gradient(x.double(), uniform).reshape(1, 1, -1)
+    patch_magnitude = weight_gradient(x.double().abs(), uniform).reshape(1, 1, -1)
+    bound = (samples + 3) * 2.0**-24
+    assert var_grad.shape == exact.shape and mean_grad.shape == exact_patch.shape
+    assert ((var_grad.double() - exact).abs() <= bound * magnitude).all()
+    assert ((mean_grad.double() - exact_patch).abs() <= bound * patch_magnitude).all()
+    assert exact.abs().max() > 0.1 and exact_patch.abs().max() > 0.1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("producer,shape", [
     (lambda: nn.Conv2d(4, 4, (5, 3), stride=(2, 1), padding=(2, 1), dilation=(1, 2), groups=4), (3, 4, 11, 9)),

@@ -15,7 +15,9 @@ The C++ kernels run the per-step work from C++:
   :func:`cbn.functional.differentiable_compensation.compensation_coefficients`: the same float
   operations in the same order, bit for bit);
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
-  convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them);
+  convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them),
+  2-D float ones in direct loops instead of oneDNN's weight gradient (ResNets' layers: input
+  channels in eights, or stride 1);
 - ``torch.ops.cbn.mean_patches`` and ``depthwise_variance_gradients``: the statistic gradients of
   grouped 2-D convolutions (depthwise producers): the mean patches as separable window sums
   instead of a convolution with an output-sized kernel, the variance rows centred inline;
@@ -38,14 +40,14 @@ copy the CPU supports (as ATen's own kernels do; :func:`instruction_set` says wh
 ``CBN_KERNELS_SIMD=baseline`` keeps the baseline): at batch 1-2 their rows stay in cache, where
 vector width bounds them. The two copies agree to float rounding (FMA rounds once).
 
-Four are fused loops that sum in another order than the Python implementation, so they agree
+Five are fused loops that sum in another order than the Python implementation, so they agree
 with it to float rounding (tested): the normalization of contiguous float inputs (statistics
 summed in double in two passes, as BatchNorm's training kernel, where Python takes BatchNorm's
 Welford kernel), the variance terms, the producer gradients of differentiable compensation
 (tested against the textbook bound ``gamma_n sum |a b|``; within one run every product comes
 from the same kernel, so a Taylor step at unchanged weights still leaves an entry exactly as
 stored), the statistic gradients of grouped convolutions (tested against float64 sums and the
-dense Jacobian).
+dense Jacobian) and of 2-D float plain convolutions (tested against float64 sums).
 The rest (channels-last or half precision normalization, the other statistic gradients, mean
 terms, record) runs the same ATen operations, or the same float arithmetic per channel, in the
 same order: the same values, bit for bit (tested).

@@ -15,7 +15,15 @@ def test_cost_table_theory_matches_flop_counter_and_buffers(tmp_path):
         assert row["flops_theory_counted"] == row["flops_measured"], variant
         assert abs(row["memory_theory_bytes"] - row["memory_measured_bytes"]) <= 256, variant
         assert row["step_ms"] > 0 and row["eval_ms"] > 0
-    assert rows["cbn"]["flops_measured"] > rows["naive"]["flops_measured"] == rows["bn"]["flops_measured"]
+    assert rows["naive"]["flops_measured"] == rows["bn"]["flops_measured"]
+    # CBN's statistic-gradient convolutions: seen by the counter where ATen computes them (without
+    # the C++ kernels), else in the kernels' own loops, which the theory's bracket counts.
+    from cbn import kernels
+
+    extra_seen = rows["cbn"]["flops_measured"] - rows["bn"]["flops_measured"]
+    assert (extra_seen > 0) == (not kernels.active())
+    # (one weight gradient per paired convolution: about a third of BatchNorm's three convolutions)
+    assert rows["cbn"]["flops_theory_elementwise"] > (0 if extra_seen else rows["bn"]["flops_measured"] // 4)
     assert rows["authors"]["memory_measured_bytes"] > 2.5 * rows["cbn"]["memory_measured_bytes"] > 0
     text = md.read_text()
     assert text.startswith("# Performance\n\nhand-written text") and "<!-- cost-table:start -->" in text

@@ -156,6 +156,74 @@ inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, sc
   }
 }
 
+// out[t] = sum over images i and j < n of a[i a_step + j] b[i b_step + j + offsets[t]], t < kTaps
+// (n a multiple of the vector width): the sums of one weight-gradient row of a stride-1
+// convolution, a the output row, b the padded input plane, one offset per kernel tap. One vector
+// of a live at a time against kTaps partial sums (kTaps <= 9: the sums and a stay in registers);
+// eight sums are folded at once by transposing lanes, as a row of a 7x7 plane has only a few
+// vectors and one fold per sum would cost as much as its products.
+template <int kTaps>
+inline void lane_shifted_dots(const float* a, const float* b, const int64_t* offsets, int64_t n, int64_t images,
+                              int64_t a_step, int64_t b_step, float* out) {
+  using L = Lanes<float>;
+  using V = L::type;
+  constexpr int W = L::width;
+  V s[kTaps] = {};
+  for (int64_t i = 0; i < images; ++i) {
+    const float* ai = a + i * a_step;
+    const float* bi = b + i * b_step;
+    for (int64_t j = 0; j < n; j += W) {
+      const V aj = L::load(ai + j);
+      for (int t = 0; t < kTaps; ++t) s[t] += aj * L::load(bi + j + offsets[t]);
+    }
+  }
+  int t = 0;
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+  for (; t + 8 <= kTaps; t += 8) {
+    const auto pairs = [](const V& x, const V& y) {
+      return __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) +
+             __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+    };
+    const auto quads = [](const V& x, const V& y) {
+      return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+             __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    };
+    const V low = quads(pairs(s[t], s[t + 1]), pairs(s[t + 2], s[t + 3]));
+    const V high = quads(pairs(s[t + 4], s[t + 5]), pairs(s[t + 6], s[t + 7]));
+    const V sums = __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
+                   __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
+    __builtin_memcpy(out + t, &sums, sizeof(sums));
+  }
+#endif
+  for (; t < kTaps; ++t) out[t] = L::fold(s[t]);
+}
+
+// out[t * 8 + l] = sum over images i, rows h < height, columns w < width of
+// a[i a_image + h width + w] b[i b_image + h b_row + w step + offsets[t] + l], l < 8, t < kTaps: eight
+// weight-gradient values of adjacent input channels at once (b in channels-last order, `step`
+// values per position), one broadcast value of a per position, no fold.
+template <int kTaps>
+inline void lane_channel_taps(const float* a, const float* b, const int64_t* offsets, int64_t images, int64_t height,
+                              int64_t width, int64_t a_image, int64_t b_image, int64_t b_row, int64_t step,
+                              float* out) {
+  using L = Lanes<float>;
+  using V = L::type;
+  V s[kTaps] = {};
+  for (int64_t i = 0; i < images; ++i) {
+    for (int64_t h = 0; h < height; ++h) {
+      const float* ah = a + i * a_image + h * width;
+      const float* bh = b + i * b_image + h * b_row;
+      for (int64_t w = 0; w < width; ++w) {
+        const float value = ah[w];
+        const V aw = {value, value, value, value, value, value, value, value};
+        const float* bw = bh + w * step;
+        for (int t = 0; t < kTaps; ++t) s[t] += aw * L::load(bw + offsets[t]);
+      }
+    }
+  }
+  __builtin_memcpy(out, s, sizeof(s));
+}
+
 }  // namespace detail
 
 #else
@@ -183,6 +251,35 @@ inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, sc
   for (int t = 0; t < kCount; ++t) out[t] = lane_dot<false>(a[t], b, b, n);
 }
 
+template <int kTaps>
+inline void lane_shifted_dots(const float* a, const float* b, const int64_t* offsets, int64_t n, int64_t images,
+                              int64_t a_step, int64_t b_step, float* out) {
+  for (int t = 0; t < kTaps; ++t) {
+    float total = 0;
+    for (int64_t i = 0; i < images; ++i) total += lane_dot<false>(a + i * a_step, b + i * b_step + offsets[t], b, n);
+    out[t] = total;
+  }
+}
+
+template <int kTaps>
+inline void lane_channel_taps(const float* a, const float* b, const int64_t* offsets, int64_t images, int64_t height,
+                              int64_t width, int64_t a_image, int64_t b_image, int64_t b_row, int64_t step,
+                              float* out) {
+  for (int t = 0; t < kTaps; ++t) {
+    for (int l = 0; l < 8; ++l) {
+      float total = 0;
+      for (int64_t i = 0; i < images; ++i) {
+        for (int64_t h = 0; h < height; ++h) {
+          for (int64_t w = 0; w < width; ++w) {
+            total += a[i * a_image + h * width + w] * b[i * b_image + h * b_row + w * step + offsets[t] + l];
+          }
+        }
+      }
+      out[t * 8 + l] = total;
+    }
+  }
+}
+
 }  // namespace detail
 
 #endif
@@ -202,6 +299,59 @@ inline void dots(const scalar_t* const* a, const scalar_t* b, int64_t n, int64_t
     case 2: detail::lane_dots<2>(a + t, b, n, out + t); break;
     case 1: detail::lane_dots<1>(a + t, b, n, out + t); break;
     default: break;
+  }
+}
+
+// out[t] = sum_i sum_{j<n} a[i a_step + j] b[i b_step + j + offsets[t]] for t < taps: float rows, n a
+// multiple of 8, every b index read within the caller's buffer (detail::lane_shifted_dots).
+inline void shifted_dots(const float* a, const float* b, const int64_t* offsets, int64_t taps, int64_t n,
+                         int64_t images, int64_t a_step, int64_t b_step, float* out) {
+  for (int64_t t = 0; t < taps; t += 9) {
+    const int64_t* tap_offsets = offsets + t;
+    float* tap_out = out + t;
+    switch (taps - t < 9 ? taps - t : 9) {
+#define CBN_SHIFTED_DOTS_CASE(count) \
+  case count: detail::lane_shifted_dots<count>(a, b, tap_offsets, n, images, a_step, b_step, tap_out); break;
+      CBN_SHIFTED_DOTS_CASE(9)
+      CBN_SHIFTED_DOTS_CASE(8)
+      CBN_SHIFTED_DOTS_CASE(7)
+      CBN_SHIFTED_DOTS_CASE(6)
+      CBN_SHIFTED_DOTS_CASE(5)
+      CBN_SHIFTED_DOTS_CASE(4)
+      CBN_SHIFTED_DOTS_CASE(3)
+      CBN_SHIFTED_DOTS_CASE(2)
+      CBN_SHIFTED_DOTS_CASE(1)
+#undef CBN_SHIFTED_DOTS_CASE
+      default: break;
+    }
+  }
+}
+
+// detail::lane_channel_taps for any number of taps, nine at a time: out holds 8 values per tap.
+inline void channel_taps(const float* a, const float* b, const int64_t* offsets, int64_t taps, int64_t images,
+                         int64_t height, int64_t width, int64_t a_image, int64_t b_image, int64_t b_row, int64_t step,
+                         float* out) {
+  for (int64_t t = 0; t < taps; t += 9) {
+    const int64_t* tap_offsets = offsets + t;
+    float* tap_out = out + 8 * t;
+    switch (taps - t < 9 ? taps - t : 9) {
+#define CBN_CHANNEL_TAPS_CASE(count)                                                                        \
+  case count:                                                                                              \
+    detail::lane_channel_taps<count>(a, b, tap_offsets, images, height, width, a_image, b_image, b_row, step, \
+                                     tap_out);                                                             \
+    break;
+      CBN_CHANNEL_TAPS_CASE(9)
+      CBN_CHANNEL_TAPS_CASE(8)
+      CBN_CHANNEL_TAPS_CASE(7)
+      CBN_CHANNEL_TAPS_CASE(6)
+      CBN_CHANNEL_TAPS_CASE(5)
+      CBN_CHANNEL_TAPS_CASE(4)
+      CBN_CHANNEL_TAPS_CASE(3)
+      CBN_CHANNEL_TAPS_CASE(2)
+      CBN_CHANNEL_TAPS_CASE(1)
+#undef CBN_CHANNEL_TAPS_CASE
+      default: break;
+    }
   }
 }
 
