@@ -93,31 +93,38 @@ Tensor direct_gradients(Form form, const Tensor& input, const Tensor& output, co
   const float* mu = mean_values.const_data_ptr<float>();
   float* padded = planes.data_ptr<float>();
   float* grad = grad_rows.data_ptr<float>();
-  for (int64_t n = 0; n < images; ++n) {
-    for (int64_t ci = 0; ci < in_channels; ++ci) {
+  const auto prepare = [&] {
+    for (int64_t n = 0; n < images; ++n) {
       for (int64_t h = 0; h < height; ++h) {
-        const float* from = x + ((n * in_channels + ci) * height + h) * width;
         const int64_t position = (h + padding[0]) * row + padding[1];
         if (by_channels) {
-          float* to = padded + n * plane_step + position * in_channels + ci;
-          for (int64_t w = 0; w < width; ++w) to[w * in_channels] = from[w];
-        } else {
-          std::memcpy(padded + (n * in_channels + ci) * plane_step + position, from, width * sizeof(float));
-        }
-      }
-    }
-    for (int64_t c = 0; c < rows; ++c) {
-      for (int64_t h = 0; h < out_h; ++h) {
-        float* to = grad + (n * rows + c) * length + h * grad_row;
-        if (c == channels) {
-          std::fill(to, to + out_w, 0.5f * scale);
+          // Position by position, the channels in order: contiguous writes, reads from cached rows.
+          float* to = padded + n * plane_step + position * in_channels;
+          const float* from = x + n * in_channels * height * width + h * width;
+          for (int64_t w = 0; w < width; ++w) {
+            for (int64_t ci = 0; ci < in_channels; ++ci) to[w * in_channels + ci] = from[ci * height * width + w];
+          }
           continue;
         }
-        const float* from = y + ((n * channels + c) * out_h + h) * out_w;
-        for (int64_t w = 0; w < out_w; ++w) to[w] = (from[w] - mu[c]) * scale;
+        for (int64_t ci = 0; ci < in_channels; ++ci) {
+          std::memcpy(padded + (n * in_channels + ci) * plane_step + position,
+                      x + ((n * in_channels + ci) * height + h) * width, width * sizeof(float));
+        }
+      }
+      for (int64_t c = 0; c < rows; ++c) {
+        for (int64_t h = 0; h < out_h; ++h) {
+          float* to = grad + (n * rows + c) * length + h * grad_row;
+          if (c == channels) {
+            std::fill(to, to + out_w, 0.5f * scale);
+            continue;
+          }
+          const float* from = y + ((n * channels + c) * out_h + h) * out_w;
+          for (int64_t w = 0; w < out_w; ++w) to[w] = (from[w] - mu[c]) * scale;
+        }
       }
     }
-  }
+  };
+  simd::run(prepare);
 
   // The input under tap (a, b) of output position (h, w) is at position (h s + a d) P + w s + b d.
   const int64_t position_step = by_channels ? in_channels : 1;
