@@ -8,26 +8,27 @@
 // Both are the weight gradient of one convolution whose grad_output is [y - mu | 1/2], C + 1
 // channels, scaled by 2/m.
 //
-// 2-D float32 producers below batch 8 (ResNets' convolutions) take one of two direct loops, with
-// the grad_output centred and scaled in one pass and the input planes zero-padded, in rows of the
+// 2-D float32 producers below batch 8 with at most kMostInputChannels input channels and at least
+// two kernel taps (ResNet-20's layers, ResNets' first stage) take one of two direct loops, with the
+// grad_output centred and scaled in one pass and the input planes zero-padded, in rows of the
 // padded width P, so that the input value under kernel tap (a, b) of output position (h, w) is at
 // position (h s + a d) P + (w s + b d) for stride s and dilation d:
 // - channel vectors, where the input channels come in eights (any stride and dilation): the
 //   padded input laid out channels last, each value of the grad_output broadcast against the
 //   eight input channels under each tap (simd::channel_taps): 8 x taps weight-gradient values per
 //   pass over the positions, no fold of lanes;
-// - shifted rows, stride and dilation 1 with at least two taps (a stem on 1 or 3 channels): the
-//   grad_output in rows of P with zeros past the output's width, so that each weight-gradient
-//   value is a dot product of a grad_output row with the input plane shifted by the tap's offset
-//   a P + b, all taps of a (row, plane) pair in one pass (simd::shifted_dots).
-// At batch 1-2 oneDNN's weight gradient reaches about 40 % of one core's FMA throughput on
-// ResNet-20's layers, these loops 60-80 %. They sum in another order, so they agree with the
-// Python implementation to float rounding (tested against float64 sums). The other producers take
-// ATen's weight gradient, the same kernels in the same order as the Python implementation (bit
-// for bit): the grad_output scaled by 2/m when a channel has fewer samples than weight values
-// (m < fan_in), else the result, whichever is smaller (_scales_activations); the weight passed to
-// the convolution is uninitialized memory in the input's memory format (only its shape is read,
-// and an expanded scalar would be copied into a contiguous weight at every call).
+// - shifted rows, stride and dilation 1 (a stem on 1 or 3 channels): the grad_output in rows of P
+//   with zeros past the output's width, so that each weight-gradient value is a dot product of a
+//   grad_output row with the input plane shifted by the tap's offset a P + b, all taps of a (row,
+//   plane) pair in one pass (simd::shifted_dots).
+// At batch 1-2 they take 0.6-0.7x the time of oneDNN's weight gradient on ResNet-20's layers
+// (oneDNN's blocking suits many channels: kMostInputChannels). They sum in another order, so they
+// agree with the Python implementation to float rounding (tested against float64 sums). The other
+// producers take ATen's weight gradient, the same kernels in the same order as the Python
+// implementation (bit for bit): the grad_output scaled by 2/m when a channel has fewer samples
+// than weight values (m < fan_in), else the result, whichever is smaller (_scales_activations);
+// the weight passed to the convolution is uninitialized memory in the input's memory format (only
+// its shape is read, and an expanded scalar would be copied into a contiguous weight at every call).
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -44,6 +45,11 @@ using at::Tensor;
 
 constexpr int64_t kVector = 8;  // floats per vector of the simd loops
 constexpr int64_t kBlock = 8;   // output rows per cache block (and input planes, in the row form)
+// The most input channels the direct loops take: above, oneDNN's blocked weight gradient is the
+// faster (measured at batch 2: 128 channels 1.1-1.5x and 256 channels 1.7x the time of ATen's in the
+// direct loops, 64 channels 0.9-1.0x, ResNet-20's 16-64 channels 0.6-0.7x; one kernel tap (1x1)
+// 4-8x, where each sum waits on the last).
+constexpr int64_t kMostInputChannels = 64;
 
 enum class Form { kAten, kChannelVectors, kShiftedRows };
 
@@ -56,11 +62,13 @@ Form form_of(const Tensor& input, const Tensor& output, const Tensor& weight, at
       !input.is_contiguous() || !output.is_contiguous() || output.numel() == 0) {
     return Form::kAten;
   }
+  if (input.size(1) > kMostInputChannels || weight.size(2) * weight.size(3) == 1) {
+    return Form::kAten;
+  }
   if (input.size(1) % kVector == 0) {
     return Form::kChannelVectors;
   }
-  return weight.size(2) * weight.size(3) > 1 && all_one(stride) && all_one(dilation) ? Form::kShiftedRows
-                                                                                     : Form::kAten;
+  return all_one(stride) && all_one(dilation) ? Form::kShiftedRows : Form::kAten;
 }
 
 // (C + 1, Cin * taps): the C variance-gradient rows (2/m) sum (y - mu) u, then the mean patch
