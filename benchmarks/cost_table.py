@@ -76,7 +76,8 @@ def conv_shapes(batch: int) -> list[dict]:
         shapes.append({
             "out_channels": output.shape[1], "positions": output.shape[2] * output.shape[3],
             "fan_in": module.weight[0].numel(), "batch": output.shape[0], "paired": id(module) in paired,
-            "first": module is model.conv1,
+            "first": module is model.conv1, "in_channels": module.in_channels,
+            "taps": module.weight[0, 0].numel(),
         })
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -102,10 +103,10 @@ def theory_flops(variant: str, batch: int, window: int, with_kernels: bool = Tru
         if variant == "cbn":
             # one weight-gradient convolution: C variance rows plus the mean patch (an extra
             # channel below batch 8, a batch-summed convolution from 8 on). Below batch 8 the
-            # kernels take every ResNet-20 layer in their own loops, outside ATen (2-D float32
-            # producers whose input channels come in eights, and the stem: stride 1, 3x3).
+            # kernels take the 3x3 layers (at most 64 input channels, two or more taps) in their
+            # own loops, outside ATen; the 1x1 shortcuts stay in ATen's weight gradient.
             statistic_gradients = 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
-            if with_kernels and n < 8:
+            if with_kernels and n < 8 and s["taps"] > 1 and s["in_channels"] <= 64:
                 uncounted += statistic_gradients
             else:
                 counted += statistic_gradients

@@ -254,18 +254,20 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
 
 @pytest.mark.parametrize("producer,shape,form", [
     (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 9, 7), "channel vectors"),
-    (lambda: nn.Conv2d(8, 16, 1, stride=2, bias=False), (1, 8, 9, 9), "channel vectors"),
+    (lambda: nn.Conv2d(8, 16, 3, stride=2, bias=False), (1, 8, 9, 9), "channel vectors"),
     (lambda: nn.Conv2d(8, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (3, 8, 10, 7), "channel vectors"),
     (lambda: nn.Conv2d(3, 6, 3, padding=1), (2, 3, 8, 8), "shifted rows"),
     (lambda: nn.Conv2d(5, 4, (5, 3), padding=(2, 0)), (3, 5, 9, 7), "shifted rows"),
     (lambda: nn.Conv2d(1, 7, (1, 3)), (1, 1, 4, 11), "shifted rows"),
     (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9), "ATen"),
-    (lambda: nn.Conv2d(3, 4, 1), (2, 3, 5, 5), "ATen"),
-], ids=["3x3", "1x1_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "aten_stride2",
-        "aten_1x1"])
+    (lambda: nn.Conv2d(16, 4, 1), (2, 16, 5, 5), "ATen"),
+    (lambda: nn.Conv2d(72, 4, 3, padding=1), (1, 72, 4, 4), "ATen"),
+], ids=["3x3", "3x3_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "aten_stride2",
+        "aten_1x1", "aten_72_channels"])
 def test_convolution_statistic_gradients_equal_the_exact_sums(producer, shape, form):
-    # cbn::convolution_statistic_gradients on float32 2-D producers: the direct loops (any stride with
-    # input channels in eights, else stride 1 with several taps) and ATen's weight gradient, within
+    # cbn::convolution_statistic_gradients on float32 2-D producers: the direct loops (at most 64 input
+    # channels and several taps; any stride with input channels in eights, else stride 1) and ATen's
+    # weight gradient, within
     # (n + 3) u sum |terms| of the float64 sums (n = N H_out W_out products per value, 3 roundings
     # of the centred and scaled output), the variance rows (2/m) sum (y - mu) u and the mean patch.
     # Which loop ran shows in the ATen operations it dispatched: none for the direct ones.

@@ -16,15 +16,18 @@ def test_cost_table_theory_matches_flop_counter_and_buffers(tmp_path):
         assert abs(row["memory_theory_bytes"] - row["memory_measured_bytes"]) <= 256, variant
         assert row["step_ms"] > 0 and row["eval_ms"] > 0
     assert rows["naive"]["flops_measured"] == rows["bn"]["flops_measured"]
-    # CBN's statistic-gradient convolutions: seen by the counter where ATen computes them (without
-    # the C++ kernels), else in the kernels' own loops, which the theory's bracket counts.
+    # CBN's statistic-gradient convolutions (one weight gradient per paired convolution: about a
+    # third of BatchNorm's three convolutions): the counter sees those ATen computes (every layer's
+    # without the C++ kernels, the 1x1 shortcuts' with them); the theory's bracket holds the
+    # kernels' own loops (the 3x3 layers) and the Taylor products.
     from cbn import kernels
 
     extra_seen = rows["cbn"]["flops_measured"] - rows["bn"]["flops_measured"]
-    assert (extra_seen > 0) == (not kernels.active())
-    # (one weight gradient per paired convolution: about a third of BatchNorm's three convolutions)
-    assert rows["cbn"]["flops_theory_elementwise"] > (0 if extra_seen else rows["bn"]["flops_measured"] // 4)
-    assert rows["authors"]["memory_measured_bytes"] > 2.5 * rows["cbn"]["memory_measured_bytes"] > 0
+    bracket = rows["cbn"]["flops_theory_elementwise"]
+    if kernels.active():
+        assert 0 < extra_seen < bracket and bracket > rows["bn"]["flops_measured"] // 4
+    else:
+        assert extra_seen > rows["bn"]["flops_measured"] // 4 > bracket
     text = md.read_text()
     assert text.startswith("# Performance\n\nhand-written text") and "<!-- cost-table:start -->" in text
     run(["--batch-sizes", "2", "--variants", "bn", "cbn", "--steps", "1", "--eval-steps", "1", "--md", str(md)])
