@@ -45,10 +45,11 @@ using at::Tensor;
 
 constexpr int64_t kVector = 8;  // floats per vector of the simd loops
 constexpr int64_t kBlock = 8;   // output rows per cache block (and input planes, in the row form)
-// The most input channels the direct loops take: above, oneDNN's blocked weight gradient is the
-// faster (measured at batch 2: 128 channels 1.1-1.5x and 256 channels 1.7x the time of ATen's in the
-// direct loops, 64 channels 0.9-1.0x, ResNet-20's 16-64 channels 0.6-0.7x; one kernel tap (1x1)
-// 4-8x, where each sum waits on the last).
+// The most input channels the direct loops take. Measured at batch 1-2 against ATen's weight
+// gradient (benchmarks/statistic_gradient_forms.py, docs/performance.md session J): 16-32 channels
+// 0.4-0.5x its time, 64 channels 0.6-0.7x on 7x7 planes and 0.9-1.2x on 32-40 px planes; with
+// 128-256 channels oneDNN's blocked kernel is the faster (1.1-1.7x in the direct loops), and with
+// one kernel tap (1x1) by 4-8x (each of the loop's sums waits on the last).
 constexpr int64_t kMostInputChannels = 64;
 
 enum class Form { kAten, kChannelVectors, kShiftedRows };
