@@ -254,6 +254,7 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
 
 @pytest.mark.parametrize("producer,shape,form", [
     (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 9, 7), "channel vectors"),
+    (lambda: nn.Conv2d(32, 8, 3, padding=1), (2, 32, 128, 128), "channel vectors"),  # beyond the kernel's scratch
     (lambda: nn.Conv2d(8, 16, 3, stride=2, bias=False), (1, 8, 9, 9), "channel vectors"),
     (lambda: nn.Conv2d(8, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (3, 8, 10, 7), "channel vectors"),
     (lambda: nn.Conv2d(3, 6, 3, padding=1), (2, 3, 8, 8), "shifted rows"),
@@ -262,7 +263,7 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
     (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9), "ATen"),
     (lambda: nn.Conv2d(16, 4, 1), (2, 16, 5, 5), "ATen"),
     (lambda: nn.Conv2d(72, 4, 3, padding=1), (1, 72, 4, 4), "ATen"),
-], ids=["3x3", "3x3_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "aten_stride2",
+], ids=["3x3", "3x3_large_planes", "3x3_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "aten_stride2",
         "aten_1x1", "aten_72_channels"])
 def test_convolution_statistic_gradients_equal_the_exact_sums(producer, shape, form):
     # cbn::convolution_statistic_gradients on float32 2-D producers: the direct loops (at most 64 input
