@@ -12,6 +12,12 @@ elsewhere, against the Python form, which always takes ATen's. The two alternate
 in one process; medians. The default shapes are ResNet-20's 3x3 layers, the first stages of
 resnet18 and resnet50 at 160 and 128 px, and their 1x1 and wider layers, where the kernels keep
 ATen's form (their ratio is then about 1: the Python form's call costs a few microseconds more).
+
+``--resnet20 BATCH`` times instead the kernel's one call over all of ResNet-20's convolutions
+(``benchmarks.train_step``'s model, the activations of one forward at that batch), as the record
+of a training step makes it: each layer's operands evicted by the others'. To compare two
+versions of the library, copy this file into a ``git worktree`` of the other and run both,
+alternately.
 """
 
 from __future__ import annotations
@@ -66,11 +72,47 @@ def measure(shape: str, rounds: int) -> dict:
             "calls_per_round": calls, "rounds": rounds}
 
 
+def measure_resnet20(batch: int, rounds: int) -> dict:
+    """Median seconds of one ``cbn::convolution_statistic_gradients`` call over ResNet-20's convolutions."""
+    from benchmarks.train_step import _data, resnet20
+
+    torch.manual_seed(0)
+    model = resnet20()
+    operands = []
+
+    def keep(module, args, output):
+        output = output.detach()
+        operands.append((module, args[0].detach(), output, output.mean((0, 2, 3))))
+
+    handles = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(_data(batch, 0)[0])
+    for handle in handles:
+        handle.remove()
+    settings = [v for conv, *_ in operands for v in (*conv.stride, *conv.padding, *conv.dilation)]
+
+    def call():
+        return torch.ops.cbn.convolution_statistic_gradients(
+            [o[1] for o in operands], [o[2] for o in operands], [o[3] for o in operands],
+            [o[0].weight for o in operands], settings)
+
+    call()
+    times = []
+    for _ in range(rounds):
+        start = timeit.default_timer()
+        call()
+        times.append(timeit.default_timer() - start)
+    return {"shape": f"resnet20 batch {batch} ({len(operands)} convolutions)", "kernels_us": 1e6 * statistics.median(times),
+            "rounds": rounds}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(DEFAULT_SHAPES),
                         help="batch:in_channels:out_channels:size:kernel:stride")
     parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--resnet20", type=int, default=None, metavar="BATCH",
+                        help="time the kernel's one call over ResNet-20's convolutions at this batch instead")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -78,6 +120,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     if not cbn.kernels.available():
         raise SystemExit("the C++ kernels are not available: nothing to compare")
+    if args.resnet20 is not None:
+        row = measure_resnet20(args.resnet20, max(args.rounds, 1))
+        print(f"{row['shape']}: {row['kernels_us']:.1f} us (median of {row['rounds']})")
+        return [row]
     rows = []
     for index, shape in enumerate(args.shapes, 1):
         row = measure(shape, args.rounds)
