@@ -63,7 +63,7 @@ def passes(windows: list[dict]) -> dict:
     ops = torch.ops.cbn
     mean_slots = [t for w in windows for t in w["mean_slots"]]
     var_slots = [t for w in windows for t in w["var_slots"]]
-    entries = [len(w["var_slots"]) for w in windows]
+    entries = len(windows[0]["var_slots"])  # (every layer's window has as many slots)
     weights, biases = [w["weight"] for w in windows], [w["bias"] for w in windows]
 
     def shifts():

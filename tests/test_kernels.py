@@ -127,8 +127,10 @@ def test_statistic_shifts_of_layers_equal_python(producer):
     own = ([slot.clone() for slot in gradients.mean.unbind(1)], [slot.clone() for slot in gradients.var.unbind(1)])
     operands = [(gradients.mean.unbind(1), gradients.var.unbind(1), weight, bias), (*own, weight.double(), None)]
     with torch.no_grad():
-        fast, python = _both(lambda: statistic_shifts_of_layers(operands))
+        both = _both(lambda: statistic_shifts_of_layers(operands))
         reference = [statistic_shifts(gradients, *operand[2:]) for operand in operands]
+    # (k, C + C): the two layers' terms side by side, as lists per layer
+    fast, python = ([terms.split(channels, dim=1) for terms in found] for found in both)
     _assert_identical(python[0], [mean for mean, _ in reference])
     _assert_identical(python[1], [var for _, var in reference])
     m_u = (rows.shape[1] + 1) * 2.0**-24
@@ -158,7 +160,7 @@ def test_statistic_shifts_do_not_depend_on_the_thread_count():
                 results.append(statistic_shifts_of_layers(operands))
     finally:
         torch.set_num_threads(threads)
-    (mean_1, var_1), (mean_2, var_2) = [(means[0], variances[0]) for means, variances in results]
+    (mean_1, var_1), (mean_2, var_2) = results
     assert torch.equal(mean_1, mean_2) and torch.equal(var_1, var_2)
 
 
@@ -175,11 +177,11 @@ def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for
     torch.manual_seed(0)
     mean_grad, var_grad = torch.randn(groups, entries, fan_in), torch.randn(channels, entries, fan_in)
     weight, bias = torch.randn(channels, fan_in), torch.randn(channels)
-    (window_means,), (window_vars,) = torch.ops.cbn.statistic_shifts_many(mean_grad.unbind(1), var_grad.unbind(1),
-                                                                          [entries], [weight], [bias])
+    window_means, window_vars = torch.ops.cbn.statistic_shifts_many(mean_grad.unbind(1), var_grad.unbind(1), entries,
+                                                                    [weight], [bias])
     for t in range(entries):
-        (mean,), (var,) = torch.ops.cbn.statistic_shifts_many([mean_grad[:, t].contiguous()],
-                                                              [var_grad[:, t].contiguous()], [1], [weight], [bias])
+        mean, var = torch.ops.cbn.statistic_shifts_many([mean_grad[:, t].contiguous()], [var_grad[:, t].contiguous()],
+                                                        1, [weight], [bias])
         assert torch.equal(mean[0], window_means[t]) and torch.equal(var[0], window_vars[t])
 
 

@@ -49,13 +49,13 @@ def prepare_summaries(layers: list[CrossIterationBatchNormBase]) -> None:
         sizes = [layer.num_features for layer, _ in members]
         if key[-1]:  # compensating
             operands = [request.operands for _, request in members]
-            mean_now, var_now = statistic_shifts_of_layers(operands)
+            mean_now, var_now = statistic_shifts_of_layers(operands)  # (k, all layers' channels)
             if key[-2]:  # differentiable compensation: the layers attach the summaries at their call
-                terms = compensation_coefficients(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1), sizes)
+                terms = compensation_coefficients(stats, mean_now, var_now, sizes)
                 for (layer, request), layer_terms in zip(members, terms):
                     layer.use_prepared_summary(PreparedSummary(layer_terms, request.recipe))
                 continue
-            pasts = pool_windows(stats, torch.cat(mean_now, dim=1), torch.cat(var_now, dim=1), sizes)
+            pasts = pool_windows(stats, mean_now, var_now, sizes)
         else:
             pasts = pool_windows(stats, None, None, sizes)
         for (layer, request), past in zip(members, pasts):

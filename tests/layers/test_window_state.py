@@ -93,9 +93,9 @@ def test_the_kernels_read_a_window_from_its_slots_in_either_layout(layout):
         slots = [[s.clone() for s in pieces] for pieces in slots]
     weight, bias = torch.randn(4, 7), torch.randn(4)
     with torch.no_grad():
-        (mean,), (var,) = statistic_shifts_of_layers([(*slots, weight, bias)])
+        mean, var = statistic_shifts_of_layers([(*slots, weight, bias)])
         with cbn.kernels.use_kernels(False):
-            (mean_python,), (var_python,) = statistic_shifts_of_layers([(*slots, weight, bias)])
+            mean_python, var_python = statistic_shifts_of_layers([(*slots, weight, bias)])
     exact = statistic_shifts(StatisticGradients(gradients.mean.double(), gradients.var.double()), weight.double(),
                              bias.double())
     for fast, python, reference in ((mean, mean_python, exact[0]), (var, var_python, exact[1])):

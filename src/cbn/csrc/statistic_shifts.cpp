@@ -26,23 +26,22 @@ namespace {
 
 using at::Tensor;
 
-// The terms of one layer in one pass over the channels:
+// The terms of one layer in one pass over the channels, into columns [column, column + C) of the
+// (k, total) outputs:
 //   mean[t, c] = mean_slots[t][group(c)] . rows[c] + bias[c],   var[t, c] = var_slots[t][c] . rows[c]
 // mean_slots k of (groups, fan_in), var_slots k of (C, fan_in) (gradient_slots.h), rows (C, fan_in)
-// contiguous, bias (C) or undefined, all host tensors of one floating dtype.
-std::tuple<Tensor, Tensor> row_shifts(const std::vector<Tensor>& mean_slots, const std::vector<Tensor>& var_slots,
-                                      const Tensor& rows, const Tensor& bias) {
+// contiguous, bias (C) or undefined, all host tensors of the outputs' floating dtype.
+void row_shifts(const std::vector<Tensor>& mean_slots, const std::vector<Tensor>& var_slots, const Tensor& rows,
+                const Tensor& bias, Tensor& mean_out, Tensor& var_out, int64_t column) {
   const int64_t channels = rows.size(0), entries = static_cast<int64_t>(var_slots.size()), fan_in = rows.size(1);
-  const int64_t groups = mean_slots[0].size(0);
-  Tensor mean_out = at::empty({entries, channels}, rows.options());
-  Tensor var_out = at::empty({entries, channels}, rows.options());
+  const int64_t groups = mean_slots[0].size(0), total = mean_out.size(1);
   const int64_t per_group = channels / groups;
   AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "cbn_row_shifts", [&] {
     const SlotRows<scalar_t> g_mu(mean_slots), g_var(var_slots);
     const scalar_t* w = rows.const_data_ptr<scalar_t>();
     const scalar_t* b = bias.defined() ? bias.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* mean = mean_out.mutable_data_ptr<scalar_t>();
-    scalar_t* var = var_out.mutable_data_ptr<scalar_t>();
+    scalar_t* mean = mean_out.mutable_data_ptr<scalar_t>() + column;
+    scalar_t* var = var_out.mutable_data_ptr<scalar_t>() + column;
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
       std::vector<const scalar_t*> mean_rows(entries), var_rows(entries);
@@ -58,14 +57,13 @@ std::tuple<Tensor, Tensor> row_shifts(const std::vector<Tensor>& mean_slots, con
         simd::dots(mean_rows.data(), row, fan_in, entries, mean_dots.data());
         simd::dots(var_rows.data(), row, fan_in, entries, var_dots.data());
         for (int64_t t = 0; t < entries; ++t) {
-          mean[t * channels + c] = mean_dots[t] + offset;
-          var[t * channels + c] = var_dots[t];
+          mean[t * total + c] = mean_dots[t] + offset;
+          var[t * total + c] = var_dots[t];
         }
       }
     };
     simd::parallel_for(channels, grain, channel_loop);
   });
-  return {std::move(mean_out), std::move(var_out)};
 }
 
 // The ATen form, for other devices and mixed dtypes: a matrix product (or, for grouped
@@ -87,28 +85,31 @@ std::tuple<Tensor, Tensor> aten_row_shifts(const Tensor& mean_grad, const Tensor
   return {std::move(mean_shift), (var_grad * rows.unsqueeze(1)).sum(-1).t()};
 }
 
-// Layer l's window is the next entries[l] slots of mean_slots, (groups, fan_in) each, and of
+// Layer l's window is the next `entries` slots of mean_slots, (groups, fan_in) each, and of
 // var_slots, (C, fan_in) each (gradient_slots.h); weights[l]: the weight rows (C, fan_in), or a
-// weight that reshapes to them. Returns two lists of (entries[l], C).
-std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
-    at::TensorList mean_slots, at::TensorList var_slots, at::IntArrayRef entries, at::TensorList weights,
-    const c10::List<std::optional<Tensor>>& biases) {
+// weight that reshapes to them. Returns the terms of all layers side by side, two (entries, total C)
+// tensors in the slots' dtype (one allocation each: at batch 1-2 a tensor per layer and its
+// return to Python cost more than the layer's products).
+std::tuple<Tensor, Tensor> statistic_shifts_many(at::TensorList mean_slots, at::TensorList var_slots, int64_t entries,
+                                                 at::TensorList weights,
+                                                 const c10::List<std::optional<Tensor>>& biases) {
   const size_t layers = weights.size();
-  TORCH_CHECK(entries.size() == layers && biases.size() == layers && mean_slots.size() == var_slots.size(),
-              "cbn.statistic_shifts_many: a slot count, weight and bias per layer, as many mean as variance slots");
-  std::vector<Tensor> mean_shifts, var_shifts;
-  mean_shifts.reserve(layers);
-  var_shifts.reserve(layers);
-  size_t first = 0;
+  TORCH_CHECK(layers > 0 && entries > 0 && biases.size() == layers && mean_slots.size() == var_slots.size() &&
+                  var_slots.size() == layers * static_cast<size_t>(entries),
+              "cbn.statistic_shifts_many: ", entries, " mean and variance slots, a weight and a bias per layer");
+  int64_t total = 0;
+  for (const Tensor& weight : weights) {
+    total += weight.size(0);
+  }
+  Tensor mean_out = at::empty({entries, total}, var_slots[0].options());
+  Tensor var_out = at::empty({entries, total}, var_slots[0].options());
+  const auto dtype = var_out.scalar_type();
+  int64_t column = 0;
   for (size_t l = 0; l < layers; ++l) {
-    const size_t count = static_cast<size_t>(entries[l]);
-    TORCH_CHECK(count > 0 && first + count <= var_slots.size(), "cbn.statistic_shifts_many: layer ", l, " asks for ",
-                count, " slots beyond the ", var_slots.size(), " given");
-    const at::TensorList layer_mean = mean_slots.slice(first, count), layer_var = var_slots.slice(first, count);
-    first += count;
+    const at::TensorList layer_mean = mean_slots.slice(l * entries, entries);
+    const at::TensorList layer_var = var_slots.slice(l * entries, entries);
     const int64_t channels = weights[l].size(0);
     Tensor rows = weights[l].dim() == 2 ? weights[l] : weights[l].reshape({channels, -1});
-    const auto dtype = layer_var[0].scalar_type();
     if (rows.scalar_type() != dtype) {
       rows = rows.to(dtype);
     }
@@ -118,25 +119,29 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> statistic_shifts_many(
     const std::optional<Tensor> bias = biases.get(l);
     const bool has_bias = bias.has_value() && bias->defined();
     // The one-pass kernel reads host memory of one floating dtype; anything else takes ATen's form.
-    const bool one_pass = layer_var[0].is_cpu() && layer_mean[0].is_cpu() && rows.is_cpu() &&
+    const bool one_pass = layer_var[0].is_cpu() && layer_mean[0].is_cpu() && rows.is_cpu() && var_out.is_cpu() &&
                           (dtype == at::kFloat || dtype == at::kDouble) && layer_mean[0].scalar_type() == dtype &&
+                          layer_var[0].scalar_type() == dtype &&
                           (!has_bias || (bias->is_cpu() && bias->scalar_type() == dtype));
-    auto [mean_shift, var_shift] =
-        one_pass ? row_shifts(checked_slots(layer_mean, groups, fan_in, dtype, "cbn.statistic_shifts_many"),
-                              checked_slots(layer_var, channels, fan_in, dtype, "cbn.statistic_shifts_many"),
-                              rows.contiguous(), has_bias ? bias->contiguous() : Tensor())
-                 : aten_row_shifts(stacked_slots(layer_mean), stacked_slots(layer_var), rows, bias);
-    mean_shifts.push_back(std::move(mean_shift));
-    var_shifts.push_back(std::move(var_shift));
+    if (one_pass) {
+      row_shifts(checked_slots(layer_mean, groups, fan_in, dtype, "cbn.statistic_shifts_many"),
+                 checked_slots(layer_var, channels, fan_in, dtype, "cbn.statistic_shifts_many"), rows.contiguous(),
+                 has_bias ? bias->contiguous() : Tensor(), mean_out, var_out, column);
+    } else {
+      const auto [mean_shift, var_shift] = aten_row_shifts(stacked_slots(layer_mean), stacked_slots(layer_var), rows, bias);
+      mean_out.narrow(1, column, channels).copy_(mean_shift);
+      var_out.narrow(1, column, channels).copy_(var_shift);
+    }
+    column += channels;
   }
-  return {std::move(mean_shifts), std::move(var_shifts)};
+  return {std::move(mean_out), std::move(var_out)};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("statistic_shifts_many(Tensor[] mean_slots, Tensor[] var_slots, int[] entries, Tensor[] weights, "
-        "Tensor?[] biases) -> (Tensor[], Tensor[])");
+  m.def("statistic_shifts_many(Tensor[] mean_slots, Tensor[] var_slots, int entries, Tensor[] weights, "
+        "Tensor?[] biases) -> (Tensor, Tensor)");
   m.impl("statistic_shifts_many", c10::DispatchKey::CompositeImplicitAutograd, &statistic_shifts_many);
 }
 

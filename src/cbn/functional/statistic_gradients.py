@@ -539,11 +539,11 @@ def statistic_shifts(
 
 def statistic_shifts_of_layers(
     operands: list[tuple[Sequence[Tensor], Sequence[Tensor], Tensor, Tensor | None]],
-) -> tuple[list[Tensor], list[Tensor]]:
-    """:func:`statistic_shifts` of many layers: ``operands`` holds one ``(mean gradient slots,
-    variance gradient slots, weight, bias)`` per layer, the ``k`` slots of a window as its entries'
-    tensors (``(groups, fan_in)`` and ``(C, fan_in)``, see :mod:`cbn.layers.window_state`) and the
-    weight as :func:`shift_weight` gives it.
+) -> tuple[Tensor, Tensor]:
+    """:func:`statistic_shifts` of many layers with windows of the same size: ``operands`` holds one
+    ``(mean gradient slots, variance gradient slots, weight, bias)`` per layer, the ``k`` slots of a
+    window as its entries' tensors (``(groups, fan_in)`` and ``(C, fan_in)``, see
+    :mod:`cbn.layers.window_state`) and the weight as :func:`shift_weight` gives it.
 
     Runs the C++ kernel ``cbn::statistic_shifts_many`` where :mod:`cbn.kernels` is active (no
     Python frame per layer; the variance terms summed in one pass, equal to float rounding),
@@ -551,16 +551,18 @@ def statistic_shifts_of_layers(
     through it, so that a Taylor step at unchanged weights cancels exactly in either mode.
 
     Returns:
-        The lists of ``(k, C)`` first-order terms of the mean and of the variance, per layer.
+        The first-order terms of the mean and of the variance, ``(k, C_1 + C_2 + ...)`` each: the
+        layers' channels side by side, in the order of ``operands``.
     """
-    if not operands:
-        return [], []
+    entries = {len(operand[1]) for operand in operands}
+    if len(entries) != 1:
+        raise ValueError(f"statistic_shifts_of_layers: every window must have the same number of slots, got {sorted(entries)}")
     if kernels.active():
         mean_slots = [slot for operand in operands for slot in operand[0]]
         var_slots = [slot for operand in operands for slot in operand[1]]
-        entries = [len(operand[1]) for operand in operands]
-        return torch.ops.cbn.statistic_shifts_many(mean_slots, var_slots, entries, [operand[2] for operand in operands],
-                                                   [operand[3] for operand in operands])
+        return torch.ops.cbn.statistic_shifts_many.default(mean_slots, var_slots, entries.pop(),
+                                                           [operand[2] for operand in operands],
+                                                           [operand[3] for operand in operands])
     shifts = [statistic_shifts(StatisticGradients(gradient_window(mean), gradient_window(var)), weight, bias)
               for mean, var, weight, bias in operands]
-    return [mean for mean, _ in shifts], [var for _, var in shifts]
+    return torch.cat([mean for mean, _ in shifts], dim=1), torch.cat([var for _, var in shifts], dim=1)

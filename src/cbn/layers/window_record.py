@@ -241,18 +241,20 @@ def _entry_shifts(records: list[StepRecord], gradients: list, like: Tensor) -> t
     Without gradients: ``(b, 0)``, the terms of zero gradients, so that only a change of the bias
     moves the entry."""
     with_gradients = [i for i, g in enumerate(gradients) if g is not None]
-    products = statistic_shifts_of_layers([_entry_operands(records[i], gradients[i]) for i in with_gradients])
-    computed = dict(zip(with_gradients, zip(*products)))
+    products = None
+    if with_gradients:
+        products = statistic_shifts_of_layers([_entry_operands(records[i], gradients[i]) for i in with_gradients])
+        if len(with_gradients) == len(records):  # (the common case: already side by side)
+            return products[0][0], products[1][0]
+    sizes = [records[i].stats.batch_mean.numel() for i in with_gradients]
+    computed = dict(zip(with_gradients, zip(*(t[0].split(sizes) for t in products)))) if products else {}
     zeros = like.new_zeros(max(record.stats.batch_mean.numel() for record in records))
     mean_pieces, var_pieces = [], []
     for i, record in enumerate(records):
-        if i in computed:
-            mean_shift, var_shift = computed[i]
-        else:
-            mean_shift, var_shift = (piece.unsqueeze(0) for piece in _shifts_without_gradients(record, zeros))
+        mean_shift, var_shift = computed[i] if i in computed else _shifts_without_gradients(record, zeros)
         mean_pieces.append(mean_shift)
         var_pieces.append(var_shift)
-    return torch.cat(mean_pieces, dim=1)[0], torch.cat(var_pieces, dim=1)[0]
+    return torch.cat(mean_pieces), torch.cat(var_pieces)
 
 
 def _entry_operands(record: StepRecord, gradients) -> tuple:
@@ -361,7 +363,7 @@ def fill_entry_gradients(ticket: EntryTicket, computation, producer_input: Tenso
     (gradients,) = producer_statistic_gradients_of_layers(
         [(computation, producer_input.to(dtype), output.to(dtype), mean.to(dtype))])
     mean_grad, var_grad = _entry_slot(gradients)
-    (mean_shift,), (var_shift,) = statistic_shifts_of_layers(
+    mean_shift, var_shift = statistic_shifts_of_layers(
         [((mean_grad,), (var_grad,), shift_weight(computation, computation.weight), computation.bias)])
     entry = window.stats[slot].clone()
     entry[MEAN_SHIFT], entry[VAR_SHIFT] = mean_shift[0], var_shift[0]

@@ -272,7 +272,7 @@ class PositionWindow:
     def _shifts_at(self, computation, weight: Tensor) -> tuple[Tensor, Tensor]:
         operands = (self.mean_slots, self.var_slots, weight.detach(),
                     None if computation.bias is None else computation.bias.detach())
-        (mean_now,), (var_now,) = statistic_shifts_of_layers([operands])
+        mean_now, var_now = statistic_shifts_of_layers([operands])
         return mean_now, var_now
 
     @torch.no_grad()
