@@ -102,8 +102,8 @@ def measure_resnet20(batch: int, rounds: int) -> dict:
         start = timeit.default_timer()
         call()
         times.append(timeit.default_timer() - start)
-    return {"shape": f"resnet20 batch {batch} ({len(operands)} convolutions)", "kernels_us": 1e6 * statistics.median(times),
-            "rounds": rounds}
+    return {"shape": f"resnet20 batch {batch} ({len(operands)} convolutions)",
+            "kernels_us": 1e6 * statistics.median(times), "rounds": rounds}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

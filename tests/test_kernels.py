@@ -256,7 +256,8 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
 
 @pytest.mark.parametrize("producer,shape,form", [
     (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 9, 7), "channel vectors"),
-    (lambda: nn.Conv2d(32, 8, 3, padding=1), (2, 32, 128, 128), "channel vectors"),  # beyond the kernel's scratch
+    # (beyond the kernel's scratch buffer)
+    (lambda: nn.Conv2d(32, 8, 3, padding=1), (2, 32, 128, 128), "channel vectors"),
     (lambda: nn.Conv2d(8, 16, 3, stride=2, bias=False), (1, 8, 9, 9), "channel vectors"),
     (lambda: nn.Conv2d(8, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (3, 8, 10, 7), "channel vectors"),
     (lambda: nn.Conv2d(3, 6, 3, padding=1), (2, 3, 8, 8), "shifted rows"),

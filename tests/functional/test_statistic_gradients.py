@@ -148,3 +148,18 @@ def test_mean_compensation_is_exact_for_own_weights(make, shape):
     after = statistic_shifts(gradients, weight_rows(producer, producer.weight), producer.bias)
     recomputed = producer(x).mean((0, 2, 3))
     torch.testing.assert_close(y.mean((0, 2, 3)) + after[0][0] - before[0][0], recomputed, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+def test_statistic_shifts_of_layers_refuses_windows_of_different_sizes(kernels):
+    import cbn.kernels
+    from cbn.functional.statistic_gradients import statistic_shifts_of_layers
+
+    def window(entries):
+        return [torch.randn(1, 6)] * entries, [torch.randn(3, 6)] * entries, torch.randn(3, 6), None
+
+    with cbn.kernels.use_kernels(kernels), torch.no_grad():
+        with pytest.raises(ValueError, match=r"same number of slots; got slot counts \[2, 3\]"):
+            statistic_shifts_of_layers([window(2), window(3)])
+        mean, var = statistic_shifts_of_layers([window(2), window(2)])
+    assert mean.shape == var.shape == (2, 6)  # the two layers' 3 channels side by side

@@ -556,7 +556,8 @@ def statistic_shifts_of_layers(
     """
     entries = {len(operand[1]) for operand in operands}
     if len(entries) != 1:
-        raise ValueError(f"statistic_shifts_of_layers: every window must have the same number of slots, got {sorted(entries)}")
+        raise ValueError("statistic_shifts_of_layers: one or more windows, all with the same number of slots; "
+                         f"got slot counts {sorted(entries)}")
     if kernels.active():
         mean_slots = [slot for operand in operands for slot in operand[0]]
         var_slots = [slot for operand in operands for slot in operand[1]]
