@@ -28,6 +28,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace cbn {
 namespace simd {
@@ -302,57 +303,43 @@ inline void dots(const scalar_t* const* a, const scalar_t* b, int64_t n, int64_t
   }
 }
 
-// out[t] = sum_i sum_{j<n} a[i a_step + j] b[i b_step + j + offsets[t]] for t < taps: float rows, n a
-// multiple of 8, every b index read within the caller's buffer (detail::lane_shifted_dots).
-inline void shifted_dots(const float* a, const float* b, const int64_t* offsets, int64_t taps, int64_t n,
-                         int64_t images, int64_t a_step, int64_t b_step, float* out) {
-  for (int64_t t = 0; t < taps; t += 9) {
-    const int64_t* tap_offsets = offsets + t;
-    float* tap_out = out + t;
-    switch (taps - t < 9 ? taps - t : 9) {
-#define CBN_SHIFTED_DOTS_CASE(count) \
-  case count: detail::lane_shifted_dots<count>(a, b, tap_offsets, n, images, a_step, b_step, tap_out); break;
-      CBN_SHIFTED_DOTS_CASE(9)
-      CBN_SHIFTED_DOTS_CASE(8)
-      CBN_SHIFTED_DOTS_CASE(7)
-      CBN_SHIFTED_DOTS_CASE(6)
-      CBN_SHIFTED_DOTS_CASE(5)
-      CBN_SHIFTED_DOTS_CASE(4)
-      CBN_SHIFTED_DOTS_CASE(3)
-      CBN_SHIFTED_DOTS_CASE(2)
-      CBN_SHIFTED_DOTS_CASE(1)
-#undef CBN_SHIFTED_DOTS_CASE
+// loop(first, std::integral_constant<int, N>{}) for each block of at most 9 of `taps` kernel taps, N its
+// size and first its first tap: the tap loops are compiled for each count (their sums in registers).
+template <typename Loop>
+inline void in_tap_blocks(int64_t taps, const Loop& loop) {
+  for (int64_t first = 0; first < taps; first += 9) {
+    switch (taps - first < 9 ? taps - first : 9) {
+      case 9: loop(first, std::integral_constant<int, 9>{}); break;
+      case 8: loop(first, std::integral_constant<int, 8>{}); break;
+      case 7: loop(first, std::integral_constant<int, 7>{}); break;
+      case 6: loop(first, std::integral_constant<int, 6>{}); break;
+      case 5: loop(first, std::integral_constant<int, 5>{}); break;
+      case 4: loop(first, std::integral_constant<int, 4>{}); break;
+      case 3: loop(first, std::integral_constant<int, 3>{}); break;
+      case 2: loop(first, std::integral_constant<int, 2>{}); break;
+      case 1: loop(first, std::integral_constant<int, 1>{}); break;
       default: break;
     }
   }
 }
 
-// detail::lane_channel_taps for any number of taps, nine at a time: out holds 8 values per tap.
+// out[t] = sum_i sum_{j<n} a[i a_step + j] b[i b_step + j + offsets[t]] for t < taps: float rows, n a
+// multiple of 8, every b index read within the caller's buffer (detail::lane_shifted_dots).
+inline void shifted_dots(const float* a, const float* b, const int64_t* offsets, int64_t taps, int64_t n,
+                         int64_t images, int64_t a_step, int64_t b_step, float* out) {
+  in_tap_blocks(taps, [&](int64_t first, auto count) {
+    detail::lane_shifted_dots<decltype(count)::value>(a, b, offsets + first, n, images, a_step, b_step, out + first);
+  });
+}
+
+// detail::lane_channel_taps for any number of taps: out holds 8 values per tap.
 inline void channel_taps(const float* a, const float* b, const int64_t* offsets, int64_t taps, int64_t images,
                          int64_t height, int64_t width, int64_t a_image, int64_t b_image, int64_t b_row, int64_t step,
                          float* out) {
-  for (int64_t t = 0; t < taps; t += 9) {
-    const int64_t* tap_offsets = offsets + t;
-    float* tap_out = out + 8 * t;
-    switch (taps - t < 9 ? taps - t : 9) {
-#define CBN_CHANNEL_TAPS_CASE(count)                                                                        \
-  case count:                                                                                              \
-    detail::lane_channel_taps<count>(a, b, tap_offsets, images, height, width, a_image, b_image, b_row, step, \
-                                     tap_out);                                                             \
-    break;
-      CBN_CHANNEL_TAPS_CASE(9)
-      CBN_CHANNEL_TAPS_CASE(8)
-      CBN_CHANNEL_TAPS_CASE(7)
-      CBN_CHANNEL_TAPS_CASE(6)
-      CBN_CHANNEL_TAPS_CASE(5)
-      CBN_CHANNEL_TAPS_CASE(4)
-      CBN_CHANNEL_TAPS_CASE(3)
-      CBN_CHANNEL_TAPS_CASE(2)
-      CBN_CHANNEL_TAPS_CASE(1)
-#undef CBN_CHANNEL_TAPS_CASE
-      default: break;
-    }
-  }
+  in_tap_blocks(taps, [&](int64_t first, auto count) {
+    detail::lane_channel_taps<decltype(count)::value>(a, b, offsets + first, images, height, width, a_image, b_image,
+                                                      b_row, step, out + 8 * first);
+  });
 }
 
 template <typename scalar_t>
