@@ -6,6 +6,7 @@ float64 dense-Jacobian oracle and gradcheck tests check the C++ path; the tests 
 Python path to it exactly.
 """
 
+import threading
 import warnings
 
 import pytest
@@ -746,3 +747,36 @@ def test_depthwise_variance_gradients_equal_the_exact_weight_gradient(producer, 
         assert found.dtype == dtype and found.shape == exact.shape
         assert ((found.double() - exact).abs() <= bound).all()
     assert exact.abs().max() > 0.1
+
+
+def test_convolution_statistic_gradients_in_two_threads_at_once_equal_their_serial_results():
+    # The direct loops keep their operands in a per-thread scratch buffer: two Python threads
+    # computing different layers at the same time must each get their serial results, bit for bit.
+    torch.manual_seed(0)
+    cases = []
+    for in_channels, size in ((16, 12), (3, 9)):  # the channel-vector loop and the shifted-row loop
+        conv = nn.Conv2d(in_channels, 8, 3, padding=1)
+        x = torch.randn(2, in_channels, size, size)
+        with torch.no_grad():
+            y = conv(x)
+        cases.append([(conv, x, y, y.mean((0, 2, 3)))])
+    serial = [producer_statistic_gradients_of_layers(operands) for operands in cases]
+    found, errors = [[] for _ in cases], []
+
+    def run(index):
+        try:
+            for _ in range(200):
+                found[index].append(producer_statistic_gradients_of_layers(cases[index]))
+        except Exception as error:  # reported below, in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(index,)) for index in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for expected, results in zip(serial, found):
+        assert len(results) == 200
+        for (gradients,) in results:
+            assert torch.equal(gradients.mean, expected[0].mean) and torch.equal(gradients.var, expected[0].var)
