@@ -12,6 +12,8 @@ every window is full, then timed round-robin (the order rotates every round) in 
 - ``bn``: the model as timm / torchvision build it (``nn.BatchNorm2d`` or timm's ``BatchNormAct2d``);
 - ``floor``: BatchNorm plus one weight-gradient convolution per normalized convolution, the least
   work a compensated CBN step can do (``benchmarks.train_step.WeightGradFloor``);
+- ``traffic``: the floor plus the least window traffic of the default, moved by ATen's own
+  reductions (``WindowTrafficFloor``): the memory bound below, measured as a step;
 - ``naive``: ``cbn.convert_model(..., compensate=False)``;
 - ``cbn``: the paper's rule (``differentiable_compensation=False``);
 - ``cbn-diff``: the default (differentiable compensation).
@@ -47,11 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.train_step import add_floor, command_line, interleave, machine_info, write_section
+from benchmarks.train_step import WeightGradFloor, add_floor, command_line, interleave, machine_info, write_section
 
-VARIANTS = ("bn", "floor", "naive", "cbn", "cbn-diff")
-LABELS = {"bn": "BatchNorm", "floor": "floor", "naive": "naive CBN", "cbn": "paper's rule",
-          "cbn-diff": "default (differentiable)"}
+VARIANTS = ("bn", "floor", "traffic", "naive", "cbn", "cbn-diff")
+LABELS = {"bn": "BatchNorm", "floor": "floor", "traffic": "floor + window traffic", "naive": "naive CBN",
+          "cbn": "paper's rule", "cbn-diff": "default (differentiable)"}
 # (model, input sizes): two sizes each, the smaller one where 1-2 images per step are typical.
 MODELS = {
     "resnet18": (64, 160),
@@ -78,8 +80,47 @@ def build(model_name: str, variant: str, window: int, seed: int) -> nn.Module:
         return model
     if variant == "floor":
         return add_floor(model)
+    if variant == "traffic":
+        return add_floor(model, lambda conv: WindowTrafficFloor(conv, window - 1))
     return cbn.convert_model(model, window=window, burnin=0, compensate=variant != "naive",
                              differentiable_compensation=variant == "cbn-diff")
+
+
+class WindowTrafficFloor(WeightGradFloor):
+    """The floor's convolution plus the least memory traffic of the default's window, moved by ATen.
+
+    A compensated step cannot move fewer bytes through a window of ``slots`` past statistic
+    gradients, each as large as the weight ``W``, than: before the normalization, every slot and
+    the weight read once (the Taylor step's terms); the new entry written (the floor's buffer
+    copy); in the backward, every slot read once more and a weight-sized gradient written (the
+    default's producer gradient). Here a reduction over the slots and one over the weight do the
+    reads, and a sum over the slots into a buffer, from a hook on the convolution's output, does
+    the backward's read and write: streams at the bandwidth ATen's reductions reach, whatever the
+    caches hold after them, with none of CBN's arithmetic.
+    """
+
+    def __init__(self, conv: nn.Conv2d, slots: int) -> None:
+        super().__init__(conv)
+        self.register_buffer("window_slots", torch.rand(slots, *conv.weight.shape), persistent=False)
+        self.register_buffer("window_gradient", torch.zeros_like(conv.weight), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            with torch.no_grad():
+                self.window_slots.sum()
+                self.conv.weight.sum()
+        y = super().forward(x)
+        if self.training and y.requires_grad:
+            y.register_hook(self._backward_pass)
+        return y
+
+    def _backward_pass(self, grad: torch.Tensor) -> None:
+        with torch.no_grad():
+            torch.sum(self.window_slots, 0, out=self.window_gradient)
+
+    def traffic_bytes(self) -> int:
+        """The bytes this module moves through its window per training step, at least."""
+        return (2 * self.window_slots.shape[0] + 3) * self.conv.weight.numel() * self.conv.weight.element_size()
 
 
 class Step:
@@ -220,6 +261,9 @@ def measure(args, log) -> list[dict]:
                 traffic = window_traffic(steps[variant].model, variant == "cbn-diff")
                 bound = {"traffic_bytes": traffic, "read_bandwidth": bandwidth,
                          "bound_ms": 1e3 * (floor + traffic / bandwidth)}
+            elif variant == "traffic":
+                bound = {"traffic_bytes": sum(m.traffic_bytes() for m in steps[variant].model.modules()
+                                              if isinstance(m, WindowTrafficFloor))}
             rows.append({"model": model_name, "size": size, "batch": batch, "variant": variant,
                          "window": args.window, "step_ms": 1e3 * median, "q1_ms": 1e3 * low, "q3_ms": 1e3 * high,
                          "rounds": len(samples), "ratio": median / reference if reference else None,
@@ -265,9 +309,11 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
     if bounded:
         lines += ["", "Memory bound: the floor of the same run plus the bytes the variant must move through its "
                   "window per step (`window_traffic`) at the read bandwidth of one thread measured in the same "
-                  "cell (`read_bandwidth`); ratios to BatchNorm:", "",
+                  "cell (`read_bandwidth`), and the same bytes moved by ATen's reductions inside a step "
+                  "(`WindowTrafficFloor`, measured in the same rounds); ratios to BatchNorm:", "",
                   "| model | input | batch | read GB/s | window traffic, paper's rule / default | "
-                  "paper's rule: bound, measured | default: bound, measured |", "|---|---|---|---|---|---|---|"]
+                  "paper's rule: bound, measured | default: bound, measured | floor + window traffic, measured |",
+                  "|---|---|---|---|---|---|---|---|"]
         for key in dict.fromkeys((r["model"], r["size"], r["batch"]) for r in bounded):
             cells = {r["variant"]: r for r in rows if (r["model"], r["size"], r["batch"]) == key}
             base = cells["bn"]["step_ms"] if "bn" in cells else None
@@ -281,8 +327,10 @@ def markdown(rows: list[dict], command: str, machine: dict) -> str:
 
             traffic = " / ".join(f"{cells[v]['traffic_bytes'] / 2**20:.0f} MiB" if v in cells and "traffic_bytes" in cells[v]
                                  else "-" for v in ("cbn", "cbn-diff"))
+            moved = cells.get("traffic")
+            moved = f"{moved['ratio']:.2f}x ({moved['traffic_bytes'] / 2**20:.0f} MiB)" if moved else "-"
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {any_cell['read_bandwidth'] / 1e9:.1f} | {traffic} | "
-                         f"{pair('cbn')} | {pair('cbn-diff')} |")
+                         f"{pair('cbn')} | {pair('cbn-diff')} | {moved} |")
     profiled = [r for r in rows if "aten_ops" in r]
     if profiled:
         lines += ["", "ATen operations per training step (every `aten::` profiler event, nested ones included) "

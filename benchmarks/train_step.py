@@ -121,9 +121,10 @@ def _pairs(model: nn.Module, norm_type: type) -> list[tuple[nn.Module, str, str]
     return found
 
 
-def add_floor(model: nn.Module) -> nn.Module:
+def add_floor(model: nn.Module, floor: Callable[[nn.Conv2d], nn.Module] = WeightGradFloor) -> nn.Module:
+    """``model`` with each convolution that feeds a BatchNorm wrapped in ``floor``."""
     for parent, conv_name, _ in _pairs(model, nn.BatchNorm2d):
-        parent._modules[conv_name] = WeightGradFloor(parent._modules[conv_name])
+        parent._modules[conv_name] = floor(parent._modules[conv_name])
     return model
 
 

@@ -8,7 +8,7 @@ from benchmarks.backbone_step import MODELS, markdown, parse_args, run
 def test_smoke_run_measures_every_variant_with_op_counts(tmp_path):
     md = tmp_path / "section.md"
     rows = run(["--smoke", "--md", str(md)])
-    assert {r["variant"] for r in rows} == {"bn", "floor", "naive", "cbn", "cbn-diff"}
+    assert {r["variant"] for r in rows} == {"bn", "floor", "traffic", "naive", "cbn", "cbn-diff"}
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["bn"]["ratio"] == 1.0
     # Every CBN variant does strictly more operations than BatchNorm; the windows hold bytes.
@@ -62,4 +62,38 @@ def test_markdown_reports_the_memory_bound_beside_the_measured_ratio():
             dict(row, variant="cbn", step_ms=15.0, ratio=1.5, bound_ms=13.0, **bound),
             dict(row, variant="cbn-diff", step_ms=18.0, ratio=1.8, bound_ms=14.0, **bound)]
     text = markdown(rows, "cmd", {"git_commit": "abc", "device": "cpu", "threads": 1, "load_average_start": (0, 0, 0)})
-    assert "| resnet18 | 64 | 2 | 8.0 | 100 MiB / 100 MiB | 1.30x, 1.50x | 1.40x, 1.80x |" in text
+    assert "| resnet18 | 64 | 2 | 8.0 | 100 MiB / 100 MiB | 1.30x, 1.50x | 1.40x, 1.80x | - |" in text
+    rows.append(dict(row, variant="traffic", step_ms=13.5, ratio=1.35, traffic_bytes=2**20 * 100))
+    text = markdown(rows, "cmd", {"git_commit": "abc", "device": "cpu", "threads": 1, "load_average_start": (0, 0, 0)})
+    assert "| 1.40x, 1.80x | 1.35x (100 MiB) |" in text
+
+
+def test_window_traffic_floor_moves_the_default_windows_bytes_and_leaves_the_output():
+    import torch
+    from torch import nn
+
+    import cbn
+    from benchmarks.backbone_step import WindowTrafficFloor, build, window_traffic
+    from benchmarks.train_step import add_floor
+
+    def small():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4))
+
+    x = torch.randn(2, 3, 8, 8)
+    traffic = add_floor(small(), lambda conv: WindowTrafficFloor(conv, 3))
+    floors = [m for m in traffic.modules() if isinstance(m, WindowTrafficFloor)]
+    assert len(floors) == 2
+    torch.testing.assert_close(traffic(x), small()(x), rtol=0, atol=0)  # the plain model's output
+    traffic(x).square().mean().backward()
+    for floor in floors:  # the backward's pass read every slot and wrote the weight-sized sum
+        torch.testing.assert_close(floor.window_gradient, floor.window_slots.sum(0))
+
+    converted = cbn.convert_model(small(), window=4, burnin=0)
+    optimizer = torch.optim.SGD(converted.parameters(), lr=0.1)
+    for _ in range(5):
+        optimizer.zero_grad()
+        converted(x).square().mean().backward()
+        optimizer.step()
+    assert sum(m.traffic_bytes() for m in floors) == window_traffic(converted, differentiable=True)
+    assert any(isinstance(m, WindowTrafficFloor) for m in build("resnet18", "traffic", 4, 0).modules())
