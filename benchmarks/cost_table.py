@@ -77,7 +77,7 @@ def conv_shapes(batch: int) -> list[dict]:
             "out_channels": output.shape[1], "positions": output.shape[2] * output.shape[3],
             "fan_in": module.weight[0].numel(), "batch": output.shape[0], "paired": id(module) in paired,
             "first": module is model.conv1, "in_channels": module.in_channels,
-            "taps": module.weight[0, 0].numel(),
+            "taps": module.weight[0, 0].numel(), "unit_stride": all(v == 1 for v in module.stride),
         })
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
@@ -85,6 +85,23 @@ def conv_shapes(batch: int) -> list[dict]:
     for handle in handles:
         handle.remove()
     return shapes
+
+
+def _in_direct_loops(shape: dict) -> bool:
+    """Whether ``cbn::convolution_statistic_gradients`` sums a layer below batch 8 in its own loops
+    (``form_of`` in ``src/cbn/csrc/statistic_gradients.cpp``): two or more taps, at most 64 input
+    channels; in eights within the channel vectors' bounds, else (a stem) at stride 1."""
+    n, cin, cout, positions = shape["batch"], shape["in_channels"], shape["out_channels"], shape["positions"]
+    if shape["taps"] < 2 or cin > 64:
+        return False
+    if cin % 8:
+        return shape["unit_stride"]
+    work = cin * n * positions
+    if cout > 2 * cin:
+        return False
+    if shape["unit_stride"]:
+        return work <= (102400 if cin <= 32 else 12800)
+    return cin <= 32 and work * cout <= 409600
 
 
 def theory_flops(variant: str, batch: int, window: int, with_kernels: bool = True) -> dict:
@@ -103,13 +120,17 @@ def theory_flops(variant: str, batch: int, window: int, with_kernels: bool = Tru
         if variant == "cbn":
             # one weight-gradient convolution: C variance rows plus the mean patch (an extra
             # channel below batch 8, a batch-summed convolution from 8 on). Below batch 8 the
-            # kernels take the 3x3 layers (at most 64 input channels, two or more taps) in their
-            # own loops, outside ATen; the 1x1 shortcuts stay in ATen's weight gradient.
-            statistic_gradients = 2 * n * p * (c + 1) * f if n < 8 else conv + 2 * p * f
-            if with_kernels and n < 8 and s["taps"] > 1 and s["in_channels"] <= 64:
-                uncounted += statistic_gradients
+            # kernels take small layers in their own loops, outside ATen, and give the others'
+            # mean patch from window sums beside a weight gradient of C rows.
+            if n >= 8:
+                counted += conv + 2 * p * f
+            elif not with_kernels:
+                counted += 2 * n * p * (c + 1) * f
+            elif _in_direct_loops(s):
+                uncounted += 2 * n * p * (c + 1) * f
             else:
-                counted += statistic_gradients
+                counted += conv
+                uncounted += 2 * n * p * f
             # Mean shifts, k entries (k - 1 moved, 1 stored): a matrix product without the
             # kernels, in the kernel's pass with the variance shifts with them.
             if with_kernels:

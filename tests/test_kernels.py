@@ -245,11 +245,14 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
         fast, python = _both(lambda: producer_statistic_gradients_of_layers(operands))
         with cbn.kernels.use_kernels(False):
             reference = [producer_statistic_gradients(*operand) for operand in operands]
-    with_mean_patches = (4, 6)  # the grouped one, and batch 8 (two weight-gradient convolutions)
+    # The grouped one, batch 8 (two weight-gradient convolutions) and, in the kernels' one call, the
+    # 2-D one (beside a weight gradient of C rows, not C + 1).
+    with_mean_patches = (0, 4, 6)
     for found in (fast, python):
         for index, (gradients, expected) in enumerate(zip(found, reference)):
             if found is fast and index in with_mean_patches:
-                # Their mean patches are cbn::mean_patches' sums (the test below): the variance rows only.
+                # Their mean patches are cbn::mean_patches' sums (the test below and the exact-sums
+                # test of the one call): the variance rows only.
                 _assert_identical(gradients[1:], expected[1:])
                 continue
             _assert_identical(gradients, expected)
@@ -257,18 +260,24 @@ def test_statistic_gradients_of_layers_equal_python_bit_for_bit():
 
 @pytest.mark.parametrize("producer,shape,form", [
     (lambda: nn.Conv2d(16, 8, 3, padding=1), (2, 16, 9, 7), "channel vectors"),
-    # (beyond the kernel's scratch buffer)
-    (lambda: nn.Conv2d(32, 8, 3, padding=1), (2, 32, 128, 128), "channel vectors"),
+    (lambda: nn.Conv2d(32, 64, 3, padding=1), (2, 32, 40, 40), "channel vectors"),
+    # (the channel vectors' bounds: 64 channels on a 14x14 plane, a stride-2 layer of 64, Cout > 2 Cin)
+    (lambda: nn.Conv2d(64, 64, 3, padding=1), (2, 64, 14, 14), "ATen"),
+    (lambda: nn.Conv2d(64, 128, 3, stride=2, padding=1), (1, 64, 14, 14), "ATen"),
+    (lambda: nn.Conv2d(16, 48, 3, padding=1), (1, 16, 8, 8), "ATen"),
     (lambda: nn.Conv2d(8, 16, 3, stride=2, bias=False), (1, 8, 9, 9), "channel vectors"),
     (lambda: nn.Conv2d(8, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)), (3, 8, 10, 7), "channel vectors"),
     (lambda: nn.Conv2d(3, 6, 3, padding=1), (2, 3, 8, 8), "shifted rows"),
     (lambda: nn.Conv2d(5, 4, (5, 3), padding=(2, 0)), (3, 5, 9, 7), "shifted rows"),
     (lambda: nn.Conv2d(1, 7, (1, 3)), (1, 1, 4, 11), "shifted rows"),
+    # (beyond the kernel's scratch buffer)
+    (lambda: nn.Conv2d(3, 32, 3, padding=1), (2, 3, 160, 160), "shifted rows"),
     (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (2, 3, 9, 9), "ATen"),
     (lambda: nn.Conv2d(16, 4, 1), (2, 16, 5, 5), "ATen"),
     (lambda: nn.Conv2d(72, 4, 3, padding=1), (1, 72, 4, 4), "ATen"),
-], ids=["3x3", "3x3_large_planes", "3x3_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "aten_stride2",
-        "aten_1x1", "aten_72_channels"])
+], ids=["3x3", "3x3_32_to_64", "aten_64_channels_14px", "aten_64_channels_stride2", "aten_out_over_twice_in",
+        "3x3_stride2", "3x2_strided_dilated", "rows_3x3", "rows_5x3_valid_rows", "rows_1x3", "rows_large_planes",
+        "aten_stride2", "aten_1x1", "aten_72_channels"])
 def test_convolution_statistic_gradients_equal_the_exact_sums(producer, shape, form):
     # cbn::convolution_statistic_gradients on float32 2-D producers: the direct loops (at most 64 input
     # channels and several taps; any stride with input channels in eights, else stride 1) and ATen's

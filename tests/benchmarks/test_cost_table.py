@@ -18,8 +18,9 @@ def test_cost_table_theory_matches_flop_counter_and_buffers(tmp_path):
     assert rows["naive"]["flops_measured"] == rows["bn"]["flops_measured"]
     # CBN's statistic-gradient convolutions (one weight gradient per paired convolution: about a
     # third of BatchNorm's three convolutions): the counter sees those ATen computes (every layer's
-    # without the C++ kernels, the 1x1 shortcuts' with them); the theory's bracket holds the
-    # kernels' own loops (the 3x3 layers) and the Taylor products.
+    # without the C++ kernels, the 1x1 shortcuts' variance rows with them); the theory's bracket
+    # holds the kernels' own loops (the 3x3 layers, the shortcuts' mean patches) and the Taylor
+    # products.
     from cbn import kernels
 
     extra_seen = rows["cbn"]["flops_measured"] - rows["bn"]["flops_measured"]

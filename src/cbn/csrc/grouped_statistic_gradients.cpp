@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "cpu_simd.h"
+#include "mean_patches.h"
 
 namespace cbn {
 namespace {
@@ -60,6 +61,8 @@ void check_settings(const char* name, const Tensor& input, at::IntArrayRef kerne
   TORCH_CHECK(input.is_cpu() && (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble),
               "cbn.", name, ": a float or double CPU input, got ", input.scalar_type(), " on ", input.device());
 }
+
+}  // namespace
 
 Tensor mean_patches(const Tensor& input, at::IntArrayRef kernel_size, at::IntArrayRef stride, at::IntArrayRef padding,
                     at::IntArrayRef dilation, at::IntArrayRef output_size, int64_t samples) {
@@ -107,6 +110,8 @@ Tensor mean_patches(const Tensor& input, at::IntArrayRef kernel_size, at::IntArr
   });
   return out;
 }
+
+namespace {
 
 // The variance gradients of a depthwise convolution's output (one input channel per output
 // channel), the weight gradient of the convolution for the gradient 2 (y - mu) / m, centred inline

@@ -6,10 +6,11 @@
 //   d mu[c]/d W[c]  = mean_i u[i]                          (the same for every channel)
 //   d var[c]/d W[c] = (2/m) sum_i (y[i, c] - mu[c]) u[i]
 // Both are the weight gradient of one convolution whose grad_output is [y - mu | 1/2], C + 1
-// channels, scaled by 2/m.
+// channels, scaled by 2/m; 2-D producers on the host take the mean patch from window sums
+// (mean_patches) beside a weight gradient of the C rows instead (takes_mean_patches).
 //
-// 2-D float32 producers below batch 8 with at most kMostInputChannels input channels and at least
-// two kernel taps (ResNet-20's layers, ResNets' first stage) take one of two direct loops, with the
+// Small 2-D float32 producers below batch 8 (at most kMostInputChannels input channels, at least
+// two kernel taps, and the bounds of form_of: ResNet-20's layers) take one of two direct loops, with the
 // grad_output centred and scaled in one pass and the input planes zero-padded, in rows of the
 // padded width P, so that the input value under kernel tap (a, b) of output position (h, w) is at
 // position (h s + a d) P + (w s + b d) for stride s and dilation d:
@@ -22,18 +23,22 @@
 //   grad_output row with the input plane shifted by the tap's offset a P + b, all taps of a (row,
 //   plane) pair in one pass (simd::shifted_dots).
 // Over ResNet-20's 21 layers they take about 0.7x the time of oneDNN's weight gradient at batch
-// 1-2 (whose blocking suits many channels: kMostInputChannels). They sum in another order, so they
-// agree with the Python implementation to float rounding (tested against float64 sums). The other
-// producers take ATen's weight gradient, the same kernels in the same order as the Python
-// implementation (bit for bit): the grad_output scaled by 2/m when a channel has fewer samples
-// than weight values (m < fan_in), else the result, whichever is smaller (_scales_activations);
-// the weight passed to the convolution is uninitialized memory in the input's memory format (only
-// its shape is read, and an expanded scalar would be copied into a contiguous weight at every call).
+// 1-2 (whose blocking suits many channels and large planes: form_of). They sum in another order,
+// so they agree with the Python implementation to float rounding (tested against float64 sums).
+// The other producers take ATen's weight gradient: the grad_output scaled by 2/m when a channel
+// has fewer samples than weight values (m < fan_in), else the result, whichever is smaller
+// (_scales_activations); the weight passed to the convolution is uninitialized memory in the
+// input's memory format (only its shape is read, and an expanded scalar would be copied into a
+// contiguous weight at every call). The variance rows are then the Python implementation's bit for
+// bit where the weight gradient of C rows gives each row the sums it gives it among C + 1 rows,
+// and the 2-D mean patches are window sums in another order, equal to rounding (both tested).
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 #include "cpu_simd.h"
+#include "mean_patches.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -53,6 +58,17 @@ constexpr int64_t kBlock = 8;   // output rows per cache block (and input planes
 // 128-256 channels oneDNN's blocked kernel is the faster (1.1-1.7x in the direct loops), and with
 // one kernel tap (1x1) by 4-8x (each of the loop's sums waits on the last).
 constexpr int64_t kMostInputChannels = 64;
+// Where the channel vectors stop paying against ATen's weight gradient of C rows beside the mean
+// patches' window sums, measured over 3x3 layers of 16-64 channels on 7-56 px planes at batch 1-2
+// (docs/performance.md, session K): with p = N H_out W_out output positions, at stride 1 while
+// Cin p is at most kMostUnitStrideWork (Cin <= 32) or kMostWideWork (Cin = 64: ResNet-20's 7x7
+// stage, not resnet18's 40x40 one), at other strides while Cin Cout p is at most kMostStridedWork
+// and Cin <= 32 (strided reads of 64 channels lost on every plane measured); Cout at most 2 Cin
+// (the measured layers' Cout = Cin at stride 1, 2 Cin at stride 2). Within these bounds the
+// operands never outgrow the scratch buffer; the shifted rows (stems) may.
+constexpr int64_t kMostUnitStrideWork = 102400;
+constexpr int64_t kMostWideWork = 12800;
+constexpr int64_t kMostStridedWork = 409600;
 
 enum class Form { kAten, kChannelVectors, kShiftedRows };
 
@@ -65,13 +81,61 @@ Form form_of(const Tensor& input, const Tensor& output, const Tensor& weight, at
       !input.is_contiguous() || !output.is_contiguous() || output.numel() == 0) {
     return Form::kAten;
   }
-  if (input.size(1) > kMostInputChannels || weight.size(2) * weight.size(3) == 1) {
+  const int64_t in_channels = input.size(1);
+  if (in_channels > kMostInputChannels || weight.size(2) * weight.size(3) == 1) {
     return Form::kAten;
   }
-  if (input.size(1) % kVector == 0) {
-    return Form::kChannelVectors;
+  if (in_channels % kVector == 0) {
+    const int64_t positions = output.size(0) * output.size(2) * output.size(3);
+    const int64_t channels = output.size(1);
+    const bool fits =
+        channels <= 2 * in_channels &&
+        (all_one(stride) ? in_channels * positions <= (in_channels <= 32 ? kMostUnitStrideWork : kMostWideWork)
+                         : in_channels <= 32 && in_channels * channels * positions <= kMostStridedWork);
+    return fits ? Form::kChannelVectors : Form::kAten;
   }
   return all_one(stride) && all_one(dilation) ? Form::kShiftedRows : Form::kAten;
+}
+
+// Whether the ATen form of a producer takes the mean patch from mean_patches' window sums beside a
+// weight gradient of C rows, instead of a weight gradient of C + 1 rows whose last grad_output
+// channel is uniform: 2-D host producers of a floating dtype. oneDNN blocks a weight gradient's
+// output channels in sixteens, so C + 1 rows cost a block more than C (measured against the C rows
+// alone, resnet18 at 160 px and batch 2: 5-11 % on 128-256 channels), where the window sums
+// add about the input's values once per kernel row.
+bool takes_mean_patches(const Tensor& input) {
+  return input.dim() == 4 && input.is_cpu() &&
+         (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
+}
+
+// (y - mu) s for an (N, C, H, W) output and its channel means, in one pass: the values of ATen's
+// subtraction then multiplication (s = 1: the subtraction alone), each rounded once as there.
+Tensor centred_output(const Tensor& output, const Tensor& mean, double scale) {
+  const Tensor values = output.contiguous();
+  const Tensor means = mean.to(values.scalar_type()).contiguous();
+  Tensor centred = at::empty_like(values);
+  const int64_t planes = values.size(0) * values.size(1), channels = values.size(1);
+  const int64_t plane = values.numel() / std::max<int64_t>(1, planes);
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cbn_centred_output", [&] {
+    const scalar_t* y = values.const_data_ptr<scalar_t>();
+    const scalar_t* mu = means.const_data_ptr<scalar_t>();
+    scalar_t* out = centred.mutable_data_ptr<scalar_t>();
+    const auto s = static_cast<scalar_t>(scale);
+    const bool scaled = scale != 1.0;
+    simd::parallel_for(planes, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t m = mu[p % channels];
+        const scalar_t* from = y + p * plane;
+        scalar_t* to = out + p * plane;
+        if (scaled) {
+          for (int64_t i = 0; i < plane; ++i) to[i] = (from[i] - m) * s;
+        } else {
+          for (int64_t i = 0; i < plane; ++i) to[i] = from[i] - m;
+        }
+      }
+    });
+  });
+  return centred;
 }
 
 // (C + 1, Cin * taps): the C variance-gradient rows (2/m) sum (y - mu) u, then the mean patch
@@ -239,6 +303,21 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> convolution_statistic_gradi
     const double scale = 2.0 / static_cast<double>(samples);
     std::vector<int64_t> mean_shape(output.dim(), 1);
     mean_shape[1] = channels;
+    if (takes_mean_patches(input)) {
+      const Tensor centred = centred_output(output, means[l], scale_first ? scale : 1.0);
+      const Tensor placeholder =
+          at::empty(weights[l].sizes(), output.options().memory_format(input.suggest_memory_format()));
+      Tensor var_grad = std::get<1>(at::convolution_backward(centred, input, placeholder, std::nullopt, stride, padding,
+                                                             dilation, false, {0, 0}, 1, {false, true, false}));
+      if (!scale_first) {
+        var_grad.mul_(scale);
+      }
+      var_grads.push_back(var_grad.reshape({channels, 1, fan_in}));
+      mean_grads.push_back(mean_patches(input, weights[l].sizes().slice(2), stride, padding, dilation,
+                                        output.sizes().slice(2), samples)
+                               .view({1, 1, fan_in}));
+      continue;
+    }
     std::vector<int64_t> grad_shape = output.sizes().vec();
     grad_shape[1] = channels + 1;
     Tensor grad_output = at::empty(grad_shape, output.options());
