@@ -108,12 +108,36 @@ bool takes_mean_patches(const Tensor& input) {
          (input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble);
 }
 
+constexpr int64_t kLine = 16;                // floats per 64-byte line
+constexpr int64_t kScratchFloats = 1 << 20;  // 4 MiB
+
+// Scratch memory of the calling thread for `needed` floats, kept between calls up to kScratchFloats
+// (a model's layers reuse it: fresh buffers cost the allocator at every layer, and page faults
+// where it hands out memory it has just returned to the system), or nullptr for more. It starts
+// on a 64-byte line, as ATen's allocations do, so that the direct loops' 32-byte loads of
+// channels-last rows never straddle two lines (measured: 15-20 % slower at batch 1 on
+// 16-byte-aligned memory). Its contents are left as the last user left them.
+float* scratch_floats(int64_t needed) {
+  if (needed > kScratchFloats) {
+    return nullptr;
+  }
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < needed + kLine) {
+    scratch.resize(needed + kLine);
+  }
+  const auto address = reinterpret_cast<std::uintptr_t>(scratch.data());
+  return scratch.data() + ((64 - address % 64) % 64) / sizeof(float);
+}
+
 // (y - mu) s for an (N, C, H, W) output and its channel means, in one pass: the values of ATen's
-// subtraction then multiplication (s = 1: the subtraction alone), each rounded once as there.
+// subtraction then multiplication (s = 1: the subtraction alone), each rounded once as there. A
+// float32 result that fits lives in the thread's scratch memory, valid until its next use.
 Tensor centred_output(const Tensor& output, const Tensor& mean, double scale) {
   const Tensor values = output.contiguous();
   const Tensor means = mean.to(values.scalar_type()).contiguous();
-  Tensor centred = at::empty_like(values);
+  float* scratch = values.scalar_type() == at::kFloat ? scratch_floats(values.numel()) : nullptr;
+  Tensor centred = scratch != nullptr ? at::from_blob(scratch, values.sizes(), values.options())
+                                      : at::empty_like(values);
   const int64_t planes = values.size(0) * values.size(1), channels = values.size(1);
   const int64_t plane = values.numel() / std::max<int64_t>(1, planes);
   AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "cbn_centred_output", [&] {
@@ -160,25 +184,11 @@ Tensor direct_gradients(Form form, const Tensor& input, const Tensor& output, co
   const int64_t grad_row = by_channels ? out_w : row;
   const int64_t plane_step = by_channels ? plane * in_channels : plane + kVector;
 
-  // Scratch memory of the calling thread, kept between calls up to kScratchFloats (a model's
-  // layers reuse it: fresh buffers cost the allocator at every layer); larger operands take a
-  // tensor of their own. Both parts start on a 64-byte line, as ATen's allocations do, so that the
-  // loops' 32-byte loads of channels-last rows never straddle two lines (measured: 15-20 % slower
-  // at batch 1 on 16-byte-aligned memory).
-  constexpr int64_t kLine = 16;                 // floats per 64-byte line
-  constexpr int64_t kScratchFloats = 1 << 20;   // 4 MiB
   const int64_t planes_size = (images * (by_channels ? 1 : in_channels) * plane_step + kLine - 1) / kLine * kLine;
   const int64_t needed = planes_size + images * rows * length;
-  thread_local std::vector<float> scratch;
   Tensor own;
-  float* aligned = nullptr;
-  if (needed <= kScratchFloats) {
-    if (static_cast<int64_t>(scratch.size()) < needed + kLine) {
-      scratch.resize(needed + kLine);
-    }
-    const auto address = reinterpret_cast<std::uintptr_t>(scratch.data());
-    aligned = scratch.data() + ((64 - address % 64) % 64) / sizeof(float);
-  } else {
+  float* aligned = scratch_floats(needed);
+  if (aligned == nullptr) {
     own = at::empty({needed}, input.options());
     aligned = own.data_ptr<float>();
   }
