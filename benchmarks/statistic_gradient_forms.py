@@ -13,6 +13,11 @@ in one process; medians. The default shapes are ResNet-20's 3x3 layers, the firs
 resnet18 and resnet50 at 160 and 128 px, and their 1x1 and wider layers, where the kernels keep
 ATen's form (their ratio is then about 1: the Python form's call costs a few microseconds more).
 
+Beside them, the floor's one weight-gradient convolution of the output itself (C rows, no centring,
+no mean patch), the least a compensated step pays per layer. ``--backbone MODEL:SIZE:BATCH`` times
+instead the kernels against that floor layer by layer over a timm model's plain convolutions (e.g.
+``resnet18:160:2``), the sums of their medians.
+
 ``--resnet20 BATCH`` times instead the kernel's one call over all of ResNet-20's convolutions
 (``benchmarks.train_step``'s model, the activations of one forward at that batch), as the record
 of a training step makes it: each layer's operands evicted by the others'. To compare two
@@ -41,18 +46,15 @@ DEFAULT_SHAPES = (
 )
 
 
-def measure(shape: str, rounds: int) -> dict:
-    """Median seconds per call of both forms for one ``batch:in:out:size:kernel:stride`` shape."""
+def _forms(conv: nn.Conv2d, x: torch.Tensor, y: torch.Tensor) -> dict:
+    """The three forms for one convolution's output ``y`` of input ``x``: the kernels, the Python
+    (ATen) form, and the floor's one weight-gradient convolution of the output itself (C rows, no
+    centring, no mean patch: what ``benchmarks.train_step.WeightGradFloor`` pays)."""
     import cbn.kernels
     from cbn.functional.statistic_gradients import producer_statistic_gradients_of_layers
 
-    batch, in_channels, out_channels, size, kernel, stride = (int(v) for v in shape.split(":"))
-    torch.manual_seed(0)
-    conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2)
-    x = torch.randn(batch, in_channels, size, size)
-    with torch.no_grad():
-        y = conv(x)
     operands = [(conv, x, y, y.mean((0, 2, 3)))]
+    placeholder = torch.empty_like(conv.weight)
 
     def kernels():
         return producer_statistic_gradients_of_layers(operands)
@@ -61,15 +63,66 @@ def measure(shape: str, rounds: int) -> dict:
         with cbn.kernels.use_kernels(False):
             return producer_statistic_gradients_of_layers(operands)
 
-    kernels(), aten()
-    calls = max(1, int(2e4 / max(1, batch * size * size * in_channels * kernel * kernel / 144)))
-    times: dict[str, list[float]] = {"kernels": [], "aten": []}
+    def floor():
+        return torch.ops.aten.convolution_backward(y, x, placeholder, None, conv.stride, conv.padding, conv.dilation,
+                                                   False, [0, 0], conv.groups, [False, True, False])
+
+    return {"kernels": kernels, "aten": aten, "floor": floor}
+
+
+def _medians(forms: dict, rounds: int, calls: int) -> dict:
+    """Median seconds per call of each form, the forms alternated round by round."""
+    for fn in forms.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in forms}
     for _ in range(rounds):
-        for name, fn in (("kernels", kernels), ("aten", aten)):
+        for name, fn in forms.items():
             times[name].append(timeit.timeit(fn, number=calls) / calls)
-    kernels_us, aten_us = (1e6 * statistics.median(times[name]) for name in ("kernels", "aten"))
-    return {"shape": shape, "kernels_us": kernels_us, "aten_us": aten_us, "ratio": kernels_us / aten_us,
-            "calls_per_round": calls, "rounds": rounds}
+    return {name: statistics.median(samples) for name, samples in times.items()}
+
+
+def measure(shape: str, rounds: int) -> dict:
+    """Median seconds per call of the forms for one ``batch:in:out:size:kernel:stride`` shape."""
+    batch, in_channels, out_channels, size, kernel, stride = (int(v) for v in shape.split(":"))
+    torch.manual_seed(0)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride=stride, padding=kernel // 2)
+    x = torch.randn(batch, in_channels, size, size)
+    with torch.no_grad():
+        y = conv(x)
+    calls = max(1, int(2e4 / max(1, batch * size * size * in_channels * kernel * kernel / 144)))
+    medians = _medians(_forms(conv, x, y), rounds, calls)
+    kernels_us, aten_us, floor_us = (1e6 * medians[name] for name in ("kernels", "aten", "floor"))
+    return {"shape": shape, "kernels_us": kernels_us, "aten_us": aten_us, "floor_us": floor_us,
+            "ratio": kernels_us / aten_us, "floor_ratio": kernels_us / floor_us, "calls_per_round": calls,
+            "rounds": rounds}
+
+
+def measure_backbone(cell: str, rounds: int) -> dict:
+    """The kernels against the floor's convolution, layer by layer, over a timm model's plain 2-D
+    convolutions (``groups == 1``) at ``model:size:batch``: each layer's medians, summed."""
+    import timm
+
+    name, size, batch = cell.split(":")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=10).eval()  # (the shapes are what count)
+    layers = []
+
+    def keep(module, args, output):
+        layers.append((module, args[0].detach(), output.detach()))
+
+    handles = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups == 1]
+    with torch.no_grad():
+        model(torch.randn(int(batch), 3, int(size), int(size)))
+    for handle in handles:
+        handle.remove()
+    totals = {"kernels": 0.0, "floor": 0.0}
+    for conv, x, y in layers:
+        forms = _forms(conv, x, y)
+        medians = _medians({key: forms[key] for key in totals}, rounds, 1)
+        for key in totals:
+            totals[key] += medians[key]
+    return {"shape": f"{cell} ({len(layers)} convolutions)", "kernels_us": 1e6 * totals["kernels"],
+            "floor_us": 1e6 * totals["floor"], "floor_ratio": totals["kernels"] / totals["floor"], "rounds": rounds}
 
 
 def measure_resnet20(batch: int, rounds: int) -> dict:
@@ -113,6 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--resnet20", type=int, default=None, metavar="BATCH",
                         help="time the kernel's one call over ResNet-20's convolutions at this batch instead")
+    parser.add_argument("--backbone", default=None, metavar="MODEL:SIZE:BATCH",
+                        help="time instead the kernels against the floor's convolution over a timm model's layers")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -124,16 +179,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row = measure_resnet20(args.resnet20, max(args.rounds, 1))
         print(f"{row['shape']}: {row['kernels_us']:.1f} us (median of {row['rounds']})")
         return [row]
-    rows = []
-    for index, shape in enumerate(args.shapes, 1):
-        row = measure(shape, args.rounds)
-        rows.append(row)
-        print(f"[{index}/{len(args.shapes)}] {shape}: kernels {row['kernels_us']:.1f} us, "
-              f"ATen form {row['aten_us']:.1f} us, ratio {row['ratio']:.2f}", file=sys.stderr)
-    print("| batch:in:out:size:kernel:stride | kernels (us) | ATen form (us) | kernels / ATen |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['shape']} | {row['kernels_us']:.1f} | {row['aten_us']:.1f} | {row['ratio']:.2f} |")
+    if args.backbone is not None:
+        rows = [measure_backbone(args.backbone, max(args.rounds, 1))]
+        print(f"{rows[0]['shape']}: kernels {rows[0]['kernels_us'] / 1e3:.2f} ms, floor's convolutions "
+              f"{rows[0]['floor_us'] / 1e3:.2f} ms, {rows[0]['floor_ratio']:.2f}x")
+    else:
+        rows = []
+        for index, shape in enumerate(args.shapes, 1):
+            row = measure(shape, args.rounds)
+            rows.append(row)
+            print(f"[{index}/{len(args.shapes)}] {shape}: kernels {row['kernels_us']:.1f} us, "
+                  f"ATen form {row['aten_us']:.1f} us, floor {row['floor_us']:.1f} us", file=sys.stderr)
+        print("| batch:in:out:size:kernel:stride | kernels (us) | ATen form (us) | floor's convolution (us) "
+              "| kernels / ATen | kernels / floor |")
+        print("|---|---|---|---|---|---|")
+        for row in rows:
+            print(f"| {row['shape']} | {row['kernels_us']:.1f} | {row['aten_us']:.1f} | {row['floor_us']:.1f} "
+                  f"| {row['ratio']:.2f} | {row['floor_ratio']:.2f} |")
     if args.json is not None:
         command = command_line("statistic_gradient_forms", sys.argv[1:] if argv is None else argv)
         args.json.write_text(json.dumps({"command": command, "machine": machine_info(1), "rows": rows}, indent=1))

@@ -16,8 +16,10 @@ The C++ kernels run the per-step work from C++:
   operations in the same order, bit for bit);
 - ``torch.ops.cbn.convolution_statistic_gradients``: the statistic gradients of all plain
   convolution producers (:func:`cbn.functional.producer_statistic_gradients` looped over them),
-  2-D float ones in direct loops instead of oneDNN's weight gradient (ResNets' layers: input
-  channels in eights, or stride 1);
+  small 2-D float ones in direct loops instead of oneDNN's weight gradient (ResNet-20's layers:
+  input channels in eights within measured bounds, or stride 1), the other 2-D ones with the mean
+  patch from window sums beside a weight gradient of C rows (oneDNN blocks C + 1 rows a block
+  wider);
 - ``torch.ops.cbn.mean_patches`` and ``depthwise_variance_gradients``: the statistic gradients of
   grouped 2-D convolutions (depthwise producers): the mean patches as separable window sums
   instead of a convolution with an output-sized kernel, the variance rows centred inline;

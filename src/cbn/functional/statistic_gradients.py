@@ -394,7 +394,8 @@ def producer_statistic_gradients(
         # One weight-gradient convolution gives both: an extra output channel whose gradient is the
         # uniform 1/m yields the mean patch next to the C variance rows.
         # (The C++ kernel cbn::convolution_statistic_gradients does the same, bit for bit, except
-        # for 2-D float producers, which it takes in direct loops: equal to rounding.)
+        # for 2-D host producers: small ones in direct loops, the others' mean patch from window
+        # sums beside C rows; equal to rounding.)
         scale_first = _scales_activations(samples, producer.weight[0].numel())
         grad_output = _centred_and_uniform(output, channel_mean, 2.0 / samples if scale_first else 1.0)
         both = _convolution_weight_gradient(producer, grad_output, padded, [channels + 1, *kernel_shape], padding, 1)
@@ -468,8 +469,9 @@ def producer_statistic_gradients_of_layers(operands: list[tuple]) -> list[Statis
     Where :mod:`cbn.kernels` is active, the convolutions that take the one-convolution form
     (``groups == 1``, batch below ``_SPLIT_BATCH``, zero padding) go through the C++ kernel
     ``cbn::convolution_statistic_gradients`` in one call (the same ATen kernels, bit for bit, except
-    for 2-D float producers, which it sums in direct loops: equal to float rounding); the others,
-    and all of them without the kernels, through the Python function.
+    for 2-D host producers: small ones summed in direct loops, the others' mean patch taken from
+    window sums beside a weight gradient of C rows; equal to float rounding); the others, and all
+    of them without the kernels, through the Python function.
     """
     gradients: list[StatisticGradients | None] = [None] * len(operands)
     one_call = [i for i, (producer, _, output, _) in enumerate(operands) if _in_one_convolution(producer, output)]
