@@ -187,6 +187,28 @@ def test_statistic_shifts_of_an_entry_alone_equal_its_shifts_in_a_window_bit_for
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels,fan_in,groups", [(20, 4621, 1), (33, 203, 1), (7, 37, 7), (12, 1100, 3)])
+@pytest.mark.parametrize("entries", [3, 6])
+def test_statistic_shifts_mean_terms_equal_the_variance_terms_dot_products_bit_for_bit(channels, fan_in, groups,
+                                                                                       entries, dtype):
+    # The kernel takes the variance terms one channel at a time (simd::dots) and the mean terms for
+    # a block of up to 16 channels at once over chunks of the shared mean patches
+    # (simd::dots_shared): with every channel's variance rows equal to its group's mean patches,
+    # the two terms are the same dot products, and must be equal bit for bit. Lengths with several
+    # chunks and every tail (4621 = 4 x 1024 + 16 x 32 + 8 + 5 floats), blocks of 16 with a rest
+    # (20, 33 channels), groups of one channel and of four.
+    torch.manual_seed(0)
+    mean_grad = torch.randn(groups, entries, fan_in, dtype=dtype)
+    var_grad = mean_grad.repeat_interleave(channels // groups, dim=0)
+    weight = torch.randn(channels, fan_in, dtype=dtype)
+    means, variances = torch.ops.cbn.statistic_shifts_many(mean_grad.unbind(1), var_grad.unbind(1), entries,
+                                                           [weight], [None])
+    assert torch.equal(means, variances)
+    exact = (var_grad.double() * weight.double().unsqueeze(1)).sum(-1).t()
+    assert (means.double() - exact).abs().max() < 1e-3 * exact.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("summary", ["differentiable", "paper", "naive"])
 def test_window_summary_equals_python_bit_for_bit(dtype, summary):
     # cbn::window_summary runs the Python forms' float operations in their order (scalar, no FMA):

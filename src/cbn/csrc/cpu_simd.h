@@ -72,6 +72,9 @@ inline const char* instruction_set() { return "build"; }
 
 #endif
 
+// The most rows of b that simd::dots_shared takes in one call.
+constexpr int64_t kMostRows = 16;
+
 #if defined(__GNUC__) || defined(__clang__)
 
 // Lanes<scalar_t>::type: a 32-byte vector of scalar_t (GCC and Clang vector extensions), with
@@ -154,6 +157,48 @@ inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, sc
     scalar_t tail = 0;
     for (; i < n; ++i) tail += a[t][i] * b[i];
     out[t] = L::fold((s[t][0] + s[t][1]) + (s[t][2] + s[t][3])) + tail;
+  }
+}
+
+// lane_dots<kCount>(a, b + r b_stride, n, out + r kCount) for every row r < rows (rows <= kMostRows),
+// bit for bit: the same partial sums fed the same products in the same order, only the rows of b
+// taken in turn over chunks of kChunk values of the shared a[t], so that a chunk of the a rows
+// stays in the L1 cache for every row of b (the rows of b in the L2 cache: just read by another
+// pass) instead of being read from the L2 cache once per row of b.
+template <int kCount, typename scalar_t>
+inline void lane_dots_shared(const scalar_t* const* a, const scalar_t* b, int64_t b_stride, int64_t rows, int64_t n,
+                             scalar_t* out) {
+  using L = Lanes<scalar_t>;
+  using V = typename L::type;
+  constexpr int W = L::width;
+  constexpr int64_t kChunk = 128 * W;  // 4 KiB of each a row
+  V sums[kMostRows][kCount][4] = {};
+  const int64_t vectors_end = n / (4 * W) * (4 * W);
+  for (int64_t chunk = 0; chunk < vectors_end; chunk += kChunk) {
+    const int64_t chunk_end = chunk + kChunk < vectors_end ? chunk + kChunk : vectors_end;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* row = b + r * b_stride;
+      V s[kCount][4];
+      __builtin_memcpy(s, sums[r], sizeof(s));
+      for (int64_t j = chunk; j < chunk_end; j += 4 * W) {
+        for (int k = 0; k < 4; ++k) {
+          const V bk = L::load(row + j + k * W);
+          for (int t = 0; t < kCount; ++t) s[t][k] += L::load(a[t] + j + k * W) * bk;
+        }
+      }
+      __builtin_memcpy(sums[r], s, sizeof(s));
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* row = b + r * b_stride;
+    for (int t = 0; t < kCount; ++t) {
+      V* s = sums[r][t];
+      int64_t i = vectors_end;
+      for (; i + W <= n; i += W) s[0] += L::load(a[t] + i) * L::load(row + i);
+      scalar_t tail = 0;
+      for (; i < n; ++i) tail += a[t][i] * row[i];
+      out[r * kCount + t] = L::fold((s[0] + s[1]) + (s[2] + s[3])) + tail;
+    }
   }
 }
 
@@ -252,6 +297,12 @@ inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, sc
   for (int t = 0; t < kCount; ++t) out[t] = lane_dot<false>(a[t], b, b, n);
 }
 
+template <int kCount, typename scalar_t>
+inline void lane_dots_shared(const scalar_t* const* a, const scalar_t* b, int64_t b_stride, int64_t rows, int64_t n,
+                             scalar_t* out) {
+  for (int64_t r = 0; r < rows; ++r) lane_dots<kCount>(a, b + r * b_stride, n, out + r * kCount);
+}
+
 template <int kTaps>
 inline void lane_shifted_dots(const float* a, const float* b, const int64_t* offsets, int64_t n, int64_t images,
                               int64_t a_step, int64_t b_step, float* out) {
@@ -300,6 +351,27 @@ inline void dots(const scalar_t* const* a, const scalar_t* b, int64_t n, int64_t
     case 2: detail::lane_dots<2>(a + t, b, n, out + t); break;
     case 1: detail::lane_dots<1>(a + t, b, n, out + t); break;
     default: break;
+  }
+}
+
+// out[r count + t] = dot(a[t], b + r b_stride, n) for t < count and r < rows <= kMostRows, bit for
+// bit: the dot products of many rows of b (a block of weight rows) with the same few rows a[t]
+// (a layer's shared mean patches), each chunk of the a rows read once for all rows of b.
+template <typename scalar_t>
+inline void dots_shared(const scalar_t* const* a, int64_t count, const scalar_t* b, int64_t b_stride, int64_t rows,
+                        int64_t n, scalar_t* out) {
+  scalar_t part[kMostRows * 4];
+  for (int64_t t = 0; t < count; t += 4) {
+    const int64_t width = count - t < 4 ? count - t : 4;
+    switch (width) {
+      case 4: detail::lane_dots_shared<4>(a + t, b, b_stride, rows, n, part); break;
+      case 3: detail::lane_dots_shared<3>(a + t, b, b_stride, rows, n, part); break;
+      case 2: detail::lane_dots_shared<2>(a + t, b, b_stride, rows, n, part); break;
+      default: detail::lane_dots_shared<1>(a + t, b, b_stride, rows, n, part); break;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t u = 0; u < width; ++u) out[r * count + t + u] = part[r * width + u];
+    }
   }
 }
 

@@ -2,8 +2,11 @@
 // the loop of cbn.functional.statistic_gradients.statistic_shifts over the layers of a model.
 //
 // Both terms are dot products of fan_in values with the channel's weight row, summed here in one
-// pass per channel: the row is read from memory once for the mean and the variance terms of every
-// entry, and the entries' rows are read side by side (simd::dots: several memory streams at once).
+// pass over the channels: each weight row is read from memory once for the variance terms of every
+// entry, the entries' rows side by side (simd::dots: several memory streams at once), then, for a
+// block of channels whose rows are still in cache, for the mean terms against their group's mean
+// patches (simd::dots_shared: a chunk of the patches read once for the block, not once per channel;
+// bit for bit simd::dots' sums).
 // The Python form reads the row twice, in a matrix product and in an element-wise product whose
 // temporary is as large as the gradient window, (k - 1) weight-sized tensors: most of the Taylor
 // step's memory traffic on large models. Both forms are float dot products in a different order,
@@ -45,20 +48,26 @@ void row_shifts(const std::vector<Tensor>& mean_slots, const std::vector<Tensor>
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, entries * fan_in));
     const auto channel_loop = [&](int64_t begin, int64_t end) {
       std::vector<const scalar_t*> mean_rows(entries), var_rows(entries);
-      std::vector<scalar_t> mean_dots(entries), var_dots(entries);
-      for (int64_t c = begin; c < end; ++c) {
-        const scalar_t* row = w + c * fan_in;
-        const int64_t group = c / per_group;
-        const scalar_t offset = b == nullptr ? scalar_t(0) : b[c];
-        for (int64_t t = 0; t < entries; ++t) {
-          mean_rows[t] = g_mu.row(t, group);
-          var_rows[t] = g_var.row(t, c);
+      std::vector<scalar_t> mean_dots(entries * simd::kMostRows), var_dots(entries);
+      for (int64_t first = begin; first < end; first += simd::kMostRows) {
+        const int64_t last = std::min(end, first + simd::kMostRows);
+        for (int64_t c = first; c < last; ++c) {
+          for (int64_t t = 0; t < entries; ++t) var_rows[t] = g_var.row(t, c);
+          simd::dots(var_rows.data(), w + c * fan_in, fan_in, entries, var_dots.data());
+          for (int64_t t = 0; t < entries; ++t) var[t * total + c] = var_dots[t];
         }
-        simd::dots(mean_rows.data(), row, fan_in, entries, mean_dots.data());
-        simd::dots(var_rows.data(), row, fan_in, entries, var_dots.data());
-        for (int64_t t = 0; t < entries; ++t) {
-          mean[t * total + c] = mean_dots[t] + offset;
-          var[t * total + c] = var_dots[t];
+        // The block's weight rows, just read, against their groups' mean patches (one group for a
+        // plain convolution: each chunk of its patches read once for the block).
+        for (int64_t start = first; start < last;) {
+          const int64_t group = start / per_group, run_end = std::min(last, (group + 1) * per_group);
+          for (int64_t t = 0; t < entries; ++t) mean_rows[t] = g_mu.row(t, group);
+          simd::dots_shared(mean_rows.data(), entries, w + start * fan_in, fan_in, run_end - start, fan_in,
+                            mean_dots.data());
+          for (int64_t c = start; c < run_end; ++c) {
+            const scalar_t offset = b == nullptr ? scalar_t(0) : b[c];
+            for (int64_t t = 0; t < entries; ++t) mean[t * total + c] = mean_dots[(c - start) * entries + t] + offset;
+          }
+          start = run_end;
         }
       }
     };
