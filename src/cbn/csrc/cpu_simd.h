@@ -21,6 +21,9 @@
 // up to four rows side by side: one row after the other, dot products over rows that are not in
 // cache wait on one memory stream at a time (resnet18's window, 3 entries: 12 GB/s one after the
 // other, 15 GB/s side by side, where one thread reads 25 GB/s; benchmarks.window_passes).
+// simd::dots_shared(a, count, b, b_stride, rows, n, out) gives the same dot products of up to
+// kMostRows rows of b with the count rows a[t], each chunk of the a rows read once for all rows of
+// b (a layer's shared mean patches against a block of weight rows).
 #pragma once
 
 #include <ATen/Parallel.h>
