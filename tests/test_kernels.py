@@ -197,6 +197,7 @@ def test_statistic_shifts_mean_terms_equal_the_variance_terms_dot_products_bit_f
     # the two terms are the same dot products, and must be equal bit for bit. Lengths with several
     # chunks and every tail (4621 = 4 x 1024 + 16 x 32 + 8 + 5 floats), blocks of 16 with a rest
     # (20, 33 channels), groups of one channel and of four.
+    assert cbn.kernels.available()
     torch.manual_seed(0)
     mean_grad = torch.randn(groups, entries, fan_in, dtype=dtype)
     var_grad = mean_grad.repeat_interleave(channels // groups, dim=0)
