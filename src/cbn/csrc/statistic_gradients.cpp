@@ -277,7 +277,8 @@ Tensor direct_gradients(Form form, const Tensor& input, const Tensor& output, co
 
 // settings: per layer, its stride, padding and dilation (one value per spatial dimension each),
 // one layer after the other. Returns, per layer, the mean gradients (1, 1, fan_in) and the
-// variance gradients (C, 1, fan_in): views of one (C + 1, 1, fan_in) tensor.
+// variance gradients (C, 1, fan_in): views of one (C + 1, 1, fan_in) tensor, or two tensors where
+// the mean patch comes from window sums (takes_mean_patches).
 std::tuple<std::vector<Tensor>, std::vector<Tensor>> convolution_statistic_gradients(
     at::TensorList inputs, at::TensorList outputs, at::TensorList means, at::TensorList weights,
     at::IntArrayRef settings) {
@@ -311,18 +312,23 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> convolution_statistic_gradi
     const int64_t fan_in = weights[l].numel() / weights[l].size(0);
     const bool scale_first = samples < fan_in;
     const double scale = 2.0 / static_cast<double>(samples);
-    std::vector<int64_t> mean_shape(output.dim(), 1);
-    mean_shape[1] = channels;
-    if (takes_mean_patches(input)) {
-      const Tensor centred = centred_output(output, means[l], scale_first ? scale : 1.0);
+    // ATen's weight gradient of `rows` rows for grad_output, scaled by 2/m unless grad_output was.
+    const auto weight_gradient = [&](const Tensor& grad_output, int64_t rows) {
+      std::vector<int64_t> weight_shape = weights[l].sizes().vec();
+      weight_shape[0] = rows;
       const Tensor placeholder =
-          at::empty(weights[l].sizes(), output.options().memory_format(input.suggest_memory_format()));
-      Tensor var_grad = std::get<1>(at::convolution_backward(centred, input, placeholder, std::nullopt, stride, padding,
-                                                             dilation, false, {0, 0}, 1, {false, true, false}));
+          at::empty(weight_shape, output.options().memory_format(input.suggest_memory_format()));
+      const std::vector<int64_t> no_output_padding(spatial, 0);
+      Tensor gradient = std::get<1>(at::convolution_backward(grad_output, input, placeholder, std::nullopt, stride,
+                                                             padding, dilation, false, no_output_padding, 1,
+                                                             {false, true, false}));
       if (!scale_first) {
-        var_grad.mul_(scale);
+        gradient.mul_(scale);
       }
-      var_grads.push_back(var_grad.reshape({channels, 1, fan_in}));
+      return gradient.reshape({rows, 1, fan_in});
+    };
+    if (takes_mean_patches(input)) {
+      var_grads.push_back(weight_gradient(centred_output(output, means[l], scale_first ? scale : 1.0), channels));
       mean_grads.push_back(mean_patches(input, weights[l].sizes().slice(2), stride, padding, dilation,
                                         output.sizes().slice(2), samples)
                                .view({1, 1, fan_in}));
@@ -333,23 +339,13 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> convolution_statistic_gradi
     Tensor grad_output = at::empty(grad_shape, output.options());
     grad_output.narrow(1, channels, 1).fill_(scale_first ? 0.5 * scale : 0.5);
     Tensor centred = grad_output.narrow(1, 0, channels);
+    std::vector<int64_t> mean_shape(output.dim(), 1);
+    mean_shape[1] = channels;
     at::sub_out(centred, output, means[l].view(mean_shape));
     if (scale_first) {
       centred.mul_(scale);
     }
-
-    std::vector<int64_t> weight_shape = weights[l].sizes().vec();
-    weight_shape[0] = channels + 1;
-    const Tensor placeholder =
-        at::empty(weight_shape, output.options().memory_format(input.suggest_memory_format()));
-    const std::vector<int64_t> no_output_padding(spatial, 0);
-    Tensor both = std::get<1>(at::convolution_backward(
-        grad_output, input, placeholder, std::nullopt, stride, padding, dilation, false, no_output_padding, 1,
-        {false, true, false}));
-    if (!scale_first) {
-      both.mul_(scale);
-    }
-    both = both.reshape({channels + 1, 1, -1});
+    const Tensor both = weight_gradient(grad_output, channels + 1);
     mean_grads.push_back(both.narrow(0, channels, 1));
     var_grads.push_back(both.narrow(0, 0, channels));
   }
