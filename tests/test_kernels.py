@@ -511,37 +511,39 @@ def test_window_weight_gradient_equals_the_exact_sum(groups, dtype, entries):
 
 
 def test_weight_fingerprint_equals_the_probed_dot_and_sees_any_single_change():
-    from cbn.producer_call import PROBE_PERIODS, _probe, _probe_periods
+    from cbn.producer_call import PROBE_LANES, _probe, _probe_parts
 
     assert cbn.kernels.active()  # (loads them when this test runs alone)
     torch.manual_seed(0)
-    # Larger than both probe periods, so that the probe repeats inside the weight.
+    # Several blocks of the lane probe, the last one partial.
     weight, bias = torch.randn(96, 16, 3, 3), torch.randn(96)
-    periods = _probe_periods(weight.dtype, weight.device)
-    fast = torch.ops.cbn.weight_fingerprint([weight, bias], *periods)
-    # The oracle: float64 dot products with the whole probe, built by repeating the periods.
+    parts = _probe_parts(weight.dtype, weight.device)
+    lanes, blocks = parts
+    fast = torch.ops.cbn.weight_fingerprint([weight, bias], *parts)
+    # The oracle: float64 dot products with the whole probe, built from its definition.
     probes = [_probe(t.numel(), t.dtype, t.device) for t in (weight, bias)]
-    assert torch.equal(probes[0][:5], periods[0][:5] + periods[1][:5])
-    assert torch.equal(probes[0][PROBE_PERIODS[0]], periods[0][0] + periods[1][PROBE_PERIODS[0]])
+    positions = torch.arange(weight.numel())
+    assert torch.equal(probes[0], lanes[positions % PROBE_LANES] + blocks[positions // PROBE_LANES])
     exact = sum(float(t.double().flatten() @ p.double()) for t, p in zip((weight, bias), probes))
     magnitude = sum(float(t.double().abs().flatten() @ p.double()) for t, p in zip((weight, bias), probes))
     assert abs(fast - exact) <= weight.numel() * 2.0**-24 * magnitude
     # The same values in another layout, the same number; any single value changed, another one.
     other_layout = weight.permute(1, 0, 2, 3).contiguous().permute(1, 0, 2, 3)
-    assert torch.ops.cbn.weight_fingerprint([other_layout.contiguous(), bias], *periods) == fast
-    for index in (0, 77, PROBE_PERIODS[0], PROBE_PERIODS[1] + 1, weight.numel() - 1):
+    assert torch.ops.cbn.weight_fingerprint([other_layout.contiguous(), bias], *parts) == fast
+    for index in (0, 77, PROBE_LANES, PROBE_LANES + 1, weight.numel() - 1):
         changed = weight.clone()
         changed.view(-1)[index] += 1e-3
-        assert torch.ops.cbn.weight_fingerprint([changed, bias], *periods) != fast
-    # Two values exchanged one period apart (where a single repeated probe would weigh them alike).
-    for period in PROBE_PERIODS:
+        assert torch.ops.cbn.weight_fingerprint([changed, bias], *parts) != fast
+    # Two values exchanged in one block (where the block probe alone would weigh them alike) and one
+    # block apart in the same lane (where the lane probe alone would).
+    for distance in (1, PROBE_LANES):
         swapped = weight.clone().view(-1)
-        swapped[[5, 5 + period]] = swapped[[5 + period, 5]]
-        assert torch.ops.cbn.weight_fingerprint([swapped.view_as(weight), bias], *periods) != fast
+        swapped[[5, 5 + distance]] = swapped[[5 + distance, 5]]
+        assert torch.ops.cbn.weight_fingerprint([swapped.view_as(weight), bias], *parts) != fast
     # The ATen path (a non-contiguous tensor) computes the same dot product.
     strided = torch.randn(96, 16 * 9 * 2)[:, ::2]
     probe = _probe(strided.numel(), strided.dtype, strided.device).double()
-    slow = torch.ops.cbn.weight_fingerprint([strided], *periods)
+    slow = torch.ops.cbn.weight_fingerprint([strided], *parts)
     assert abs(slow - float(strided.double().flatten() @ probe)) <= (
         strided.numel() * 2.0**-24 * float(strided.double().abs().flatten() @ probe))
 

@@ -246,7 +246,7 @@ def _convolution_in_kernel(input: Tensor, num_features: int, known: tuple | None
     leaf, no view, no checkpointing, float32 host tensors) with its fingerprint, read in one call of
     ``cbn::convolution_producer``; ``None`` for every other case, which the Python reading takes."""
     weight, bias, producer_input, settings, fingerprint = torch.ops.cbn.convolution_producer.default(
-        input, num_features, *_probe_periods(torch.float32, _CPU))
+        input, num_features, *_probe_parts(torch.float32, _CPU))
     if weight is None:
         return None
     if known is not None and known[0] == settings and known[1].weight is weight and known[1].bias is bias:
@@ -282,13 +282,14 @@ def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
     in any layout), read back once per call; in one call of the C++ kernel ``cbn::weight_fingerprint``
     where :mod:`cbn.kernels` is active (its sum in another order: it is compared only with itself).
 
-    The probe is the sum of two short random probes repeated with coprime periods
-    (:data:`PROBE_PERIODS`): the kernel reads them from the cache and only the weights from memory,
-    and two positions meet the same pair of probe values only ``4093 x 4099`` values apart, so any
-    single change, and any exchange of two values closer than that, changes the number."""
+    The probe is ``lanes[j % 1024] + blocks[(j // 1024) % 16384]`` (:data:`PROBE_LANES`,
+    :data:`PROBE_BLOCKS`): the kernel keeps the 1024 lane values in the cache beside the weights and
+    reads one block value per 1024 weights, and two positions meet the same pair of probe values
+    only ``1024 x 16384`` values apart, so any single change, and any exchange of two values closer
+    than that, changes the number."""
     tensors = [t for t in (computation.weight, computation.bias) if t is not None and t.numel()]
     if kernels.active() and tensors:  # (a number: nothing for autograd to record)
-        return torch.ops.cbn.weight_fingerprint(tensors, *_probe_periods(tensors[0].dtype, tensors[0].device))
+        return torch.ops.cbn.weight_fingerprint(tensors, *_probe_parts(tensors[0].dtype, tensors[0].device))
     with torch.no_grad():
         total = None
         for tensor in tensors:
@@ -298,32 +299,36 @@ def producer_fingerprint(computation: ConvolutionCall | LinearCall) -> float:
     return 0.0 if total is None else float(total)
 
 
-PROBE_PERIODS = (4093, 4099)  # coprime: the probe repeats only every 4093 x 4099 values
-_PERIODS: dict[tuple, tuple[Tensor, Tensor]] = {}
+PROBE_LANES = 1024  # values of the lane probe, repeated for every block of 1024 positions
+PROBE_BLOCKS = 16384  # values of the block probe, one per block: the pair repeats every 2**24 positions
+_PARTS: dict[tuple, tuple[Tensor, Tensor]] = {}
 _PROBES: dict[tuple, Tensor] = {}
 
 
-def _probe_periods(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The two short probes, values in ``[0.5, 1.5)`` (never zero: every value counts)."""
+def _probe_parts(dtype: torch.dtype, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The lane and block probes, values in ``[0.25, 0.75)`` (their sums never zero: every value
+    counts)."""
     key = (dtype, device)
-    periods = _PERIODS.get(key)
-    if periods is None:
+    parts = _PARTS.get(key)
+    if parts is None:
         generator = torch.Generator().manual_seed(0)
         with torch.inference_mode(False):
-            values = torch.rand(sum(PROBE_PERIODS), generator=generator, dtype=torch.float64).add_(0.5)
-            periods = _PERIODS[key] = tuple(part.to(dtype=dtype, device=device) for part in values.split(PROBE_PERIODS))
-    return periods
+            values = torch.rand(PROBE_LANES + PROBE_BLOCKS, generator=generator, dtype=torch.float64).add_(0.25)
+            parts = _PARTS[key] = tuple(part.to(dtype=dtype, device=device)
+                                        for part in values.split((PROBE_LANES, PROBE_BLOCKS)))
+    return parts
 
 
 def _probe(numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """The probe of ``numel`` values: ``first[j % 4093] + second[j % 4099]``, summed in ``dtype``."""
+    """The probe of ``numel`` values: ``lanes[j % 1024] + blocks[(j // 1024) % 16384]``, summed in
+    ``dtype``."""
     key = (numel, dtype, device)
     probe = _PROBES.get(key)
     if probe is None:
         if len(_PROBES) > 512:
             _PROBES.clear()
+        lanes, blocks = _probe_parts(dtype, device)
         with torch.inference_mode(False):
-            first, second = (period.repeat(-(-numel // period.numel()))[:numel]
-                             for period in _probe_periods(dtype, device))
-            probe = _PROBES[key] = first + second
+            block_index = torch.arange(numel, device=device).div_(PROBE_LANES, rounding_mode="floor") % PROBE_BLOCKS
+            probe = _PROBES[key] = lanes.repeat(-(-numel // PROBE_LANES))[:numel] + blocks[block_index]
     return probe

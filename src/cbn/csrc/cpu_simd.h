@@ -11,7 +11,7 @@
 // environment keeps the baseline copy. simd::parallel_for(n, grain, loop) splits [0, n) over ATen's
 // threads and runs loop(begin, end) on each part through simd::run.
 //
-// simd::dot(a, b, n) and simd::dot_with_sum(a, b, c, n) (sum a[j] (b[j] + c[j])) are the dot
+// simd::dot(a, b, n) and simd::dot_with_shift(a, b, s, n) (sum a[j] (b[j] + s)) are the dot
 // products of those loops: four independent 32-byte vectors of partial sums (one AVX register each
 // in the AVX2 copy, two SSE registers in the baseline copy), because a sum kept in one or two
 // registers waits on the latency of each addition and reads a window row at a fraction of the
@@ -116,13 +116,14 @@ struct Lanes {
 
 namespace detail {
 
-template <bool kSecond, typename scalar_t>
-inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
+template <bool kShifted, typename scalar_t>
+inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, scalar_t shift, int64_t n) {
   using L = Lanes<scalar_t>;
   using V = typename L::type;
   constexpr int W = L::width;
+  const V shifts = V{} + shift;
   const auto term = [&](int64_t j) -> V {
-    return kSecond ? L::load(a + j) * (L::load(b + j) + L::load(c + j)) : L::load(a + j) * L::load(b + j);
+    return kShifted ? L::load(a + j) * (L::load(b + j) + shifts) : L::load(a + j) * L::load(b + j);
   };
   V s0 = {}, s1 = {}, s2 = {}, s3 = {};
   int64_t j = 0;
@@ -134,7 +135,7 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
   }
   for (; j + W <= n; j += W) s0 += term(j);
   scalar_t tail = 0;
-  for (; j < n; ++j) tail += a[j] * (kSecond ? b[j] + c[j] : b[j]);
+  for (; j < n; ++j) tail += a[j] * (kShifted ? b[j] + shift : b[j]);
   return L::fold((s0 + s1) + (s2 + s3)) + tail;
 }
 
@@ -279,16 +280,16 @@ inline void lane_channel_taps(const float* a, const float* b, const int64_t* off
 
 namespace detail {
 
-template <bool kSecond, typename scalar_t>
-inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
+template <bool kShifted, typename scalar_t>
+inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, scalar_t shift, int64_t n) {
   constexpr int kLanes = 16;
   scalar_t lanes[kLanes] = {};
   int64_t j = 0;
   for (; j + kLanes <= n; j += kLanes) {
-    for (int k = 0; k < kLanes; ++k) lanes[k] += a[j + k] * (kSecond ? b[j + k] + c[j + k] : b[j + k]);
+    for (int k = 0; k < kLanes; ++k) lanes[k] += a[j + k] * (kShifted ? b[j + k] + shift : b[j + k]);
   }
   scalar_t tail = 0;
-  for (; j < n; ++j) tail += a[j] * (kSecond ? b[j] + c[j] : b[j]);
+  for (; j < n; ++j) tail += a[j] * (kShifted ? b[j] + shift : b[j]);
   for (int half = kLanes / 2; half > 0; half /= 2) {
     for (int k = 0; k < half; ++k) lanes[k] += lanes[k + half];
   }
@@ -297,7 +298,7 @@ inline scalar_t lane_dot(const scalar_t* a, const scalar_t* b, const scalar_t* c
 
 template <int kCount, typename scalar_t>
 inline void lane_dots(const scalar_t* const* a, const scalar_t* b, int64_t n, scalar_t* out) {
-  for (int t = 0; t < kCount; ++t) out[t] = lane_dot<false>(a[t], b, b, n);
+  for (int t = 0; t < kCount; ++t) out[t] = lane_dot<false>(a[t], b, scalar_t(0), n);
 }
 
 template <int kCount, typename scalar_t>
@@ -311,7 +312,7 @@ inline void lane_shifted_dots(const float* a, const float* b, const int64_t* off
                               int64_t a_step, int64_t b_step, float* out) {
   for (int t = 0; t < kTaps; ++t) {
     float total = 0;
-    for (int64_t i = 0; i < images; ++i) total += lane_dot<false>(a + i * a_step, b + i * b_step + offsets[t], b, n);
+    for (int64_t i = 0; i < images; ++i) total += lane_dot<false>(a + i * a_step, b + i * b_step + offsets[t], 0.0f, n);
     out[t] = total;
   }
 }
@@ -341,7 +342,7 @@ inline void lane_channel_taps(const float* a, const float* b, const int64_t* off
 
 template <typename scalar_t>
 inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
-  return detail::lane_dot<false>(a, b, b, n);
+  return detail::lane_dot<false>(a, b, scalar_t(0), n);
 }
 
 // out[t] = dot(a[t], b, n) for t < count, bit for bit, up to four rows read side by side.
@@ -418,8 +419,8 @@ inline void channel_taps(const float* a, const float* b, const int64_t* offsets,
 }
 
 template <typename scalar_t>
-inline scalar_t dot_with_sum(const scalar_t* a, const scalar_t* b, const scalar_t* c, int64_t n) {
-  return detail::lane_dot<true>(a, b, c, n);
+inline scalar_t dot_with_shift(const scalar_t* a, const scalar_t* b, scalar_t shift, int64_t n) {
+  return detail::lane_dot<true>(a, b, shift, n);
 }
 
 template <typename Loop>

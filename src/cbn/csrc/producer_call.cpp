@@ -37,36 +37,31 @@ namespace {
 using at::Tensor;
 using torch::autograd::Node;
 
-// sum_j values[j] (first[j % P1] + second[j % P2]) for the periods P1, P2 of the two probes, in
-// blocks in which neither probe index wraps (the probes stay in the L1 cache: one stream from
-// memory, the values).
+// sum_j values[j] (lanes[j % L] + blocks[(j / L) % B]) for the L values of the lane probe and the
+// B values of the block probe: per block of L values, the dot product with the lane probe shifted
+// by the block's value. Only the values stream from memory; the lane probe (L values) stays in the
+// L1 cache beside them and the block probe is read once per L values.
 template <typename scalar_t>
-double periodic_dot(const scalar_t* values, int64_t n, const scalar_t* first, int64_t first_period,
-                    const scalar_t* second, int64_t second_period) {
+double probed_dot(const scalar_t* values, int64_t n, const scalar_t* lanes, int64_t lane_count,
+                  const scalar_t* blocks, int64_t block_count) {
   double total = 0;
-  int64_t j = 0, i1 = 0, i2 = 0;
-  while (j < n) {
-    const int64_t length = std::min({n - j, first_period - i1, second_period - i2});
-    total += static_cast<double>(simd::dot_with_sum(values + j, first + i1, second + i2, length));
-    j += length;
-    i1 = (i1 + length) % first_period;
-    i2 = (i2 + length) % second_period;
+  for (int64_t j = 0, block = 0; j < n; j += lane_count, block = (block + 1) % block_count) {
+    total += static_cast<double>(simd::dot_with_shift(values + j, lanes, blocks[block], std::min(lane_count, n - j)));
   }
   return total;
 }
 
 // The number by which a layer sees its producer's weights change
 // (cbn.producer_call.producer_fingerprint): sum over tensors of the dot product of their values,
-// in memory order, with the probe that repeats first (period P1) plus the probe that repeats
-// second (period P2), in one call instead of several ATen operations and a read-back per tensor
-// (at batch 1-2 each is a dispatch that costs more than the values). With coprime periods two
-// positions get the same probe value only P1 P2 values apart, so any single change, and any
-// exchange of two values closer than that, changes the number. Contiguous float CPU tensors take
-// the loop above; other ones an ATen dot product with the repeated probe. Unchanged values give
-// the same number.
-double weight_fingerprint(at::TensorList tensors, const Tensor& first, const Tensor& second) {
-  TORCH_CHECK(first.dim() == 1 && second.dim() == 1 && first.numel() > 0 && second.numel() > 0 &&
-                  first.scalar_type() == second.scalar_type(),
+// in memory order, with the probe lanes[j % L] + blocks[(j / L) % B], in one call instead of
+// several ATen operations and a read-back per tensor (at batch 1-2 each is a dispatch that costs
+// more than the values). Two positions get the same pair of probe values only L B values apart, so
+// any single change, and any exchange of two values closer than that, changes the number.
+// Contiguous float CPU tensors take the loop above; other ones an ATen dot product with the whole
+// probe. Unchanged values give the same number.
+double weight_fingerprint(at::TensorList tensors, const Tensor& lanes, const Tensor& blocks) {
+  TORCH_CHECK(lanes.dim() == 1 && blocks.dim() == 1 && lanes.numel() > 0 && blocks.numel() > 0 &&
+                  lanes.scalar_type() == blocks.scalar_type(),
               "cbn.weight_fingerprint: two 1-D probes of one dtype");
   const at::NoGradGuard no_grad;  // (the ATen form's products: a number, nothing for autograd to record)
   double total = 0;
@@ -76,20 +71,21 @@ double weight_fingerprint(at::TensorList tensors, const Tensor& first, const Ten
     if (n == 0) {
       continue;
     }
-    if (!values.is_cpu() || !values.is_contiguous() || first.scalar_type() != dtype || !first.is_cpu() ||
-        !second.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
-      const auto repeated = [n](const Tensor& probe) {
-        return probe.repeat({(n + probe.numel() - 1) / probe.numel()}).narrow(0, 0, n);
-      };
-      const Tensor probe = (repeated(first) + repeated(second)).to(values.options());
+    if (!values.is_cpu() || !values.is_contiguous() || lanes.scalar_type() != dtype || !lanes.is_cpu() ||
+        !blocks.is_cpu() || (dtype != at::kFloat && dtype != at::kDouble)) {
+      const int64_t lane_count = lanes.numel(), block_count = blocks.numel();
+      const Tensor lane_part = lanes.repeat({(n + lane_count - 1) / lane_count}).narrow(0, 0, n);
+      const Tensor block_index = at::arange(n, lanes.options().dtype(at::kLong)).div_(lane_count, "floor")
+                                     .remainder_(block_count);
+      const Tensor probe = (lane_part + blocks.index_select(0, block_index)).to(values.options());
       total += at::dot(values.reshape({-1}), probe).item<double>();
       continue;
     }
-    const Tensor a = first.contiguous(), b = second.contiguous();
+    const Tensor l = lanes.contiguous(), b = blocks.contiguous();
     AT_DISPATCH_FLOATING_TYPES(dtype, "cbn_weight_fingerprint", [&] {
       simd::run([&] {
-        total += periodic_dot(values.const_data_ptr<scalar_t>(), n, a.const_data_ptr<scalar_t>(), a.numel(),
-                              b.const_data_ptr<scalar_t>(), b.numel());
+        total += probed_dot(values.const_data_ptr<scalar_t>(), n, l.const_data_ptr<scalar_t>(), l.numel(),
+                            b.const_data_ptr<scalar_t>(), b.numel());
       });
     });
   }
@@ -120,7 +116,7 @@ using Found = std::tuple<std::optional<Tensor>, std::optional<Tensor>, std::opti
 // (weight, bias, producer input, settings, fingerprint) of the convolution that produced `input`,
 // settings = [transposed, groups, bias kind (0 none, 1 frozen, 2 parameter), stride..., padding...,
 // dilation..., output padding...]; no weight where the case is not the plain one (see the top).
-Found convolution_producer(const Tensor& input, int64_t num_features, const Tensor& first, const Tensor& second) {
+Found convolution_producer(const Tensor& input, int64_t num_features, const Tensor& lanes, const Tensor& blocks) {
   const Found not_taken{std::nullopt, std::nullopt, std::nullopt, {}, 0.0};
   const auto& node = input.grad_fn();
   if (!node || node->name() != "ConvolutionBackward0" || at::SavedTensorDefaultHooks::get_hooks().has_value()) {
@@ -131,7 +127,7 @@ Found convolution_producer(const Tensor& input, int64_t num_features, const Tens
     return not_taken;
   }
   const std::optional<Tensor> weight = leaf_of(node->next_edge(1).function);
-  const auto dtype = first.scalar_type();
+  const auto dtype = lanes.scalar_type();
   if (!weight || !weight->requires_grad() || !plain(*weight, dtype)) {
     return not_taken;
   }
@@ -166,16 +162,16 @@ Found convolution_producer(const Tensor& input, int64_t num_features, const Tens
   if (bias) {
     probed.push_back(*bias);
   }
-  const double fingerprint = weight_fingerprint(probed, first, second);
+  const double fingerprint = weight_fingerprint(probed, lanes, blocks);
   return Found{weight, bias, convolution->input_.unpack(), std::move(settings), fingerprint};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cbn, m) {
-  m.def("weight_fingerprint(Tensor[] tensors, Tensor first, Tensor second) -> float");
+  m.def("weight_fingerprint(Tensor[] tensors, Tensor lanes, Tensor blocks) -> float");
   m.impl("weight_fingerprint", c10::DispatchKey::CompositeImplicitAutograd, &weight_fingerprint);
-  m.def("convolution_producer(Tensor input, int num_features, Tensor first, Tensor second) -> "
+  m.def("convolution_producer(Tensor input, int num_features, Tensor lanes, Tensor blocks) -> "
         "(Tensor? weight, Tensor? bias, Tensor? producer_input, int[] settings, float fingerprint)");
   m.impl("convolution_producer", c10::DispatchKey::CompositeImplicitAutograd, &convolution_producer);
 }
