@@ -1,17 +1,19 @@
-"""The two passes over a backbone's CBN windows, alone: their time and the bandwidth they reach.
+"""The passes over a backbone's CBN windows and weights, alone: their time and the bandwidth they reach.
 
     OMP_NUM_THREADS=1 PYTHONPATH=src:. python -m benchmarks.window_passes --models resnet18 resnet50
     PYTHONPATH=src:. python -m benchmarks.window_passes --smoke         # seconds, a few layers
 
 On a large backbone a compensated step's extra over the weight-gradient floor is mostly two
 memory-bound passes over the window of every paired convolution (``window - 1`` slots of the
-statistic gradients, each as large as the weight):
+statistic gradients, each as large as the weight) and one over the weights:
 
 - ``shifts``: the Taylor step's first-order terms of every entry, ``cbn::statistic_shifts_many``
   (both rules, before the forward): reads the slots and the weights;
 - ``backward``: the producer's gradient of differentiable compensation,
   ``cbn::compensation_gradients`` (the default only, in the backward): reads the slots, writes a
-  weight-sized gradient.
+  weight-sized gradient;
+- ``fingerprint``: the producer fingerprint pairing takes at every call, ``cbn::weight_fingerprint``
+  (both rules, in the forward): reads the weights and biases.
 
 Windows of the shapes the layers of a timm model give (one per convolution, its groups kept),
 filled with random values; each pass timed over every layer after a write to a buffer larger
@@ -59,7 +61,9 @@ def make_windows(shapes, entries: int, seed: int = 0) -> list[dict]:
 
 
 def passes(windows: list[dict]) -> dict:
-    """The two passes as functions over every layer, and the bytes each moves at least."""
+    """The three passes as functions over every layer, and the bytes each moves at least."""
+    from cbn.producer_call import _probe_parts
+
     ops = torch.ops.cbn
     mean_slots = [t for w in windows for t in w["mean_slots"]]
     var_slots = [t for w in windows for t in w["var_slots"]]
@@ -74,10 +78,19 @@ def passes(windows: list[dict]) -> dict:
             ops.compensation_gradients(w["coefficients"], w["grad_center"], w["grad_spread"], w["mean_slots"],
                                        w["var_slots"], list(w["weight"].shape))
 
+    probe = _probe_parts(torch.float32, torch.device("cpu"))
+
+    def fingerprint():
+        for weight, bias in zip(weights, biases):
+            ops.weight_fingerprint([weight, bias], *probe)
+
     slot_bytes = sum(t.numel() * t.element_size() for t in (*mean_slots, *var_slots))
     weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-    # shifts: the slots and the weights read; backward: the slots read, a weight-sized gradient written.
-    return {"shifts": (shifts, slot_bytes + weight_bytes), "backward": (backward, slot_bytes + weight_bytes)}
+    bias_bytes = sum(b.numel() * b.element_size() for b in biases)
+    # shifts: the slots and the weights read; backward: the slots read, a weight-sized gradient
+    # written; fingerprint: the weights and biases read.
+    return {"shifts": (shifts, slot_bytes + weight_bytes), "backward": (backward, slot_bytes + weight_bytes),
+            "fingerprint": (fingerprint, weight_bytes + bias_bytes)}
 
 
 def measure(model_name: str, entries: int, repeats: int, layers: int | None) -> list[dict]:

@@ -1,4 +1,4 @@
-"""The window-pass benchmark times both passes over real layer shapes and counts their bytes."""
+"""The window-pass benchmark times its passes over real layer shapes and counts their bytes."""
 
 import json
 
@@ -16,9 +16,11 @@ def test_window_shapes_are_the_convolutions_slots():
 def test_window_passes_smoke(tmp_path):
     out = tmp_path / "passes.json"
     rows = main(["--models", "resnet18", "--smoke", "--json", str(out)])
-    assert [row["pass_"] for row in rows] == ["shifts", "backward"]
+    assert [row["pass_"] for row in rows] == ["shifts", "backward", "fingerprint"]
     # resnet18's first three convolutions: 64 x 147, 64 x 576, 64 x 576 weights, three slots each.
     weights = 64 * 147 + 2 * 64 * 576
-    assert all(row["layers"] == 3 and row["bytes"] == 4 * (4 * weights + 3 * (147 + 2 * 576)) for row in rows)
+    window_passes, fingerprint = rows[:2], rows[2]
+    assert all(row["layers"] == 3 and row["bytes"] == 4 * (4 * weights + 3 * (147 + 2 * 576)) for row in window_passes)
+    assert fingerprint["layers"] == 3 and fingerprint["bytes"] == 4 * (weights + 3 * 64)
     assert all(row["ms"] > 0 for row in rows)
     assert json.loads(out.read_text())["rows"] == rows
