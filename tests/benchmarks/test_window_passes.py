@@ -19,8 +19,8 @@ def test_window_passes_smoke(tmp_path):
     assert [row["pass_"] for row in rows] == ["shifts", "backward", "fingerprint"]
     # resnet18's first three convolutions: 64 x 147, 64 x 576, 64 x 576 weights, three slots each.
     weights = 64 * 147 + 2 * 64 * 576
-    window_passes, fingerprint = rows[:2], rows[2]
-    assert all(row["layers"] == 3 and row["bytes"] == 4 * (4 * weights + 3 * (147 + 2 * 576)) for row in window_passes)
-    assert fingerprint["layers"] == 3 and fingerprint["bytes"] == 4 * (weights + 3 * 64)
+    window_bytes = 4 * (4 * weights + 3 * (147 + 2 * 576))  # the slots and the weights
+    assert all(row["layers"] == 3 and row["bytes"] == window_bytes for row in rows[:2])
+    assert rows[2]["layers"] == 3 and rows[2]["bytes"] == 4 * (weights + 3 * 64)  # the weights and biases
     assert all(row["ms"] > 0 for row in rows)
     assert json.loads(out.read_text())["rows"] == rows
