@@ -345,17 +345,27 @@ inline scalar_t dot(const scalar_t* a, const scalar_t* b, int64_t n) {
   return detail::lane_dot<false>(a, b, scalar_t(0), n);
 }
 
+// loop(first, std::integral_constant<int, N>{}) for each block of at most 4 of `count` rows, N its
+// size and first its first row: the rows of a block are read side by side, their sums in registers.
+template <typename Loop>
+inline void in_row_blocks(int64_t count, const Loop& loop) {
+  for (int64_t first = 0; first < count; first += 4) {
+    switch (count - first < 4 ? count - first : 4) {
+      case 4: loop(first, std::integral_constant<int, 4>{}); break;
+      case 3: loop(first, std::integral_constant<int, 3>{}); break;
+      case 2: loop(first, std::integral_constant<int, 2>{}); break;
+      case 1: loop(first, std::integral_constant<int, 1>{}); break;
+      default: break;
+    }
+  }
+}
+
 // out[t] = dot(a[t], b, n) for t < count, bit for bit, up to four rows read side by side.
 template <typename scalar_t>
 inline void dots(const scalar_t* const* a, const scalar_t* b, int64_t n, int64_t count, scalar_t* out) {
-  int64_t t = 0;
-  for (; t + 4 <= count; t += 4) detail::lane_dots<4>(a + t, b, n, out + t);
-  switch (count - t) {
-    case 3: detail::lane_dots<3>(a + t, b, n, out + t); break;
-    case 2: detail::lane_dots<2>(a + t, b, n, out + t); break;
-    case 1: detail::lane_dots<1>(a + t, b, n, out + t); break;
-    default: break;
-  }
+  in_row_blocks(count, [&](int64_t first, auto width) {
+    detail::lane_dots<decltype(width)::value>(a + first, b, n, out + first);
+  });
 }
 
 // out[r count + t] = dot(a[t], b + r b_stride, n) for t < count and r < rows <= kMostRows, bit for
@@ -364,19 +374,14 @@ inline void dots(const scalar_t* const* a, const scalar_t* b, int64_t n, int64_t
 template <typename scalar_t>
 inline void dots_shared(const scalar_t* const* a, int64_t count, const scalar_t* b, int64_t b_stride, int64_t rows,
                         int64_t n, scalar_t* out) {
-  scalar_t part[kMostRows * 4];
-  for (int64_t t = 0; t < count; t += 4) {
-    const int64_t width = count - t < 4 ? count - t : 4;
-    switch (width) {
-      case 4: detail::lane_dots_shared<4>(a + t, b, b_stride, rows, n, part); break;
-      case 3: detail::lane_dots_shared<3>(a + t, b, b_stride, rows, n, part); break;
-      case 2: detail::lane_dots_shared<2>(a + t, b, b_stride, rows, n, part); break;
-      default: detail::lane_dots_shared<1>(a + t, b, b_stride, rows, n, part); break;
-    }
+  in_row_blocks(count, [&](int64_t first, auto width) {
+    constexpr int kWidth = decltype(width)::value;
+    scalar_t part[kMostRows * kWidth];
+    detail::lane_dots_shared<kWidth>(a + first, b, b_stride, rows, n, part);
     for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t u = 0; u < width; ++u) out[r * count + t + u] = part[r * width + u];
+      for (int u = 0; u < kWidth; ++u) out[r * count + first + u] = part[r * kWidth + u];
     }
-  }
+  });
 }
 
 // loop(first, std::integral_constant<int, N>{}) for each block of at most 9 of `taps` kernel taps, N its
